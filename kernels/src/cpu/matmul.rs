@@ -1,0 +1,368 @@
+//! Linear layers: `out[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)`, the shape of a Hugging Face
+//! `nn.Linear` weight.
+//!
+//! Weights are read in their stored dtype and widened to `f32` in registers, so a bf16
+//! checkpoint is streamed from memory at two bytes a weight. With few rows (decode) every
+//! weight is converted once per token group straight from memory; with many rows (prefill)
+//! each block of four weight rows is widened once into a small buffer and reused by every
+//! token. Work is split across the rayon pool by blocks of output columns.
+
+use crate::Weights;
+
+/// Below this many multiply-adds a call runs on the calling thread.
+const PARALLEL_THRESHOLD: usize = 1 << 16;
+/// Token rows handled together by the microkernel.
+const TOKEN_BLOCK: usize = 4;
+/// Weight rows handled together by the microkernel.
+const ROW_BLOCK: usize = 4;
+
+/// `out[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n])`.
+///
+/// # Panics
+/// If a slice is shorter than its stated shape.
+pub fn linear(x: &[f32], w: Weights<'_>, bias: Option<&[f32]>, out: &mut [f32], m: usize, n: usize, k: usize) {
+    assert!(x.len() >= m * k, "linear: x has {} values, expected {m}x{k}", x.len());
+    assert!(w.len() >= n * k, "linear: weight has {} values, expected {n}x{k}", w.len());
+    assert!(out.len() >= m * n, "linear: out has {} values, expected {m}x{n}", out.len());
+    if let Some(b) = bias {
+        assert!(b.len() >= n, "linear: bias has {} values, expected {n}", b.len());
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let work = m * n * k;
+    let threads = rayon::current_num_threads();
+    if work < PARALLEL_THRESHOLD || threads == 1 {
+        // SAFETY: one caller writes all columns of `out`, whose size was checked above.
+        unsafe { columns(x, w, bias, out_ptr, m, n, k, 0..n) };
+        return;
+    }
+    // A few blocks per thread so an uneven split still keeps every core busy.
+    let blocks = threads * 4;
+    let chunk = n.div_ceil(blocks).next_multiple_of(ROW_BLOCK).max(ROW_BLOCK);
+    let starts: Vec<usize> = (0..n).step_by(chunk).collect();
+    use rayon::prelude::*;
+    starts.par_iter().for_each(|&start| {
+        let end = (start + chunk).min(n);
+        let ptr = out_ptr;
+        // SAFETY: tasks write disjoint column ranges of `out`.
+        unsafe { columns(x, w, bias, ptr, m, n, k, start..end) };
+    });
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint regions of one buffer to worker threads.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Computes output columns `cols` for all `m` rows.
+///
+/// # Safety
+/// `out` must point to `m * n` writable floats and no other thread may write `cols`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns(
+    x: &[f32],
+    w: Weights<'_>,
+    bias: Option<&[f32]>,
+    out: SendPtr,
+    m: usize,
+    n: usize,
+    k: usize,
+    cols: std::ops::Range<usize>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: the CPU supports AVX-512F (checked at run time).
+        unsafe { avx512::columns(x, w, bias, out.0, m, n, k, cols) };
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { portable_columns(x, w, bias, out.0, m, n, k, cols) };
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_columns(
+    x: &[f32],
+    w: Weights<'_>,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    m: usize,
+    n: usize,
+    k: usize,
+    cols: std::ops::Range<usize>,
+) {
+    let mut row = vec![0.0f32; k];
+    for j in cols {
+        w.to_f32_into(j * k..(j + 1) * k, &mut row);
+        let b = bias.map_or(0.0, |b| b[j]);
+        for t in 0..m {
+            let v = dot(&x[t * k..(t + 1) * k], &row) + b;
+            // SAFETY: `t < m`, `j < n`, and column `j` belongs to this caller.
+            unsafe { *out.add(t * n + j) = v };
+        }
+    }
+}
+
+/// `f32` dot product with eight independent partial sums (vectorises without intrinsics).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use half::{bf16, f16};
+
+    use super::{ROW_BLOCK, TOKEN_BLOCK};
+    use crate::Weights;
+
+    const F32: u8 = 0;
+    const F16: u8 = 1;
+    const BF16: u8 = 2;
+
+    /// Loads 16 weights at element offset `i` and widens them to `f32`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16<const D: u8>(p: *const u8, i: usize) -> __m512 {
+        unsafe {
+            match D {
+                F32 => _mm512_loadu_ps((p as *const f32).add(i)),
+                F16 => _mm512_cvtph_ps(_mm256_loadu_si256((p as *const u16).add(i) as *const __m256i)),
+                _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                    (p as *const u16).add(i) as *const __m256i,
+                )))),
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn load1<const D: u8>(p: *const u8, i: usize) -> f32 {
+        unsafe {
+            match D {
+                F32 => *(p as *const f32).add(i),
+                F16 => f16::from_bits(*(p as *const u16).add(i)).to_f32(),
+                _ => bf16::from_bits(*(p as *const u16).add(i)).to_f32(),
+            }
+        }
+    }
+
+    /// Dot products of `T` token rows with `R` weight rows over `k` elements.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn block<const D: u8, const T: usize, const R: usize>(
+        x: [*const f32; T],
+        w: [*const u8; R],
+        k: usize,
+    ) -> [[f32; R]; T] {
+        let mut acc = [[_mm512_setzero_ps(); R]; T];
+        let k16 = k / 16 * 16;
+        let mut i = 0;
+        while i < k16 {
+            let mut wv = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                wv[r] = unsafe { load16::<D>(w[r], i) };
+            }
+            for t in 0..T {
+                let xv = unsafe { _mm512_loadu_ps(x[t].add(i)) };
+                for r in 0..R {
+                    acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+                }
+            }
+            i += 16;
+        }
+        let mut res = [[0.0f32; R]; T];
+        for t in 0..T {
+            for r in 0..R {
+                let mut s = _mm512_reduce_add_ps(acc[t][r]);
+                for j in k16..k {
+                    s += unsafe { *x[t].add(j) * load1::<D>(w[r], j) };
+                }
+                res[t][r] = s;
+            }
+        }
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn columns(
+        x: &[f32],
+        w: Weights<'_>,
+        bias: Option<&[f32]>,
+        out: *mut f32,
+        m: usize,
+        n: usize,
+        k: usize,
+        cols: std::ops::Range<usize>,
+    ) {
+        unsafe {
+            match w {
+                Weights::F32(w) => typed::<F32>(x, w.as_ptr() as *const u8, bias, out, m, n, k, cols),
+                Weights::F16(w) => typed::<F16>(x, w.as_ptr() as *const u8, bias, out, m, n, k, cols),
+                Weights::BF16(w) => typed::<BF16>(x, w.as_ptr() as *const u8, bias, out, m, n, k, cols),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn typed<const D: u8>(
+        x: &[f32],
+        w: *const u8,
+        bias: Option<&[f32]>,
+        out: *mut f32,
+        m: usize,
+        n: usize,
+        k: usize,
+        cols: std::ops::Range<usize>,
+    ) {
+        let elem = if D == F32 { 4 } else { 2 };
+        let row_ptr = |j: usize| unsafe { w.add(j * k * elem) };
+        let xp = |t: usize| unsafe { x.as_ptr().add(t * k) };
+        let store = |t: usize, j: usize, v: f32| {
+            let b = bias.map_or(0.0, |b| b[j]);
+            unsafe { *out.add(t * n + j) = v + b };
+        };
+        // Many token rows: widen each block of weight rows once, then reuse it.
+        let widen = D != F32 && m >= TOKEN_BLOCK;
+        let mut buf = if widen { vec![0.0f32; ROW_BLOCK * k] } else { Vec::new() };
+
+        let mut j = cols.start;
+        while j < cols.end {
+            let rows = (cols.end - j).min(ROW_BLOCK);
+            if rows < ROW_BLOCK {
+                for jj in j..j + rows {
+                    for t in 0..m {
+                        let [[v]] = unsafe { block::<D, 1, 1>([xp(t)], [row_ptr(jj)], k) };
+                        store(t, jj, v);
+                    }
+                }
+                break;
+            }
+            let wr: [*const u8; ROW_BLOCK] = if widen {
+                for r in 0..ROW_BLOCK {
+                    let src = row_ptr(j + r) as *const u16;
+                    for e in 0..k {
+                        let bits = unsafe { *src.add(e) };
+                        buf[r * k + e] =
+                            if D == F16 { f16::from_bits(bits).to_f32() } else { bf16::from_bits(bits).to_f32() };
+                    }
+                }
+                let b = buf.as_ptr() as *const u8;
+                [b, unsafe { b.add(k * 4) }, unsafe { b.add(2 * k * 4) }, unsafe { b.add(3 * k * 4) }]
+            } else {
+                [row_ptr(j), row_ptr(j + 1), row_ptr(j + 2), row_ptr(j + 3)]
+            };
+            let mut t = 0;
+            while t + TOKEN_BLOCK <= m {
+                let res = if widen {
+                    unsafe { block::<F32, TOKEN_BLOCK, ROW_BLOCK>([xp(t), xp(t + 1), xp(t + 2), xp(t + 3)], wr, k) }
+                } else {
+                    unsafe { block::<D, TOKEN_BLOCK, ROW_BLOCK>([xp(t), xp(t + 1), xp(t + 2), xp(t + 3)], wr, k) }
+                };
+                for (dt, row) in res.iter().enumerate() {
+                    for (r, &v) in row.iter().enumerate() {
+                        store(t + dt, j + r, v);
+                    }
+                }
+                t += TOKEN_BLOCK;
+            }
+            while t < m {
+                let [row] = if widen {
+                    unsafe { block::<F32, 1, ROW_BLOCK>([xp(t)], wr, k) }
+                } else {
+                    unsafe { block::<D, 1, ROW_BLOCK>([xp(t)], wr, k) }
+                };
+                for (r, &v) in row.iter().enumerate() {
+                    store(t, j + r, v);
+                }
+                t += 1;
+            }
+            j += ROW_BLOCK;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::{bf16, f16};
+
+    use super::*;
+
+    fn reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for t in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for i in 0..k {
+                    s += x[t * k + i] as f64 * w[j * k + i] as f64;
+                }
+                out[t * n + j] = s as f32 + bias.map_or(0.0, |b| b[j]);
+            }
+        }
+        out
+    }
+
+    fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check(m: usize, n: usize, k: usize) {
+        let x = pseudo_random(m * k, 1);
+        // Round weights to bf16 so every dtype holds the same values.
+        let w: Vec<f32> = pseudo_random(n * k, 2).iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let bias = pseudo_random(n, 3);
+        let want = reference(&x, &w, Some(&bias), m, n, k);
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        for weights in [Weights::F32(&w), Weights::BF16(&wb), Weights::F16(&wh)] {
+            let mut got = vec![0.0; m * n];
+            linear(&x, weights, Some(&bias), &mut got, m, n, k);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!((g - e).abs() < 1e-3 * (1.0 + e.abs()), "{:?} m={m} n={n} k={k} [{i}]: {g} vs {e}", weights.dtype());
+            }
+        }
+    }
+
+    #[test]
+    fn matches_reference_across_shapes() {
+        for &(m, n, k) in &[(1, 1, 1), (1, 7, 19), (3, 9, 33), (4, 8, 64), (5, 13, 48), (17, 70, 130), (64, 256, 256)] {
+            check(m, n, k);
+        }
+    }
+
+    #[test]
+    fn portable_path_matches() {
+        let (m, n, k) = (5, 6, 40);
+        let x = pseudo_random(m * k, 4);
+        let w = pseudo_random(n * k, 5);
+        let want = reference(&x, &w, None, m, n, k);
+        let mut got = vec![0.0; m * n];
+        unsafe { portable_columns(&x, Weights::F32(&w), None, got.as_mut_ptr(), m, n, k, 0..n) };
+        for (g, e) in got.iter().zip(&want) {
+            assert!((g - e).abs() < 1e-4);
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! The CPU backend: every kernel takes `f32` activations and reads weights in their stored
+//! dtype. Multi-threaded through the rayon pool; AVX-512 where the CPU has it (detected once
+//! at run time), a portable path everywhere else.
+//!
+//! # Layout
+//! - [`matmul`]: linear layers (`x · Wᵀ + b`), the hot path.
+//! - [`norm`]: RMSNorm.
+//! - [`rope`]: rotary position embeddings, applied from precomputed cos/sin tables.
+//! - [`attention`]: causal attention over a KV cache with GQA, sliding windows and sinks.
+//! - [`bandwidth`]: measured memory read bandwidth (benchmarks).
+//! - [`routing`]: softmax and top-k for MoE gates.
+//! - [`activation`]: SiLU, SwiGLU and gpt-oss's clamped SwiGLU.
+
+pub mod activation;
+pub mod attention;
+pub mod bandwidth;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+pub mod routing;
+
+pub use matmul::linear;
+
+/// Whether the AVX-512 kernels may run on this CPU (checked once).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("SWITCHYARD_NO_AVX512").is_none() && std::arch::is_x86_feature_detected!("avx512f")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A short description of the instruction set the kernels use, for logs and benchmarks.
+pub fn isa() -> &'static str {
+    if has_avx512() { "avx512" } else { "portable" }
+}

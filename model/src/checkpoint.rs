@@ -1,0 +1,301 @@
+//! Safetensors checkpoints as the Hub ships them: one `model.safetensors`, or shards listed
+//! in `model.safetensors.index.json`. Files are memory-mapped; a [`Tensor`] is a typed view
+//! into the map (no copy), so the OS pages weights in on first use and a process that
+//! touches only some experts never reads the rest.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+use switchyard_kernels::{DType, Weights};
+
+use crate::error::{ModelError, Result};
+
+/// Bytes a tensor borrows from: a mapped file or an owned, 8-byte-aligned buffer.
+enum Backing {
+    Mapped(Mmap),
+    Owned(Vec<u64>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => {
+                // SAFETY: a u64 buffer viewed as bytes; alignment only decreases.
+                unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 8) }
+            }
+        }
+    }
+}
+
+/// A tensor of a checkpoint: dtype, shape and a view of its bytes.
+#[derive(Clone)]
+pub struct Tensor {
+    name: Arc<str>,
+    dtype: DType,
+    shape: Vec<usize>,
+    backing: Arc<Backing>,
+    /// Byte offset of the first element in `backing`.
+    offset: usize,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({} {:?} {:?})", self.name, self.dtype, self.shape)
+    }
+}
+
+impl Tensor {
+    /// A tensor that owns a copy of `values` converted to `dtype` (random checkpoints, tests).
+    pub fn from_f32(name: &str, dtype: DType, shape: Vec<usize>, values: &[f32]) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), values.len(), "from_f32: shape does not match values");
+        let bytes = encode(dtype, values);
+        Self::owned(name, dtype, shape, &bytes)
+    }
+
+    fn owned(name: &str, dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Self {
+        let mut buf = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: the u64 buffer holds at least `bytes.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.as_mut_ptr() as *mut u8, bytes.len()) };
+        Tensor { name: name.into(), dtype, shape, backing: Arc::new(Backing::Owned(buf)), offset: 0 }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.len() * self.dtype.size_in_bytes()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.backing.bytes()[self.offset..self.offset + self.size_in_bytes()]
+    }
+
+    /// The elements as a typed view for the kernels.
+    pub fn weights(&self) -> Weights<'_> {
+        let b = self.bytes();
+        let n = self.len();
+        // SAFETY: construction guarantees the view is aligned for its dtype (misaligned
+        // mapped tensors are copied into an aligned buffer) and holds `n` elements; every
+        // bit pattern is a valid f32/f16/bf16.
+        unsafe {
+            match self.dtype {
+                DType::F32 => Weights::F32(std::slice::from_raw_parts(b.as_ptr() as *const f32, n)),
+                DType::F16 => Weights::F16(std::slice::from_raw_parts(b.as_ptr() as *const f16, n)),
+                DType::BF16 => Weights::BF16(std::slice::from_raw_parts(b.as_ptr() as *const bf16, n)),
+            }
+        }
+    }
+
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        self.weights().to_f32_vec()
+    }
+
+    /// Checks the shape, naming the tensor when it differs.
+    pub fn expect_shape(self, expected: &[usize]) -> Result<Self> {
+        if self.shape != expected {
+            return Err(ModelError::ShapeMismatch { tensor: self.name.to_string(), expected: expected.to_vec(), got: self.shape });
+        }
+        Ok(self)
+    }
+
+    /// Entry `i` along the first dimension (one expert of a fused `[E, ...]` tensor), no copy.
+    pub fn index(&self, i: usize) -> Tensor {
+        assert!(i < self.shape[0], "index {i} out of range for {:?}", self);
+        let inner: usize = self.shape[1..].iter().product();
+        Tensor {
+            name: format!("{}[{i}]", self.name).into(),
+            dtype: self.dtype,
+            shape: self.shape[1..].to_vec(),
+            backing: self.backing.clone(),
+            offset: self.offset + i * inner * self.dtype.size_in_bytes(),
+        }
+    }
+
+    /// Rows `start..end` of a matrix, no copy.
+    pub fn rows(&self, start: usize, end: usize) -> Tensor {
+        assert!(start <= end && end <= self.shape[0], "rows {start}..{end} out of range for {:?}", self);
+        let inner: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = end - start;
+        Tensor {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape,
+            backing: self.backing.clone(),
+            offset: self.offset + start * inner * self.dtype.size_in_bytes(),
+        }
+    }
+
+    /// The transpose of a matrix, materialised in the same dtype (for checkpoints that store
+    /// `[in, out]` where the kernels read `[out, in]`).
+    pub fn transposed(&self) -> Tensor {
+        assert_eq!(self.shape.len(), 2, "transpose of a non-matrix {:?}", self);
+        let (r, c) = (self.shape[0], self.shape[1]);
+        let es = self.dtype.size_in_bytes();
+        let src = self.bytes();
+        let mut dst = vec![0u8; src.len()];
+        for i in 0..r {
+            for j in 0..c {
+                let (s, d) = ((i * c + j) * es, (j * r + i) * es);
+                dst[d..d + es].copy_from_slice(&src[s..s + es]);
+            }
+        }
+        Self::owned(&self.name, self.dtype, vec![c, r], &dst)
+    }
+}
+
+fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+        DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: std::result::Result<DType, String>,
+    shape: Vec<usize>,
+    /// Byte range inside the file.
+    start: usize,
+}
+
+/// The tensors of a checkpoint directory, by name.
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Arc<Backing>)>,
+    entries: HashMap<String, Entry>,
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors.index.json` and its shards, or `dir/model.safetensors`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::InvalidJson { file: index.clone(), message: e.to_string() })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::InvalidJson {
+                file: index.clone(),
+                message: "missing `weight_map` object".into(),
+            })?;
+            let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else if dir.join("model.safetensors").exists() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            return Err(ModelError::NotACheckpoint {
+                path: dir.to_path_buf(),
+                reason: "no model.safetensors or model.safetensors.index.json".into(),
+            });
+        };
+        let mut ckpt = Checkpoint { files: Vec::new(), entries: HashMap::new() };
+        for path in files {
+            ckpt.add_file(path)?;
+        }
+        Ok(ckpt)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        let file = File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        // SAFETY: checkpoints are read-only inputs; a concurrent writer would be a user error
+        // we cannot guard against (the same contract as every mmap-based loader).
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let st = SafeTensors::deserialize(&map)
+            .map_err(|e| ModelError::Safetensors { file: path.clone(), message: e.to_string() })?;
+        let idx = self.files.len();
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                StDtype::BF16 => Ok(DType::BF16),
+                StDtype::F16 => Ok(DType::F16),
+                StDtype::F32 => Ok(DType::F32),
+                other => Err(format!("{other:?}")),
+            };
+            let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
+            self.entries.insert(name, Entry { file: idx, dtype, shape: view.shape().to_vec(), start });
+        }
+        drop(st);
+        self.files.push((path, Arc::new(Backing::Mapped(map))));
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// The tensor `name`, or an error naming it.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        let Some(e) = self.entries.get(name) else {
+            // A quantised export stores `<name>_blocks` / `<name>_scales` instead.
+            let stem = name.strip_suffix(".weight").unwrap_or(name);
+            if self.contains(&format!("{stem}_blocks")) {
+                return Err(ModelError::Mxfp4(format!("{stem}_blocks")));
+            }
+            return Err(ModelError::MissingTensor(name.to_string()));
+        };
+        let dtype = e.dtype.clone().map_err(|dtype| ModelError::UnsupportedDtype { tensor: name.to_string(), dtype })?;
+        let backing = self.files[e.file].1.clone();
+        let tensor = Tensor { name: name.into(), dtype, shape: e.shape.clone(), backing, offset: e.start };
+        if e.start % dtype.size_in_bytes() != 0 {
+            // Safetensors does not align tensors to their element size; copy the rare odd one.
+            return Ok(Tensor::owned(name, dtype, e.shape.clone(), tensor.bytes()));
+        }
+        Ok(tensor)
+    }
+
+    /// The tensor `name` if present.
+    pub fn get_opt(&self, name: &str) -> Result<Option<Tensor>> {
+        if self.contains(name) { self.get(name).map(Some) } else { Ok(None) }
+    }
+
+    /// Total bytes of all files.
+    pub fn total_bytes(&self) -> usize {
+        self.files.iter().map(|(_, b)| b.bytes().len()).sum()
+    }
+}
+
+/// Writes tensors as one safetensors file (random checkpoints for benchmarks and tests).
+pub fn write_safetensors(path: &Path, tensors: &[Tensor]) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            let dtype = match t.dtype {
+                DType::F32 => StDtype::F32,
+                DType::F16 => StDtype::F16,
+                DType::BF16 => StDtype::BF16,
+            };
+            let view = safetensors::tensor::TensorView::new(dtype, t.shape.clone(), t.bytes()).expect("consistent tensor");
+            (t.name.to_string(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| ModelError::Safetensors { file: path.to_path_buf(), message: e.to_string() })
+}

@@ -1,0 +1,502 @@
+//! `config.json` → [`ModelSpec`]: one description of the model that every component shares.
+//!
+//! Accepts both the transformers 4.x layout (`rope_theta`, `rope_scaling`, `torch_dtype`) and
+//! the 5.x layout (`rope_parameters`, `dtype`), with each architecture's defaults where a
+//! field is absent, as transformers fills them.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+use switchyard_kernels::DType;
+
+use crate::error::{ModelError, Result};
+
+/// The supported architectures (`model_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
+    GptOss,
+}
+
+impl Arch {
+    pub fn from_model_type(t: &str) -> Result<Self> {
+        Ok(match t {
+            "mixtral" => Arch::Mixtral,
+            "qwen2_moe" => Arch::Qwen2Moe,
+            "qwen3_moe" => Arch::Qwen3Moe,
+            "olmoe" => Arch::Olmoe,
+            "gpt_oss" => Arch::GptOss,
+            other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
+        })
+    }
+
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen2Moe => "qwen2_moe",
+            Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Olmoe => "olmoe",
+            Arch::GptOss => "gpt_oss",
+        }
+    }
+}
+
+/// Rotary embedding variant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear { factor: f32 },
+    /// Dynamic NTK: the base grows once a sequence passes `max_position_embeddings`.
+    Dynamic { factor: f32 },
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attention_factor: Option<f32>,
+        mscale: Option<f32>,
+        mscale_all_dim: Option<f32>,
+        truncate: bool,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f32,
+    pub scaling: RopeScaling,
+}
+
+/// How the gate turns logits into (expert, weight) pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Softmax over all experts, keep the top k, optionally renormalise them
+    /// (Mixtral, Qwen-MoE, OLMoE).
+    SoftmaxTopK { renormalize: bool },
+    /// Top k logits, then softmax over those k (gpt-oss).
+    TopKSoftmax,
+}
+
+/// The expert MLP's activation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ExpertActivation {
+    /// `silu(gate) * up` with separate gate and up rows.
+    SwiGlu,
+    /// gpt-oss: interleaved gate/up, clamped at `limit`, `(up + 1) · g · σ(alpha · g)`.
+    ClampedSwiGlu { alpha: f32, limit: f32 },
+}
+
+/// Which feed-forward a layer has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerMlp {
+    Moe,
+    Dense,
+}
+
+/// The model's shape and behaviour, read from `config.json`.
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub max_position_embeddings: usize,
+    /// Longest sequence served: `max_position_embeddings`, times the factor of dynamic NTK
+    /// RoPE, which stretches the trained length (as vLLM derives its `max_model_len`).
+    pub max_context: usize,
+    pub tie_word_embeddings: bool,
+    pub rope: RopeSpec,
+    /// Per layer: the attention's sliding window, if any.
+    pub sliding_windows: Vec<Option<usize>>,
+    /// Per layer: MoE block or dense MLP.
+    pub layer_mlps: Vec<LayerMlp>,
+    pub num_experts: usize,
+    pub experts_per_token: usize,
+    pub expert_intermediate_size: usize,
+    /// Width of the dense MLP on non-MoE layers.
+    pub dense_intermediate_size: usize,
+    /// Width of Qwen2-MoE's shared expert, if any.
+    pub shared_expert_intermediate_size: Option<usize>,
+    pub routing: Routing,
+    pub activation: ExpertActivation,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub qk_norm: QkNorm,
+    pub clip_qkv: Option<f32>,
+    pub attention_sinks: bool,
+    pub router_bias: bool,
+    pub expert_bias: bool,
+    /// The dtype the checkpoint declares (`torch_dtype` / `dtype`), if any.
+    pub dtype: Option<DType>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Normalisation of queries and keys before RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// RMSNorm over each head (Qwen3-MoE), weight `[head_dim]`.
+    PerHead,
+    /// RMSNorm over the whole projection (OLMoE), weights `[heads * head_dim]`.
+    Full,
+}
+
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, key: &'static str) -> Result<usize> {
+        self.opt_usize(key)?.ok_or(ModelError::Config { field: key, problem: "is missing".into() })
+    }
+
+    fn opt_usize(&self, key: &'static str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or(ModelError::Config { field: key, problem: format!("must be a non-negative integer, got {v}") }),
+        }
+    }
+
+    fn opt_f32(&self, key: &'static str) -> Result<Option<f32>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(|n| Some(n as f32))
+                .ok_or(ModelError::Config { field: key, problem: format!("must be a number, got {v}") }),
+        }
+    }
+
+    fn bool_or(&self, key: &'static str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or(ModelError::Config { field: key, problem: format!("must be a boolean, got {v}") }),
+        }
+    }
+
+    fn token_ids(&self, key: &'static str) -> Result<Vec<u32>> {
+        match self.get(key) {
+            None => Ok(vec![]),
+            Some(Value::Number(n)) => Ok(n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()),
+            Some(Value::Array(a)) => Ok(a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect()),
+            Some(v) => Err(ModelError::Config { field: key, problem: format!("must be an id or a list of ids, got {v}") }),
+        }
+    }
+}
+
+impl ModelSpec {
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        Self::from_json(&text).map_err(|e| match e {
+            ModelError::InvalidJson { message, .. } => ModelError::InvalidJson { file: path, message },
+            e => e,
+        })
+    }
+
+    pub fn from_json(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::InvalidJson { file: "config.json".into(), message: e.to_string() })?;
+        let map = value
+            .as_object()
+            .ok_or_else(|| ModelError::InvalidJson { file: "config.json".into(), message: "not a JSON object".into() })?;
+        Self::from_fields(&Fields(map))
+    }
+
+    fn from_fields(f: &Fields<'_>) -> Result<Self> {
+        let model_type = f
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or(ModelError::Config { field: "model_type", problem: "is missing".into() })?;
+        let arch = Arch::from_model_type(model_type)?;
+        let hidden_size = f.usize("hidden_size")?;
+        let num_layers = f.usize("num_hidden_layers")?;
+        let num_heads = f.usize("num_attention_heads")?;
+        let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads.max(1));
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(ModelError::Config {
+                field: "num_key_value_heads",
+                problem: format!("must divide num_attention_heads ({num_heads}), got {num_kv_heads}"),
+            });
+        }
+        let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
+        // transformers 5 writes `num_local_experts` for every family; 4.x Qwen/OLMoE `num_experts`.
+        let num_experts = match f.opt_usize("num_local_experts")? {
+            Some(n) => n,
+            None => f.usize("num_experts")?,
+        };
+        let experts_per_token = match f.opt_usize("num_experts_per_tok")? {
+            Some(k) => k,
+            None => f.usize("experts_per_token")?,
+        };
+        if experts_per_token == 0 || experts_per_token > num_experts {
+            return Err(ModelError::Config {
+                field: "num_experts_per_tok",
+                problem: format!("must be between 1 and the number of experts ({num_experts}), got {experts_per_token}"),
+            });
+        }
+        let intermediate_size = f.opt_usize("intermediate_size")?;
+        let expert_intermediate_size = match arch {
+            Arch::Qwen2Moe | Arch::Qwen3Moe => f.usize("moe_intermediate_size")?,
+            _ => f.usize("intermediate_size")?,
+        };
+
+        let sliding_windows = sliding_windows(arch, f, num_layers)?;
+        let layer_mlps = layer_mlps(arch, f, num_layers)?;
+        let norm_topk = match arch {
+            Arch::Mixtral => true,
+            Arch::Qwen3Moe => f.bool_or("norm_topk_prob", true)?,
+            _ => f.bool_or("norm_topk_prob", false)?,
+        };
+        let routing = match arch {
+            Arch::GptOss => Routing::TopKSoftmax,
+            _ => Routing::SoftmaxTopK { renormalize: norm_topk },
+        };
+        let activation = match arch {
+            Arch::GptOss => ExpertActivation::ClampedSwiGlu {
+                alpha: f.opt_f32("swiglu_alpha")?.unwrap_or(1.702),
+                limit: f.opt_f32("swiglu_limit")?.unwrap_or(7.0),
+            },
+            _ => ExpertActivation::SwiGlu,
+        };
+        let attention_bias = f.bool_or("attention_bias", arch == Arch::GptOss)?;
+        let (qkv_bias, o_bias) = match arch {
+            Arch::Qwen2Moe => (f.bool_or("qkv_bias", true)?, false),
+            _ => (attention_bias, attention_bias),
+        };
+        let hidden_act = f.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        if arch != Arch::GptOss && hidden_act != "silu" {
+            return Err(ModelError::Config { field: "hidden_act", problem: format!("`{hidden_act}` is not supported (only silu)") });
+        }
+        let dtype = match f.get("dtype").or_else(|| f.get("torch_dtype")).and_then(Value::as_str) {
+            Some("bfloat16") => Some(DType::BF16),
+            Some("float16") => Some(DType::F16),
+            Some("float32") => Some(DType::F32),
+            _ => None,
+        };
+        let rope = rope_spec(arch, f)?;
+        let max_context = match rope.scaling {
+            RopeScaling::Dynamic { factor } if factor > 1.0 => (max_position_embeddings as f32 * factor) as usize,
+            _ => max_position_embeddings,
+        };
+        let mut eos_token_ids = f.token_ids("eos_token_id")?;
+        eos_token_ids.dedup();
+        Ok(ModelSpec {
+            arch,
+            vocab_size: f.usize("vocab_size")?,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: f.opt_f32("rms_norm_eps")?.unwrap_or(1e-6),
+            max_position_embeddings,
+            max_context,
+            tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+            rope,
+            sliding_windows,
+            layer_mlps,
+            num_experts,
+            experts_per_token,
+            expert_intermediate_size,
+            dense_intermediate_size: intermediate_size.unwrap_or(expert_intermediate_size),
+            shared_expert_intermediate_size: match arch {
+                Arch::Qwen2Moe => f.opt_usize("shared_expert_intermediate_size")?.filter(|&n| n > 0),
+                _ => None,
+            },
+            routing,
+            activation,
+            qkv_bias,
+            o_bias,
+            qk_norm: match arch {
+                Arch::Qwen3Moe => QkNorm::PerHead,
+                Arch::Olmoe => QkNorm::Full,
+                _ => QkNorm::None,
+            },
+            clip_qkv: if arch == Arch::Olmoe { f.opt_f32("clip_qkv")? } else { None },
+            attention_sinks: arch == Arch::GptOss,
+            router_bias: arch == Arch::GptOss,
+            expert_bias: arch == Arch::GptOss,
+            dtype,
+            bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids,
+        })
+    }
+
+    /// Layers whose feed-forward is a MoE block.
+    pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.num_layers).filter(|&l| self.layer_mlps[l] == LayerMlp::Moe)
+    }
+}
+
+fn layer_types(f: &Fields<'_>, num_layers: usize) -> Result<Option<Vec<bool>>> {
+    let Some(v) = f.get("layer_types") else { return Ok(None) };
+    let bad = || ModelError::Config { field: "layer_types", problem: format!("must list {num_layers} attention types") };
+    let list = v.as_array().ok_or_else(bad)?;
+    if list.len() != num_layers {
+        return Err(bad());
+    }
+    list.iter()
+        .map(|t| match t.as_str() {
+            Some("sliding_attention") => Ok(true),
+            Some("full_attention") => Ok(false),
+            _ => Err(ModelError::Config { field: "layer_types", problem: format!("unknown attention type {t}") }),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn sliding_windows(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<Vec<Option<usize>>> {
+    let window = f.opt_usize("sliding_window")?.filter(|&w| w > 0);
+    let sliding: Vec<bool> = match arch {
+        Arch::Mixtral => vec![window.is_some(); num_layers],
+        Arch::GptOss => layer_types(f, num_layers)?.unwrap_or_else(|| (0..num_layers).map(|i| i % 2 == 0).collect()),
+        Arch::Qwen2Moe | Arch::Qwen3Moe => match layer_types(f, num_layers)? {
+            Some(types) if f.bool_or("use_sliding_window", false)? => types,
+            _ if f.bool_or("use_sliding_window", false)? => {
+                let max_window_layers = f.opt_usize("max_window_layers")?.unwrap_or(num_layers);
+                (0..num_layers).map(|i| i % 2 == 0 && i < max_window_layers).collect()
+            }
+            _ => vec![false; num_layers],
+        },
+        Arch::Olmoe => vec![false; num_layers],
+    };
+    if sliding.iter().any(|&s| s) && window.is_none() {
+        return Err(ModelError::Config { field: "sliding_window", problem: "is missing but layers use sliding attention".into() });
+    }
+    Ok(sliding.into_iter().map(|s| if s { window } else { None }).collect())
+}
+
+fn layer_mlps(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<Vec<LayerMlp>> {
+    Ok(match arch {
+        Arch::Qwen2Moe | Arch::Qwen3Moe => {
+            let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
+            let dense: Vec<usize> = match f.get("mlp_only_layers") {
+                None => vec![],
+                Some(v) => v.as_array().map(|a| a.iter().filter_map(Value::as_u64).map(|n| n as usize).collect()).ok_or(
+                    ModelError::Config { field: "mlp_only_layers", problem: "must be a list of layer indices".into() },
+                )?,
+            };
+            (0..num_layers)
+                .map(|l| if !dense.contains(&l) && (l + 1) % step == 0 { LayerMlp::Moe } else { LayerMlp::Dense })
+                .collect()
+        }
+        _ => vec![LayerMlp::Moe; num_layers],
+    })
+}
+
+fn rope_spec(arch: Arch, f: &Fields<'_>) -> Result<RopeSpec> {
+    // 5.x: everything in `rope_parameters`; 4.x: `rope_theta` + optional `rope_scaling`.
+    let params = f.get("rope_parameters").or_else(|| f.get("rope_scaling")).and_then(Value::as_object);
+    let default_theta = match arch {
+        Arch::Mixtral => 1e6,
+        Arch::GptOss => 150000.0,
+        _ => 10000.0,
+    };
+    let theta = params
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(Value::as_f64)
+        .map(|t| t as f32)
+        .or(f.opt_f32("rope_theta")?)
+        .unwrap_or(default_theta);
+    let Some(p) = params else { return Ok(RopeSpec { theta, scaling: RopeScaling::None }) };
+    let p = Fields(p);
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let factor = || -> Result<f32> {
+        p.opt_f32("factor")?.ok_or(ModelError::Config { field: "factor", problem: format!("is required for {kind} RoPE") })
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "dynamic" => RopeScaling::Dynamic { factor: factor()? },
+        "yarn" => {
+            let original = p.opt_usize("original_max_position_embeddings")?;
+            let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
+            let original_max_position_embeddings = original.unwrap_or(max_pos);
+            let factor = match p.opt_f32("factor")? {
+                Some(factor) => factor,
+                None => max_pos as f32 / original_max_position_embeddings as f32,
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast: p.opt_f32("beta_fast")?.unwrap_or(32.0),
+                beta_slow: p.opt_f32("beta_slow")?.unwrap_or(1.0),
+                attention_factor: p.opt_f32("attention_factor")?,
+                mscale: p.opt_f32("mscale")?,
+                mscale_all_dim: p.opt_f32("mscale_all_dim")?,
+                truncate: p.bool_or("truncate", true)?,
+            }
+        }
+        other => {
+            return Err(ModelError::Config { field: "rope_type", problem: format!("`{other}` is not supported (default, linear, dynamic, yarn)") });
+        }
+    };
+    Ok(RopeSpec { theta, scaling })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIXTRAL_4X: &str = r#"{"model_type":"mixtral","vocab_size":32000,"hidden_size":4096,"num_hidden_layers":32,
+        "num_attention_heads":32,"num_key_value_heads":8,"intermediate_size":14336,"num_local_experts":8,
+        "num_experts_per_tok":2,"rope_theta":1000000.0,"rope_scaling":{"type":"linear","factor":2.0},
+        "torch_dtype":"bfloat16","sliding_window":null,"max_position_embeddings":32768,"rms_norm_eps":1e-5,
+        "bos_token_id":1,"eos_token_id":2}"#;
+
+    #[test]
+    fn reads_4x_layout() {
+        let s = ModelSpec::from_json(MIXTRAL_4X).unwrap();
+        assert_eq!(s.arch, Arch::Mixtral);
+        assert_eq!(s.head_dim, 128);
+        assert_eq!(s.rope, RopeSpec { theta: 1e6, scaling: RopeScaling::Linear { factor: 2.0 } });
+        assert_eq!(s.dtype, Some(DType::BF16));
+        assert_eq!(s.sliding_windows, vec![None; 32]);
+        assert_eq!(s.eos_token_ids, vec![2]);
+        assert_eq!(s.routing, Routing::SoftmaxTopK { renormalize: true });
+    }
+
+    #[test]
+    fn reads_5x_layout() {
+        let j = r#"{"model_type":"gpt_oss","vocab_size":201088,"hidden_size":2880,"num_hidden_layers":2,
+            "num_attention_heads":64,"num_key_value_heads":8,"head_dim":64,"intermediate_size":2880,
+            "num_local_experts":32,"num_experts_per_tok":4,"sliding_window":128,
+            "layer_types":["sliding_attention","full_attention"],"dtype":"bfloat16",
+            "rope_parameters":{"rope_type":"yarn","factor":32.0,"beta_fast":32.0,"beta_slow":1.0,
+              "original_max_position_embeddings":4096,"truncate":false,"rope_theta":150000.0}}"#;
+        let s = ModelSpec::from_json(j).unwrap();
+        assert_eq!(s.sliding_windows, vec![Some(128), None]);
+        assert_eq!(s.rope.theta, 150000.0);
+        assert!(matches!(s.rope.scaling, RopeScaling::Yarn { factor: 32.0, original_max_position_embeddings: 4096, truncate: false, .. }));
+        assert_eq!(s.routing, Routing::TopKSoftmax);
+        assert!(s.attention_sinks && s.qkv_bias && s.o_bias);
+    }
+
+    #[test]
+    fn qwen_dense_layers_and_errors() {
+        let j = r#"{"model_type":"qwen3_moe","vocab_size":10,"hidden_size":8,"num_hidden_layers":4,
+            "num_attention_heads":2,"num_experts":4,"num_experts_per_tok":2,"moe_intermediate_size":4,
+            "intermediate_size":16,"decoder_sparse_step":2,"mlp_only_layers":[3]}"#;
+        let s = ModelSpec::from_json(j).unwrap();
+        assert_eq!(s.layer_mlps, vec![LayerMlp::Dense, LayerMlp::Moe, LayerMlp::Dense, LayerMlp::Dense]);
+        let e = ModelSpec::from_json(&j.replace("qwen3_moe", "llama")).unwrap_err();
+        assert!(e.to_string().contains("unsupported model_type `llama`"), "{e}");
+        let e = ModelSpec::from_json(&j.replace(r#""hidden_size":8,"#, "")).unwrap_err();
+        assert!(e.to_string().contains("hidden_size"), "{e}");
+    }
+}

@@ -1,0 +1,39 @@
+//! Errors of the model crate. Each names the file, tensor or field that was wrong.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a checkpoint directory: {reason}")]
+    NotACheckpoint { path: PathBuf, reason: String },
+    #[error("invalid {file}: {message}")]
+    InvalidJson { file: PathBuf, message: String },
+    #[error("config.json: field `{field}` {problem}")]
+    Config { field: &'static str, problem: String },
+    #[error("unsupported model_type `{0}`: supported are mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss")]
+    UnsupportedArchitecture(String),
+    #[error("{file}: invalid safetensors file: {message}")]
+    Safetensors { file: PathBuf, message: String },
+    #[error("checkpoint is missing tensor `{0}`")]
+    MissingTensor(String),
+    #[error("tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch { tensor: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("tensor `{tensor}` has dtype {dtype}; supported are BF16, F16 and F32")]
+    UnsupportedDtype { tensor: String, dtype: String },
+    #[error(
+        "tensor `{0}` is stored quantized as MXFP4 (`*_blocks`/`*_scales`); MXFP4 checkpoints are not supported yet, use a bf16 export"
+    )]
+    Mxfp4(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
+    #[error("prompt has {prompt_tokens} tokens but the model's context is {max_context} tokens")]
+    PromptTooLong { prompt_tokens: usize, max_context: usize },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

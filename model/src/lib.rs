@@ -1,0 +1,43 @@
+//! Hugging Face MoE checkpoints for Switchyard: reading them as the Hub ships them, running
+//! their forward pass on the kernels backend, and generating text. The single-process
+//! [`Engine`] here is what `switchyard generate` runs and the reference every distributed
+//! topology must reproduce.
+//!
+//! Supported `model_type`s: `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`, `gpt_oss`.
+//!
+//! # Layout
+//! - [`config`]: `config.json` (transformers 4.x and 5.x layouts) → [`ModelSpec`].
+//! - [`checkpoint`]: memory-mapped safetensors, single file or sharded; [`Tensor`] views.
+//! - [`loader`]: each architecture's tensor names → model weights (per-expert or fused).
+//! - [`tokenizer`]: `tokenizer.json` and the end-of-sequence ids.
+//! - [`rope`]: rotary tables (default, linear, dynamic NTK, YaRN).
+//! - [`layers`]: linear layers, SwiGLU MLP, attention weights.
+//! - [`moe`]: the gate ([`moe::route`]) and the experts ([`moe::run_experts`]), kept apart.
+//! - [`kv_cache`]: per-sequence KV cache.
+//! - [`model`]: [`Model`], the batched forward pass.
+//! - [`sampling`]: greedy / temperature / top-k / top-p with a seeded generator.
+//! - [`engine`]: [`Engine`], generation for one or many prompts.
+//! - [`random`]: random checkpoints of a given shape (benchmarks, tests).
+//! - [`error`]: [`ModelError`].
+
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod layers;
+pub mod loader;
+pub mod model;
+pub mod moe;
+pub mod random;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use checkpoint::{Checkpoint, Tensor};
+pub use config::{Arch, ModelSpec};
+pub use engine::{Engine, FinishReason, GenerateRequest, GeneratedToken, Generation};
+pub use error::{ModelError, Result};
+pub use kv_cache::SeqCache;
+pub use model::{Chunk, Model};
+pub use sampling::SamplingParams;

@@ -1,0 +1,172 @@
+//! Maps each architecture's Hugging Face tensor names onto [`Model`] weights.
+//!
+//! Expert weights come in the layouts the Hub ships: one tensor per expert
+//! (`mlp.experts.N.gate_proj`, Mixtral's `block_sparse_moe.experts.N.w1`) or fused 3-D
+//! tensors (`mlp.experts.gate_up_proj` `[E, 2I, H]`; gpt-oss `[E, H, 2I]` interleaved,
+//! stored input-major and transposed here once).
+
+use crate::checkpoint::{Checkpoint, Tensor};
+use crate::config::{Arch, ExpertActivation, LayerMlp, ModelSpec, QkNorm};
+use crate::error::{ModelError, Result};
+use crate::layers::{AttentionWeights, Linear, SwiGluMlp};
+use crate::model::{FeedForward, Layer};
+use crate::moe::{Expert, MoeBlock, SharedExpert};
+
+/// Which experts a process loads: all of them (single process) or a placement's share.
+pub type ExpertFilter<'a> = &'a dyn Fn(usize, usize) -> bool;
+
+pub(crate) struct Names<'a> {
+    pub ckpt: &'a Checkpoint,
+    pub spec: &'a ModelSpec,
+}
+
+impl Names<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.ckpt.get(name)?.expect_shape(shape)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self.tensor(name, &[len])?.to_f32_vec())
+    }
+
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?) } else { None };
+        Ok(Linear::new(w, b))
+    }
+
+    pub fn embed(&self) -> Result<Tensor> {
+        self.tensor("model.embed_tokens.weight", &[self.spec.vocab_size, self.spec.hidden_size])
+    }
+
+    pub fn final_norm(&self) -> Result<Vec<f32>> {
+        self.vector("model.norm.weight", self.spec.hidden_size)
+    }
+
+    pub fn lm_head(&self) -> Result<Linear> {
+        let s = self.spec;
+        if s.tie_word_embeddings && !self.ckpt.contains("lm_head.weight") {
+            return Ok(Linear::new(self.embed()?, None));
+        }
+        self.linear("lm_head", s.vocab_size, s.hidden_size, false)
+    }
+
+    pub fn layer(&self, l: usize, keep: ExpertFilter<'_>) -> Result<Layer> {
+        let s = self.spec;
+        let p = format!("model.layers.{l}");
+        Ok(Layer {
+            input_norm: self.vector(&format!("{p}.input_layernorm.weight"), s.hidden_size)?,
+            attention: self.attention(l)?,
+            post_norm: self.vector(&format!("{p}.post_attention_layernorm.weight"), s.hidden_size)?,
+            ffn: match s.layer_mlps[l] {
+                LayerMlp::Dense => FeedForward::Dense(self.mlp(&format!("{p}.mlp"), s.dense_intermediate_size)?),
+                LayerMlp::Moe => FeedForward::Moe(self.moe(l, keep)?),
+            },
+        })
+    }
+
+    fn attention(&self, l: usize) -> Result<AttentionWeights> {
+        let s = self.spec;
+        let p = format!("model.layers.{l}.self_attn");
+        let (h, q_out, kv_out) = (s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+        let (q_norm, k_norm) = match s.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (
+                Some(self.vector(&format!("{p}.q_norm.weight"), s.head_dim)?),
+                Some(self.vector(&format!("{p}.k_norm.weight"), s.head_dim)?),
+            ),
+            QkNorm::Full => (
+                Some(self.vector(&format!("{p}.q_norm.weight"), q_out)?),
+                Some(self.vector(&format!("{p}.k_norm.weight"), kv_out)?),
+            ),
+        };
+        Ok(AttentionWeights {
+            q: self.linear(&format!("{p}.q_proj"), q_out, h, s.qkv_bias)?,
+            k: self.linear(&format!("{p}.k_proj"), kv_out, h, s.qkv_bias)?,
+            v: self.linear(&format!("{p}.v_proj"), kv_out, h, s.qkv_bias)?,
+            o: self.linear(&format!("{p}.o_proj"), h, q_out, s.o_bias)?,
+            q_norm,
+            k_norm,
+            sinks: if s.attention_sinks { Some(self.vector(&format!("{p}.sinks"), s.num_heads)?) } else { None },
+            sliding_window: s.sliding_windows[l],
+        })
+    }
+
+    fn mlp(&self, p: &str, width: usize) -> Result<SwiGluMlp> {
+        let h = self.spec.hidden_size;
+        Ok(SwiGluMlp {
+            gate: self.linear(&format!("{p}.gate_proj"), width, h, false)?,
+            up: self.linear(&format!("{p}.up_proj"), width, h, false)?,
+            down: self.linear(&format!("{p}.down_proj"), h, width, false)?,
+        })
+    }
+
+    /// The MoE module's prefix: `mlp` (transformers 5 and Qwen/OLMoE/gpt-oss) or Mixtral's
+    /// `block_sparse_moe`.
+    fn moe_prefix(&self, l: usize) -> String {
+        let legacy = format!("model.layers.{l}.block_sparse_moe");
+        if self.ckpt.contains(&format!("{legacy}.gate.weight")) { legacy } else { format!("model.layers.{l}.mlp") }
+    }
+
+    fn moe(&self, l: usize, keep: ExpertFilter<'_>) -> Result<MoeBlock> {
+        let s = self.spec;
+        let p = self.moe_prefix(l);
+        let (h, e) = (s.hidden_size, s.num_experts);
+        let gate = match s.arch {
+            Arch::GptOss => self.linear(&format!("{p}.router"), e, h, s.router_bias)?,
+            _ => self.linear(&format!("{p}.gate"), e, h, false)?,
+        };
+        let experts = (0..e)
+            .map(|x| if keep(l, x) { self.expert(&p, x).map(Some) } else { Ok(None) })
+            .collect::<Result<Vec<_>>>()?;
+        let shared = match s.shared_expert_intermediate_size {
+            Some(width) => Some(SharedExpert {
+                mlp: self.mlp(&format!("{p}.shared_expert"), width)?,
+                gate: self.linear(&format!("{p}.shared_expert_gate"), 1, h, false)?,
+            }),
+            None => None,
+        };
+        Ok(MoeBlock { gate, routing: s.routing, top_k: s.experts_per_token, experts, shared })
+    }
+
+    fn expert(&self, p: &str, x: usize) -> Result<Expert> {
+        let s = self.spec;
+        let (h, i, e) = (s.hidden_size, s.expert_intermediate_size, s.num_experts);
+        let fused = format!("{p}.experts.gate_up_proj");
+        if let ExpertActivation::ClampedSwiGlu { alpha, limit } = s.activation {
+            // gpt-oss: [E, H, 2I] and [E, I, H], input-major.
+            let gate_up = self.tensor(&fused, &[e, h, 2 * i])?.index(x).transposed();
+            let gate_up_bias = self.tensor(&format!("{fused}_bias"), &[e, 2 * i])?.index(x);
+            let down_name = format!("{p}.experts.down_proj");
+            let down = self.tensor(&down_name, &[e, i, h])?.index(x).transposed();
+            let down_bias = self.tensor(&format!("{down_name}_bias"), &[e, h])?.index(x);
+            return Ok(Expert::Interleaved {
+                gate_up: Linear::new(gate_up, Some(gate_up_bias)),
+                down: Linear::new(down, Some(down_bias)),
+                alpha,
+                limit,
+            });
+        }
+        for (g, u, d) in [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")] {
+            let ep = format!("{p}.experts.{x}");
+            if self.ckpt.contains(&format!("{ep}.{g}.weight")) {
+                return Ok(Expert::SwiGlu(SwiGluMlp {
+                    gate: self.linear(&format!("{ep}.{g}"), i, h, false)?,
+                    up: self.linear(&format!("{ep}.{u}"), i, h, false)?,
+                    down: self.linear(&format!("{ep}.{d}"), h, i, false)?,
+                }));
+            }
+        }
+        if self.ckpt.contains(&fused) {
+            // transformers 5 fused layout: [E, 2I, H] (gate rows, then up rows) and [E, H, I].
+            let gate_up = self.tensor(&fused, &[e, 2 * i, h])?.index(x);
+            let down = self.tensor(&format!("{p}.experts.down_proj"), &[e, h, i])?.index(x);
+            return Ok(Expert::SwiGlu(SwiGluMlp {
+                gate: Linear::new(gate_up.rows(0, i), None),
+                up: Linear::new(gate_up.rows(i, 2 * i), None),
+                down: Linear::new(down, None),
+            }));
+        }
+        Err(ModelError::MissingTensor(format!("{p}.experts.{x}.gate_proj.weight (or {fused})")))
+    }
+}
