@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use switchyard_kernels::cpu;
+use switchyard_kernels::cpu::{self, Precision};
 use switchyard_model::random::{RandomShape, write_random_checkpoint};
 use switchyard_model::sampling::{Rng, argmax};
 use switchyard_model::{Chunk, Model, SeqCache};
@@ -60,33 +60,40 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let mut p = Progress::new("loading");
-    let model = Model::load_with(&dir, &|_, _| true, &mut |d, t| p.update(d, t))
+    let mut model = Model::load_with(&dir, &|_, _| true, &mut |d, t| p.update(d, t))
         .with_context(|| format!("cannot load {}", dir.display()))?;
     p.finish();
     let bandwidth = cpu::bandwidth::read_bandwidth(1 << 30, 5);
     let s = &model.spec;
     let mut rng = Rng::new(1);
-    let mut random_tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % s.vocab_size as u64) as u32).collect() };
+    let mut random_tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % s.vocab_size as u64) as u32).collect() };
 
     let mut rows = Vec::new();
-    // Prefill: one warm-up pass pages every weight in, then the timed pass.
+    // Prefill: one warm-up pass pages every weight in, then the timed pass; once with exact
+    // f32 products, once with the BF16 dot-product unit.
     let prompt = random_tokens(args.prefill_tokens);
-    for timed in [false, true] {
-        let mut cache = SeqCache::new(s);
-        model.traffic.take();
-        let start = Instant::now();
-        model.forward(&mut [Chunk { tokens: &prompt, cache: &mut cache }])?;
-        if timed {
-            rows.push(Row {
-                phase: "prefill",
-                batch: 1,
-                tokens: prompt.len(),
-                seconds: start.elapsed().as_secs_f64(),
-                bytes: model.traffic.take(),
-                steps: 1,
-            });
+    for (precision, phase) in [(Precision::F32, "prefill f32"), (Precision::Bf16Products, "prefill bf16")] {
+        model.exec.precision = precision;
+        for timed in [false, true] {
+            let mut cache = SeqCache::new(&model.spec);
+            model.exec.take();
+            let start = Instant::now();
+            model.forward(&mut [Chunk { tokens: &prompt, cache: &mut cache }])?;
+            if timed {
+                rows.push(Row {
+                    phase,
+                    batch: 1,
+                    tokens: prompt.len(),
+                    seconds: start.elapsed().as_secs_f64(),
+                    bytes: model.exec.take(),
+                    steps: 1,
+                });
+            }
         }
     }
+    model.exec.precision = Precision::F32;
+    let s = &model.spec;
     for &batch in &args.batch {
         let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(s)).collect();
         let mut next: Vec<u32> = Vec::with_capacity(batch);
@@ -97,13 +104,14 @@ pub fn run(args: Args) -> Result<()> {
         }
         let step = |next: &mut Vec<u32>, caches: &mut [SeqCache]| -> Result<()> {
             let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let mut chunks: Vec<Chunk<'_>> = caches.iter_mut().zip(&ids).map(|(cache, id)| Chunk { tokens: id, cache }).collect();
+            let mut chunks: Vec<Chunk<'_>> =
+                caches.iter_mut().zip(&ids).map(|(cache, id)| Chunk { tokens: id, cache }).collect();
             let logits = model.forward(&mut chunks)?;
             *next = logits.iter().map(|l| argmax(l)).collect();
             Ok(())
         };
         step(&mut next, &mut caches)?; // warm-up
-        model.traffic.take();
+        model.exec.take();
         let start = Instant::now();
         for _ in 0..args.steps {
             step(&mut next, &mut caches)?;
@@ -113,7 +121,7 @@ pub fn run(args: Args) -> Result<()> {
             batch,
             tokens: batch * args.steps,
             seconds: start.elapsed().as_secs_f64(),
-            bytes: model.traffic.take(),
+            bytes: model.exec.take(),
             steps: args.steps,
         });
     }
@@ -136,15 +144,15 @@ pub fn run(args: Args) -> Result<()> {
         bandwidth / 1e9
     );
     println!();
-    println!("| phase   | batch | tokens/s | weights read/step | floor/step | measured/step | of floor |");
-    println!("|---------|------:|---------:|------------------:|-----------:|--------------:|---------:|");
+    println!("| phase        | batch | tokens/s | weights read/step | floor/step | measured/step | of floor |");
+    println!("|--------------|------:|---------:|------------------:|-----------:|--------------:|---------:|");
     for r in &rows {
         let per_step = r.seconds / r.steps as f64;
         let bytes_per_step = r.bytes as f64 / r.steps as f64;
         let floor = bytes_per_step / bandwidth;
-        let label = if r.phase == "prefill" { format!("{}", r.tokens) } else { r.batch.to_string() };
+        let label = if r.phase.starts_with("prefill") { r.tokens.to_string() } else { r.batch.to_string() };
         println!(
-            "| {:<7} | {:>5} | {:>8.1} | {:>14.1} MB | {:>7.2} ms | {:>10.2} ms | {:>7.1}% |",
+            "| {:<12} | {:>5} | {:>8.1} | {:>14.1} MB | {:>7.2} ms | {:>10.2} ms | {:>7.1}% |",
             r.phase,
             label,
             r.tokens as f64 / r.seconds,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
+use switchyard_kernels::cpu::Precision;
 use switchyard_model::engine::TopLogprob;
 use switchyard_model::{Engine, FinishReason, GenerateRequest, SamplingParams};
 
@@ -46,6 +47,10 @@ pub struct Args {
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Multiply prompt-sized batches (32+ rows) with bf16-rounded activations on the CPU's
+    /// BF16 dot-product unit: faster prefill, log-probabilities within ~1e-2 instead of ~1e-5.
+    #[arg(long)]
+    bf16_prefill: bool,
     /// Compute device (`cpu`; `cuda:N` needs a CUDA build).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -73,9 +78,12 @@ pub fn run(args: Args) -> Result<()> {
         bail!("model directory {} does not exist", args.model.display());
     }
     let mut progress = Progress::new("loading");
-    let engine = Engine::load(&args.model, &mut |d, t| progress.update(d, t))
+    let mut engine = Engine::load(&args.model, &mut |d, t| progress.update(d, t))
         .with_context(|| format!("cannot load {}", args.model.display()))?;
     progress.finish();
+    if args.bf16_prefill {
+        engine.model.exec.precision = Precision::Bf16Products;
+    }
 
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) => engine.tokenizer()?.encode(text)?,
@@ -85,7 +93,12 @@ pub fn run(args: Args) -> Result<()> {
     let req = GenerateRequest {
         prompt_ids,
         max_tokens: args.max_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
         top_logprobs: args.logprobs,
         ignore_eos: args.ignore_eos,
     };

@@ -116,7 +116,11 @@ impl Tensor {
     /// Checks the shape, naming the tensor when it differs.
     pub fn expect_shape(self, expected: &[usize]) -> Result<Self> {
         if self.shape != expected {
-            return Err(ModelError::ShapeMismatch { tensor: self.name.to_string(), expected: expected.to_vec(), got: self.shape });
+            return Err(ModelError::ShapeMismatch {
+                tensor: self.name.to_string(),
+                expected: expected.to_vec(),
+                got: self.shape,
+            });
         }
         Ok(self)
     }
@@ -194,7 +198,8 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+            let text =
+                std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::InvalidJson { file: index.clone(), message: e.to_string() })?;
             let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::InvalidJson {
@@ -261,7 +266,8 @@ impl Checkpoint {
             }
             return Err(ModelError::MissingTensor(name.to_string()));
         };
-        let dtype = e.dtype.clone().map_err(|dtype| ModelError::UnsupportedDtype { tensor: name.to_string(), dtype })?;
+        let dtype =
+            e.dtype.clone().map_err(|dtype| ModelError::UnsupportedDtype { tensor: name.to_string(), dtype })?;
         let backing = self.files[e.file].1.clone();
         let tensor = Tensor { name: name.into(), dtype, shape: e.shape.clone(), backing, offset: e.start };
         if e.start % dtype.size_in_bytes() != 0 {
@@ -292,7 +298,8 @@ pub fn write_safetensors(path: &Path, tensors: &[Tensor]) -> Result<()> {
                 DType::F16 => StDtype::F16,
                 DType::BF16 => StDtype::BF16,
             };
-            let view = safetensors::tensor::TensorView::new(dtype, t.shape.clone(), t.bytes()).expect("consistent tensor");
+            let view =
+                safetensors::tensor::TensorView::new(dtype, t.shape.clone(), t.bytes()).expect("consistent tensor");
             (t.name.to_string(), view)
         })
         .collect();

@@ -48,9 +48,13 @@ impl Arch {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Dynamic NTK: the base grows once a sequence passes `max_position_embeddings`.
-    Dynamic { factor: f32 },
+    Dynamic {
+        factor: f32,
+    },
     Yarn {
         factor: f32,
         original_max_position_embeddings: usize,
@@ -182,7 +186,9 @@ impl Fields<'_> {
     fn bool_or(&self, key: &'static str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or(ModelError::Config { field: key, problem: format!("must be a boolean, got {v}") }),
+            Some(v) => {
+                v.as_bool().ok_or(ModelError::Config { field: key, problem: format!("must be a boolean, got {v}") })
+            }
         }
     }
 
@@ -191,7 +197,9 @@ impl Fields<'_> {
             None => Ok(vec![]),
             Some(Value::Number(n)) => Ok(n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()),
             Some(Value::Array(a)) => Ok(a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect()),
-            Some(v) => Err(ModelError::Config { field: key, problem: format!("must be an id or a list of ids, got {v}") }),
+            Some(v) => {
+                Err(ModelError::Config { field: key, problem: format!("must be an id or a list of ids, got {v}") })
+            }
         }
     }
 }
@@ -210,9 +218,10 @@ impl ModelSpec {
     pub fn from_json(text: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| ModelError::InvalidJson { file: "config.json".into(), message: e.to_string() })?;
-        let map = value
-            .as_object()
-            .ok_or_else(|| ModelError::InvalidJson { file: "config.json".into(), message: "not a JSON object".into() })?;
+        let map = value.as_object().ok_or_else(|| ModelError::InvalidJson {
+            file: "config.json".into(),
+            message: "not a JSON object".into(),
+        })?;
         Self::from_fields(&Fields(map))
     }
 
@@ -246,7 +255,9 @@ impl ModelSpec {
         if experts_per_token == 0 || experts_per_token > num_experts {
             return Err(ModelError::Config {
                 field: "num_experts_per_tok",
-                problem: format!("must be between 1 and the number of experts ({num_experts}), got {experts_per_token}"),
+                problem: format!(
+                    "must be between 1 and the number of experts ({num_experts}), got {experts_per_token}"
+                ),
             });
         }
         let intermediate_size = f.opt_usize("intermediate_size")?;
@@ -280,7 +291,10 @@ impl ModelSpec {
         };
         let hidden_act = f.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
         if arch != Arch::GptOss && hidden_act != "silu" {
-            return Err(ModelError::Config { field: "hidden_act", problem: format!("`{hidden_act}` is not supported (only silu)") });
+            return Err(ModelError::Config {
+                field: "hidden_act",
+                problem: format!("`{hidden_act}` is not supported (only silu)"),
+            });
         }
         let dtype = match f.get("dtype").or_else(|| f.get("torch_dtype")).and_then(Value::as_str) {
             Some("bfloat16") => Some(DType::BF16),
@@ -345,7 +359,8 @@ impl ModelSpec {
 
 fn layer_types(f: &Fields<'_>, num_layers: usize) -> Result<Option<Vec<bool>>> {
     let Some(v) = f.get("layer_types") else { return Ok(None) };
-    let bad = || ModelError::Config { field: "layer_types", problem: format!("must list {num_layers} attention types") };
+    let bad =
+        || ModelError::Config { field: "layer_types", problem: format!("must list {num_layers} attention types") };
     let list = v.as_array().ok_or_else(bad)?;
     if list.len() != num_layers {
         return Err(bad());
@@ -376,7 +391,10 @@ fn sliding_windows(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<Vec<
         Arch::Olmoe => vec![false; num_layers],
     };
     if sliding.iter().any(|&s| s) && window.is_none() {
-        return Err(ModelError::Config { field: "sliding_window", problem: "is missing but layers use sliding attention".into() });
+        return Err(ModelError::Config {
+            field: "sliding_window",
+            problem: "is missing but layers use sliding attention".into(),
+        });
     }
     Ok(sliding.into_iter().map(|s| if s { window } else { None }).collect())
 }
@@ -387,9 +405,13 @@ fn layer_mlps(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<Vec<Layer
             let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
             let dense: Vec<usize> = match f.get("mlp_only_layers") {
                 None => vec![],
-                Some(v) => v.as_array().map(|a| a.iter().filter_map(Value::as_u64).map(|n| n as usize).collect()).ok_or(
-                    ModelError::Config { field: "mlp_only_layers", problem: "must be a list of layer indices".into() },
-                )?,
+                Some(v) => v
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_u64).map(|n| n as usize).collect())
+                    .ok_or(ModelError::Config {
+                        field: "mlp_only_layers",
+                        problem: "must be a list of layer indices".into(),
+                    })?,
             };
             (0..num_layers)
                 .map(|l| if !dense.contains(&l) && (l + 1) % step == 0 { LayerMlp::Moe } else { LayerMlp::Dense })
@@ -417,7 +439,8 @@ fn rope_spec(arch: Arch, f: &Fields<'_>) -> Result<RopeSpec> {
     let p = Fields(p);
     let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
     let factor = || -> Result<f32> {
-        p.opt_f32("factor")?.ok_or(ModelError::Config { field: "factor", problem: format!("is required for {kind} RoPE") })
+        p.opt_f32("factor")?
+            .ok_or(ModelError::Config { field: "factor", problem: format!("is required for {kind} RoPE") })
     };
     let scaling = match kind {
         "default" => RopeScaling::None,
@@ -443,7 +466,10 @@ fn rope_spec(arch: Arch, f: &Fields<'_>) -> Result<RopeSpec> {
             }
         }
         other => {
-            return Err(ModelError::Config { field: "rope_type", problem: format!("`{other}` is not supported (default, linear, dynamic, yarn)") });
+            return Err(ModelError::Config {
+                field: "rope_type",
+                problem: format!("`{other}` is not supported (default, linear, dynamic, yarn)"),
+            });
         }
     };
     Ok(RopeSpec { theta, scaling })
@@ -482,7 +508,10 @@ mod tests {
         let s = ModelSpec::from_json(j).unwrap();
         assert_eq!(s.sliding_windows, vec![Some(128), None]);
         assert_eq!(s.rope.theta, 150000.0);
-        assert!(matches!(s.rope.scaling, RopeScaling::Yarn { factor: 32.0, original_max_position_embeddings: 4096, truncate: false, .. }));
+        assert!(matches!(
+            s.rope.scaling,
+            RopeScaling::Yarn { factor: 32.0, original_max_position_embeddings: 4096, truncate: false, .. }
+        ));
         assert_eq!(s.routing, Routing::TopKSoftmax);
         assert!(s.attention_sinks && s.qkv_bias && s.o_bias);
     }

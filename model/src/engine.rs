@@ -89,7 +89,10 @@ impl Engine {
             return Err(ModelError::TokenOutOfRange { id, vocab_size: spec.vocab_size });
         }
         if req.prompt_ids.len() > spec.max_context {
-            return Err(ModelError::PromptTooLong { prompt_tokens: req.prompt_ids.len(), max_context: spec.max_context });
+            return Err(ModelError::PromptTooLong {
+                prompt_tokens: req.prompt_ids.len(),
+                max_context: spec.max_context,
+            });
         }
         // The last sampled token is never fed back, so it needs no position.
         if req.prompt_ids.len() + req.max_tokens.saturating_sub(1) > spec.max_context {
@@ -117,7 +120,8 @@ impl Engine {
         let mut caches: Vec<SeqCache> = reqs.iter().map(|_| SeqCache::new(spec)).collect();
         let mut samplers: Vec<Sampler> = reqs.iter().map(|r| Sampler::new(r.sampling.clone())).collect();
         let mut outs: Vec<Vec<GeneratedToken>> = vec![Vec::new(); reqs.len()];
-        let mut finish: Vec<Option<FinishReason>> = reqs.iter().map(|r| (r.max_tokens == 0).then_some(FinishReason::Length)).collect();
+        let mut finish: Vec<Option<FinishReason>> =
+            reqs.iter().map(|r| (r.max_tokens == 0).then_some(FinishReason::Length)).collect();
 
         // Prefill: feed each prompt in chunks; the last chunk's logits give the first token.
         let mut next: Vec<Option<Vec<f32>>> = vec![None; reqs.len()];

@@ -1,22 +1,23 @@
-//! Per-sequence key/value cache: every layer's keys and values for the positions seen so far,
-//! `[position, kv_head, head_dim]` in `f32`.
+//! Per-sequence key/value cache: for every layer and KV head, the keys and values of the
+//! positions seen so far, contiguous `[position, head_dim]` in `f32`.
 
 use crate::config::ModelSpec;
 
 pub struct SeqCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    /// `[layer][kv_head]` → `[position, head_dim]`.
+    keys: Vec<Vec<Vec<f32>>>,
+    values: Vec<Vec<Vec<f32>>>,
     len: usize,
-    stride: usize,
+    head_dim: usize,
 }
 
 impl SeqCache {
     pub fn new(spec: &ModelSpec) -> Self {
         SeqCache {
-            keys: vec![Vec::new(); spec.num_layers],
-            values: vec![Vec::new(); spec.num_layers],
+            keys: vec![vec![Vec::new(); spec.num_kv_heads]; spec.num_layers],
+            values: vec![vec![Vec::new(); spec.num_kv_heads]; spec.num_layers],
             len: 0,
-            stride: spec.num_kv_heads * spec.head_dim,
+            head_dim: spec.head_dim,
         }
     }
 
@@ -29,23 +30,29 @@ impl SeqCache {
         self.len == 0
     }
 
-    /// Appends the new tokens' keys and values of `layer`.
+    /// Appends the new tokens' keys and values of `layer`, each `[token, kv_head, head_dim]`.
     pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        self.keys[layer].extend_from_slice(k);
-        self.values[layer].extend_from_slice(v);
+        let hd = self.head_dim;
+        let heads = self.keys[layer].len();
+        for (src, dst) in [(k, &mut self.keys[layer]), (v, &mut self.values[layer])] {
+            for (i, row) in src.chunks_exact(hd).enumerate() {
+                dst[i % heads].extend_from_slice(row);
+            }
+        }
     }
 
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+    /// Per KV head, the keys and values of `layer`.
+    pub(crate) fn layer(&self, layer: usize) -> (Vec<&[f32]>, Vec<&[f32]>) {
+        (self.keys[layer].iter().map(Vec::as_slice).collect(), self.values[layer].iter().map(Vec::as_slice).collect())
     }
 
     /// Marks `n` new positions as cached once every layer has appended them.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
-        debug_assert!(self.keys.iter().all(|k| k.len() == self.len * self.stride));
+        debug_assert!(self.keys.iter().flatten().all(|k| k.len() == self.len * self.head_dim));
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|v| v.len() * 4).sum()
+        self.keys.iter().chain(&self.values).flatten().map(|v| v.len() * 4).sum()
     }
 }

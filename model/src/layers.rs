@@ -2,21 +2,30 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use switchyard_kernels::cpu::{self, activation};
+use switchyard_kernels::cpu::{self, Precision, activation};
 
 use crate::checkpoint::Tensor;
 
-/// Counts the weight bytes a forward pass streams, for the benchmark's bandwidth floor.
+/// How a forward pass executes: the product [`Precision`], and a count of the weight bytes it
+/// streams (the benchmark's bandwidth floor).
 #[derive(Default, Debug)]
-pub struct Traffic(AtomicUsize);
+pub struct Exec {
+    pub precision: Precision,
+    streamed: AtomicUsize,
+}
 
-impl Traffic {
-    pub fn add(&self, bytes: usize) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
+impl Exec {
+    pub fn new(precision: Precision) -> Self {
+        Exec { precision, streamed: AtomicUsize::new(0) }
     }
 
+    pub fn add(&self, bytes: usize) {
+        self.streamed.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Weight bytes streamed since the last call.
     pub fn take(&self) -> usize {
-        self.0.swap(0, Ordering::Relaxed)
+        self.streamed.swap(0, Ordering::Relaxed)
     }
 }
 
@@ -41,16 +50,16 @@ impl Linear {
     }
 
     /// `m` rows of `x` → a new `[m, out]` buffer.
-    pub fn forward(&self, x: &[f32], m: usize, traffic: &Traffic) -> Vec<f32> {
+    pub fn forward(&self, x: &[f32], m: usize, exec: &Exec) -> Vec<f32> {
         let mut out = vec![0.0; m * self.out_features()];
-        self.forward_into(x, m, &mut out, traffic);
+        self.forward_into(x, m, &mut out, exec);
         out
     }
 
-    pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32], traffic: &Traffic) {
+    pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32], exec: &Exec) {
         let (n, k) = (self.out_features(), self.in_features());
-        traffic.add(self.weight.size_in_bytes());
-        cpu::linear(x, self.weight.weights(), self.bias.as_deref(), out, m, n, k);
+        exec.add(self.weight.size_in_bytes());
+        cpu::linear_with(x, self.weight.weights(), self.bias.as_deref(), out, [m, n, k], exec.precision);
     }
 
     pub fn size_in_bytes(&self) -> usize {
@@ -68,12 +77,12 @@ pub struct SwiGluMlp {
 }
 
 impl SwiGluMlp {
-    pub fn forward(&self, x: &[f32], m: usize, traffic: &Traffic) -> Vec<f32> {
-        let gate = self.gate.forward(x, m, traffic);
-        let up = self.up.forward(x, m, traffic);
+    pub fn forward(&self, x: &[f32], m: usize, exec: &Exec) -> Vec<f32> {
+        let gate = self.gate.forward(x, m, exec);
+        let up = self.up.forward(x, m, exec);
         let mut act = vec![0.0; gate.len()];
         activation::swiglu(&gate, &up, &mut act);
-        self.down.forward(&act, m, traffic)
+        self.down.forward(&act, m, exec)
     }
 
     pub fn size_in_bytes(&self) -> usize {

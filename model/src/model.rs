@@ -13,7 +13,7 @@ use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::ModelSpec;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::SeqCache;
-use crate::layers::{AttentionWeights, Linear, SwiGluMlp, Traffic};
+use crate::layers::{AttentionWeights, Exec, Linear, SwiGluMlp};
 use crate::loader::{ExpertFilter, Names};
 use crate::moe::{self, MoeBlock};
 use crate::rope::Rope;
@@ -38,7 +38,7 @@ pub struct Model {
     pub lm_head: Linear,
     rope: Rope,
     /// Weight bytes streamed since last taken.
-    pub traffic: Traffic,
+    pub exec: Exec,
 }
 
 /// New tokens of one sequence for a forward pass.
@@ -79,7 +79,7 @@ impl Model {
             "loaded checkpoint {}",
             dir.display()
         );
-        Ok(Model { spec, embed, layers, norm, lm_head, rope, traffic: Traffic::default() })
+        Ok(Model { spec, embed, layers, norm, lm_head, rope, exec: Exec::default() })
     }
 
     /// Runs `chunks` through the model, appending to their caches, and returns the logits of
@@ -136,7 +136,7 @@ impl Model {
             last.extend_from_slice(&x[(end - 1) * h..end * h]);
         }
         norm::rms_norm_inplace(&mut last, &self.norm, s.rms_norm_eps);
-        let logits = self.lm_head.forward(&last, chunks.len(), &self.traffic);
+        let logits = self.lm_head.forward(&last, chunks.len(), &self.exec);
         Ok(logits.chunks_exact(s.vocab_size).map(<[f32]>::to_vec).collect())
     }
 
@@ -151,9 +151,9 @@ impl Model {
     ) -> Vec<f32> {
         let s = &self.spec;
         let (hd, nh, nkv) = (s.head_dim, s.num_heads, s.num_kv_heads);
-        let mut q = w.q.forward(h, total, &self.traffic);
-        let mut k = w.k.forward(h, total, &self.traffic);
-        let v_raw = w.v.forward(h, total, &self.traffic);
+        let mut q = w.q.forward(h, total, &self.exec);
+        let mut k = w.k.forward(h, total, &self.exec);
+        let v_raw = w.v.forward(h, total, &self.exec);
         let mut v = v_raw;
         // q/k norms: per head (weight of head_dim) or over the whole projection.
         if let Some(qn) = &w.q_norm {
@@ -198,20 +198,20 @@ impl Model {
                 sliding_window: w.sliding_window,
                 sinks: w.sinks.as_deref(),
             };
-            attention::attention(q, kc, vc, o, params);
+            attention::attention(q, &kc, &vc, o, params);
         });
-        w.o.forward(&out, total, &self.traffic)
+        w.o.forward(&out, total, &self.exec)
     }
 
     fn feed_forward(&self, ffn: &FeedForward, h: &[f32], total: usize) -> Result<Vec<f32>> {
         match ffn {
-            FeedForward::Dense(mlp) => Ok(mlp.forward(h, total, &self.traffic)),
+            FeedForward::Dense(mlp) => Ok(mlp.forward(h, total, &self.exec)),
             FeedForward::Moe(block) => {
-                let assignments = moe::route(&block.gate, block.routing, block.top_k, h, total, &self.traffic);
-                let mut y = moe::run_experts(&block.experts, h, self.spec.hidden_size, &assignments, &self.traffic)
+                let assignments = moe::route(&block.gate, block.routing, block.top_k, h, total, &self.exec);
+                let mut y = moe::run_experts(&block.experts, h, self.spec.hidden_size, &assignments, &self.exec)
                     .map_err(|e| ModelError::InvalidRequest(format!("expert {e} is not loaded in this process")))?;
                 if let Some(shared) = &block.shared {
-                    add(&mut y, &shared.forward(h, total, &self.traffic));
+                    add(&mut y, &shared.forward(h, total, &self.exec));
                 }
                 Ok(y)
             }

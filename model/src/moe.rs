@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use switchyard_kernels::cpu::{activation, routing};
 
 use crate::config::{ExpertActivation, Routing};
-use crate::layers::{Linear, SwiGluMlp, Traffic};
+use crate::layers::{Exec, Linear, SwiGluMlp};
 
 /// One expert's feed-forward.
 #[derive(Clone, Debug)]
@@ -21,14 +21,14 @@ pub enum Expert {
 
 impl Expert {
     /// Runs the expert over `m` rows of `x` (all tokens routed to it, as one matmul each).
-    pub fn forward(&self, x: &[f32], m: usize, traffic: &Traffic) -> Vec<f32> {
+    pub fn forward(&self, x: &[f32], m: usize, exec: &Exec) -> Vec<f32> {
         match self {
-            Expert::SwiGlu(mlp) => mlp.forward(x, m, traffic),
+            Expert::SwiGlu(mlp) => mlp.forward(x, m, exec),
             Expert::Interleaved { gate_up, down, alpha, limit } => {
-                let gu = gate_up.forward(x, m, traffic);
+                let gu = gate_up.forward(x, m, exec);
                 let mut act = vec![0.0; gu.len() / 2];
                 activation::clamped_swiglu_interleaved(&gu, *alpha, *limit, &mut act);
-                down.forward(&act, m, traffic)
+                down.forward(&act, m, exec)
             }
         }
     }
@@ -43,7 +43,9 @@ impl Expert {
     pub fn activation(&self) -> ExpertActivation {
         match self {
             Expert::SwiGlu(_) => ExpertActivation::SwiGlu,
-            Expert::Interleaved { alpha, limit, .. } => ExpertActivation::ClampedSwiGlu { alpha: *alpha, limit: *limit },
+            Expert::Interleaved { alpha, limit, .. } => {
+                ExpertActivation::ClampedSwiGlu { alpha: *alpha, limit: *limit }
+            }
         }
     }
 }
@@ -58,8 +60,8 @@ pub struct Assignment {
 
 /// Runs the gate over `m` rows of `h`: the top-k experts of each token and their weights,
 /// token-major, each token's experts best first.
-pub fn route(gate: &Linear, routing: Routing, top_k: usize, h: &[f32], m: usize, traffic: &Traffic) -> Vec<Assignment> {
-    let logits = gate.forward(h, m, traffic);
+pub fn route(gate: &Linear, routing: Routing, top_k: usize, h: &[f32], m: usize, exec: &Exec) -> Vec<Assignment> {
+    let logits = gate.forward(h, m, exec);
     let e = gate.out_features();
     let mut out = Vec::with_capacity(m * top_k);
     for (t, row) in logits.chunks_exact(e).enumerate() {
@@ -69,13 +71,21 @@ pub fn route(gate: &Linear, routing: Routing, top_k: usize, h: &[f32], m: usize,
                 routing::softmax(&mut probs);
                 let idx = routing::top_k(&probs, top_k);
                 let sum: f32 = if renormalize { idx.iter().map(|&i| probs[i]).sum() } else { 1.0 };
-                out.extend(idx.iter().map(|&i| Assignment { token: t as u32, expert: i as u32, weight: probs[i] / sum }));
+                out.extend(idx.iter().map(|&i| Assignment {
+                    token: t as u32,
+                    expert: i as u32,
+                    weight: probs[i] / sum,
+                }));
             }
             Routing::TopKSoftmax => {
                 let idx = routing::top_k(row, top_k);
                 let mut vals: Vec<f32> = idx.iter().map(|&i| row[i]).collect();
                 routing::softmax(&mut vals);
-                out.extend(idx.iter().zip(vals).map(|(&i, w)| Assignment { token: t as u32, expert: i as u32, weight: w }));
+                out.extend(idx.iter().zip(vals).map(|(&i, w)| Assignment {
+                    token: t as u32,
+                    expert: i as u32,
+                    weight: w,
+                }));
             }
         }
     }
@@ -93,7 +103,7 @@ pub fn run_experts(
     x: &[f32],
     hidden: usize,
     assignments: &[Assignment],
-    traffic: &Traffic,
+    exec: &Exec,
 ) -> Result<Vec<f32>, u32> {
     let rows = x.len() / hidden;
     let mut by_expert: Vec<Vec<(u32, f32)>> = vec![Vec::new(); experts.len()];
@@ -113,7 +123,7 @@ pub fn run_experts(
             for &(t, _) in list {
                 gathered.extend_from_slice(&x[t as usize * hidden..(t as usize + 1) * hidden]);
             }
-            experts[e].as_ref().expect("checked above").forward(&gathered, list.len(), traffic)
+            experts[e].as_ref().expect("checked above").forward(&gathered, list.len(), exec)
         })
         .collect();
     let mut out = vec![0.0f32; rows * hidden];
@@ -146,9 +156,9 @@ pub struct SharedExpert {
 }
 
 impl SharedExpert {
-    pub fn forward(&self, h: &[f32], m: usize, traffic: &Traffic) -> Vec<f32> {
-        let mut y = self.mlp.forward(h, m, traffic);
-        let g = self.gate.forward(h, m, traffic);
+    pub fn forward(&self, h: &[f32], m: usize, exec: &Exec) -> Vec<f32> {
+        let mut y = self.mlp.forward(h, m, exec);
+        let g = self.gate.forward(h, m, exec);
         let hidden = y.len() / m.max(1);
         for (row, &g) in y.chunks_exact_mut(hidden).zip(&g) {
             let s = activation::sigmoid(g);

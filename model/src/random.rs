@@ -65,7 +65,12 @@ impl RandomShape {
 
 /// Writes a random bf16 checkpoint of `shape` into `dir` (created if needed), reporting
 /// `progress(layers_done, layers_total)`.
-pub fn write_random_checkpoint(dir: &Path, shape: &RandomShape, seed: u64, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+pub fn write_random_checkpoint(
+    dir: &Path,
+    shape: &RandomShape,
+    seed: u64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
     let mut rng = Rng::new(seed);
     let s = shape;
@@ -81,7 +86,12 @@ pub fn write_random_checkpoint(dir: &Path, shape: &RandomShape, seed: u64, progr
         let p = format!("model.layers.{l}");
         let ones = vec![1.0f32; s.hidden_size];
         tensors.push(Tensor::from_f32(&format!("{p}.input_layernorm.weight"), DType::BF16, vec![s.hidden_size], &ones));
-        tensors.push(Tensor::from_f32(&format!("{p}.post_attention_layernorm.weight"), DType::BF16, vec![s.hidden_size], &ones));
+        tensors.push(Tensor::from_f32(
+            &format!("{p}.post_attention_layernorm.weight"),
+            DType::BF16,
+            vec![s.hidden_size],
+            &ones,
+        ));
         let (q, kv) = (s.num_heads * head_dim, s.num_kv_heads * head_dim);
         tensors.push(mat(format!("{p}.self_attn.q_proj.weight"), q, s.hidden_size, &mut rng));
         tensors.push(mat(format!("{p}.self_attn.k_proj.weight"), kv, s.hidden_size, &mut rng));

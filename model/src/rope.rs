@@ -16,9 +16,8 @@ pub struct Rope {
 impl Rope {
     pub fn new(spec: &RopeSpec, head_dim: usize, max_position_embeddings: usize) -> Self {
         let dim = head_dim;
-        let base_freq = |base: f32| -> Vec<f32> {
-            (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect()
-        };
+        let base_freq =
+            |base: f32| -> Vec<f32> { (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect() };
         let (inv_freq, attention_scaling) = match spec.scaling {
             RopeScaling::None | RopeScaling::Dynamic { .. } => (base_freq(spec.theta), 1.0),
             RopeScaling::Linear { factor } => (base_freq(spec.theta).into_iter().map(|f| f / factor).collect(), 1.0),
@@ -39,7 +38,8 @@ impl Rope {
                 });
                 let base = spec.theta as f64;
                 let correction_dim = |rot: f32| {
-                    (dim as f64 * (original_max_position_embeddings as f64 / (rot as f64 * 2.0 * std::f64::consts::PI)).ln())
+                    (dim as f64
+                        * (original_max_position_embeddings as f64 / (rot as f64 * 2.0 * std::f64::consts::PI)).ln())
                         / (2.0 * base.ln())
                 };
                 let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));

@@ -58,7 +58,9 @@ fn check_arch(name: &str) -> Result<()> {
         let r#gen = engine.generate(&req)?;
         let ids: Vec<u32> = r#gen.tokens.iter().map(|t| t.id).collect();
         assert_eq!(ids, case.tokens, "{name} case {c}: greedy tokens differ");
-        for (step, (tok, (&want, top))) in r#gen.tokens.iter().zip(case.logprobs.iter().zip(&case.top_logprobs)).enumerate() {
+        for (step, (tok, (&want, top))) in
+            r#gen.tokens.iter().zip(case.logprobs.iter().zip(&case.top_logprobs)).enumerate()
+        {
             assert!(
                 (tok.logprob - want).abs() < TOLERANCE,
                 "{name} case {c} step {step}: logprob {} vs transformers {want}",
@@ -66,7 +68,11 @@ fn check_arch(name: &str) -> Result<()> {
             );
             for (rank, (got, &(id, lp))) in tok.top_logprobs.iter().zip(top).enumerate() {
                 assert_eq!(got.id, id, "{name} case {c} step {step}: top-{rank} id differs");
-                assert!((got.logprob - lp).abs() < TOLERANCE, "{name} case {c} step {step}: top-{rank} logprob {} vs {lp}", got.logprob);
+                assert!(
+                    (got.logprob - lp).abs() < TOLERANCE,
+                    "{name} case {c} step {step}: top-{rank} logprob {} vs {lp}",
+                    got.logprob
+                );
             }
         }
         let want_finish = if case.finish_reason == "stop" { FinishReason::Stop } else { FinishReason::Length };
@@ -153,6 +159,30 @@ fn prefill_then_decode_equals_full_recompute() -> Result<()> {
         let full = model.forward(&mut [Chunk { tokens: &all, cache: &mut fresh }])?.remove(0);
         let max_diff = incremental.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(max_diff < 1e-3, "{name}: incremental vs full logits differ by {max_diff}");
+    }
+    Ok(())
+}
+
+/// The opt-in BF16 prefill rounds activations of prompt-sized products to bf16: it must stay
+/// close to the exact result (same greedy token, log-probabilities within 2e-2).
+#[test]
+fn bf16_prefill_stays_close_to_exact() -> Result<()> {
+    use switchyard_kernels::cpu::Precision;
+    for name in ["mixtral", "gpt_oss", "qwen3_moe"] {
+        let mut model = Model::load(&fixtures_dir().join(name))?;
+        let tokens: Vec<u32> = (0..120u32).map(|i| (i * 37 + 11) % 500 + 3).collect();
+        let mut run = |precision| -> Result<Vec<f32>> {
+            model.exec.precision = precision;
+            let mut cache = SeqCache::new(&model.spec);
+            let logits = model.forward(&mut [Chunk { tokens: &tokens, cache: &mut cache }])?.remove(0);
+            Ok(switchyard_kernels::cpu::routing::log_softmax(&logits))
+        };
+        let exact = run(Precision::F32)?;
+        let fast = run(Precision::Bf16Products)?;
+        let argmax = |v: &[f32]| switchyard_model::sampling::argmax(v);
+        assert_eq!(argmax(&exact), argmax(&fast), "{name}: greedy token differs");
+        let diff = exact.iter().zip(&fast).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 2e-2, "{name}: bf16 prefill log-probabilities differ by {diff}");
     }
     Ok(())
 }

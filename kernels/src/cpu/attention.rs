@@ -1,14 +1,15 @@
 //! Causal attention of new query rows against a sequence's KV cache.
 //!
-//! The cache holds every position of the sequence so far (the new tokens included), laid
-//! out `[position, kv_head, head_dim]`. Grouped-query attention maps query head `h` to KV
-//! head `h / (n_heads / n_kv_heads)`. A sliding window of `w` lets a query at position `p`
-//! see positions `p - w + 1 ..= p`; attention sinks add one learned logit per head to the
-//! softmax denominator (gpt-oss).
+//! The cache keeps each KV head's keys and values contiguous, `[position, head_dim]`, so the
+//! scores of one head are a single product `Q_h · K_gᵀ` through the blocked linear kernel.
+//! Grouped-query attention maps query head `h` to KV head `h / (n_heads / n_kv_heads)`. A
+//! sliding window of `w` lets a query at position `p` see positions `p - w + 1 ..= p`;
+//! attention sinks add one learned logit per head to the softmax denominator (gpt-oss).
 
 use rayon::prelude::*;
 
-use super::matmul::dot;
+use super::matmul::linear;
+use crate::Weights;
 
 /// The shape and options of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -26,47 +27,63 @@ pub struct AttentionParams<'a> {
     pub sinks: Option<&'a [f32]>,
 }
 
-/// `q` is `[n_tokens, n_heads, head_dim]`; `k` and `v` are the cache, covering positions
-/// `0 .. first_pos + n_tokens`; `out` is `[n_tokens, n_heads, head_dim]`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], p: AttentionParams<'_>) {
-    let hd = p.head_dim;
-    let kv_stride = p.n_kv_heads * hd;
-    let total = p.first_pos + p.n_tokens;
-    assert_eq!(q.len(), p.n_tokens * p.n_heads * hd, "attention: q has the wrong size");
-    assert!(k.len() >= total * kv_stride && v.len() >= total * kv_stride, "attention: cache too short");
-    assert_eq!(p.n_heads % p.n_kv_heads, 0, "attention: heads not a multiple of kv heads");
-    let group = p.n_heads / p.n_kv_heads;
+/// `q` is `[n_tokens, n_heads, head_dim]`; `keys[g]` and `values[g]` hold KV head `g` for
+/// positions `0 .. first_pos + n_tokens`; `out` is `[n_tokens, n_heads, head_dim]`.
+pub fn attention(q: &[f32], keys: &[&[f32]], values: &[&[f32]], out: &mut [f32], p: AttentionParams<'_>) {
+    let (hd, nh, n) = (p.head_dim, p.n_heads, p.n_tokens);
+    let total = p.first_pos + n;
+    assert_eq!(q.len(), n * nh * hd, "attention: q has the wrong size");
+    assert_eq!(out.len(), n * nh * hd, "attention: out has the wrong size");
+    assert!(keys.len() == p.n_kv_heads && values.len() == p.n_kv_heads, "attention: one cache per kv head");
+    assert!(keys.iter().chain(values).all(|c| c.len() >= total * hd), "attention: cache too short");
+    assert_eq!(nh % p.n_kv_heads, 0, "attention: heads not a multiple of kv heads");
+    let group = nh / p.n_kv_heads;
 
-    let one = |(idx, o): (usize, &mut [f32])| {
-        let (t, h) = (idx / p.n_heads, idx % p.n_heads);
-        let pos = p.first_pos + t;
-        let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let head = |h: usize| -> Vec<f32> {
         let g = h / group;
-        let qh = &q[idx * hd..(idx + 1) * hd];
-        let mut scores: Vec<f32> = (lo..=pos)
-            .map(|j| dot(qh, &k[j * kv_stride + g * hd..j * kv_stride + (g + 1) * hd]) * p.scale)
-            .collect();
-        let sink = p.sinks.map(|s| s[h]);
-        let max = scores.iter().copied().chain(sink).fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = sink.map_or(0.0, |s| (s - max).exp());
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        let mut qh = Vec::with_capacity(n * hd);
+        for t in 0..n {
+            qh.extend_from_slice(&q[(t * nh + h) * hd..(t * nh + h + 1) * hd]);
         }
-        o.fill(0.0);
-        for (j, &w) in (lo..=pos).zip(&scores) {
-            let vj = &v[j * kv_stride + g * hd..j * kv_stride + (g + 1) * hd];
-            let w = w / sum;
-            for (o, &x) in o.iter_mut().zip(vj) {
-                *o += w * x;
+        // Scores of every new row against every cached position, then mask per row.
+        let mut scores = vec![0.0f32; n * total];
+        linear(&qh, Weights::F32(&keys[g][..total * hd]), None, &mut scores, n, total, hd);
+        let sink = p.sinks.map(|s| s[h]);
+        let v = values[g];
+        let mut oh = vec![0.0f32; n * hd];
+        for (t, (row, o)) in scores.chunks_exact_mut(total).zip(oh.chunks_exact_mut(hd)).enumerate() {
+            let pos = p.first_pos + t;
+            let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let row = &mut row[lo..=pos];
+            let mut max = sink.unwrap_or(f32::NEG_INFINITY);
+            for s in row.iter_mut() {
+                *s *= p.scale;
+                max = max.max(*s);
+            }
+            let mut sum = sink.map_or(0.0, |s| (s - max).exp());
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for (j, &w) in (lo..=pos).zip(row.iter()) {
+                let w = w * inv;
+                for (o, &x) in o.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
+                    *o += w * x;
+                }
             }
         }
+        oh
     };
-    let work = p.n_tokens * p.n_heads * total * hd;
-    if work < 1 << 15 {
-        out.chunks_mut(hd).enumerate().for_each(one);
+    let heads: Vec<Vec<f32>> = if n * total * hd * nh < 1 << 15 {
+        (0..nh).map(head).collect()
     } else {
-        out.par_chunks_mut(hd).enumerate().with_min_len(4).for_each(one);
+        (0..nh).into_par_iter().map(head).collect()
+    };
+    for (h, oh) in heads.iter().enumerate() {
+        for t in 0..n {
+            out[(t * nh + h) * hd..(t * nh + h + 1) * hd].copy_from_slice(&oh[t * hd..(t + 1) * hd]);
+        }
     }
 }
 
@@ -75,36 +92,70 @@ mod tests {
     use super::*;
 
     fn params(n_tokens: usize, first_pos: usize) -> AttentionParams<'static> {
-        AttentionParams { n_tokens, first_pos, n_heads: 2, n_kv_heads: 1, head_dim: 2, scale: 1.0, sliding_window: None, sinks: None }
+        AttentionParams {
+            n_tokens,
+            first_pos,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+            scale: 1.0,
+            sliding_window: None,
+            sinks: None,
+        }
     }
 
     #[test]
     fn single_position_returns_its_value() {
         let q = [1.0, 0.0, 0.0, 1.0];
-        let k = [0.5, 0.5];
-        let v = [3.0, -1.0];
         let mut out = [0.0; 4];
-        attention(&q, &k, &v, &mut out, params(1, 0));
+        attention(&q, &[&[0.5, 0.5]], &[&[3.0, -1.0]], &mut out, params(1, 0));
         assert_eq!(out, [3.0, -1.0, 3.0, -1.0]);
     }
 
     #[test]
     fn window_and_sinks() {
         // Two cached positions with equal scores: without a window the output averages them.
-        let q = [0.0, 0.0, 0.0, 0.0];
-        let k = [0.0; 4];
-        let v = [1.0, 1.0, 3.0, 3.0];
+        let q = [0.0; 4];
+        let (k, v): (&[f32], &[f32]) = (&[0.0; 4], &[1.0, 1.0, 3.0, 3.0]);
         let mut out = [0.0; 4];
-        attention(&q, &k, &v, &mut out, params(1, 1));
+        attention(&q, &[k], &[v], &mut out, params(1, 1));
         assert_eq!(out, [2.0; 4]);
         let mut p = params(1, 1);
         p.sliding_window = Some(1);
-        attention(&q, &k, &v, &mut out, p);
+        attention(&q, &[k], &[v], &mut out, p);
         assert_eq!(out, [3.0; 4]);
         // A sink of logit 0 takes a third of the mass from two zero-score positions.
         let mut p = params(1, 1);
         p.sinks = Some(&[0.0, 0.0]);
-        attention(&q, &k, &v, &mut out, p);
+        attention(&q, &[k], &[v], &mut out, p);
         assert!((out[0] - 4.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn causal_prefill_matches_one_row_at_a_time() {
+        let (nh, hd, n) = (2, 4, 6);
+        let q: Vec<f32> = (0..n * nh * hd).map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6).collect();
+        let k: Vec<f32> = (0..n * hd).map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5).collect();
+        let v: Vec<f32> = (0..n * hd).map(|i| ((i * 3) % 7) as f32 - 3.0).collect();
+        let base = AttentionParams {
+            n_tokens: n,
+            first_pos: 0,
+            n_heads: nh,
+            n_kv_heads: 1,
+            head_dim: hd,
+            scale: 0.5,
+            sliding_window: Some(3),
+            sinks: Some(&[0.3, -0.2]),
+        };
+        let mut all = vec![0.0; n * nh * hd];
+        attention(&q, &[&k], &[&v], &mut all, base);
+        for t in 0..n {
+            let mut one = vec![0.0; nh * hd];
+            let p = AttentionParams { n_tokens: 1, first_pos: t, ..base };
+            attention(&q[t * nh * hd..(t + 1) * nh * hd], &[&k], &[&v], &mut one, p);
+            for (a, b) in one.iter().zip(&all[t * nh * hd..(t + 1) * nh * hd]) {
+                assert!((a - b).abs() < 1e-5, "row {t}: {a} vs {b}");
+            }
+        }
     }
 }

@@ -19,7 +19,7 @@ pub mod norm;
 pub mod rope;
 pub mod routing;
 
-pub use matmul::linear;
+pub use matmul::{Precision, linear, linear_with};
 
 /// Whether the AVX-512 kernels may run on this CPU (checked once).
 pub fn has_avx512() -> bool {

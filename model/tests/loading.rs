@@ -1,0 +1,83 @@
+//! Checkpoint layouts load to the same model: sharded vs single file, transformers 4.x vs
+//! 5.x `config.json`, bf16 vs f32 storage.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use switchyard_kernels::DType;
+use switchyard_model::checkpoint::{Checkpoint, Tensor, write_safetensors};
+use switchyard_model::{Chunk, Model, SeqCache};
+
+fn fixture(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(arch)
+}
+
+fn logits(dir: &Path) -> Result<Vec<f32>> {
+    let model = Model::load(dir)?;
+    let mut cache = SeqCache::new(&model.spec);
+    let tokens = [0u32, 17, 300, 42, 99, 7, 250, 18, 3];
+    Ok(model.forward(&mut [Chunk { tokens: &tokens, cache: &mut cache }])?.remove(0))
+}
+
+/// Copies the non-weight files of a fixture and writes its tensors (converted by `map`) as
+/// one `model.safetensors`.
+fn rewrite(arch: &str, map: impl Fn(Tensor) -> Tensor) -> Result<tempfile::TempDir> {
+    let src = fixture(arch);
+    let tmp = tempfile::tempdir()?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f))?;
+    }
+    let ckpt = Checkpoint::open(&src)?;
+    let mut names: Vec<String> = ckpt.names().map(str::to_string).collect();
+    names.sort();
+    let tensors: Vec<Tensor> = names.iter().map(|n| ckpt.get(n).map(&map)).collect::<Result<_, _>>()?;
+    write_safetensors(&tmp.path().join("model.safetensors"), &tensors)?;
+    Ok(tmp)
+}
+
+#[test]
+fn sharded_and_single_file_agree() -> Result<()> {
+    let sharded = fixture("qwen3_moe");
+    assert!(sharded.join("model.safetensors.index.json").exists(), "the qwen3_moe fixture is the sharded one");
+    let single = rewrite("qwen3_moe", |t| t)?;
+    assert_eq!(logits(&sharded)?, logits(single.path())?);
+    Ok(())
+}
+
+#[test]
+fn f32_and_f16_storage_give_the_same_numbers() -> Result<()> {
+    let want = logits(&fixture("mixtral"))?;
+    for dtype in [DType::F32, DType::F16] {
+        let dir = rewrite("mixtral", |t| Tensor::from_f32(t.name(), dtype, t.shape().to_vec(), &t.to_f32_vec()))?;
+        let got = logits(dir.path())?;
+        // bf16 values are exact in f32; f16 rounds some of them, so allow a little.
+        let tol = if dtype == DType::F32 { 1e-5 } else { 5e-2 };
+        let diff = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < tol, "{dtype:?}: max logit difference {diff}");
+    }
+    Ok(())
+}
+
+#[test]
+fn transformers_4x_config_layout_loads_the_same_model() -> Result<()> {
+    for arch in ["gpt_oss", "qwen2_moe", "mixtral"] {
+        let dir = rewrite(arch, |t| t)?;
+        let path = dir.path().join("config.json");
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let obj = config.as_object_mut().unwrap();
+        // 5.x → 4.x: `rope_parameters` splits into `rope_theta` + `rope_scaling`, `dtype` → `torch_dtype`.
+        let mut rope = obj.remove("rope_parameters").unwrap();
+        let theta = rope.as_object_mut().unwrap().remove("rope_theta").unwrap();
+        obj.insert("rope_theta".into(), theta);
+        if rope["rope_type"] != "default" {
+            let kind = rope.as_object_mut().unwrap().remove("rope_type").unwrap();
+            rope.as_object_mut().unwrap().insert("type".into(), kind);
+            obj.insert("rope_scaling".into(), rope);
+        }
+        let dtype = obj.remove("dtype").unwrap();
+        obj.insert("torch_dtype".into(), dtype);
+        std::fs::write(&path, serde_json::to_string(&config)?)?;
+        assert_eq!(logits(&fixture(arch))?, logits(dir.path())?, "{arch}");
+    }
+    Ok(())
+}
