@@ -11,6 +11,9 @@ use rayon::prelude::*;
 use super::matmul::linear;
 use crate::Weights;
 
+/// From this many query rows on, `P · V` runs through the blocked linear kernel.
+const PV_PRODUCT_MIN_ROWS: usize = 8;
+
 /// The shape and options of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionParams<'a> {
@@ -49,27 +52,43 @@ pub fn attention(q: &[f32], keys: &[&[f32]], values: &[&[f32]], out: &mut [f32],
         let mut scores = vec![0.0f32; n * total];
         linear(&qh, Weights::F32(&keys[g][..total * hd]), None, &mut scores, n, total, hd);
         let sink = p.sinks.map(|s| s[h]);
-        let v = values[g];
-        let mut oh = vec![0.0f32; n * hd];
-        for (t, (row, o)) in scores.chunks_exact_mut(total).zip(oh.chunks_exact_mut(hd)).enumerate() {
+        // Softmax each row over its visible positions; masked positions become 0.
+        for (t, row) in scores.chunks_exact_mut(total).enumerate() {
             let pos = p.first_pos + t;
             let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let row = &mut row[lo..=pos];
+            row[..lo].fill(0.0);
+            row[pos + 1..].fill(0.0);
+            let visible = &mut row[lo..=pos];
             let mut max = sink.unwrap_or(f32::NEG_INFINITY);
-            for s in row.iter_mut() {
+            for s in visible.iter_mut() {
                 *s *= p.scale;
                 max = max.max(*s);
             }
             let mut sum = sink.map_or(0.0, |s| (s - max).exp());
-            for s in row.iter_mut() {
+            for s in visible.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
             let inv = 1.0 / sum;
-            for (j, &w) in (lo..=pos).zip(row.iter()) {
-                let w = w * inv;
-                for (o, &x) in o.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
-                    *o += w * x;
+            visible.iter_mut().for_each(|s| *s *= inv);
+        }
+        let v = &values[g][..total * hd];
+        let mut oh = vec![0.0f32; n * hd];
+        if n >= PV_PRODUCT_MIN_ROWS {
+            // Prompt-sized: P · V as one blocked product against Vᵀ.
+            let mut vt = vec![0.0f32; hd * total];
+            for (j, row) in v.chunks_exact(hd).enumerate() {
+                for (d, &x) in row.iter().enumerate() {
+                    vt[d * total + j] = x;
+                }
+            }
+            linear(&scores, Weights::F32(&vt), None, &mut oh, n, hd, total);
+        } else {
+            for (row, o) in scores.chunks_exact(total).zip(oh.chunks_exact_mut(hd)) {
+                for (&w, vj) in row.iter().zip(v.chunks_exact(hd)) {
+                    if w != 0.0 {
+                        o.iter_mut().zip(vj).for_each(|(o, &x)| *o += w * x);
+                    }
                 }
             }
         }
