@@ -153,8 +153,7 @@ impl Model {
         let (hd, nh, nkv) = (s.head_dim, s.num_heads, s.num_kv_heads);
         let mut q = w.q.forward(h, total, &self.exec);
         let mut k = w.k.forward(h, total, &self.exec);
-        let v_raw = w.v.forward(h, total, &self.exec);
-        let mut v = v_raw;
+        let mut v = w.v.forward(h, total, &self.exec);
         // q/k norms: per head (weight of head_dim) or over the whole projection.
         if let Some(qn) = &w.q_norm {
             norm::rms_norm_inplace(&mut q, qn, s.rms_norm_eps);
