@@ -10,6 +10,7 @@ use switchyard_kernels::cpu::routing::{log_softmax, top_k};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::SeqCache;
 use crate::model::{Chunk, Model};
+use crate::moe::Experts;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{self, Tokenizer};
 
@@ -58,19 +59,63 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
+/// One request's generation in progress: its cache, sampler and tokens so far. Made by
+/// [`Engine::start`], advanced by [`Engine::step`].
+pub struct Sequence {
+    pub request: GenerateRequest,
+    cache: SeqCache,
+    sampler: Sampler,
+    /// Prompt tokens fed so far.
+    fed: usize,
+    pub tokens: Vec<GeneratedToken>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+impl Sequence {
+    pub fn is_finished(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+
+    /// Whether the prompt has been fed whole.
+    pub fn is_decoding(&self) -> bool {
+        self.fed == self.request.prompt_ids.len()
+    }
+
+    pub fn into_generation(self) -> Generation {
+        Generation {
+            prompt_ids: self.request.prompt_ids,
+            tokens: self.tokens,
+            finish_reason: self.finish_reason.unwrap_or(FinishReason::Length),
+        }
+    }
+}
+
 pub struct Engine {
     pub model: Model,
     pub tokenizer: Option<Tokenizer>,
     pub eos_token_ids: Vec<u32>,
+    /// Where the MoE layers' experts run; `None`: the experts loaded in `model`.
+    pub experts: Option<Box<dyn Experts>>,
 }
 
 impl Engine {
     /// Loads the model, tokenizer and generation config in `dir`.
     pub fn load(dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         let model = Model::load_with(dir, &|_, _| true, progress)?;
+        Self::with_model(dir, model, None)
+    }
+
+    /// Loads everything in `dir` but the experts, which run on `experts` (a router's
+    /// dispatcher to expert nodes).
+    pub fn load_dense(dir: &Path, experts: Box<dyn Experts>, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let model = Model::load_with(dir, &|_, _| false, progress)?;
+        Self::with_model(dir, model, Some(experts))
+    }
+
+    fn with_model(dir: &Path, model: Model, experts: Option<Box<dyn Experts>>) -> Result<Self> {
         let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
         let eos_token_ids = tokenizer::eos_token_ids(dir, tokenizer.as_ref(), &model.spec.eos_token_ids)?;
-        Ok(Engine { model, tokenizer, eos_token_ids })
+        Ok(Engine { model, tokenizer, eos_token_ids, experts })
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
@@ -106,79 +151,99 @@ impl Engine {
         req.sampling.validate().map_err(ModelError::InvalidRequest)
     }
 
+    /// Validates `req` and makes its [`Sequence`], ready for [`Engine::step`].
+    pub fn start(&self, req: GenerateRequest) -> Result<Sequence> {
+        self.validate(&req)?;
+        Ok(Sequence {
+            cache: SeqCache::new(&self.model.spec),
+            sampler: Sampler::new(req.sampling.clone()),
+            fed: 0,
+            tokens: Vec::new(),
+            finish_reason: (req.max_tokens == 0).then_some(FinishReason::Length),
+            request: req,
+        })
+    }
+
     pub fn generate(&self, req: &GenerateRequest) -> Result<Generation> {
         Ok(self.generate_batch(std::slice::from_ref(req))?.remove(0))
     }
 
-    /// Generates for every request together: prompts are prefilled in chunks, then all
-    /// running sequences decode one token per step in one batch until each finishes.
+    /// Generates for every request together, one [`Engine::step`] after another until each
+    /// finishes.
     pub fn generate_batch(&self, reqs: &[GenerateRequest]) -> Result<Vec<Generation>> {
-        for r in reqs {
-            self.validate(r)?;
+        let mut seqs = reqs.iter().map(|r| self.start(r.clone())).collect::<Result<Vec<_>>>()?;
+        while seqs.iter().any(|s| !s.is_finished()) {
+            let mut running: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            self.step(&mut running, usize::MAX)?;
         }
-        let spec = &self.model.spec;
-        let mut caches: Vec<SeqCache> = reqs.iter().map(|_| SeqCache::new(spec)).collect();
-        let mut samplers: Vec<Sampler> = reqs.iter().map(|r| Sampler::new(r.sampling.clone())).collect();
-        let mut outs: Vec<Vec<GeneratedToken>> = vec![Vec::new(); reqs.len()];
-        let mut finish: Vec<Option<FinishReason>> =
-            reqs.iter().map(|r| (r.max_tokens == 0).then_some(FinishReason::Length)).collect();
+        Ok(seqs.into_iter().map(Sequence::into_generation).collect())
+    }
 
-        // Prefill: feed each prompt in chunks; the last chunk's logits give the first token.
-        let mut next: Vec<Option<Vec<f32>>> = vec![None; reqs.len()];
-        for (i, r) in reqs.iter().enumerate() {
-            if finish[i].is_some() {
-                continue;
-            }
-            for piece in r.prompt_ids.chunks(PREFILL_CHUNK) {
-                let mut chunk = [Chunk { tokens: piece, cache: &mut caches[i] }];
-                next[i] = self.model.forward(&mut chunk)?.pop();
+    /// Runs one forward pass over the unfinished sequences of `seqs`: decoding ones feed their
+    /// last token, prefilling ones their next prompt piece (at most [`PREFILL_CHUNK`] tokens,
+    /// and no more than `token_budget` tokens in all, decode tokens first). Every sequence
+    /// whose prompt is now fed samples its next token, which is returned in its slot.
+    ///
+    /// On error no sequence has changed, so the step can be run again.
+    pub fn step(&self, seqs: &mut [&mut Sequence], token_budget: usize) -> Result<Vec<Option<GeneratedToken>>> {
+        // What each sequence feeds: a range of its prompt, or its last generated token.
+        let mut budget = token_budget;
+        let mut feeds: Vec<Option<std::ops::Range<usize>>> = vec![None; seqs.len()];
+        for (feed, s) in feeds.iter_mut().zip(seqs.iter()) {
+            if !s.is_finished() && s.is_decoding() && budget > 0 {
+                *feed = Some(0..1);
+                budget -= 1;
             }
         }
-        loop {
-            // Sample from the latest logits of every running sequence.
-            let mut step_tokens: Vec<(usize, u32)> = Vec::new();
-            for i in 0..reqs.len() {
-                let Some(logits) = next[i].take() else { continue };
-                let tok = self.pick(&logits, &mut samplers[i], reqs[i].top_logprobs);
-                let id = tok.id;
-                outs[i].push(tok);
-                if !reqs[i].ignore_eos && self.eos_token_ids.contains(&id) {
-                    finish[i] = Some(FinishReason::Stop);
-                } else if outs[i].len() >= reqs[i].max_tokens {
-                    finish[i] = Some(FinishReason::Length);
-                } else {
-                    step_tokens.push((i, id));
+        for (feed, s) in feeds.iter_mut().zip(seqs.iter()) {
+            if !s.is_finished() && !s.is_decoding() && budget > 0 {
+                let n = (s.request.prompt_ids.len() - s.fed).min(PREFILL_CHUNK).min(budget);
+                *feed = Some(s.fed..s.fed + n);
+                budget -= n;
+            }
+        }
+        if feeds.iter().all(Option::is_none) {
+            return Ok(vec![None; seqs.len()]);
+        }
+
+        let mut chunks = Vec::new();
+        for (feed, s) in feeds.iter().zip(seqs.iter_mut()) {
+            let Some(range) = feed.clone() else { continue };
+            let Sequence { request, cache, tokens, fed, .. } = &mut **s;
+            let tokens: &[u32] = if *fed == request.prompt_ids.len() {
+                std::slice::from_ref(&tokens.last().expect("a decoding sequence has sampled").id)
+            } else {
+                &request.prompt_ids[range]
+            };
+            chunks.push(Chunk { tokens, cache });
+        }
+        let logits = match &self.experts {
+            Some(experts) => self.model.forward_with(&mut chunks, experts.as_ref())?,
+            None => self.model.forward(&mut chunks)?,
+        };
+        drop(chunks);
+
+        let mut logits = logits.into_iter();
+        let mut out = vec![None; seqs.len()];
+        for ((feed, s), slot) in feeds.into_iter().zip(seqs.iter_mut()).zip(&mut out) {
+            let Some(range) = feed else { continue };
+            let logits = logits.next().expect("one logits row per chunk");
+            if !s.is_decoding() {
+                s.fed = range.end;
+                if !s.is_decoding() {
+                    continue;
                 }
             }
-            if step_tokens.is_empty() {
-                break;
+            let tok = self.pick(&logits, &mut s.sampler, s.request.top_logprobs);
+            s.tokens.push(tok.clone());
+            if !s.request.ignore_eos && self.eos_token_ids.contains(&tok.id) {
+                s.finish_reason = Some(FinishReason::Stop);
+            } else if s.tokens.len() >= s.request.max_tokens {
+                s.finish_reason = Some(FinishReason::Length);
             }
-            let ids: Vec<[u32; 1]> = step_tokens.iter().map(|&(_, id)| [id]).collect();
-            let mut chunks: Vec<Chunk<'_>> = Vec::with_capacity(step_tokens.len());
-            let mut rest = &mut caches[..];
-            let mut offset = 0;
-            for (&(i, _), id) in step_tokens.iter().zip(&ids) {
-                let (_, tail) = rest.split_at_mut(i - offset);
-                let (cache, tail) = tail.split_first_mut().expect("index in range");
-                chunks.push(Chunk { tokens: id, cache });
-                rest = tail;
-                offset = i + 1;
-            }
-            let logits = self.model.forward(&mut chunks)?;
-            for (&(i, _), l) in step_tokens.iter().zip(logits) {
-                next[i] = Some(l);
-            }
+            *slot = Some(tok);
         }
-        Ok(reqs
-            .iter()
-            .zip(outs)
-            .zip(finish)
-            .map(|((r, tokens), f)| Generation {
-                prompt_ids: r.prompt_ids.clone(),
-                tokens,
-                finish_reason: f.unwrap_or(FinishReason::Length),
-            })
-            .collect())
+        Ok(out)
     }
 
     fn pick(&self, logits: &[f32], sampler: &mut Sampler, n_top: usize) -> GeneratedToken {

@@ -32,6 +32,10 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, vocab_size: usize },
     #[error("prompt has {prompt_tokens} tokens but the model's context is {max_context} tokens")]
     PromptTooLong { prompt_tokens: usize, max_context: usize },
+    #[error("layer {layer} expert {expert} is unavailable: {reason}")]
+    ExpertUnavailable { layer: usize, expert: usize, reason: String },
+    #[error("expert dispatch failed at layer {layer}: {reason}")]
+    Dispatch { layer: usize, reason: String },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 }

@@ -52,6 +52,12 @@ impl SeqCache {
         debug_assert!(self.keys.iter().flatten().all(|k| k.len() == self.len * self.head_dim));
     }
 
+    /// Drops whatever a failed forward pass appended past the cached positions.
+    pub(crate) fn rollback(&mut self) {
+        let keep = self.len * self.head_dim;
+        self.keys.iter_mut().chain(&mut self.values).flatten().for_each(|v| v.truncate(keep));
+    }
+
     pub fn size_in_bytes(&self) -> usize {
         self.keys.iter().chain(&self.values).flatten().map(|v| v.len() * 4).sum()
     }

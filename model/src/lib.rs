@@ -36,7 +36,7 @@ pub mod tokenizer;
 
 pub use checkpoint::{Checkpoint, Tensor};
 pub use config::{Arch, ModelSpec};
-pub use engine::{Engine, FinishReason, GenerateRequest, GeneratedToken, Generation};
+pub use engine::{Engine, FinishReason, GenerateRequest, GeneratedToken, Generation, Sequence};
 pub use error::{ModelError, Result};
 pub use kv_cache::SeqCache;
 pub use model::{Chunk, Model};

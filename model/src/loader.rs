@@ -15,6 +15,45 @@ use crate::moe::{Expert, MoeBlock, SharedExpert};
 /// Which experts a process loads: all of them (single process) or a placement's share.
 pub type ExpertFilter<'a> = &'a dyn Fn(usize, usize) -> bool;
 
+/// Experts without any dense weight: what an expert node holds. `layers[l][e]` is `None`
+/// where not kept; dense layers have no entries.
+pub struct ExpertWeights {
+    pub spec: ModelSpec,
+    pub layers: Vec<Vec<Option<Expert>>>,
+}
+
+impl ExpertWeights {
+    /// Bytes of the experts held.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flatten().flatten().map(Expert::size_in_bytes).sum()
+    }
+}
+
+/// Opens the checkpoint in `dir` and maps just the experts `keep(layer, expert)` accepts,
+/// reporting `progress(layers_done, layers_total)`. Nothing else of the checkpoint is read:
+/// the experts are views into the memory-mapped files until first touched.
+pub fn load_experts(
+    dir: &std::path::Path,
+    keep: ExpertFilter<'_>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ExpertWeights> {
+    if !dir.is_dir() {
+        return Err(ModelError::NotACheckpoint { path: dir.to_path_buf(), reason: "no such directory".into() });
+    }
+    let spec = ModelSpec::from_dir(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let names = Names { ckpt: &ckpt, spec: &spec };
+    let mut layers = Vec::with_capacity(spec.num_layers);
+    for l in 0..spec.num_layers {
+        layers.push(match spec.layer_mlps[l] {
+            LayerMlp::Dense => Vec::new(),
+            LayerMlp::Moe => names.experts(l, &names.moe_prefix(l), keep)?,
+        });
+        progress(l + 1, spec.num_layers);
+    }
+    Ok(ExpertWeights { spec, layers })
+}
+
 pub(crate) struct Names<'a> {
     pub ckpt: &'a Checkpoint,
     pub spec: &'a ModelSpec,
@@ -116,9 +155,7 @@ impl Names<'_> {
             Arch::GptOss => self.linear(&format!("{p}.router"), e, h, s.router_bias)?,
             _ => self.linear(&format!("{p}.gate"), e, h, false)?,
         };
-        let experts = (0..e)
-            .map(|x| if keep(l, x) { self.expert(&p, x).map(Some) } else { Ok(None) })
-            .collect::<Result<Vec<_>>>()?;
+        let experts = self.experts(l, &p, keep)?;
         let shared = match s.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
                 mlp: self.mlp(&format!("{p}.shared_expert"), width)?,
@@ -127,6 +164,10 @@ impl Names<'_> {
             None => None,
         };
         Ok(MoeBlock { gate, routing: s.routing, top_k: s.experts_per_token, experts, shared })
+    }
+
+    fn experts(&self, l: usize, p: &str, keep: ExpertFilter<'_>) -> Result<Vec<Option<Expert>>> {
+        (0..self.spec.num_experts).map(|x| if keep(l, x) { self.expert(p, x).map(Some) } else { Ok(None) }).collect()
     }
 
     fn expert(&self, p: &str, x: usize) -> Result<Expert> {

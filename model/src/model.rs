@@ -15,7 +15,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::SeqCache;
 use crate::layers::{AttentionWeights, Exec, Linear, SwiGluMlp};
 use crate::loader::{ExpertFilter, Names};
-use crate::moe::{self, MoeBlock};
+use crate::moe::{self, Experts, LocalExperts, MoeBlock};
 use crate::rope::Rope;
 
 pub enum FeedForward {
@@ -82,9 +82,28 @@ impl Model {
         Ok(Model { spec, embed, layers, norm, lm_head, rope, exec: Exec::default() })
     }
 
-    /// Runs `chunks` through the model, appending to their caches, and returns the logits of
-    /// each chunk's last token.
+    /// The experts this process holds, as an [`Experts`] backend.
+    pub fn local_experts(&self) -> LocalExperts<'_> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                FeedForward::Moe(b) => &b.experts[..],
+                FeedForward::Dense(_) => &[],
+            })
+            .collect();
+        LocalExperts { layers, exec: &self.exec }
+    }
+
+    /// Runs `chunks` through the model with the experts loaded here (see
+    /// [`Model::forward_with`]).
     pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_with(chunks, &self.local_experts())
+    }
+
+    /// Runs `chunks` through the model, appending to their caches, and returns the logits of
+    /// each chunk's last token. MoE layers' experts run on `experts`.
+    pub fn forward_with(&self, chunks: &mut [Chunk<'_>], experts: &dyn Experts) -> Result<Vec<Vec<f32>>> {
         let s = &self.spec;
         let h = s.hidden_size;
         let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
@@ -121,8 +140,14 @@ impl Model {
             let attn = self.attention(l, &layer.attention, &hbuf, total, chunks, &tables);
             add(&mut x, &attn);
             norm::rms_norm(&x, &layer.post_norm, s.rms_norm_eps, &mut hbuf);
-            let y = self.feed_forward(&layer.ffn, &hbuf, total)?;
-            add(&mut x, &y);
+            match self.feed_forward(l, &layer.ffn, &hbuf, total, experts) {
+                Ok(y) => add(&mut x, &y),
+                Err(e) => {
+                    // Leave every cache as it was, so the same chunks can be run again.
+                    chunks.iter_mut().for_each(|c| c.cache.rollback());
+                    return Err(e);
+                }
+            }
         }
         for c in chunks.iter_mut() {
             c.cache.advance(c.tokens.len());
@@ -202,13 +227,19 @@ impl Model {
         w.o.forward(&out, total, &self.exec)
     }
 
-    fn feed_forward(&self, ffn: &FeedForward, h: &[f32], total: usize) -> Result<Vec<f32>> {
+    fn feed_forward(
+        &self,
+        l: usize,
+        ffn: &FeedForward,
+        h: &[f32],
+        total: usize,
+        experts: &dyn Experts,
+    ) -> Result<Vec<f32>> {
         match ffn {
             FeedForward::Dense(mlp) => Ok(mlp.forward(h, total, &self.exec)),
             FeedForward::Moe(block) => {
                 let assignments = moe::route(&block.gate, block.routing, block.top_k, h, total, &self.exec);
-                let mut y = moe::run_experts(&block.experts, h, self.spec.hidden_size, &assignments, &self.exec)
-                    .map_err(|e| ModelError::InvalidRequest(format!("expert {e} is not loaded in this process")))?;
+                let mut y = experts.run(l, h, self.spec.hidden_size, &assignments)?;
                 if let Some(shared) = &block.shared {
                     add(&mut y, &shared.forward(h, total, &self.exec));
                 }

@@ -8,7 +8,35 @@ use rayon::prelude::*;
 use switchyard_kernels::cpu::{activation, routing};
 
 use crate::config::{ExpertActivation, Routing};
+use crate::error::{ModelError, Result};
 use crate::layers::{Exec, Linear, SwiGluMlp};
+
+/// Where a MoE layer's experts run: in this process ([`LocalExperts`]) or on expert nodes
+/// (the router's dispatcher). The forward pass hands over the gate's decisions and gets back
+/// the weighted sums; it never sees where the experts live.
+pub trait Experts: Send + Sync {
+    /// Returns, per row of `x` (`hidden` wide), the weighted sum of the outputs of the experts
+    /// `assignments` routes it to in MoE layer `layer`.
+    fn run(&self, layer: usize, x: &[f32], hidden: usize, assignments: &[Assignment]) -> Result<Vec<f32>>;
+}
+
+/// The experts loaded in this process, per layer (`None` where not held; dense layers have
+/// none).
+pub struct LocalExperts<'a> {
+    pub layers: Vec<&'a [Option<Expert>]>,
+    pub exec: &'a Exec,
+}
+
+impl Experts for LocalExperts<'_> {
+    fn run(&self, layer: usize, x: &[f32], hidden: usize, assignments: &[Assignment]) -> Result<Vec<f32>> {
+        let experts = self.layers.get(layer).copied().unwrap_or_default();
+        run_experts(experts, x, hidden, assignments, self.exec).map_err(|expert| ModelError::ExpertUnavailable {
+            layer,
+            expert: expert as usize,
+            reason: "not loaded in this process".into(),
+        })
+    }
+}
 
 /// One expert's feed-forward.
 #[derive(Clone, Debug)]

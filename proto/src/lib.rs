@@ -1,10 +1,30 @@
-//! The wire format of Switchyard: every `.proto` file lives beside this crate and its
-//! `build.rs` is the only protobuf code generation in the workspace.
+//! The wire format of Switchyard: every `.proto` file lives beside this crate (in
+//! `switchyard/v1/`) and its `build.rs` is the only protobuf code generation in the workspace.
 //!
-//! Nothing crosses a process boundary yet: the single-process engine (`switchyard generate`)
-//! is the only way to run a model today, so this crate defines no messages so far. The
-//! expert-dispatch service (router ↔ expert node) and the coordinator's raft transport are
-//! the first services it will hold.
+//! - `ExpertService` (expert nodes): a long-lived bidirectional `Dispatch` stream per router,
+//!   plus `Health` and `Status`.
+//! - `Router` (routers): server-streaming `Generate` and `ClusterStatus`.
+//!
+//! Tensors cross the wire as `bytes` with a dtype and a shape ([`v1::Tensor`]); [`tensor`]
+//! converts them to and from `f32` rows and validates them.
 //!
 //! # Layout
-//! (empty until the first service lands)
+//! - [`v1`]: the generated messages, clients and servers.
+//! - [`tensor`]: `f32` rows ⇄ [`v1::Tensor`], with shape and dtype checks.
+
+pub mod tensor;
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("switchyard.v1");
+}
+
+/// Most tokens one dispatch may carry; routers split larger steps. Sizes the gRPC message
+/// limit on both ends (tonic's default of 4 MiB is too small for prompt-sized batches).
+pub const MAX_DISPATCH_TOKENS: usize = 8192;
+
+/// The largest dispatch or partial-sum message for a model `hidden` wide, with room for the
+/// routes.
+pub fn max_dispatch_message_bytes(hidden: usize) -> usize {
+    MAX_DISPATCH_TOKENS * hidden * 4 + MAX_DISPATCH_TOKENS * 16 * 12 + (1 << 20)
+}

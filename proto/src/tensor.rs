@@ -1,0 +1,71 @@
+//! `f32` rows ⇄ [`Tensor`]: activations and partial sums cross the wire as little-endian
+//! `f32` bytes with an explicit shape.
+
+use bytes::Bytes;
+
+use crate::v1::{Dtype, Tensor};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TensorError {
+    #[error("{name}: missing")]
+    Missing { name: &'static str },
+    #[error("{name}: dtype {got} is not supported, expected F32")]
+    Dtype { name: &'static str, got: String },
+    #[error("{name}: shape {got:?}, expected [tokens, {hidden}]")]
+    Shape { name: &'static str, got: Vec<u64>, hidden: usize },
+    #[error("{name}: {bytes} bytes do not fill shape {shape:?} of F32 ({expected} bytes)")]
+    Length { name: &'static str, shape: Vec<u64>, bytes: usize, expected: usize },
+}
+
+/// Packs `rows` rows of `hidden` values as a `[rows, hidden]` F32 tensor.
+pub fn from_f32(values: &[f32], hidden: usize) -> Tensor {
+    let rows = if hidden == 0 { 0 } else { values.len() / hidden };
+    let mut data = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        data.extend_from_slice(&v.to_le_bytes());
+    }
+    Tensor { dtype: Dtype::F32 as i32, shape: vec![rows as u64, hidden as u64], data: Bytes::from(data) }
+}
+
+/// Unpacks a `[rows, hidden]` F32 tensor named `name` (for errors), checking dtype, shape
+/// and length. Returns the values and the row count.
+pub fn to_f32(t: Option<&Tensor>, name: &'static str, hidden: usize) -> Result<(Vec<f32>, usize), TensorError> {
+    let t = t.ok_or(TensorError::Missing { name })?;
+    if t.dtype != Dtype::F32 as i32 {
+        let got = Dtype::try_from(t.dtype).map_or_else(|_| format!("#{}", t.dtype), |d| d.as_str_name().to_string());
+        return Err(TensorError::Dtype { name, got });
+    }
+    let [rows, width] = t.shape[..] else {
+        return Err(TensorError::Shape { name, got: t.shape.clone(), hidden });
+    };
+    if width as usize != hidden {
+        return Err(TensorError::Shape { name, got: t.shape.clone(), hidden });
+    }
+    let expected = (rows as usize).saturating_mul(hidden).saturating_mul(4);
+    if t.data.len() != expected {
+        return Err(TensorError::Length { name, shape: t.shape.clone(), bytes: t.data.len(), expected });
+    }
+    let values = t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    Ok((values, rows as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_bad_tensors() {
+        let v = [1.0f32, -2.5, 3.25, 0.0, f32::MIN_POSITIVE, 7.0];
+        let t = from_f32(&v, 3);
+        assert_eq!(t.shape, vec![2, 3]);
+        assert_eq!(to_f32(Some(&t), "x", 3), Ok((v.to_vec(), 2)));
+        assert!(matches!(to_f32(Some(&t), "x", 2), Err(TensorError::Shape { .. })));
+        assert!(matches!(to_f32(None, "x", 3), Err(TensorError::Missing { .. })));
+        let mut short = t.clone();
+        short.data = short.data.slice(..20);
+        assert!(matches!(to_f32(Some(&short), "x", 3), Err(TensorError::Length { .. })));
+        let mut bf16 = t;
+        bf16.dtype = Dtype::Bf16 as i32;
+        assert_eq!(to_f32(Some(&bf16), "x", 3).unwrap_err().to_string(), "x: dtype DTYPE_BF16 is not supported, expected F32");
+    }
+}
