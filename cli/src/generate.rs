@@ -1,5 +1,6 @@
-//! `switchyard generate`: load a checkpoint, generate for one prompt, print the text or one
-//! JSON object with every token's log-probability.
+//! `switchyard generate`: generate for one prompt, with the whole model in this process or on
+//! a cluster's router (`--router`), and print the text or one JSON object with every token's
+//! log-probability. Both ways print the same thing.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,14 +10,19 @@ use serde::Serialize;
 use switchyard_kernels::cpu::Precision;
 use switchyard_model::engine::TopLogprob;
 use switchyard_model::{Engine, FinishReason, GenerateRequest, SamplingParams};
+use switchyard_proto::v1;
 
 use crate::progress::Progress;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Checkpoint directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json).
-    #[arg(long, env = "SWITCHYARD_MODEL")]
-    model: PathBuf,
+    #[arg(long, env = "SWITCHYARD_MODEL", required_unless_present = "router", conflicts_with = "router")]
+    model: Option<PathBuf>,
+    /// Generate on a running cluster: the router's gRPC address (`host:port`) instead of a
+    /// local model.
+    #[arg(long, env = "SWITCHYARD_ROUTER")]
+    router: Option<String>,
     /// Prompt text, tokenized with the checkpoint's tokenizer.
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -73,13 +79,33 @@ struct TokenOut {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let out = match &args.router {
+        Some(router) => remote(&args, router)?,
+        None => local(&args)?,
+    };
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut stdout, &out)?;
+        writeln!(stdout)?;
+    } else {
+        writeln!(stdout, "{}", out.text)?;
+    }
+    Ok(())
+}
+
+fn sampling(args: &Args) -> SamplingParams {
+    SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed }
+}
+
+fn local(args: &Args) -> Result<Output> {
     args.device.parse::<switchyard_kernels::Device>()?.ensure_available()?;
-    if !args.model.is_dir() {
-        bail!("model directory {} does not exist", args.model.display());
+    let model = args.model.as_ref().expect("clap requires --model without --router");
+    if !model.is_dir() {
+        bail!("model directory {} does not exist", model.display());
     }
     let mut progress = Progress::new("loading");
-    let mut engine = Engine::load(&args.model, &mut |d, t| progress.update(d, t))
-        .with_context(|| format!("cannot load {}", args.model.display()))?;
+    let mut engine =
+        Engine::load(model, &mut |d, t| progress.update(d, t)).with_context(|| format!("cannot load {}", model.display()))?;
     progress.finish();
     if args.bf16_prefill {
         engine.model.exec.precision = Precision::Bf16Products;
@@ -93,12 +119,7 @@ pub fn run(args: Args) -> Result<()> {
     let req = GenerateRequest {
         prompt_ids,
         max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: args.seed,
-        },
+        sampling: sampling(args),
         top_logprobs: args.logprobs,
         ignore_eos: args.ignore_eos,
     };
@@ -110,27 +131,73 @@ pub fn run(args: Args) -> Result<()> {
         Some(t) => t.decode(&ids)?,
         None => String::new(),
     };
-    let mut stdout = std::io::stdout().lock();
-    if args.json {
-        let out = Output {
-            prompt_ids: generation.prompt_ids,
-            tokens: generation
-                .tokens
-                .into_iter()
-                .map(|t| TokenOut {
-                    id: t.id,
-                    text: tokenizer.map(|tk| tk.token_text(t.id)).unwrap_or_default(),
-                    logprob: t.logprob,
-                    top_logprobs: t.top_logprobs,
-                })
-                .collect(),
-            text,
-            finish_reason: generation.finish_reason,
-        };
-        serde_json::to_writer(&mut stdout, &out)?;
-        writeln!(stdout)?;
-    } else {
-        writeln!(stdout, "{text}")?;
+    Ok(Output {
+        prompt_ids: generation.prompt_ids,
+        tokens: generation
+            .tokens
+            .into_iter()
+            .map(|t| TokenOut {
+                id: t.id,
+                text: tokenizer.map(|tk| tk.token_text(t.id)).unwrap_or_default(),
+                logprob: t.logprob,
+                top_logprobs: t.top_logprobs,
+            })
+            .collect(),
+        text,
+        finish_reason: generation.finish_reason,
+    })
+}
+
+/// Runs the request on the router at `router` through its `Generate` stream.
+fn remote(args: &Args, router: &str) -> Result<Output> {
+    if args.bf16_prefill || args.device != "cpu" {
+        bail!("--bf16-prefill and --device apply to a local model; the router's own flags decide them");
     }
-    Ok(())
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) => v1::generate_request::Prompt::Text(text.clone()),
+        (None, Some(ids)) => v1::generate_request::Prompt::TokenIds(v1::TokenIds { ids: ids.clone() }),
+        (None, None) => bail!("pass --prompt or --prompt-ids"),
+    };
+    let s = sampling(args);
+    let request = v1::GenerateRequest {
+        prompt: Some(prompt),
+        max_tokens: u32::try_from(args.max_tokens).context("--max-tokens is too large")?,
+        temperature: s.temperature,
+        top_p: Some(s.top_p),
+        top_k: s.top_k as u32,
+        seed: s.seed,
+        top_logprobs: args.logprobs as u32,
+        ignore_eos: args.ignore_eos,
+    };
+    crate::launch::runtime()?.block_on(async {
+        let mut client = crate::cluster::router_client(router).await?;
+        let mut stream = client.generate(request).await.map_err(status_error)?.into_inner();
+        let mut out = Output { prompt_ids: Vec::new(), tokens: Vec::new(), text: String::new(), finish_reason: FinishReason::Length };
+        while let Some(msg) = stream.message().await.map_err(status_error)? {
+            match msg.event {
+                Some(v1::generate_response::Event::Started(s)) => out.prompt_ids = s.prompt_ids,
+                Some(v1::generate_response::Event::Token(t)) => out.tokens.push(TokenOut {
+                    id: t.id,
+                    text: t.text,
+                    logprob: t.logprob,
+                    top_logprobs: t.top_logprobs.into_iter().map(|x| TopLogprob { id: x.id, logprob: x.logprob }).collect(),
+                }),
+                Some(v1::generate_response::Event::Finished(f)) => {
+                    out.text = f.text;
+                    out.finish_reason = match v1::FinishReason::try_from(f.reason) {
+                        Ok(v1::FinishReason::Stop) => FinishReason::Stop,
+                        _ => FinishReason::Length,
+                    };
+                    return Ok(out);
+                }
+                None => {}
+            }
+        }
+        bail!("the router closed the stream before the generation finished")
+    })
+}
+
+/// A gRPC status as an error that names its code.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }

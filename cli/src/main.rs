@@ -2,14 +2,24 @@
 //! tracing and hands over to the subcommand's module.
 //!
 //! # Layout
-//! - [`generate`]: `switchyard generate`, the single-process reference run.
-//! - [`bench`]: `switchyard bench`, engine throughput against the memory-bandwidth floor.
+//! - [`generate`]: `switchyard generate`, the single-process reference run or a router's client.
+//! - [`serve`]: `switchyard expert-node` and `switchyard router`, the cluster's roles.
+//! - [`up`]: `switchyard up`, a whole cluster on this machine as child processes.
+//! - [`cluster`]: `switchyard cluster status`, the router's view of its expert nodes.
+//! - [`bench`]: `switchyard bench`, throughput against the memory-bandwidth floor and the
+//!   single process.
+//! - [`launch`]: child processes, signals and the async runtime.
 //! - [`progress`]: progress bars for long work (loading, benchmarks).
 
 mod bench;
+mod cluster;
 mod generate;
+mod launch;
 mod progress;
+mod serve;
+mod up;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +36,14 @@ struct Cli {
 enum Command {
     /// Generate from a prompt with the whole model in this process (the reference engine).
     Generate(generate::Args),
+    /// Serve the experts placed on this node to routers (gRPC ExpertService).
+    ExpertNode(serve::NodeArgs),
+    /// Serve generation over gRPC, running the dense model here and the experts on expert nodes.
+    Router(serve::RouterArgs),
+    /// Start a router and expert nodes on this machine and keep them running until Ctrl-C.
+    Up(up::Args),
+    /// Inspect a running cluster.
+    Cluster(cluster::Args),
     /// Measure engine throughput against the memory-bandwidth floor.
     Bench(bench::Args),
 }
@@ -35,9 +53,14 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::ExpertNode(args) => serve::expert_node(args),
+        Command::Router(args) => serve::router(args),
+        Command::Up(args) => up::run(args),
+        Command::Cluster(args) => cluster::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -1,8 +1,153 @@
-//! The Switchyard expert node: loads the (layer, expert) weights placed on it and runs
-//! them for the routers that dispatch activations to it.
+//! The Switchyard expert node: loads just the (layer, expert) weights placed on it and runs
+//! them for the routers that dispatch token activations to it, answering each dispatch with
+//! per-token partial sums (the weighted sum over the experts it holds), so a token crosses
+//! the wire once per node, however many of its experts live here.
 //!
-//! Not built yet: the expert code it will serve is `switchyard_model::moe`, which today
-//! runs in-process.
+//! Start-up is [`ExpertNode::load`] (maps and pages in the placed experts, checks the memory
+//! budget), then [`ExpertNode::serve`] on a bound listener until `shutdown` resolves.
 //!
 //! # Layout
-//! (empty until expert dispatch lands)
+//! - [`placement`]: [`ExpertSet`], the `--experts` spec.
+//! - [`store`]: [`store::ExpertStore`], the held experts; checks and computes one dispatch.
+//! - [`compute`]: the compute thread that runs dispatches off the async runtime.
+//! - [`service`]: the gRPC `ExpertService` (dispatch stream, health, status).
+//! - [`error`]: [`NodeError`] and its mapping to gRPC statuses.
+
+pub mod compute;
+pub mod error;
+pub mod placement;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use switchyard_proto::v1::expert_service_server::ExpertServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use error::NodeError;
+pub use placement::ExpertSet;
+
+use crate::compute::Compute;
+use crate::service::NodeService;
+use crate::store::ExpertStore;
+
+/// How an expert node is configured (`switchyard expert-node`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    /// Checkpoint directory in Hugging Face layout; only the placed experts are read.
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    pub model: PathBuf,
+    /// The (layer, expert) pairs to hold: `all`, `0-3` (experts 0-3 of every layer), `0,3,6`,
+    /// or `LAYERS:EXPERTS` terms such as `0:0-7,1-3:4`.
+    #[arg(long, env = "SWITCHYARD_EXPERTS")]
+    pub experts: ExpertSet,
+    /// Refuse a placement whose expert weights exceed this many bytes (suffixes K, M, G, KiB,
+    /// MiB, GiB). Default: no limit.
+    #[arg(long, env = "SWITCHYARD_MEMORY_BUDGET", value_parser = parse_bytes)]
+    pub memory_budget: Option<usize>,
+    /// Compute threads (default: one per core).
+    #[arg(long, env = "SWITCHYARD_THREADS")]
+    pub threads: Option<usize>,
+    /// Fault injection for tests: sleep this long before every dispatch.
+    #[arg(long, env = "SWITCHYARD_FAULT_DISPATCH_DELAY_MS", default_value_t = 0, hide = true)]
+    pub fault_dispatch_delay_ms: u64,
+}
+
+/// Parses a byte count with an optional decimal (K, M, G) or binary (KiB, MiB, GiB) suffix.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("`{s}` is not a byte count (e.g. 512MiB, 8G, 1000000)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("`{other}` is not a byte unit; use K, M, G, KiB, MiB or GiB")),
+    };
+    Ok((num * scale) as usize)
+}
+
+/// A loaded expert node, ready to serve.
+pub struct ExpertNode {
+    config: Config,
+    store: Arc<ExpertStore>,
+}
+
+impl ExpertNode {
+    /// Loads the placed experts (blocking; reports `progress(layers_done, layers_total)`).
+    pub fn load(config: Config, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, NodeError> {
+        let store = ExpertStore::load(&config.model, &config.experts, config.memory_budget, progress)?;
+        tracing::info!(
+            experts = store.held().len(),
+            bytes = store.bytes(),
+            spec = %config.experts,
+            "expert node loaded {}",
+            config.model.display()
+        );
+        Ok(ExpertNode { config, store: Arc::new(store) })
+    }
+
+    pub fn store(&self) -> &ExpertStore {
+        &self.store
+    }
+
+    /// Serves `ExpertService` on `listener` until `shutdown` resolves; health turns
+    /// NOT_SERVING first, then open streams drain.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+        let delay = Duration::from_millis(self.config.fault_dispatch_delay_ms);
+        let compute = Compute::start(self.store.clone(), self.config.threads, delay)?;
+        let serving = Arc::new(AtomicBool::new(true));
+        let limit = switchyard_proto::max_dispatch_message_bytes(self.store.spec().hidden_size);
+        let service = NodeService {
+            store: self.store.clone(),
+            compute,
+            serving: serving.clone(),
+            memory_budget: self.config.memory_budget,
+        };
+        let server = ExpertServiceServer::new(service).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let shutdown = async move {
+            shutdown.await;
+            serving.store(false, Ordering::Relaxed);
+            tracing::info!("expert node shutting down");
+        };
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(server)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Loads and serves: [`ExpertNode::load`] on a blocking thread, then [`ExpertNode::serve`].
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    let node = tokio::task::spawn_blocking(move || ExpertNode::load(config, &mut |_, _| {}))
+        .await
+        .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
+    Ok(node.serve(listener, shutdown).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_byte_counts() {
+        assert_eq!(super::parse_bytes("1000"), Ok(1000));
+        assert_eq!(super::parse_bytes("2KiB"), Ok(2048));
+        assert_eq!(super::parse_bytes("1.5G"), Ok(1_500_000_000));
+        assert!(super::parse_bytes("12 parsecs").unwrap_err().contains("parsecs"));
+    }
+}

@@ -1,0 +1,61 @@
+//! `switchyard expert-node` and `switchyard router`: bind, load, print `ready: ...`, serve
+//! until Ctrl-C or SIGTERM.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+
+use crate::launch::{runtime, shutdown_signal};
+use crate::progress::Progress;
+
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    config: switchyard_expert_node::Config,
+    /// Address to serve ExpertService on (port 0: any free port).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+#[derive(clap::Args)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    config: switchyard_router::Config,
+    /// Address to serve the gRPC API on (port 0: any free port).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+fn announce(what: &str, addr: SocketAddr) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready: {what} {addr}")?;
+    out.flush()?;
+    Ok(())
+}
+
+pub fn expert_node(args: NodeArgs) -> Result<()> {
+    let model = args.config.model.clone();
+    let mut progress = Progress::new("loading");
+    let node = switchyard_expert_node::ExpertNode::load(args.config, &mut |d, t| progress.update(d, t))
+        .with_context(|| format!("expert node cannot load {}", model.display()))?;
+    progress.finish();
+    runtime()?.block_on(async {
+        let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+        announce("expert-node", listener.local_addr()?)?;
+        node.serve(listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn router(args: RouterArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+        let mut progress = Progress::new("loading");
+        let router = switchyard_router::Router::start(args.config, Box::new(move |d, t| progress.update(d, t))).await?;
+        announce("grpc", listener.local_addr()?)?;
+        router.serve(listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}

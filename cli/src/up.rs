@@ -1,0 +1,168 @@
+//! `switchyard up`: a whole cluster on this machine. Starts N expert nodes and a router as
+//! child processes on loopback, with a placement that puts every expert on R nodes, prints
+//! `ready: grpc ADDRESS` once the router serves, and stops every child on Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use switchyard_expert_node::ExpertSet;
+use switchyard_model::ModelSpec;
+
+use crate::launch::{Proc, runtime, shutdown_signal};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Checkpoint directory in Hugging Face layout.
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    model: PathBuf,
+    /// Expert nodes to start.
+    #[arg(long, env = "SWITCHYARD_EXPERT_NODES_COUNT", default_value_t = 2)]
+    expert_nodes: usize,
+    /// Nodes each expert is placed on (replicas for failover and load spreading).
+    #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// Address of the router's gRPC API (port 0: any free port).
+    #[arg(long, env = "SWITCHYARD_GRPC", default_value = "127.0.0.1:0")]
+    grpc: SocketAddr,
+    /// Compute threads per expert node (default: one per core).
+    #[arg(long, env = "SWITCHYARD_THREADS")]
+    threads: Option<usize>,
+    /// Passed to every expert node (see `switchyard expert-node --help`).
+    #[arg(long, env = "SWITCHYARD_MEMORY_BUDGET")]
+    memory_budget: Option<String>,
+    /// Passed to the router (see `switchyard router --help`).
+    #[arg(long, env = "SWITCHYARD_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
+    dispatch_timeout_ms: u64,
+}
+
+/// How long a child may take to load and serve.
+const START_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Expert `e` goes to nodes `e, e+1, ..., e+replicas-1` (mod `nodes`): every node gets an
+/// equal share and the replicas of an expert are on different nodes.
+pub fn spread(num_experts: usize, nodes: usize, replicas: usize) -> Vec<ExpertSet> {
+    (0..nodes)
+        .map(|n| ExpertSet::experts((0..num_experts).filter(|e| (0..replicas).any(|r| (e + r) % nodes == n))))
+        .collect()
+}
+
+/// Starts `nodes` expert nodes (with `extra` flags) holding `spread`'s shares; returns them
+/// and their addresses.
+pub async fn start_nodes(model: &std::path::Path, sets: &[ExpertSet], extra: &[String], quiet: bool) -> Result<(Vec<Proc>, Vec<String>)> {
+    let mut procs = Vec::new();
+    for (i, set) in sets.iter().enumerate() {
+        let mut args = vec![
+            "expert-node".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--experts".into(),
+            set.to_string(),
+        ];
+        args.extend_from_slice(extra);
+        procs.push(Proc::spawn(&format!("expert-node-{i}"), &args, quiet)?);
+    }
+    let mut addresses = Vec::new();
+    for p in &mut procs {
+        addresses.push(p.ready(START_TIMEOUT).await?);
+    }
+    Ok((procs, addresses))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.expert_nodes == 0 {
+        bail!("--expert-nodes must be at least 1");
+    }
+    if args.replicas == 0 || args.replicas > args.expert_nodes {
+        bail!("--replicas must be between 1 and --expert-nodes ({}), got {}", args.expert_nodes, args.replicas);
+    }
+    let spec = ModelSpec::from_dir(&args.model)?;
+    let sets = spread(spec.num_experts, args.expert_nodes, args.replicas);
+    runtime()?.block_on(async {
+        let mut extra = Vec::new();
+        if let Some(t) = args.threads {
+            extra.extend(["--threads".to_string(), t.to_string()]);
+        }
+        if let Some(b) = &args.memory_budget {
+            extra.extend(["--memory-budget".to_string(), b.clone()]);
+        }
+        let mut children = Vec::new();
+        let started = async {
+            let (nodes, addresses) = start_nodes(&args.model, &sets, &extra, false).await?;
+            children.extend(nodes);
+            let router_args = vec![
+                "router".to_string(),
+                "--model".into(),
+                args.model.display().to_string(),
+                "--listen".into(),
+                args.grpc.to_string(),
+                "--expert-nodes".into(),
+                addresses.join(","),
+                "--dispatch-timeout-ms".into(),
+                args.dispatch_timeout_ms.to_string(),
+            ];
+            let mut router = Proc::spawn("router", &router_args, false)?;
+            let addr = router.ready(START_TIMEOUT).await?;
+            children.push(router);
+            Ok::<_, anyhow::Error>(addr)
+        };
+        let outcome = tokio::select! {
+            addr = started => match addr {
+                Ok(addr) => {
+                    println!("ready: grpc {addr}");
+                    tracing::info!(nodes = args.expert_nodes, replicas = args.replicas, "cluster up");
+                    watch(&mut children).await
+                }
+                Err(e) => Err(e),
+            },
+            _ = shutdown_signal() => Ok(()),
+        };
+        for c in children.iter_mut().rev() {
+            c.stop().await;
+        }
+        outcome
+    })
+}
+
+/// Runs until Ctrl-C/SIGTERM (Ok) or until the router exits on its own (an error). An expert
+/// node that exits is reported and left down: the router fails its work over to replicas.
+async fn watch(children: &mut [Proc]) -> Result<()> {
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut reported = vec![false; children.len()];
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tick.tick() => {
+                for (c, reported) in children.iter_mut().zip(&mut reported) {
+                    let Some(status) = c.try_wait()? else { continue };
+                    if c.name == "router" {
+                        bail!("the router exited ({status}); stopping the cluster");
+                    }
+                    if !*reported {
+                        tracing::warn!("{} exited ({status}); its experts are served by their replicas, if any", c.name);
+                        *reported = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn spread_places_every_expert_on_distinct_nodes() {
+        let sets = super::spread(8, 3, 2);
+        for e in 0..8 {
+            let holders = sets.iter().filter(|s| s.contains(0, e)).count();
+            assert_eq!(holders, 2, "expert {e}");
+        }
+        let sizes: Vec<usize> = sets.iter().map(|s| (0..8).filter(|&e| s.contains(0, e)).count()).collect();
+        assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
+    }
+}

@@ -1,0 +1,160 @@
+//! The sharded cluster end to end, as real processes on loopback: `switchyard up` starts a
+//! router and expert nodes, `switchyard generate --router` is the client, and the answers
+//! must be exactly the single-process engine's.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// `generate` arguments for fixture case `case` of `arch`.
+fn generate_args(arch: &str, case: usize, max_tokens: usize) -> Vec<String> {
+    let exp = expected(arch);
+    let prompt = exp["cases"][case]["prompt"].as_str().unwrap().to_string();
+    let max_tokens = max_tokens.to_string();
+    ["generate", "--prompt", &prompt, "--max-tokens", &max_tokens, "--logprobs", "3", "--json"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn with(args: &[String], extra: &[&str]) -> Vec<String> {
+    let mut v = args.to_vec();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn run(args: &[String]) -> String {
+    stdout_of(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn three_expert_nodes_reproduce_the_single_process_engine_for_every_architecture() {
+    for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"] {
+        let model = fixture(arch);
+        let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "3"], &[]);
+        let status = cluster.status();
+        let nodes = status["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 3, "{arch}");
+        // Each node holds a third of the experts, and no expert is on two nodes.
+        let mut held: Vec<Value> = nodes.iter().flat_map(|n| n["experts"].as_array().unwrap().clone()).collect();
+        let total = held.len();
+        held.dedup();
+        assert_eq!(held.len(), total, "{arch}: an expert is on two nodes");
+        assert!(nodes.iter().all(|n| n["state"] == "serving"));
+
+        for case in [0, 2] {
+            let args = generate_args(arch, case, 20);
+            let local = run(&with(&args, &["--model", &model]));
+            let remote = run(&with(&args, &["--router", &cluster.addr]));
+            assert_eq!(remote, local, "{arch} case {case}: the cluster differs from the single process");
+            let got: Value = serde_json::from_str(&remote).unwrap();
+            // ... and both are transformers' greedy tokens.
+            let ids: Vec<Value> = got["tokens"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect();
+            assert_eq!(&Value::from(ids), &expected(arch)["cases"][case]["tokens"], "{arch} case {case}");
+        }
+        // Every node did work: the experts really are split.
+        let status = cluster.status();
+        for n in status["nodes"].as_array().unwrap() {
+            assert!(n["dispatches"].as_u64().unwrap() > 0, "{arch}: node {} got no dispatch", n["address"]);
+        }
+        cluster.stop();
+    }
+}
+
+#[test]
+fn requests_survive_a_sigkilled_expert_node_when_experts_have_replicas() {
+    let model = fixture("mixtral");
+    // Slow dispatches a little so the node dies while the requests are mid-generation.
+    let cluster = UpCluster::start(
+        &["--model", &model, "--expert-nodes", "3", "--replicas", "2"],
+        &[("SWITCHYARD_FAULT_DISPATCH_DELAY_MS", "3")],
+    );
+    let requests: Vec<Vec<String>> =
+        (0..3).map(|case| with(&generate_args("mixtral", case, 120), &["--ignore-eos"])).collect();
+    let reference: Vec<Value> =
+        requests.iter().map(|a| serde_json::from_str(&run(&with(a, &["--model", &model]))).unwrap()).collect();
+
+    let mut clients: Vec<std::process::Child> = requests
+        .iter()
+        .map(|a| {
+            Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                .args(with(a, &["--router", &cluster.addr]))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Wait until generation is under way, then kill one node outright.
+    let dispatches = || -> u64 {
+        cluster.status()["nodes"].as_array().unwrap().iter().map(|n| n["dispatches"].as_u64().unwrap()).sum()
+    };
+    assert!(wait_until(Duration::from_secs(30), || dispatches() >= 40), "generation did not start");
+    let victim = cluster.node_pids()[1];
+    signal(victim, libc::SIGKILL);
+    assert!(
+        clients.iter_mut().all(|c| c.try_wait().unwrap().is_none()),
+        "the requests finished before the node died; the test proves nothing"
+    );
+
+    for (client, want) in clients.into_iter().zip(&reference) {
+        let out = client.wait_with_output().unwrap();
+        assert!(out.status.success(), "a request failed: {}", String::from_utf8_lossy(&out.stderr));
+        let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ids = |v: &Value| v["tokens"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).collect::<Vec<_>>();
+        assert_eq!(ids(&got), ids(want), "tokens differ after failover");
+        for (a, b) in got["tokens"].as_array().unwrap().iter().zip(want["tokens"].as_array().unwrap()) {
+            let (a, b) = (a["logprob"].as_f64().unwrap(), b["logprob"].as_f64().unwrap());
+            assert!((a - b).abs() < 1e-4, "logprob {a} vs {b}");
+        }
+    }
+    let status = cluster.status();
+    let states: Vec<&str> = status["nodes"].as_array().unwrap().iter().map(|n| n["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["serving", "unreachable", "serving"]);
+    cluster.stop();
+}
+
+#[test]
+fn an_expert_without_a_reachable_replica_fails_the_request_clearly() {
+    let model = fixture("mixtral");
+    let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "2"], &[]);
+    let victim = cluster.node_pids()[0];
+    signal(victim, libc::SIGKILL);
+    assert!(wait_until(Duration::from_secs(10), || !alive(victim)));
+    let args = with(&generate_args("mixtral", 0, 20), &["--router", &cluster.addr]);
+    let err = stderr_of_failure(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("Unavailable") && err.contains("no reachable replica"), "{err}");
+    assert!(err.contains("expert"), "the error names the expert: {err}");
+    drop(cluster); // `up` sees its child gone and stops; drop reaps it.
+}
+
+#[test]
+fn a_router_refuses_a_placement_that_leaves_experts_unheld() {
+    let model = fixture("mixtral");
+    let (mut node, addr) = spawn_ready(&["expert-node", "--model", &model, "--experts", "0-3"], &[]);
+    let err = stderr_of_failure(&["router", "--model", &model, "--expert-nodes", &addr]);
+    assert!(err.contains("layer 0 expert 4 is held by no expert node"), "{err}");
+    let _ = node.kill();
+    let _ = node.wait();
+}
+
+#[test]
+fn an_expert_node_refuses_a_placement_over_its_memory_budget() {
+    let model = fixture("mixtral");
+    let err = stderr_of_failure(&["expert-node", "--model", &model, "--experts", "all", "--memory-budget", "1KiB"]);
+    assert!(err.contains("--memory-budget is 1024 bytes") && err.contains("the placement needs"), "{err}");
+}
+
+#[test]
+fn the_router_rejects_bad_requests_with_invalid_argument() {
+    let model = fixture("mixtral");
+    let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1"], &[]);
+    let err = stderr_of_failure(&["generate", "--router", &cluster.addr, "--prompt-ids", "1,99999"]);
+    assert!(err.contains("InvalidArgument") && err.contains("99999"), "{err}");
+    let err = stderr_of_failure(&["generate", "--router", &cluster.addr, "--prompt-ids", "1", "--max-tokens", "100000"]);
+    assert!(err.contains("InvalidArgument") && err.contains("context"), "{err}");
+    cluster.stop();
+}

@@ -1,0 +1,139 @@
+//! Helpers for tests that run the real `switchyard` binary: fixtures, one-shot commands, and a
+//! cluster started with `switchyard up` that is stopped (and checked for orphans) on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+pub fn fixture(arch: &str) -> String {
+    fixtures().join(arch).to_str().unwrap().to_string()
+}
+
+pub fn switchyard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).output().expect("run switchyard")
+}
+
+pub fn expected(arch: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap()).unwrap()
+}
+
+/// Runs `switchyard args`, asserts success and returns stdout.
+pub fn stdout_of(args: &[&str]) -> String {
+    let out = switchyard(args);
+    assert!(out.status.success(), "switchyard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `switchyard args`, asserts it fails with a one-line error, and returns the error.
+pub fn stderr_of_failure(args: &[&str]) -> String {
+    let out = switchyard(args);
+    assert!(!out.status.success(), "switchyard {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let last = err.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("error: "), "the last line should be the error: {err}");
+    assert!(!err.contains("panicked"), "must not panic: {err}");
+    last
+}
+
+/// Starts `switchyard args` with stdout piped and waits for its `ready: <what> <addr>` line.
+pub fn spawn_ready(args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start switchyard");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("ready: ") {
+                let _ = tx.send(rest.rsplit(' ').next().unwrap().to_string());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(addr) => (child, addr),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("switchyard {args:?} did not print a ready line");
+        }
+    }
+}
+
+pub fn alive(pid: u32) -> bool {
+    // A zombie still answers kill(0); it has exited, which is what matters here.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.rsplit(')').next().unwrap_or_default().trim_start().starts_with('Z')
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a pid this test started (directly or through `switchyard up`).
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// A cluster started with `switchyard up`.
+pub struct UpCluster {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl UpCluster {
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut full = vec!["up"];
+        full.extend_from_slice(args);
+        let (child, addr) = spawn_ready(&full, env);
+        UpCluster { child, addr }
+    }
+
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&stdout_of(&["cluster", "status", "--router", &self.addr, "--json"])).unwrap()
+    }
+
+    pub fn node_pids(&self) -> Vec<u32> {
+        self.status()["nodes"].as_array().unwrap().iter().map(|n| n["pid"].as_u64().unwrap() as u32).collect()
+    }
+
+    /// SIGTERM to `up`; asserts it and every expert node exit.
+    pub fn stop(mut self) {
+        let pids = self.node_pids();
+        signal(self.child.id(), libc::SIGTERM);
+        let up = self.child.id();
+        assert!(wait_until(Duration::from_secs(20), || !alive(up) || self.child.try_wait().unwrap().is_some()));
+        assert!(wait_until(Duration::from_secs(10), || pids.iter().all(|&p| !alive(p))), "expert nodes outlived `up`");
+    }
+}
+
+impl Drop for UpCluster {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            signal(self.child.id(), libc::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}

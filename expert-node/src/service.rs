@@ -1,0 +1,120 @@
+//! The gRPC `ExpertService`: a dispatch stream per router, health and status.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use switchyard_proto::v1::expert_service_server::ExpertService;
+use switchyard_proto::v1::{
+    DispatchError, DispatchRequest, DispatchResponse, HealthRequest, HealthResponse, NodeStatus, ServingState,
+    StatusRequest, dispatch_response,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::compute::Compute;
+use crate::store::ExpertStore;
+
+pub struct NodeService {
+    pub store: Arc<ExpertStore>,
+    pub compute: Compute,
+    pub serving: Arc<AtomicBool>,
+    pub memory_budget: Option<usize>,
+}
+
+type DispatchStream = Pin<Box<dyn Stream<Item = Result<DispatchResponse, Status>> + Send>>;
+
+/// Dispatches a stream keeps in flight before it stops reading new ones.
+const IN_FLIGHT: usize = 64;
+
+#[tonic::async_trait]
+impl ExpertService for NodeService {
+    type DispatchStream = DispatchStream;
+
+    async fn dispatch(
+        &self,
+        request: Request<Streaming<DispatchRequest>>,
+    ) -> Result<Response<Self::DispatchStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<DispatchResponse, Status>>(IN_FLIGHT);
+        let compute = self.compute.clone();
+        tracing::debug!(?peer, "dispatch stream opened");
+        tokio::spawn(async move {
+            loop {
+                let req = match inbound.message().await {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break,
+                    Err(status) => {
+                        // An undecodable or oversized frame ends the stream with its status;
+                        // a router that went away ends it too, which is routine.
+                        if status.code() == tonic::Code::Unknown || status.code() == tonic::Code::Cancelled {
+                            tracing::debug!(?peer, %status, "dispatch stream ended");
+                        } else {
+                            tracing::warn!(?peer, %status, "dispatch stream failed");
+                        }
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let (compute, tx) = (compute.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let id = req.id;
+                    let response = match compute.run(req).await {
+                        Ok((partial, took)) => DispatchResponse {
+                            id,
+                            result: Some(dispatch_response::Result::Partial(partial)),
+                            compute_micros: took.as_micros() as u64,
+                        },
+                        Err(e) => {
+                            tracing::warn!(?peer, error = %e, "dispatch rejected");
+                            let status = Status::from(e);
+                            DispatchResponse {
+                                id,
+                                result: Some(dispatch_response::Result::Error(DispatchError {
+                                    code: status.code() as i32,
+                                    message: status.message().to_string(),
+                                })),
+                                compute_micros: 0,
+                            }
+                        }
+                    };
+                    let _ = tx.send(Ok(response)).await;
+                });
+            }
+            tracing::debug!(?peer, "dispatch stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse { state: self.state() as i32 }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
+        let spec = self.store.spec();
+        let stats = &self.compute.stats;
+        Ok(Response::new(NodeStatus {
+            state: self.state() as i32,
+            model_type: self.store.model_type().to_string(),
+            num_layers: spec.num_layers as u32,
+            num_experts: spec.num_experts as u32,
+            hidden_size: spec.hidden_size as u32,
+            experts: self.store.held().to_vec(),
+            expert_bytes: self.store.bytes() as u64,
+            memory_budget: self.memory_budget.unwrap_or(0) as u64,
+            dispatches: stats.dispatches.load(Ordering::Relaxed),
+            routed_tokens: stats.routed_tokens.load(Ordering::Relaxed),
+            epoch: stats.epoch.load(Ordering::Relaxed),
+            pid: std::process::id(),
+        }))
+    }
+}
+
+impl NodeService {
+    fn state(&self) -> ServingState {
+        if self.serving.load(Ordering::Relaxed) { ServingState::Serving } else { ServingState::NotServing }
+    }
+}

@@ -1,0 +1,40 @@
+//! Conversions between the model crate's types and the protobuf messages.
+
+use switchyard_model::engine::GeneratedToken;
+use switchyard_model::tokenizer::Tokenizer;
+use switchyard_model::{GenerateRequest, SamplingParams};
+use switchyard_proto::v1;
+
+use crate::scheduler::Prompt;
+
+pub fn token(t: &GeneratedToken, tokenizer: Option<&Tokenizer>) -> v1::GeneratedToken {
+    v1::GeneratedToken {
+        id: t.id,
+        text: tokenizer.map(|tk| tk.token_text(t.id)).unwrap_or_default(),
+        logprob: t.logprob,
+        top_logprobs: t.top_logprobs.iter().map(|x| v1::TopLogprob { id: x.id, logprob: x.logprob }).collect(),
+    }
+}
+
+/// The prompt and the generation request (without prompt ids yet) of a `GenerateRequest`.
+pub fn request(r: v1::GenerateRequest) -> Result<(Prompt, GenerateRequest), tonic::Status> {
+    let prompt = match r.prompt {
+        Some(v1::generate_request::Prompt::Text(t)) => Prompt::Text(t),
+        Some(v1::generate_request::Prompt::TokenIds(ids)) => Prompt::Ids(ids.ids),
+        None => return Err(tonic::Status::invalid_argument("prompt: missing (set text or token_ids)")),
+    };
+    let request = GenerateRequest {
+        prompt_ids: Vec::new(),
+        // Unset (0) means the CLI's default of 16.
+        max_tokens: if r.max_tokens == 0 { 16 } else { r.max_tokens as usize },
+        sampling: SamplingParams {
+            temperature: r.temperature,
+            top_p: r.top_p.unwrap_or(1.0),
+            top_k: r.top_k as usize,
+            seed: r.seed,
+        },
+        top_logprobs: r.top_logprobs as usize,
+        ignore_eos: r.ignore_eos,
+    };
+    Ok((prompt, request))
+}

@@ -1,0 +1,210 @@
+//! [`RemoteExperts`]: the [`Experts`] backend that runs a MoE layer's experts on expert
+//! nodes. Per layer it picks a replica for every routed expert (spreading rows over the
+//! replicas), sends each node one dispatch with the rows that need any of its experts, and
+//! adds the partial sums. A node that errors, times out or vanishes gets its share re-sent to
+//! another replica; only when an expert has no reachable replica does the layer fail.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use switchyard_model::moe::{Assignment, Experts};
+use switchyard_model::{ModelError, Result};
+use switchyard_proto::tensor;
+use switchyard_proto::v1::{DispatchRequest, dispatch_response};
+use tokio::runtime::Handle;
+use tokio::task::JoinSet;
+use tonic::Code;
+
+use crate::cluster::Cluster;
+
+/// Round trips of whole layers (all nodes of one layer, in parallel).
+#[derive(Default)]
+pub struct DispatchStats {
+    pub layers: AtomicU64,
+    pub micros: AtomicU64,
+    /// Dispatches re-sent to another replica after a failure.
+    pub retries: AtomicU64,
+}
+
+impl DispatchStats {
+    /// Mean microseconds from sending a layer's dispatches to holding every partial sum.
+    pub fn mean_layer_micros(&self) -> f64 {
+        self.micros.load(Ordering::Relaxed) as f64 / self.layers.load(Ordering::Relaxed).max(1) as f64
+    }
+}
+
+pub struct RemoteExperts {
+    cluster: Arc<Cluster>,
+    runtime: Handle,
+    /// The placement epoch every dispatch carries.
+    epoch: u64,
+    timeout: Duration,
+    pub stats: Arc<DispatchStats>,
+}
+
+/// One node's share of a layer: its rows (global token indices, ascending) and routes.
+struct Share {
+    tokens: Vec<u32>,
+    routes: Vec<Assignment>,
+}
+
+impl RemoteExperts {
+    /// Dispatches from any non-runtime thread through `runtime`.
+    pub fn new(cluster: Arc<Cluster>, runtime: Handle, epoch: u64, timeout: Duration) -> Self {
+        RemoteExperts { cluster, runtime, epoch, timeout, stats: Arc::default() }
+    }
+
+    /// Chooses a node for every expert in `todo`: a reachable replica not in `excluded`,
+    /// the one with the fewest rows so far; grouped into one share per node.
+    fn plan(
+        &self,
+        layer: usize,
+        todo: &[Assignment],
+        excluded: &[(u32, usize)],
+    ) -> Result<BTreeMap<usize, Vec<Assignment>>> {
+        let nodes = &self.cluster.nodes;
+        let mut by_expert: BTreeMap<u32, Vec<Assignment>> = BTreeMap::new();
+        for a in todo {
+            by_expert.entry(a.expert).or_default().push(*a);
+        }
+        let mut load = vec![0usize; nodes.len()];
+        let mut plan: BTreeMap<usize, Vec<Assignment>> = BTreeMap::new();
+        for (expert, routes) in by_expert {
+            let candidates = (0..nodes.len()).filter(|&n| {
+                nodes[n].is_up() && nodes[n].holds(layer as u32, expert) && !excluded.contains(&(expert, n))
+            });
+            // Rotate ties by expert so equal replicas share the experts.
+            let rotate = |n: usize| (n + nodes.len() - expert as usize % nodes.len()) % nodes.len();
+            let Some(best) = candidates.min_by_key(|&n| (load[n], rotate(n))) else {
+                return Err(self.unavailable(layer, expert));
+            };
+            load[best] += routes.len();
+            plan.entry(best).or_default().extend(routes);
+        }
+        Ok(plan)
+    }
+
+    fn unavailable(&self, layer: usize, expert: u32) -> ModelError {
+        let holders: Vec<String> = self
+            .cluster
+            .nodes
+            .iter()
+            .filter(|n| n.holds(layer as u32, expert))
+            .map(|n| {
+                let v = n.view();
+                let state = if v.serving { "serving".into() } else { v.last_error.unwrap_or_else(|| "down".into()) };
+                format!("{} ({state})", v.address)
+            })
+            .collect();
+        let reason = if holders.is_empty() {
+            "no expert node holds it".to_string()
+        } else {
+            format!("no reachable replica; holders: {}", holders.join(", "))
+        };
+        ModelError::ExpertUnavailable { layer, expert: expert as usize, reason }
+    }
+
+    async fn run_layer(&self, layer: usize, x: &[f32], hidden: usize, assignments: &[Assignment]) -> Result<Vec<f32>> {
+        let rows = x.len() / hidden;
+        let mut out = vec![0.0f32; rows * hidden];
+        let mut todo = assignments.to_vec();
+        let mut excluded: Vec<(u32, usize)> = Vec::new();
+        let mut partials: Vec<(usize, Share, Vec<f32>)> = Vec::new();
+        let start = Instant::now();
+        while !todo.is_empty() {
+            let plan = self.plan(layer, &todo, &excluded)?;
+            todo.clear();
+            let mut calls = JoinSet::new();
+            for (n, routes) in plan {
+                let share = share(routes);
+                let mut activations = Vec::with_capacity(share.tokens.len() * hidden);
+                for &t in &share.tokens {
+                    activations.extend_from_slice(&x[t as usize * hidden..(t as usize + 1) * hidden]);
+                }
+                let local: std::collections::HashMap<u32, u32> =
+                    share.tokens.iter().enumerate().map(|(i, &t)| (t, i as u32)).collect();
+                let req = DispatchRequest {
+                    id: 0,
+                    epoch: self.epoch,
+                    layer: layer as u32,
+                    activations: Some(tensor::from_f32(&activations, hidden)),
+                    tokens: share.routes.iter().map(|a| local[&a.token]).collect(),
+                    experts: share.routes.iter().map(|a| a.expert).collect(),
+                    weights: share.routes.iter().map(|a| a.weight).collect(),
+                };
+                let node = self.cluster.nodes[n].clone();
+                let timeout = self.timeout;
+                calls.spawn(async move { (n, share, node.dispatch(req, timeout).await) });
+            }
+            while let Some(joined) = calls.join_next().await {
+                let (n, share, answer) = joined.map_err(|e| ModelError::Dispatch { layer, reason: e.to_string() })?;
+                let node = &self.cluster.nodes[n];
+                let failure = match answer {
+                    Ok(resp) => match resp.result {
+                        Some(dispatch_response::Result::Partial(t)) => {
+                            match tensor::to_f32(Some(&t), "partial sums", hidden) {
+                                Ok((values, r)) if r == share.tokens.len() => {
+                                    partials.push((n, share, values));
+                                    continue;
+                                }
+                                Ok((_, r)) => tonic::Status::internal(format!(
+                                    "answered {r} rows for {} sent",
+                                    share.tokens.len()
+                                )),
+                                Err(e) => tonic::Status::internal(e.to_string()),
+                            }
+                        }
+                        Some(dispatch_response::Result::Error(e)) => tonic::Status::new(Code::from(e.code), e.message),
+                        None => tonic::Status::internal("empty dispatch response"),
+                    },
+                    Err(status) => status,
+                };
+                match failure.code() {
+                    // The node no longer holds an expert: try another replica of it.
+                    Code::NotFound => tracing::warn!(node = %node.address, layer, "{}", failure.message()),
+                    // Gone, hung or shutting down: the node is out until it reconnects.
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                        node.fail(failure.message())
+                    }
+                    _ => {
+                        return Err(ModelError::Dispatch {
+                            layer,
+                            reason: format!("expert node {}: {}", node.address, failure.message()),
+                        });
+                    }
+                }
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                excluded.extend(share.routes.iter().map(|a| (a.expert, n)));
+                todo.extend(share.routes);
+            }
+        }
+        // Add the partial sums in node order, so the sum does not depend on arrival order.
+        partials.sort_by_key(|(n, ..)| *n);
+        for (_, share, values) in partials {
+            for (&t, row) in share.tokens.iter().zip(values.chunks_exact(hidden)) {
+                for (o, v) in out[t as usize * hidden..(t as usize + 1) * hidden].iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+        }
+        self.stats.layers.fetch_add(1, Ordering::Relaxed);
+        self.stats.micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+}
+
+/// The distinct rows of `routes` (ascending) and the routes themselves.
+fn share(routes: Vec<Assignment>) -> Share {
+    let mut tokens: Vec<u32> = routes.iter().map(|a| a.token).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    Share { tokens, routes }
+}
+
+impl Experts for RemoteExperts {
+    fn run(&self, layer: usize, x: &[f32], hidden: usize, assignments: &[Assignment]) -> Result<Vec<f32>> {
+        self.runtime.block_on(self.run_layer(layer, x, hidden, assignments))
+    }
+}
