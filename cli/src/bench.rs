@@ -2,14 +2,16 @@
 //! fraction of the memory-bandwidth floor (the time it takes just to stream the weights the
 //! step must read, at this machine's measured read bandwidth).
 
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use switchyard_kernels::cpu::{self, Precision};
 use switchyard_model::random::{RandomShape, write_random_checkpoint};
 use switchyard_model::sampling::{Rng, argmax};
+use switchyard_model::moe::Experts;
 use switchyard_model::{Chunk, Model, SeqCache};
+use switchyard_router::{Cluster, RemoteExperts, STATIC_EPOCH};
 
 use crate::progress::Progress;
 
@@ -34,6 +36,10 @@ pub struct Args {
     /// Decode steps timed per batch size.
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// Also measure decode with the experts on this many expert nodes (child processes on
+    /// loopback, comma-separated counts), against the single process.
+    #[arg(long, value_delimiter = ',')]
+    expert_nodes: Vec<usize>,
 }
 
 struct Row {
@@ -93,39 +99,24 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     model.exec.precision = Precision::F32;
-    let s = &model.spec;
-    for &batch in &args.batch {
-        let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(s)).collect();
-        let mut next: Vec<u32> = Vec::with_capacity(batch);
-        for cache in caches.iter_mut() {
-            let ctx = random_tokens(args.context);
-            let logits = model.forward(&mut [Chunk { tokens: &ctx, cache }])?;
-            next.push(argmax(&logits[0]));
-        }
-        let step = |next: &mut Vec<u32>, caches: &mut [SeqCache]| -> Result<()> {
-            let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let mut chunks: Vec<Chunk<'_>> =
-                caches.iter_mut().zip(&ids).map(|(cache, id)| Chunk { tokens: id, cache }).collect();
-            let logits = model.forward(&mut chunks)?;
-            *next = logits.iter().map(|l| argmax(l)).collect();
-            Ok(())
-        };
-        step(&mut next, &mut caches)?; // warm-up
-        model.exec.take();
-        let start = Instant::now();
-        for _ in 0..args.steps {
-            step(&mut next, &mut caches)?;
-        }
-        rows.push(Row {
-            phase: "decode",
-            batch,
-            tokens: batch * args.steps,
-            seconds: start.elapsed().as_secs_f64(),
-            bytes: model.exec.take(),
-            steps: args.steps,
-        });
+    let contexts: Vec<Vec<Vec<u32>>> = args
+        .batch
+        .iter()
+        .map(|&b| (0..b).map(|_| random_tokens(args.context)).collect())
+        .collect();
+    let local = model.local_experts();
+    let mut single = Vec::new();
+    for ctx in &contexts {
+        let (seconds, bytes) = decode(&model, &local, ctx, args.steps)?;
+        single.push(seconds);
+        rows.push(Row { phase: "decode", batch: ctx.len(), tokens: ctx.len() * args.steps, seconds, bytes, steps: args.steps });
     }
-
+    drop(local);
+    let mut cluster_rows = Vec::new();
+    for &n in &args.expert_nodes {
+        cluster_rows.extend(cluster_decode(&dir, &model, n, &contexts, &single, args.steps)?);
+    }
+    let s = &model.spec;
     println!(
         "model: {} {}, hidden {}, {} layers, {} experts top-{}, expert width {}, {:.2} GB of weights",
         s.arch.model_type(),
@@ -162,5 +153,101 @@ pub fn run(args: Args) -> Result<()> {
             100.0 * floor / per_step
         );
     }
+    if !cluster_rows.is_empty() {
+        println!();
+        println!("decode with the experts on expert nodes (loopback gRPC), against the single process:");
+        println!();
+        println!("| expert nodes | batch | tokens/s | vs single process | layer round trip | of which outside compute |");
+        println!("|-------------:|------:|---------:|------------------:|-----------------:|-------------------------:|");
+        for r in &cluster_rows {
+            println!(
+                "| {:>12} | {:>5} | {:>8.1} | {:>16.1}% | {:>13.0} µs | {:>21.0} µs |",
+                r.nodes,
+                r.batch,
+                r.tokens_per_s,
+                100.0 * r.vs_single,
+                r.layer_micros,
+                r.overhead_micros
+            );
+        }
+    }
     Ok(())
+}
+
+/// Times `steps` decode steps of a batch that starts from `contexts`, with the experts on
+/// `experts`. Returns seconds and weight bytes read (by this process).
+fn decode(model: &Model, experts: &dyn Experts, contexts: &[Vec<u32>], steps: usize) -> Result<(f64, usize)> {
+    let mut caches: Vec<SeqCache> = contexts.iter().map(|_| SeqCache::new(&model.spec)).collect();
+    let mut next: Vec<u32> = Vec::with_capacity(contexts.len());
+    for (cache, ctx) in caches.iter_mut().zip(contexts) {
+        let logits = model.forward_with(&mut [Chunk { tokens: ctx, cache }], experts)?;
+        next.push(argmax(&logits[0]));
+    }
+    let mut step = |next: &mut Vec<u32>| -> Result<()> {
+        let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut chunks: Vec<Chunk<'_>> =
+            caches.iter_mut().zip(&ids).map(|(cache, id)| Chunk { tokens: id, cache }).collect();
+        let logits = model.forward_with(&mut chunks, experts)?;
+        *next = logits.iter().map(|l| argmax(l)).collect();
+        Ok(())
+    };
+    step(&mut next)?; // warm-up
+    model.exec.take();
+    let start = Instant::now();
+    for _ in 0..steps {
+        step(&mut next)?;
+    }
+    Ok((start.elapsed().as_secs_f64(), model.exec.take()))
+}
+
+struct ClusterRow {
+    nodes: usize,
+    batch: usize,
+    tokens_per_s: f64,
+    vs_single: f64,
+    layer_micros: f64,
+    overhead_micros: f64,
+}
+
+/// Starts `n` expert nodes splitting the experts of `dir`, and times the same decode as the
+/// single process (`single[i]` seconds for `contexts[i]`) with the experts on them.
+fn cluster_decode(
+    dir: &Path,
+    model: &Model,
+    n: usize,
+    contexts: &[Vec<Vec<u32>>],
+    single: &[f64],
+    steps: usize,
+) -> Result<Vec<ClusterRow>> {
+    let rt = crate::launch::runtime()?;
+    let sets = crate::up::spread(model.spec.num_experts, n, 1);
+    // Each node gets an equal share of the cores; they take turns with the router per layer.
+    let threads = (rayon::current_num_threads() / n).max(1).to_string();
+    tracing::info!("starting {n} expert nodes");
+    let (mut procs, addresses) = rt.block_on(crate::up::start_nodes(dir, &sets, &["--threads".into(), threads], true))?;
+    let measured = (|| -> Result<Vec<ClusterRow>> {
+        let cluster = rt.block_on(Cluster::connect(&addresses, &model.spec, Duration::from_secs(60)))?;
+        let remote = RemoteExperts::new(cluster, rt.handle().clone(), STATIC_EPOCH, Duration::from_secs(60));
+        let mut out = Vec::new();
+        for (ctx, &base) in contexts.iter().zip(single) {
+            let before = remote.stats.snapshot();
+            let (seconds, _) = decode(model, &remote, ctx, steps)?;
+            let (layers, micros, compute) = remote.stats.snapshot().since(&before);
+            out.push(ClusterRow {
+                nodes: n,
+                batch: ctx.len(),
+                tokens_per_s: (ctx.len() * steps) as f64 / seconds,
+                vs_single: base / seconds,
+                layer_micros: micros / layers,
+                overhead_micros: (micros - compute) / layers,
+            });
+        }
+        Ok(out)
+    })();
+    rt.block_on(async {
+        for p in &mut procs {
+            p.stop().await;
+        }
+    });
+    measured
 }

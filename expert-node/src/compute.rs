@@ -46,21 +46,25 @@ impl Compute {
         let pool = pool.build().map_err(std::io::Error::other)?;
         let stats = Arc::new(Stats::default());
         let counters = stats.clone();
+        // The job loop itself runs on a pool worker, so each dispatch's matmuls start there
+        // without a hop to another thread.
         std::thread::Builder::new().name("expert-dispatch".into()).spawn(move || {
-            for job in rx {
-                let start = Instant::now();
-                if !delay.is_zero() {
-                    std::thread::sleep(delay);
+            pool.install(|| {
+                for job in rx {
+                    let start = Instant::now();
+                    if !delay.is_zero() {
+                        std::thread::sleep(delay);
+                    }
+                    let result = store.dispatch(&job.request);
+                    if result.is_ok() {
+                        counters.dispatches.fetch_add(1, Ordering::Relaxed);
+                        counters.routed_tokens.fetch_add(job.request.tokens.len() as u64, Ordering::Relaxed);
+                    }
+                    counters.epoch.fetch_max(job.request.epoch, Ordering::Relaxed);
+                    // The requester may have gone; its result is then dropped.
+                    let _ = job.reply.send(result.map(|t| (t, start.elapsed())));
                 }
-                let result = pool.install(|| store.dispatch(&job.request));
-                if result.is_ok() {
-                    counters.dispatches.fetch_add(1, Ordering::Relaxed);
-                    counters.routed_tokens.fetch_add(job.request.tokens.len() as u64, Ordering::Relaxed);
-                }
-                counters.epoch.fetch_max(job.request.epoch, Ordering::Relaxed);
-                // The requester may have gone; its result is then dropped.
-                let _ = job.reply.send(result.map(|t| (t, start.elapsed())));
-            }
+            })
         })?;
         Ok(Compute { jobs, stats })
     }

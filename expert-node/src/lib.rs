@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use switchyard_proto::v1::expert_service_server::ExpertServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use error::NodeError;
 pub use placement::ExpertSet;
@@ -107,23 +106,28 @@ impl ExpertNode {
         let delay = Duration::from_millis(self.config.fault_dispatch_delay_ms);
         let compute = Compute::start(self.store.clone(), self.config.threads, delay)?;
         let serving = Arc::new(AtomicBool::new(true));
+        let (stop, stopping) = tokio::sync::watch::channel(false);
         let limit = switchyard_proto::max_dispatch_message_bytes(self.store.spec().hidden_size);
         let service = NodeService {
             store: self.store.clone(),
             compute,
             serving: serving.clone(),
             memory_budget: self.config.memory_budget,
+            stopping,
         };
         let server = ExpertServiceServer::new(service).max_decoding_message_size(limit).max_encoding_message_size(limit);
         let shutdown = async move {
             shutdown.await;
             serving.store(false, Ordering::Relaxed);
+            // Dispatch streams end after their in-flight work, so the drain can finish.
+            let _ = stop.send(true);
             tracing::info!("expert node shutting down");
         };
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+            .initial_stream_window_size(switchyard_proto::DISPATCH_STREAM_WINDOW)
+            .initial_connection_window_size(switchyard_proto::DISPATCH_CONNECTION_WINDOW)
             .add_service(server)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(listener), shutdown)
             .await
             .map_err(std::io::Error::other)
     }

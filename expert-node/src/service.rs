@@ -22,6 +22,8 @@ pub struct NodeService {
     pub compute: Compute,
     pub serving: Arc<AtomicBool>,
     pub memory_budget: Option<usize>,
+    /// Turns true when the node starts shutting down.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 type DispatchStream = Pin<Box<dyn Stream<Item = Result<DispatchResponse, Status>> + Send>>;
@@ -41,10 +43,15 @@ impl ExpertService for NodeService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DispatchResponse, Status>>(IN_FLIGHT);
         let compute = self.compute.clone();
+        let mut stopping = self.stopping.clone();
         tracing::debug!(?peer, "dispatch stream opened");
         tokio::spawn(async move {
             loop {
-                let req = match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = stopping.wait_for(|&s| s) => break,
+                };
+                let req = match next {
                     Ok(Some(req)) => req,
                     Ok(None) => break,
                     Err(status) => {

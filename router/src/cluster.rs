@@ -225,6 +225,8 @@ async fn connect_once(node: &Node, spec: &ModelSpec) -> Result<(Stream, NodeStat
         .map_err(|e| format!("invalid address: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
+        .initial_stream_window_size(switchyard_proto::DISPATCH_STREAM_WINDOW)
+        .initial_connection_window_size(switchyard_proto::DISPATCH_CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
     let channel: Channel = endpoint.connect().await.map_err(|e| format!("cannot connect: {e}"))?;

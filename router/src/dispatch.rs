@@ -23,15 +23,41 @@ use crate::cluster::Cluster;
 #[derive(Default)]
 pub struct DispatchStats {
     pub layers: AtomicU64,
+    /// From sending a layer's dispatches to holding every partial sum.
     pub micros: AtomicU64,
+    /// The slowest node's compute time of each layer, summed.
+    pub compute_micros: AtomicU64,
     /// Dispatches re-sent to another replica after a failure.
     pub retries: AtomicU64,
 }
 
+/// A reading of [`DispatchStats`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatsSnapshot {
+    pub layers: u64,
+    pub micros: u64,
+    pub compute_micros: u64,
+}
+
+impl StatsSnapshot {
+    /// Layers, and mean round-trip and compute microseconds per layer, since `earlier`.
+    pub fn since(&self, earlier: &StatsSnapshot) -> (f64, f64, f64) {
+        let layers = (self.layers - earlier.layers).max(1) as f64;
+        (
+            layers,
+            (self.micros - earlier.micros) as f64,
+            (self.compute_micros - earlier.compute_micros) as f64,
+        )
+    }
+}
+
 impl DispatchStats {
-    /// Mean microseconds from sending a layer's dispatches to holding every partial sum.
-    pub fn mean_layer_micros(&self) -> f64 {
-        self.micros.load(Ordering::Relaxed) as f64 / self.layers.load(Ordering::Relaxed).max(1) as f64
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            layers: self.layers.load(Ordering::Relaxed),
+            micros: self.micros.load(Ordering::Relaxed),
+            compute_micros: self.compute_micros.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -112,6 +138,7 @@ impl RemoteExperts {
         let mut todo = assignments.to_vec();
         let mut excluded: Vec<(u32, usize)> = Vec::new();
         let mut partials: Vec<(usize, Share, Vec<f32>)> = Vec::new();
+        let mut slowest_compute = 0u64;
         let start = Instant::now();
         while !todo.is_empty() {
             let plan = self.plan(layer, &todo, &excluded)?;
@@ -144,6 +171,7 @@ impl RemoteExperts {
                 let failure = match answer {
                     Ok(resp) => match resp.result {
                         Some(dispatch_response::Result::Partial(t)) => {
+                            slowest_compute = slowest_compute.max(resp.compute_micros);
                             match tensor::to_f32(Some(&t), "partial sums", hidden) {
                                 Ok((values, r)) if r == share.tokens.len() => {
                                     partials.push((n, share, values));
@@ -191,6 +219,7 @@ impl RemoteExperts {
         }
         self.stats.layers.fetch_add(1, Ordering::Relaxed);
         self.stats.micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.stats.compute_micros.fetch_add(slowest_compute, Ordering::Relaxed);
         Ok(out)
     }
 }

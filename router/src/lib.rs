@@ -28,7 +28,6 @@ use std::time::Duration;
 use switchyard_model::{Engine, ModelSpec};
 use switchyard_proto::v1::router_server::RouterServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use cluster::Cluster;
 pub use dispatch::RemoteExperts;
@@ -103,9 +102,8 @@ impl Router {
     /// Serves the gRPC API on `listener` until `shutdown` resolves.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), RouterError> {
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(RouterServer::new(self.service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(listener), shutdown)
             .await
             .map_err(std::io::Error::other)?;
         Ok(())
