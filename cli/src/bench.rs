@@ -57,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         None => {
             let dir = args.cache_dir.clone();
             if !dir.join("model.safetensors").exists() {
-                let mut p = Progress::new("writing");
+                let p = Progress::new("writing");
                 tracing::info!("writing random benchmark checkpoint to {}", dir.display());
                 write_random_checkpoint(&dir, &RandomShape::bench(), 0, &mut |d, t| p.update(d, t))?;
                 p.finish();
@@ -65,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
             dir
         }
     };
-    let mut p = Progress::new("loading");
+    let p = Progress::new("loading");
     let mut model = Model::load_with(&dir, &|_, _| true, &mut |d, t| p.update(d, t))
         .with_context(|| format!("cannot load {}", dir.display()))?;
     p.finish();

@@ -103,7 +103,7 @@ fn local(args: &Args) -> Result<Output> {
     if !model.is_dir() {
         bail!("model directory {} does not exist", model.display());
     }
-    let mut progress = Progress::new("loading");
+    let progress = Progress::new("loading");
     let mut engine =
         Engine::load(model, &mut |d, t| progress.update(d, t)).with_context(|| format!("cannot load {}", model.display()))?;
     progress.finish();

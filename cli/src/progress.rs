@@ -4,7 +4,8 @@ use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// A bar for `what`, advanced by `(done, total)` callbacks.
+/// A bar for `what`, advanced by `(done, total)` callbacks. Clones share the bar.
+#[derive(Clone)]
 pub struct Progress {
     bar: ProgressBar,
 }
@@ -23,7 +24,7 @@ impl Progress {
         Progress { bar }
     }
 
-    pub fn update(&mut self, done: usize, total: usize) {
+    pub fn update(&self, done: usize, total: usize) {
         self.bar.set_length(total as u64);
         self.bar.set_position(done as u64);
     }

@@ -37,7 +37,7 @@ fn announce(what: &str, addr: SocketAddr) -> Result<()> {
 
 pub fn expert_node(args: NodeArgs) -> Result<()> {
     let model = args.config.model.clone();
-    let mut progress = Progress::new("loading");
+    let progress = Progress::new("loading");
     let node = switchyard_expert_node::ExpertNode::load(args.config, &mut |d, t| progress.update(d, t))
         .with_context(|| format!("expert node cannot load {}", model.display()))?;
     progress.finish();
@@ -52,8 +52,10 @@ pub fn expert_node(args: NodeArgs) -> Result<()> {
 pub fn router(args: RouterArgs) -> Result<()> {
     runtime()?.block_on(async {
         let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-        let mut progress = Progress::new("loading");
-        let router = switchyard_router::Router::start(args.config, Box::new(move |d, t| progress.update(d, t))).await?;
+        let progress = Progress::new("loading");
+        let bar = progress.clone();
+        let router = switchyard_router::Router::start(args.config, Box::new(move |d, t| bar.update(d, t))).await?;
+        progress.finish();
         announce("grpc", listener.local_addr()?)?;
         router.serve(listener, shutdown_signal()).await?;
         Ok(())

@@ -118,6 +118,28 @@ fn requests_survive_a_sigkilled_expert_node_when_experts_have_replicas() {
 }
 
 #[test]
+fn a_hung_expert_node_times_out_and_its_work_goes_to_a_replica() {
+    let model = fixture("mixtral");
+    let cluster = UpCluster::start(
+        &["--model", &model, "--expert-nodes", "2", "--replicas", "2", "--dispatch-timeout-ms", "300"],
+        &[],
+    );
+    let args = with(&generate_args("mixtral", 1, 20), &["--ignore-eos"]);
+    let want = run(&with(&args, &["--model", &model]));
+    // Both nodes hold every expert; freeze one so whatever is sent to it never returns.
+    let frozen = cluster.node_pids()[0];
+    signal(frozen, libc::SIGSTOP);
+    let got = run(&with(&args, &["--router", &cluster.addr]));
+    signal(frozen, libc::SIGCONT);
+    assert_eq!(got, want, "the request must complete on the other replica with the same answer");
+    let status = cluster.status();
+    // Replicas share the experts, so the frozen node was sent work and timed out.
+    let error = status["nodes"][0]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("did not answer within 300 ms"), "{status}");
+    cluster.stop();
+}
+
+#[test]
 fn an_expert_without_a_reachable_replica_fails_the_request_clearly() {
     let model = fixture("mixtral");
     let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "2"], &[]);

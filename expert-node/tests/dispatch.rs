@@ -10,7 +10,9 @@ use switchyard_model::Model;
 use switchyard_model::moe::{Assignment, Experts};
 use switchyard_proto::tensor;
 use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
-use switchyard_proto::v1::{DispatchRequest, DispatchResponse, Dtype, StatusRequest, dispatch_response};
+use switchyard_proto::v1::{
+    DispatchRequest, DispatchResponse, Dtype, HealthRequest, ServingState, StatusRequest, dispatch_response,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -89,6 +91,8 @@ fn request(id: u64, layer: u32, rows: usize, routes: &[(u32, u32, f32)]) -> Disp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_sums_equal_the_in_process_experts_and_bad_dispatches_are_rejected() -> Result<()> {
     let (mut client, _stop) = start("0-3").await?;
+    let health = client.health(HealthRequest {}).await?.into_inner();
+    assert_eq!(health.state(), ServingState::Serving);
     let status = client.status(StatusRequest {}).await?.into_inner();
     assert_eq!(status.experts.len(), 2 * 4, "layers x experts 0-3");
     let mut stream = Stream::open(&mut client).await?;

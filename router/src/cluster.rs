@@ -229,7 +229,7 @@ async fn connect_once(node: &Node, spec: &ModelSpec) -> Result<(Stream, NodeStat
         .initial_connection_window_size(switchyard_proto::DISPATCH_CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
-    let channel: Channel = endpoint.connect().await.map_err(|e| format!("cannot connect: {e}"))?;
+    let channel: Channel = endpoint.connect().await.map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
     let mut client =
         ExpertServiceClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
     let status = tokio::time::timeout(Duration::from_secs(5), client.status(StatusRequest {}))
@@ -268,6 +268,20 @@ async fn connect_once(node: &Node, spec: &ModelSpec) -> Result<(Stream, NodeStat
         tracing::debug!(node = %address, "dispatch stream reader stopped: {why}");
     });
     Ok((Stream { requests, pending, broken: Arc::new(Notify::new()) }, status, closed))
+}
+
+/// `e` and its sources, `: `-separated (tonic's transport errors hide the cause otherwise).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out = format!("{out}: {text}");
+        }
+        source = s.source();
+    }
+    out
 }
 
 fn check_model(status: &NodeStatus, spec: &ModelSpec) -> Result<(), String> {
