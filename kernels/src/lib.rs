@@ -8,7 +8,7 @@
 //! - [`dtype`]: the weight dtypes and [`Weights`], a typed borrowed matrix.
 //! - [`device`]: [`Device`] parsing (`cpu`, `cuda:N`) and what this build supports.
 //! - [`cpu`]: the CPU backend: linear layers, norms, RoPE, attention, routing, activations.
-//! - [`error`]: [`KernelError`].
+//! - [`error`]: the error type, [`KernelError`].
 
 pub mod cpu;
 pub mod device;

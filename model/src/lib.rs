@@ -18,7 +18,7 @@
 //! - [`sampling`]: greedy / temperature / top-k / top-p with a seeded generator.
 //! - [`engine`]: [`Engine`], generation for one or many prompts.
 //! - [`random`]: random checkpoints of a given shape (benchmarks, tests).
-//! - [`error`]: [`ModelError`].
+//! - [`error`]: the error type, [`ModelError`].
 
 pub mod checkpoint;
 pub mod config;

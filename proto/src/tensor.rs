@@ -19,7 +19,7 @@ pub enum TensorError {
 
 /// Packs `rows` rows of `hidden` values as a `[rows, hidden]` F32 tensor.
 pub fn from_f32(values: &[f32], hidden: usize) -> Tensor {
-    let rows = if hidden == 0 { 0 } else { values.len() / hidden };
+    let rows = values.len().checked_div(hidden).unwrap_or(0);
     let mut data = Vec::with_capacity(values.len() * 4);
     for v in values {
         data.extend_from_slice(&v.to_le_bytes());

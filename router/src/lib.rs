@@ -12,7 +12,7 @@
 //! - [`scheduler`]: the engine thread, batching running and newly admitted sequences per step.
 //! - [`service`]: the gRPC `Router` service (`Generate`, `ClusterStatus`).
 //! - [`convert`]: protobuf ⇄ model types.
-//! - [`error`]: [`RouterError`].
+//! - [`error`]: the error type, [`RouterError`].
 
 pub mod cluster;
 pub mod convert;

@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`matmul`]: linear layers (`x · Wᵀ + b`), the hot path.
-//! - [`norm`]: RMSNorm.
+//! - [`norm`]: RMSNorm (root-mean-square normalisation).
 //! - [`rope`]: rotary position embeddings, applied from precomputed cos/sin tables.
 //! - [`attention`]: causal attention over a KV cache with GQA, sliding windows and sinks.
 //! - [`bandwidth`]: measured memory read bandwidth (benchmarks).
