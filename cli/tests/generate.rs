@@ -1,23 +1,11 @@
 //! `switchyard generate` end to end: the real binary on the committed transformers fixtures,
 //! and its one-line errors for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
 use anyhow::Result;
+use common::{expected, fixtures, switchyard};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn switchyard(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).output().expect("run switchyard")
-}
-
-fn expected(arch: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap()).unwrap()
-}
 
 fn generate_json(args: &[&str]) -> Value {
     let out = switchyard(args);
