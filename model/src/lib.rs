@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: memory-mapped safetensors, single file or sharded; [`Tensor`] views.
 //! - [`loader`]: each architecture's tensor names → model weights (per-expert or fused).
 //! - [`tokenizer`]: `tokenizer.json` and the end-of-sequence ids.
+//! - [`chat`]: chat templates rendered as transformers renders them.
 //! - [`rope`]: rotary tables (default, linear, dynamic NTK, YaRN).
 //! - [`layers`]: linear layers, SwiGLU MLP, attention weights.
 //! - [`moe`]: the gate ([`moe::route`]) and the experts ([`moe::run_experts`]), kept apart.
@@ -20,6 +21,7 @@
 //! - [`random`]: random checkpoints of a given shape (benchmarks, tests).
 //! - [`error`]: the error type, [`ModelError`].
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;

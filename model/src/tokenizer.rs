@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
@@ -26,6 +27,13 @@ impl Tokenizer {
     /// (transformers' `add_special_tokens=True`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` exactly as written: a rendered chat template already holds its
+    /// special tokens (`add_special_tokens=False`).
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 

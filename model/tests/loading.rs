@@ -81,3 +81,30 @@ fn transformers_4x_config_layout_loads_the_same_model() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn chat_templates_render_as_transformers_renders_them() {
+    use switchyard_model::chat::{ChatMessage, ChatTemplate};
+    use switchyard_model::tokenizer::Tokenizer;
+    for arch in ["mixtral", "qwen3_moe"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(arch);
+        let template = ChatTemplate::from_dir(&dir).unwrap().expect("the fixture has a chat template");
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("chat_expected.json")).unwrap()).unwrap();
+        for case in expected["cases"].as_array().unwrap() {
+            let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let prompt = template.render(&messages, true).unwrap();
+            assert_eq!(prompt, case["prompt"].as_str().unwrap(), "{arch}");
+            let ids = tokenizer.encode_raw(&prompt).unwrap();
+            assert_eq!(serde_json::json!(ids), case["prompt_ids"], "{arch}");
+        }
+    }
+    // The Mistral-style template refuses out-of-order roles with its own message.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral");
+    let template = ChatTemplate::from_dir(&dir).unwrap().unwrap();
+    let bad: Vec<ChatMessage> =
+        serde_json::from_value(serde_json::json!([{"role": "assistant", "content": "hi"}])).unwrap();
+    let err = template.render(&bad, true).unwrap_err().to_string();
+    assert!(err.contains("Conversation roles must alternate"), "{err}");
+}
