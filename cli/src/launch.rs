@@ -1,5 +1,5 @@
 //! Child processes of `switchyard up` and `switchyard bench`: each role runs as
-//! `switchyard <role> ...`, prints `ready: <what> <address>` on stdout once it serves, and has
+//! `switchyard <role> ...`, prints `ready: <what> <address> ...` on stdout once it serves, and has
 //! its output forwarded line by line with a `[name]` prefix. Children die with their parent
 //! (PR_SET_PDEATHSIG on Linux) and are stopped with SIGTERM, then SIGKILL after a grace period.
 
@@ -46,7 +46,8 @@ impl Proc {
         Ok(Proc { name: name.to_string(), child, ready })
     }
 
-    /// Waits for the child's `ready: ... ADDRESS` line and returns the address.
+    /// Waits for the child's `ready: ...` line and returns what follows `ready: `
+    /// (`WHAT ADDRESS [WHAT ADDRESS ...]`).
     pub async fn ready(&mut self, timeout: Duration) -> Result<String> {
         tokio::select! {
             line = self.ready.recv() => line.ok_or_else(|| anyhow!("{} closed its output before it was ready", self.name)),
@@ -87,7 +88,7 @@ async fn forward<R: tokio::io::AsyncRead + Unpin>(
     let mut lines = reader.lines();
     while let Ok(Some(line)) = lines.next_line().await {
         if let (Some(tx), Some(rest)) = (&ready, line.strip_prefix("ready: ")) {
-            let _ = tx.send(rest.rsplit(' ').next().unwrap_or_default().to_string());
+            let _ = tx.send(rest.to_string());
             continue;
         }
         if !quiet {

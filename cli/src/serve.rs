@@ -26,11 +26,14 @@ pub struct RouterArgs {
     /// Address to serve the gRPC API on (port 0: any free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Address to serve the OpenAI-compatible HTTP API on (none: gRPC only).
+    #[arg(long, env = "SWITCHYARD_HTTP")]
+    http: Option<SocketAddr>,
 }
 
-fn announce(what: &str, addr: SocketAddr) -> Result<()> {
+fn announce(what: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "ready: {what} {addr}")?;
+    writeln!(out, "ready: {what}")?;
     out.flush()?;
     Ok(())
 }
@@ -43,7 +46,7 @@ pub fn expert_node(args: NodeArgs) -> Result<()> {
     progress.finish();
     runtime()?.block_on(async {
         let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-        announce("expert-node", listener.local_addr()?)?;
+        announce(&format!("expert-node {}", listener.local_addr()?))?;
         node.serve(listener, shutdown_signal()).await?;
         Ok(())
     })
@@ -51,13 +54,22 @@ pub fn expert_node(args: NodeArgs) -> Result<()> {
 
 pub fn router(args: RouterArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+        let grpc = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+        let http = match args.http {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
+            None => None,
+        };
         let progress = Progress::new("loading");
         let bar = progress.clone();
         let router = switchyard_router::Router::start(args.config, Box::new(move |d, t| bar.update(d, t))).await?;
         progress.finish();
-        announce("grpc", listener.local_addr()?)?;
-        router.serve(listener, shutdown_signal()).await?;
+        let mut ready = format!("grpc {}", grpc.local_addr()?);
+        if let Some(h) = &http {
+            ready += &format!(" http {}", h.local_addr()?);
+            tracing::info!(model = router.model_name(), "OpenAI API on http://{}/v1", h.local_addr()?);
+        }
+        announce(&ready)?;
+        router.serve(grpc, http, shutdown_signal()).await?;
         Ok(())
     })
 }

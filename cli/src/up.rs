@@ -1,6 +1,7 @@
 //! `switchyard up`: a whole cluster on this machine. Starts N expert nodes and a router as
 //! child processes on loopback, with a placement that puts every expert on R nodes, prints
-//! `ready: grpc ADDRESS` once the router serves, and stops every child on Ctrl-C or SIGTERM.
+//! `ready: grpc ADDRESS http ADDRESS` once the router serves, and stops every child on Ctrl-C
+//! or SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +27,9 @@ pub struct Args {
     /// Address of the router's gRPC API (port 0: any free port).
     #[arg(long, env = "SWITCHYARD_GRPC", default_value = "127.0.0.1:0")]
     grpc: SocketAddr,
+    /// Address of the router's OpenAI HTTP API.
+    #[arg(long, env = "SWITCHYARD_HTTP", default_value = "127.0.0.1:8000")]
+    http: SocketAddr,
     /// Compute threads per expert node (default: one per core).
     #[arg(long, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
@@ -67,7 +71,8 @@ pub async fn start_nodes(model: &std::path::Path, sets: &[ExpertSet], extra: &[S
     }
     let mut addresses = Vec::new();
     for p in &mut procs {
-        addresses.push(p.ready(START_TIMEOUT).await?);
+        let ready = p.ready(START_TIMEOUT).await?;
+        addresses.push(ready.rsplit(' ').next().unwrap_or_default().to_string());
     }
     Ok((procs, addresses))
 }
@@ -99,6 +104,8 @@ pub fn run(args: Args) -> Result<()> {
                 args.model.display().to_string(),
                 "--listen".into(),
                 args.grpc.to_string(),
+                "--http".into(),
+                args.http.to_string(),
                 "--expert-nodes".into(),
                 addresses.join(","),
                 "--dispatch-timeout-ms".into(),
@@ -112,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
         let outcome = tokio::select! {
             addr = started => match addr {
                 Ok(addr) => {
-                    println!("ready: grpc {addr}");
+                    println!("ready: {addr}");
                     tracing::info!(nodes = args.expert_nodes, replicas = args.replicas, "cluster up");
                     watch(&mut children).await
                 }

@@ -156,7 +156,8 @@ fn an_expert_without_a_reachable_replica_fails_the_request_clearly() {
 #[test]
 fn a_router_refuses_a_placement_that_leaves_experts_unheld() {
     let model = fixture("mixtral");
-    let (mut node, addr) = spawn_ready(&["expert-node", "--model", &model, "--experts", "0-3"], &[]);
+    let (mut node, ready) = spawn_ready(&["expert-node", "--model", &model, "--experts", "0-3"], &[]);
+    let addr = address_of(&ready, "expert-node");
     let err = stderr_of_failure(&["router", "--model", &model, "--expert-nodes", &addr]);
     assert!(err.contains("layer 0 expert 4 is held by no expert node"), "{err}");
     let _ = node.kill();

@@ -52,6 +52,15 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Generation {
     pub prompt_ids: Vec<u32>,
@@ -79,6 +88,11 @@ impl Sequence {
     /// Whether the prompt has been fed whole.
     pub fn is_decoding(&self) -> bool {
         self.fed == self.request.prompt_ids.len()
+    }
+
+    /// Bytes of its KV cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.size_in_bytes()
     }
 
     pub fn into_generation(self) -> Generation {

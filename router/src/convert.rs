@@ -5,7 +5,48 @@ use switchyard_model::tokenizer::Tokenizer;
 use switchyard_model::{GenerateRequest, SamplingParams};
 use switchyard_proto::v1;
 
-use crate::scheduler::Prompt;
+use crate::scheduler::{Event, ServeError};
+
+/// A request's prompt before tokenization.
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl From<ServeError> for tonic::Status {
+    fn from(e: ServeError) -> Self {
+        let message = e.to_string();
+        match e {
+            ServeError::Invalid(_) => tonic::Status::invalid_argument(message),
+            ServeError::Overloaded(_) => tonic::Status::resource_exhausted(message),
+            ServeError::Unavailable(_) => tonic::Status::unavailable(message),
+            ServeError::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}
+
+/// The `GenerateResponse` of an engine event; `ids` collects the generated ids for the final
+/// text.
+pub fn event(e: Event, ids: &mut Vec<u32>, tokenizer: Option<&Tokenizer>) -> v1::GenerateResponse {
+    use switchyard_model::FinishReason;
+    use v1::generate_response::Event as E;
+    let event = match e {
+        Event::Started { prompt_ids } => E::Started(v1::Started { prompt_ids }),
+        Event::Token(t) => {
+            ids.push(t.id);
+            E::Token(token(&t, tokenizer))
+        }
+        Event::Finished(reason) => {
+            let reason = match reason {
+                FinishReason::Stop => v1::FinishReason::Stop,
+                FinishReason::Length => v1::FinishReason::Length,
+            };
+            let text = tokenizer.and_then(|t| t.decode(ids).ok()).unwrap_or_default();
+            E::Finished(v1::Finished { reason: reason as i32, text })
+        }
+    };
+    v1::GenerateResponse { event: Some(event) }
+}
 
 pub fn token(t: &GeneratedToken, tokenizer: Option<&Tokenizer>) -> v1::GeneratedToken {
     v1::GeneratedToken {

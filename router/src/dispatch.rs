@@ -142,6 +142,9 @@ impl RemoteExperts {
         let start = Instant::now();
         while !todo.is_empty() {
             let plan = self.plan(layer, &todo, &excluded)?;
+            if excluded.is_empty() {
+                count_routed(layer, &todo);
+            }
             todo.clear();
             let mut calls = JoinSet::new();
             for (n, routes) in plan {
@@ -163,7 +166,13 @@ impl RemoteExperts {
                 };
                 let node = self.cluster.nodes[n].clone();
                 let timeout = self.timeout;
-                calls.spawn(async move { (n, share, node.dispatch(req, timeout).await) });
+                calls.spawn(async move {
+                    let sent = Instant::now();
+                    let answer = node.dispatch(req, timeout).await;
+                    ::metrics::histogram!(crate::metric_names::DISPATCH_LATENCY, "node" => node.address.clone())
+                        .record(sent.elapsed().as_secs_f64());
+                    (n, share, answer)
+                });
             }
             while let Some(joined) = calls.join_next().await {
                 let (n, share, answer) = joined.map_err(|e| ModelError::Dispatch { layer, reason: e.to_string() })?;
@@ -221,6 +230,18 @@ impl RemoteExperts {
         self.stats.micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.stats.compute_micros.fetch_add(slowest_compute, Ordering::Relaxed);
         Ok(out)
+    }
+}
+
+/// Tokens routed to each expert of `layer` (for the balancer), counted once per layer pass.
+fn count_routed(layer: usize, routes: &[Assignment]) {
+    let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
+    for a in routes {
+        *counts.entry(a.expert).or_default() += 1;
+    }
+    for (expert, n) in counts {
+        ::metrics::counter!(crate::metric_names::ROUTED_TOKENS, "layer" => layer.to_string(), "expert" => expert.to_string())
+            .increment(n);
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`dispatch`]: [`RemoteExperts`], the expert backend with replica choice and failover.
 //! - [`scheduler`]: the engine thread, batching running and newly admitted sequences per step.
 //! - [`service`]: the gRPC `Router` service (`Generate`, `ClusterStatus`).
+//! - [`http`]: the OpenAI-compatible HTTP API.
+//! - [`metric_names`]: the metrics recorded (Prometheus, `/metrics`).
 //! - [`convert`]: protobuf ⇄ model types.
 //! - [`error`]: the error type, [`RouterError`].
 
@@ -18,6 +20,8 @@ pub mod cluster;
 pub mod convert;
 pub mod dispatch;
 pub mod error;
+pub mod http;
+pub mod metric_names;
 pub mod scheduler;
 pub mod service;
 
@@ -25,6 +29,9 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use switchyard_model::chat::ChatTemplate;
 use switchyard_model::{Engine, ModelSpec};
 use switchyard_proto::v1::router_server::RouterServer;
 use tokio::net::TcpListener;
@@ -59,14 +66,18 @@ pub struct Config {
     /// Sequences batched into one step at most.
     #[arg(long, env = "SWITCHYARD_MAX_BATCH", default_value_t = 64)]
     pub max_batch: usize,
-    /// Requests waiting for a slot at most; more are refused (RESOURCE_EXHAUSTED).
+    /// Requests waiting for a slot at most; more are refused (RESOURCE_EXHAUSTED / 503).
     #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 1024)]
     pub max_queue: usize,
+    /// The model name the HTTP API answers to (default: the checkpoint directory's name).
+    #[arg(long, env = "SWITCHYARD_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
 }
 
 /// A started router, ready to serve.
 pub struct Router {
     service: RouterService,
+    http: Arc<http::HttpState>,
 }
 
 impl Router {
@@ -94,18 +105,56 @@ impl Router {
             "router ready for {}",
             config.model.display()
         );
+        let tokenizer = engine.tokenizer.clone();
+        let max_context = engine.model.spec.max_context;
         let scheduler = Scheduler::start(engine, config.max_batch, config.max_queue)?;
-        let service = RouterService { scheduler, cluster, model_type: spec.arch.model_type(), epoch: STATIC_EPOCH };
-        Ok(Router { service })
+        let http = Arc::new(http::HttpState {
+            scheduler: scheduler.clone(),
+            tokenizer: tokenizer.clone(),
+            template: ChatTemplate::from_dir(&config.model)?,
+            model_name: config.served_model_name.clone().unwrap_or_else(|| default_model_name(&config.model)),
+            max_context,
+            metrics: metrics_recorder(),
+            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        });
+        let service =
+            RouterService { scheduler, tokenizer, cluster, model_type: spec.arch.model_type(), epoch: STATIC_EPOCH };
+        Ok(Router { service, http })
     }
 
-    /// Serves the gRPC API on `listener` until `shutdown` resolves.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), RouterError> {
+    /// The name the HTTP API answers to.
+    pub fn model_name(&self) -> &str {
+        &self.http.model_name
+    }
+
+    /// Serves the gRPC API on `grpc` and, if given, the OpenAI HTTP API on `http`, until
+    /// `shutdown` resolves.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RouterError> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+        let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|&s| s).await;
+        };
+        let http_server = http.map(|listener| {
+            let app = http::app(self.http.clone());
+            tokio::spawn(http::serve(listener, app, until(stopped.clone())))
+        });
         tonic::transport::Server::builder()
             .add_service(RouterServer::new(self.service))
-            .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(listener), shutdown)
+            .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(grpc), until(stopped))
             .await
             .map_err(std::io::Error::other)?;
+        if let Some(h) = http_server {
+            h.await.map_err(std::io::Error::other)??;
+        }
         Ok(())
     }
 }
@@ -113,8 +162,30 @@ impl Router {
 /// Starts and serves: [`Router::start`], then [`Router::serve`].
 pub async fn run(
     config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
-    Router::start(config, Box::new(|_, _| {})).await?.serve(listener, shutdown).await
+    Router::start(config, Box::new(|_, _| {})).await?.serve(grpc, http, shutdown).await
+}
+
+fn default_model_name(dir: &std::path::Path) -> String {
+    dir.canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// The process-wide Prometheus recorder (installed once; `None` if another recorder is).
+fn metrics_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&metric_names::LATENCY_BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
 }

@@ -5,27 +5,55 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
 
+use metrics::{counter, gauge, histogram};
+
+use switchyard_model::engine::GeneratedToken;
 use switchyard_model::{Engine, FinishReason, GenerateRequest, ModelError, Sequence};
 use switchyard_proto::MAX_DISPATCH_TOKENS;
-use switchyard_proto::v1::{self, GenerateResponse, generate_response::Event};
+
+use crate::metric_names as names;
 use tokio::sync::mpsc;
-use tonic::Status;
 
-use crate::convert;
-
-/// A request's prompt before tokenization.
-pub enum Prompt {
-    Text(String),
-    Ids(Vec<u32>),
+/// What happens to a request, in order: `Started`, a `Token` per generated token, `Finished`;
+/// or an error at any point, after which nothing follows.
+#[derive(Debug)]
+pub enum Event {
+    Started { prompt_ids: Vec<u32> },
+    Token(GeneratedToken),
+    Finished(FinishReason),
 }
 
-/// One request handed to the engine thread; its events go to `events`, the first being
-/// `Started` or an error.
+/// Why a request was refused or failed; each front end maps it to its own status.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServeError {
+    /// The request itself is wrong (names the field or value).
+    #[error("{0}")]
+    Invalid(String),
+    /// Too much queued; retry later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The cluster cannot serve it now (no reachable replica, shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Events = mpsc::UnboundedSender<Result<Event, ServeError>>;
+
+/// One request handed to the engine thread (prompt already tokenized); its events go to
+/// `events`, the first being `Started` or an error. Dropping the receiver cancels it.
 pub struct Submission {
-    pub prompt: Prompt,
     pub request: GenerateRequest,
-    pub events: mpsc::UnboundedSender<Result<GenerateResponse, Status>>,
+    pub events: Events,
+}
+
+/// When a running request passed each point, for the latency metrics.
+struct Timing {
+    submitted: Instant,
+    last_token: Option<Instant>,
 }
 
 /// Requests waiting for and running on the engine thread.
@@ -37,7 +65,7 @@ pub struct Load {
 
 #[derive(Clone)]
 pub struct Scheduler {
-    submissions: mpsc::Sender<Submission>,
+    submissions: mpsc::Sender<(Submission, Instant)>,
     pub load: Arc<Load>,
 }
 
@@ -45,7 +73,7 @@ impl Scheduler {
     /// Starts the engine thread; at most `max_batch` sequences run at once and at most
     /// `max_queue` wait.
     pub fn start(engine: Engine, max_batch: usize, max_queue: usize) -> std::io::Result<Self> {
-        let (submissions, rx) = mpsc::channel(max_queue.max(1));
+        let (submissions, rx) = mpsc::channel::<(Submission, Instant)>(max_queue.max(1));
         let load = Arc::new(Load::default());
         let counters = load.clone();
         std::thread::Builder::new()
@@ -55,31 +83,26 @@ impl Scheduler {
     }
 
     /// Queues `s`, or refuses it when the queue is full or the engine has stopped.
-    pub fn submit(&self, s: Submission) -> Result<(), Status> {
-        self.submissions.try_send(s).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Status::resource_exhausted("the router's request queue is full"),
-            mpsc::error::TrySendError::Closed(_) => Status::unavailable("the router is shutting down"),
+    pub fn submit(&self, s: Submission) -> Result<(), ServeError> {
+        self.submissions.try_send((s, Instant::now())).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ServeError::Overloaded("the router's request queue is full".into()),
+            mpsc::error::TrySendError::Closed(_) => ServeError::Unavailable("the router is shutting down".into()),
         })?;
-        self.load.queued.fetch_add(1, Ordering::Relaxed);
+        let queued = self.load.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        gauge!(names::WAITING).set(queued as f64);
         Ok(())
     }
 }
-
-type Events = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
 
 struct EngineLoop {
     engine: Engine,
     max_batch: usize,
     load: Arc<Load>,
-    running: Vec<(Sequence, Events)>,
-}
-
-fn event(e: Event) -> Result<GenerateResponse, Status> {
-    Ok(GenerateResponse { event: Some(e) })
+    running: Vec<(Sequence, Events, Timing)>,
 }
 
 impl EngineLoop {
-    fn run(mut self, mut rx: mpsc::Receiver<Submission>) {
+    fn run(mut self, mut rx: mpsc::Receiver<(Submission, Instant)>) {
         loop {
             if self.running.is_empty() {
                 match rx.blocking_recv() {
@@ -94,66 +117,74 @@ impl EngineLoop {
                 }
             }
             // A client that went away frees its slot.
-            self.running.retain(|(_, events)| !events.is_closed());
-            self.load.running.store(self.running.len() as u32, Ordering::Relaxed);
+            self.running.retain(|(_, events, _)| !events.is_closed());
+            self.publish();
             if !self.running.is_empty() {
                 self.step();
-                self.load.running.store(self.running.len() as u32, Ordering::Relaxed);
+                self.publish();
             }
         }
     }
 
-    fn admit(&mut self, s: Submission) {
+    /// Running and waiting counts for the status RPC and the metrics.
+    fn publish(&self) {
+        self.load.running.store(self.running.len() as u32, Ordering::Relaxed);
+        gauge!(names::RUNNING).set(self.running.len() as f64);
+        gauge!(names::WAITING).set(self.load.queued.load(Ordering::Relaxed) as f64);
+        let kv: usize = self.running.iter().map(|(s, _, _)| s.cache_bytes()).sum();
+        gauge!(names::KV_CACHE_BYTES).set(kv as f64);
+    }
+
+    fn admit(&mut self, (s, submitted): (Submission, Instant)) {
         self.load.queued.fetch_sub(1, Ordering::Relaxed);
-        let ids = match s.prompt {
-            Prompt::Ids(ids) => Ok(ids),
-            Prompt::Text(text) => self.engine.tokenizer().and_then(|t| t.encode(&text)),
-        };
-        let request = GenerateRequest { prompt_ids: ids.unwrap_or_default(), ..s.request };
-        match self.engine.start(request) {
+        histogram!(names::QUEUE_TIME).record(submitted.elapsed().as_secs_f64());
+        match self.engine.start(s.request) {
             Ok(seq) => {
-                let started = v1::Started { prompt_ids: seq.request.prompt_ids.clone() };
-                if s.events.send(event(Event::Started(started))).is_ok() {
-                    self.running.push((seq, s.events));
+                let started = Event::Started { prompt_ids: seq.request.prompt_ids.clone() };
+                counter!(names::PROMPT_TOKENS).increment(seq.request.prompt_ids.len() as u64);
+                if s.events.send(Ok(started)).is_ok() {
+                    self.running.push((seq, s.events, Timing { submitted, last_token: None }));
                 }
             }
             Err(e) => {
-                let _ = s.events.send(Err(Status::invalid_argument(e.to_string())));
+                let _ = s.events.send(Err(ServeError::Invalid(e.to_string())));
             }
         }
     }
 
     fn step(&mut self) {
-        let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|(s, _)| s).collect();
+        let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|(s, _, _)| s).collect();
         match self.engine.step(&mut seqs, MAX_DISPATCH_TOKENS) {
             Ok(tokens) => {
-                let tokenizer = self.engine.tokenizer.as_ref();
-                for ((seq, events), token) in self.running.iter().zip(tokens) {
+                let now = Instant::now();
+                for ((seq, events, timing), token) in self.running.iter_mut().zip(tokens) {
                     if let Some(t) = token {
-                        let _ = events.send(event(Event::Token(convert::token(&t, tokenizer))));
+                        counter!(names::GENERATION_TOKENS).increment(1);
+                        match timing.last_token {
+                            None => histogram!(names::TIME_TO_FIRST_TOKEN).record((now - timing.submitted).as_secs_f64()),
+                            Some(last) => histogram!(names::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
+                        }
+                        timing.last_token = Some(now);
+                        let _ = events.send(Ok(Event::Token(t)));
                     }
                     if let Some(reason) = seq.finish_reason {
-                        let ids: Vec<u32> = seq.tokens.iter().map(|t| t.id).collect();
-                        let text = tokenizer.and_then(|t| t.decode(&ids).ok()).unwrap_or_default();
-                        let reason = match reason {
-                            FinishReason::Stop => v1::FinishReason::Stop,
-                            FinishReason::Length => v1::FinishReason::Length,
-                        };
-                        let _ = events.send(event(Event::Finished(v1::Finished { reason: reason as i32, text })));
+                        histogram!(names::E2E_LATENCY).record((now - timing.submitted).as_secs_f64());
+                        counter!(names::REQUESTS, "finished_reason" => reason.as_str()).increment(1);
+                        let _ = events.send(Ok(Event::Finished(reason)));
                     }
                 }
-                self.running.retain(|(s, _)| !s.is_finished());
+                self.running.retain(|(s, _, _)| !s.is_finished());
             }
             Err(e) => {
                 // The step left every sequence as it was, but without the experts it needs
                 // it cannot go on: fail the affected requests rather than leave them hanging.
                 tracing::error!(error = %e, requests = self.running.len(), "step failed");
-                let status = match &e {
-                    ModelError::ExpertUnavailable { .. } => Status::unavailable(e.to_string()),
-                    _ => Status::internal(e.to_string()),
+                let err = match &e {
+                    ModelError::ExpertUnavailable { .. } => ServeError::Unavailable(e.to_string()),
+                    _ => ServeError::Internal(e.to_string()),
                 };
-                for (_, events) in self.running.drain(..) {
-                    let _ = events.send(Err(status.clone()));
+                for (_, events, _) in self.running.drain(..) {
+                    let _ = events.send(Err(err.clone()));
                 }
             }
         }

@@ -14,11 +14,13 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::cluster::Cluster;
-use crate::convert;
+use crate::convert::{self, Prompt};
 use crate::scheduler::{Scheduler, Submission};
+use switchyard_model::tokenizer::Tokenizer;
 
 pub struct RouterService {
     pub scheduler: Scheduler,
+    pub tokenizer: Option<Tokenizer>,
     pub cluster: Arc<Cluster>,
     pub model_type: &'static str,
     pub epoch: u64,
@@ -31,18 +33,31 @@ impl Router for RouterService {
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let (prompt, request) = convert::request(request.into_inner())?;
-        let (events, rx) = mpsc::unbounded_channel();
-        self.scheduler.submit(Submission { prompt, request, events })?;
-        let mut rx = UnboundedReceiverStream::new(rx);
+        let (prompt, mut request) = convert::request(request.into_inner())?;
+        let tokenizer = self.tokenizer.clone();
+        request.prompt_ids = match prompt {
+            Prompt::Ids(ids) => ids,
+            Prompt::Text(text) => tokenizer
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("the model has no tokenizer; send token_ids"))?
+                .encode(&text)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        };
+        let (events, mut rx) = mpsc::unbounded_channel();
+        self.scheduler.submit(Submission { request, events })?;
         // The first event says whether the request was accepted; a rejection is the call's
         // status rather than an error inside the stream.
-        let first = match rx.next().await {
-            Some(Ok(started)) => started,
-            Some(Err(status)) => return Err(status),
+        let mut ids = Vec::new();
+        let first = match rx.recv().await {
+            Some(Ok(e)) => convert::event(e, &mut ids, tokenizer.as_ref()),
+            Some(Err(e)) => return Err(e.into()),
             None => return Err(Status::unavailable("the router is shutting down")),
         };
-        let stream = tokio_stream::once(Ok(first)).chain(rx);
+        let rest = UnboundedReceiverStream::new(rx).map(move |e| match e {
+            Ok(e) => Ok(convert::event(e, &mut ids, tokenizer.as_ref())),
+            Err(e) => Err(Status::from(e)),
+        });
+        let stream = tokio_stream::once(Ok(first)).chain(rest);
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -45,7 +45,15 @@ pub fn stderr_of_failure(args: &[&str]) -> String {
     last
 }
 
-/// Starts `switchyard args` with stdout piped and waits for its `ready: <what> <addr>` line.
+/// The address after `what` in a ready line (`grpc 127.0.0.1:1 http 127.0.0.1:2`).
+pub fn address_of(ready: &str, what: &str) -> String {
+    let words: Vec<&str> = ready.split(' ').collect();
+    let i = words.iter().position(|w| *w == what).unwrap_or_else(|| panic!("no {what} in `{ready}`"));
+    words[i + 1].to_string()
+}
+
+/// Starts `switchyard args` with stdout piped and waits for its `ready: ...` line; returns the
+/// child and what follows `ready: `.
 pub fn spawn_ready(args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
@@ -59,7 +67,7 @@ pub fn spawn_ready(args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("ready: ") {
-                let _ = tx.send(rest.rsplit(' ').next().unwrap().to_string());
+                let _ = tx.send(rest.to_string());
             }
         }
     });
@@ -100,15 +108,18 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// A cluster started with `switchyard up`.
 pub struct UpCluster {
     pub child: Child,
+    /// The router's gRPC address.
     pub addr: String,
+    /// The OpenAI API's base URL, `http://host:port/v1`.
+    pub http: String,
 }
 
 impl UpCluster {
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut full = vec!["up"];
+        let mut full = vec!["up", "--http", "127.0.0.1:0"];
         full.extend_from_slice(args);
-        let (child, addr) = spawn_ready(&full, env);
-        UpCluster { child, addr }
+        let (child, ready) = spawn_ready(&full, env);
+        UpCluster { child, addr: address_of(&ready, "grpc"), http: format!("http://{}/v1", address_of(&ready, "http")) }
     }
 
     pub fn status(&self) -> Value {

@@ -1,0 +1,213 @@
+//! [`Choice`]: one generated sequence of an OpenAI request, from submission to finish: turns
+//! the engine's tokens into text deltas (holding back an incomplete UTF-8 character and
+//! anything that may be the start of a stop string), stops at stop strings, and cancels the
+//! sequence in the engine when it stops early or is dropped.
+
+use serde_json::{Value, json};
+use switchyard_model::engine::GeneratedToken;
+use switchyard_model::tokenizer::Tokenizer;
+use switchyard_model::{FinishReason, GenerateRequest, SamplingParams};
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use crate::scheduler::{Event, Scheduler, ServeError, Submission};
+
+/// Generation settings shared by every choice of a request.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Alternatives to report per token; `None`: no log-probabilities at all.
+    pub logprobs: Option<usize>,
+    pub ignore_eos: bool,
+    pub stop: Vec<String>,
+    pub tokens_as_ids: bool,
+}
+
+/// What a choice produced since the last call.
+#[derive(Default)]
+pub struct Delta {
+    pub text: String,
+    pub tokens: Vec<GeneratedToken>,
+    /// Byte offset in the choice's text where each of `tokens` starts.
+    pub offsets: Vec<usize>,
+    pub finish: Option<&'static str>,
+}
+
+pub struct Choice {
+    pub index: usize,
+    pub prompt_ids: Vec<u32>,
+    events: Option<mpsc::UnboundedReceiver<Result<Event, ServeError>>>,
+    ids: Vec<u32>,
+    /// The decoded text of `ids` (cut at a stop string once one is seen).
+    text: String,
+    /// Bytes of `text` already handed out.
+    sent: usize,
+    stop: Vec<String>,
+    finish: Option<&'static str>,
+}
+
+impl Choice {
+    /// Submits one sequence and waits until the engine accepts it.
+    pub async fn start(scheduler: &Scheduler, prompt_ids: Vec<u32>, params: &Params, index: usize) -> Result<Self, ApiError> {
+        let (events, mut rx) = mpsc::unbounded_channel();
+        let request = GenerateRequest {
+            prompt_ids: prompt_ids.clone(),
+            max_tokens: params.max_tokens,
+            sampling: params.sampling.clone(),
+            top_logprobs: params.logprobs.unwrap_or(0),
+            ignore_eos: params.ignore_eos,
+        };
+        scheduler.submit(Submission { request, events })?;
+        match rx.recv().await {
+            Some(Ok(Event::Started { .. })) => {}
+            Some(Ok(other)) => return Err(ServeError::Internal(format!("unexpected first event {other:?}")).into()),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ServeError::Unavailable("the router is shutting down".into()).into()),
+        }
+        Ok(Choice {
+            index,
+            prompt_ids,
+            events: Some(rx),
+            ids: Vec::new(),
+            text: String::new(),
+            sent: 0,
+            stop: params.stop.clone(),
+            finish: None,
+        })
+    }
+
+    pub fn completion_tokens(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Waits for the next token (or the end) and returns what can be handed out now; `None`
+    /// once the choice has finished.
+    pub async fn next(&mut self, tokenizer: Option<&Tokenizer>) -> Result<Option<Delta>, ApiError> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        let Some(events) = &mut self.events else { return Ok(None) };
+        let mut delta = Delta::default();
+        match events.recv().await {
+            Some(Ok(Event::Token(t))) => {
+                delta.offsets.push(self.text.len());
+                self.ids.push(t.id);
+                delta.tokens.push(t);
+                self.text = tokenizer.and_then(|tk| tk.decode(&self.ids).ok()).unwrap_or_default();
+                if let Some(at) = self.find_stop() {
+                    self.text.truncate(at);
+                    self.end("stop");
+                }
+            }
+            Some(Ok(Event::Finished(reason))) => {
+                self.end(match reason {
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                });
+            }
+            Some(Ok(Event::Started { .. })) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ServeError::Unavailable("the router stopped mid-generation".into()).into()),
+        }
+        let release = if self.finish.is_some() { self.text.len() } else { self.text.len() - self.held_back() };
+        if release > self.sent {
+            delta.text = self.text[self.sent..release].to_string();
+            self.sent = release;
+        }
+        delta.finish = self.finish;
+        Ok(Some(delta))
+    }
+
+    fn end(&mut self, reason: &'static str) {
+        self.finish = Some(reason);
+        // Dropping the receiver tells the engine to drop the sequence.
+        self.events = None;
+    }
+
+    /// Where the first stop string starts in the text, if one has appeared.
+    fn find_stop(&self) -> Option<usize> {
+        self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min()
+    }
+
+    /// Trailing bytes that must wait: an incomplete character, or a prefix of a stop string.
+    fn held_back(&self) -> usize {
+        if self.text.ends_with('\u{FFFD}') {
+            return '\u{FFFD}'.len_utf8();
+        }
+        let mut hold = 0;
+        for s in &self.stop {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.text.ends_with(&s[..i]) {
+                    hold = hold.max(i);
+                }
+            }
+        }
+        hold
+    }
+
+    /// Runs to the end; returns the whole text, every token with its offset, and the reason.
+    pub async fn collect(mut self, tokenizer: Option<&Tokenizer>) -> Result<Collected, ApiError> {
+        let mut out = Collected { index: self.index, prompt_tokens: self.prompt_ids.len(), ..Default::default() };
+        while let Some(d) = self.next(tokenizer).await? {
+            out.text.push_str(&d.text);
+            out.tokens.extend(d.tokens);
+            out.offsets.extend(d.offsets);
+            out.finish = d.finish.unwrap_or(out.finish);
+        }
+        out.completion_tokens = self.ids.len();
+        Ok(out)
+    }
+}
+
+#[derive(Default)]
+pub struct Collected {
+    pub index: usize,
+    pub text: String,
+    pub tokens: Vec<GeneratedToken>,
+    pub offsets: Vec<usize>,
+    pub finish: &'static str,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// A token as the API shows it: its text, or `token_id:N` when asked.
+pub fn token_str(id: u32, tokenizer: Option<&Tokenizer>, as_ids: bool) -> String {
+    match tokenizer {
+        Some(t) if !as_ids => t.token_text(id),
+        _ => format!("token_id:{id}"),
+    }
+}
+
+/// The legacy completions `logprobs` object.
+pub fn completion_logprobs(tokens: &[GeneratedToken], offsets: &[usize], tk: Option<&Tokenizer>, as_ids: bool) -> Value {
+    json!({
+        "tokens": tokens.iter().map(|t| token_str(t.id, tk, as_ids)).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens.iter().map(|t| {
+            t.top_logprobs.iter().map(|x| (token_str(x.id, tk, as_ids), json!(x.logprob))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+/// The chat `logprobs` object.
+pub fn chat_logprobs(tokens: &[GeneratedToken], tk: Option<&Tokenizer>, as_ids: bool) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let token = token_str(id, tk, as_ids);
+        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+    };
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(t.id, t.logprob);
+            e["top_logprobs"] = t.top_logprobs.iter().map(|x| entry(x.id, x.logprob)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}

@@ -1,0 +1,68 @@
+//! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the HTTP
+//! status a client expects. The one mapping from [`ServeError`] to HTTP lives here.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::scheduler::ServeError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), param, code: None }
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::UNAUTHORIZED, message: message.into(), param: None, code: Some("invalid_api_key") }
+    }
+
+    pub fn model_not_found(model: &str, served: &str) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist; this server serves `{served}`"),
+            param: Some("model"),
+            code: Some("model_not_found"),
+        }
+    }
+
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::TOO_MANY_REQUESTS, message: message.into(), param: None, code: Some("rate_limit_exceeded") }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        let status = match &e {
+            ServeError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ServeError::Overloaded(_) | ServeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError { status, message: e.to_string(), param: None, code: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.code}});
+        (self.status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,313 @@
+//! `/v1/completions` and `/v1/chat/completions`: validate, tokenize (chat through the
+//! checkpoint's template), start every choice (`n` per prompt), then answer with one JSON
+//! body or stream server-sent events ending in `data: [DONE]`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event as Sse, Sse as SseBody};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use switchyard_model::SamplingParams;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::choice::{Choice, Collected, Delta, Params, chat_logprobs, completion_logprobs};
+use super::error::ApiError;
+use super::openai::{ChatRequest, CompletionRequest, Prompt, Sampling, prompts, stops};
+use super::{ApiJson, HttpState};
+
+/// Most choices one request may ask for (`n` times the prompts).
+const MAX_CHOICES: usize = 128;
+/// Most alternatives per token, as OpenAI allows.
+const MAX_LOGPROBS: u32 = 20;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Completions,
+    Chat,
+}
+
+impl Api {
+    fn object(self, stream: bool) -> &'static str {
+        match (self, stream) {
+            (Api::Completions, _) => "text_completion",
+            (Api::Chat, false) => "chat.completion",
+            (Api::Chat, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+fn request_id(api: Api) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
+    format!("{prefix}-{t:x}{n:04x}")
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Checks the shared fields and builds the generation settings.
+fn params(s: &Sampling, max_tokens: Option<u64>, default_max: usize, logprobs: Option<u32>) -> Result<Params, ApiError> {
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+        return Err(ApiError::invalid(format!("`temperature` must be in [0, 2], got {temperature}"), Some("temperature")));
+    }
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(format!("`top_p` must be in (0, 1], got {top_p}"), Some("top_p")));
+    }
+    let top_k = match s.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => return Err(ApiError::invalid(format!("`top_k` must be -1, 0 or positive, got {k}"), Some("top_k"))),
+    };
+    let max_tokens = match max_tokens {
+        Some(0) => return Err(ApiError::invalid("`max_tokens` must be at least 1", Some("max_tokens"))),
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => default_max,
+    };
+    if let Some(n) = logprobs
+        && n > MAX_LOGPROBS
+    {
+        return Err(ApiError::invalid(format!("`logprobs` must be at most {MAX_LOGPROBS}, got {n}"), Some("logprobs")));
+    }
+    Ok(Params {
+        max_tokens,
+        sampling: SamplingParams { temperature, top_p, top_k, seed: s.seed },
+        logprobs: logprobs.map(|n| n as usize),
+        ignore_eos: s.ignore_eos,
+        stop: stops(s.stop.as_ref())?,
+        tokens_as_ids: s.return_tokens_as_token_ids,
+    })
+}
+
+fn choices_per_prompt(s: &Sampling) -> Result<usize, ApiError> {
+    match s.n.unwrap_or(1) {
+        0 => Err(ApiError::invalid("`n` must be at least 1", Some("n"))),
+        n => Ok(n as usize),
+    }
+}
+
+/// Starts `n` choices per prompt; choice `i` of a seeded request uses seed + i so the
+/// choices differ but repeat.
+async fn start(state: &HttpState, prompts: Vec<Vec<u32>>, n: usize, params: &Params) -> Result<Vec<Choice>, ApiError> {
+    if prompts.len() * n > MAX_CHOICES {
+        return Err(ApiError::invalid(format!("at most {MAX_CHOICES} choices per request (prompts × n)"), Some("n")));
+    }
+    let mut pending = Vec::new();
+    for (p, ids) in prompts.into_iter().enumerate() {
+        for i in 0..n {
+            let mut params = params.clone();
+            params.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            let (scheduler, ids) = (state.scheduler.clone(), ids.clone());
+            pending.push(tokio::spawn(async move { Choice::start(&scheduler, ids, &params, p * n + i).await }));
+        }
+    }
+    let mut choices = Vec::with_capacity(pending.len());
+    for p in pending {
+        choices.push(p.await.map_err(|e| ApiError::from(crate::scheduler::ServeError::Internal(e.to_string())))??);
+    }
+    Ok(choices)
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
+}
+
+/// Prompt tokens of a request: each distinct prompt once, however many choices it has.
+fn prompt_tokens(choices: &[Choice], n: usize) -> usize {
+    choices.iter().step_by(n).map(|c| c.prompt_ids.len()).sum()
+}
+
+pub async fn completions(State(state): State<Arc<HttpState>>, ApiJson(r): ApiJson<CompletionRequest>) -> Result<Response, ApiError> {
+    state.check_model(&r.sampling.model)?;
+    if r.echo && r.logprobs.is_some() {
+        return Err(ApiError::invalid("`echo` together with `logprobs` is not supported", Some("echo")));
+    }
+    let params = params(&r.sampling, r.sampling.max_tokens, 16, r.logprobs)?;
+    let mut ids = Vec::new();
+    for p in prompts(&r.prompt)? {
+        ids.push(match p {
+            Prompt::Ids(ids) => ids,
+            Prompt::Text(text) => state.tokenizer()?.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?,
+        });
+    }
+    let n = choices_per_prompt(&r.sampling)?;
+    let choices = start(&state, ids, n, &params).await?;
+    respond(state, Api::Completions, choices, n, params, &r.sampling, r.echo).await
+}
+
+pub async fn chat(State(state): State<Arc<HttpState>>, ApiJson(r): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
+    state.check_model(&r.sampling.model)?;
+    if r.messages.is_empty() {
+        return Err(ApiError::invalid("`messages` is empty", Some("messages")));
+    }
+    let template = state.template.as_ref().ok_or_else(|| {
+        ApiError::invalid("the model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions", Some("messages"))
+    })?;
+    let text = template.render(&r.messages, true).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let ids = state.tokenizer()?.encode_raw(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let logprobs = if r.logprobs { Some(r.top_logprobs.unwrap_or(0)) } else { None };
+    let max_tokens = r.max_completion_tokens.or(r.sampling.max_tokens);
+    let params = params(&r.sampling, max_tokens, state.max_context.saturating_sub(ids.len()).max(1), logprobs)?;
+    let n = choices_per_prompt(&r.sampling)?;
+    let choices = start(&state, vec![ids], n, &params).await?;
+    respond(state, Api::Chat, choices, n, params, &r.sampling, false).await
+}
+
+async fn respond(
+    state: Arc<HttpState>,
+    api: Api,
+    choices: Vec<Choice>,
+    n: usize,
+    params: Params,
+    s: &Sampling,
+    echo: bool,
+) -> Result<Response, ApiError> {
+    let id = request_id(api);
+    let include_usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let head = Head { id, created: now(), model: state.model_name.clone(), api };
+    if s.stream {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(stream(state, head, choices, n, params, include_usage, echo, tx));
+        return Ok(SseBody::new(ReceiverStream::new(rx)).into_response());
+    }
+    let prompt_tokens = prompt_tokens(&choices, n);
+    let tk = state.tokenizer.as_ref();
+    let mut done: Vec<Collected> = Vec::with_capacity(choices.len());
+    let prompt_texts: Vec<String> = choices.iter().map(|c| echo_text(&state, c, echo)).collect();
+    for c in choices {
+        done.push(c.collect(tk).await?);
+    }
+    let completion_tokens = done.iter().map(|c| c.completion_tokens).sum();
+    let body: Vec<Value> = done
+        .iter()
+        .zip(prompt_texts)
+        .map(|(c, prefix)| {
+            let logprobs = params.logprobs.map(|_| match api {
+                Api::Completions => completion_logprobs(&c.tokens, &c.offsets, tk, params.tokens_as_ids),
+                Api::Chat => chat_logprobs(&c.tokens, tk, params.tokens_as_ids),
+            });
+            match api {
+                Api::Completions => json!({"index": c.index, "text": prefix + &c.text, "logprobs": logprobs, "finish_reason": c.finish}),
+                Api::Chat => json!({
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish,
+                }),
+            }
+        })
+        .collect();
+    let mut out = head.json(false);
+    out["choices"] = Value::Array(body);
+    out["usage"] = usage(prompt_tokens, completion_tokens);
+    Ok(Json(out).into_response())
+}
+
+fn echo_text(state: &HttpState, c: &Choice, echo: bool) -> String {
+    match (&state.tokenizer, echo) {
+        (Some(tk), true) => tk.decode(&c.prompt_ids).unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    api: Api,
+}
+
+impl Head {
+    fn json(&self, stream: bool) -> Value {
+        json!({"id": self.id, "object": self.api.object(stream), "created": self.created, "model": self.model})
+    }
+
+    fn chunk(&self, choice: Value) -> Sse {
+        let mut v = self.json(true);
+        v["choices"] = json!([choice]);
+        Sse::default().data(v.to_string())
+    }
+}
+
+/// Drives every choice and sends their deltas as server-sent events. Stops early, cancelling
+/// the choices, when the client goes away (the receiver is dropped).
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    state: Arc<HttpState>,
+    head: Head,
+    mut choices: Vec<Choice>,
+    n: usize,
+    params: Params,
+    include_usage: bool,
+    echo: bool,
+    tx: mpsc::Sender<Result<Sse, Infallible>>,
+) {
+    let tk = state.tokenizer.as_ref();
+    let prompt_tokens = prompt_tokens(&choices, n);
+    // Opening chunks: the assistant role (chat) or the echoed prompt (completions).
+    for c in &choices {
+        let first = match head.api {
+            Api::Chat => Some(json!({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})),
+            Api::Completions if echo => Some(json!({"index": c.index, "text": echo_text(&state, c, true), "logprobs": null, "finish_reason": null})),
+            Api::Completions => None,
+        };
+        if let Some(first) = first
+            && tx.send(Ok(head.chunk(first))).await.is_err()
+        {
+            return;
+        }
+    }
+    // Round-robin over the unfinished choices; each waits for its next token.
+    while choices.iter().any(|c| !c.is_finished()) {
+        for c in choices.iter_mut().filter(|c| !c.is_finished()) {
+            let delta = match c.next(tk).await {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err(e) => {
+                    let err = json!({"error": {"message": e.message, "type": "server_error", "param": null, "code": null}});
+                    let _ = tx.send(Ok(Sse::default().data(err.to_string()))).await;
+                    let _ = tx.send(Ok(Sse::default().data("[DONE]"))).await;
+                    return;
+                }
+            };
+            if delta.text.is_empty() && delta.finish.is_none() && params.logprobs.is_none() {
+                continue;
+            }
+            if tx.send(Ok(head.chunk(delta_json(&head, c.index, &delta, &params, tk)))).await.is_err() {
+                return; // the client left: dropping the choices cancels them
+            }
+        }
+    }
+    if include_usage {
+        let completion_tokens = choices.iter().map(Choice::completion_tokens).sum();
+        let mut v = head.json(true);
+        v["choices"] = json!([]);
+        v["usage"] = usage(prompt_tokens, completion_tokens);
+        let _ = tx.send(Ok(Sse::default().data(v.to_string()))).await;
+    }
+    let _ = tx.send(Ok(Sse::default().data("[DONE]"))).await;
+}
+
+fn delta_json(head: &Head, index: usize, d: &Delta, params: &Params, tk: Option<&switchyard_model::tokenizer::Tokenizer>) -> Value {
+    let logprobs = params.logprobs.map(|_| match head.api {
+        Api::Completions => completion_logprobs(&d.tokens, &d.offsets, tk, params.tokens_as_ids),
+        Api::Chat => chat_logprobs(&d.tokens, tk, params.tokens_as_ids),
+    });
+    match head.api {
+        Api::Completions => json!({"index": index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish}),
+        Api::Chat => {
+            let delta = if d.text.is_empty() && d.finish.is_some() { json!({}) } else { json!({"content": d.text}) };
+            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish})
+        }
+    }
+}

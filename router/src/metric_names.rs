@@ -1,0 +1,19 @@
+//! The router's metrics, named like vLLM's with a `switchyard:` prefix, recorded through the
+//! `metrics` crate and rendered by `/metrics` in Prometheus' text format.
+
+/// Histogram buckets for latencies, in seconds.
+pub const LATENCY_BUCKETS: [f64; 16] =
+    [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+pub const RUNNING: &str = "switchyard:num_requests_running";
+pub const WAITING: &str = "switchyard:num_requests_waiting";
+pub const KV_CACHE_BYTES: &str = "switchyard:kv_cache_usage_bytes";
+pub const PROMPT_TOKENS: &str = "switchyard:prompt_tokens_total";
+pub const GENERATION_TOKENS: &str = "switchyard:generation_tokens_total";
+pub const REQUESTS: &str = "switchyard:request_success_total";
+pub const TIME_TO_FIRST_TOKEN: &str = "switchyard:time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY: &str = "switchyard:inter_token_latency_seconds";
+pub const E2E_LATENCY: &str = "switchyard:e2e_request_latency_seconds";
+pub const QUEUE_TIME: &str = "switchyard:request_queue_time_seconds";
+pub const DISPATCH_LATENCY: &str = "switchyard:expert_node_dispatch_latency_seconds";
+pub const ROUTED_TOKENS: &str = "switchyard:expert_routed_tokens_total";
