@@ -39,6 +39,12 @@ pub struct Args {
     /// Passed to the router (see `switchyard router --help`).
     #[arg(long, env = "SWITCHYARD_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
     dispatch_timeout_ms: u64,
+    /// Passed to the router: sequences batched into one step at most.
+    #[arg(long, env = "SWITCHYARD_MAX_BATCH", default_value_t = 64)]
+    max_batch: usize,
+    /// Passed to the router: requests waiting for a slot at most.
+    #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 1024)]
+    max_queue: usize,
 }
 
 /// How long a child may take to load and serve.
@@ -110,6 +116,10 @@ pub fn run(args: Args) -> Result<()> {
                 addresses.join(","),
                 "--dispatch-timeout-ms".into(),
                 args.dispatch_timeout_ms.to_string(),
+                "--max-batch".into(),
+                args.max_batch.to_string(),
+                "--max-queue".into(),
+                args.max_queue.to_string(),
             ];
             let mut router = Proc::spawn("router", &router_args, false)?;
             let addr = router.ready(START_TIMEOUT).await?;

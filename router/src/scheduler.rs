@@ -84,12 +84,16 @@ impl Scheduler {
 
     /// Queues `s`, or refuses it when the queue is full or the engine has stopped.
     pub fn submit(&self, s: Submission) -> Result<(), ServeError> {
-        self.submissions.try_send((s, Instant::now())).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => ServeError::Overloaded("the router's request queue is full".into()),
-            mpsc::error::TrySendError::Closed(_) => ServeError::Unavailable("the router is shutting down".into()),
+        // Counted before sending: the engine thread may admit it (and count it out) at once.
+        self.load.queued.fetch_add(1, Ordering::Relaxed);
+        self.submissions.try_send((s, Instant::now())).map_err(|e| {
+            self.load.queued.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => ServeError::Overloaded("the router's request queue is full".into()),
+                mpsc::error::TrySendError::Closed(_) => ServeError::Unavailable("the router is shutting down".into()),
+            }
         })?;
-        let queued = self.load.queued.fetch_add(1, Ordering::Relaxed) + 1;
-        gauge!(names::WAITING).set(queued as f64);
+        gauge!(names::WAITING).set(self.load.queued.load(Ordering::Relaxed) as f64);
         Ok(())
     }
 }

@@ -1,0 +1,239 @@
+"""The OpenAI API driven by the official `openai` Python client against a real cluster:
+completions and chat, streaming and not, log-probabilities, token-id prompts, stop
+sequences, seeds, n > 1, concurrency, cancellation, and every error status."""
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import FIXTURES, Server, expected, up
+
+MODEL = "qwen3_moe"
+
+
+def ids_of(tokens):
+    return [int(t.removeprefix("token_id:")) for t in tokens]
+
+
+def test_models_lists_the_served_model(qwen):
+    models = qwen.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_greedy_completion_reproduces_transformers(qwen):
+    for case in expected(MODEL)["cases"]:
+        r = qwen.client().completions.create(
+            model=MODEL,
+            prompt=case["prompt"],
+            max_tokens=len(case["tokens"]),
+            temperature=0,
+            logprobs=3,
+            extra_body={"return_tokens_as_token_ids": True},
+        )
+        choice = r.choices[0]
+        assert ids_of(choice.logprobs.tokens) == case["tokens"]
+        for got, want in zip(choice.logprobs.token_logprobs, case["logprobs"]):
+            assert abs(got - want) < 1e-3
+        assert len(choice.logprobs.top_logprobs[0]) == 3
+        assert r.usage.prompt_tokens == len(case["prompt_ids"])
+        assert r.usage.completion_tokens == len(case["tokens"])
+        assert choice.finish_reason == case["finish_reason"]
+
+
+def test_token_id_prompts_equal_text_prompts(qwen):
+    case = expected(MODEL)["cases"][0]
+    c = qwen.client()
+    by_text = c.completions.create(model=MODEL, prompt=case["prompt"], max_tokens=8, temperature=0)
+    by_ids = c.completions.create(model=MODEL, prompt=case["prompt_ids"], max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    # A batch of prompts gets one choice each, in order.
+    for prompts in ([case["prompt_ids"], case["prompt_ids"]], [case["prompt"], case["prompt"]]):
+        batch = c.completions.create(model=MODEL, prompt=prompts, max_tokens=8, temperature=0)
+        assert [ch.index for ch in batch.choices] == [0, 1]
+        assert all(ch.text == by_text.choices[0].text for ch in batch.choices)
+
+
+def test_streaming_completion_equals_the_whole_answer(qwen):
+    c = qwen.client()
+    prompt = expected(MODEL)["cases"][1]["prompt"]
+    whole = c.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    chunks = list(
+        c.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == whole.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_echo_prepends_the_prompt(qwen):
+    r = qwen.client().completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=4, temperature=0, echo=True)
+    assert r.choices[0].text.startswith("def add(a, b):")
+
+
+def test_chat_streaming_and_not_agree_and_report_logprobs(qwen):
+    c = qwen.client()
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def fibonacci(n):"}]
+    whole = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+    msg = whole.choices[0].message
+    assert msg.role == "assistant"
+    assert len(whole.choices[0].logprobs.content) == whole.usage.completion_tokens
+    assert len(whole.choices[0].logprobs.content[0].top_logprobs) == 2
+    chunks = list(c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == msg.content
+    # max_completion_tokens is honoured like max_tokens.
+    short = c.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3, temperature=0)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+
+
+def test_stop_sequences_end_the_text_before_them(qwen):
+    c = qwen.client()
+    prompt = expected(MODEL)["cases"][0]["prompt"]
+    full = c.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    text = full.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = text[: text.index(stop)]
+    for stream in (False, True):
+        r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stop=[stop], stream=stream)
+        if stream:
+            chunks = list(r)
+            got = "".join(ch.choices[0].text for ch in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            got, reason = r.choices[0].text, r.choices[0].finish_reason
+        assert got == cut
+        assert reason == "stop"
+
+
+def test_seeds_repeat_and_n_gives_distinct_choices(qwen):
+    c = qwen.client()
+    kw = dict(model=MODEL, prompt="import os\n", max_tokens=12, temperature=1.0)
+    a = c.completions.create(seed=7, **kw).choices[0].text
+    b = c.completions.create(seed=7, **kw).choices[0].text
+    assert a == b
+    others = {c.completions.create(seed=s, **kw).choices[0].text for s in range(8, 12)}
+    assert len(others | {a}) > 1, "different seeds should sample differently"
+    many = c.completions.create(seed=7, n=3, **kw)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    assert many.choices[0].text == a
+    assert len({ch.text for ch in many.choices}) > 1
+    greedy = c.completions.create(model=MODEL, prompt="import os\n", max_tokens=6, temperature=0, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text
+    assert greedy.usage.completion_tokens == 12
+
+
+def test_errors_have_openai_shape_and_status(qwen):
+    c = qwen.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    assert "gpt-4" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=3)
+    assert "temperature" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt="x " * 400, max_tokens=1)
+    assert "context" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt=[10**9], max_tokens=1)
+    assert "outside the vocabulary" in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL, messages=[], max_tokens=1)
+    # Malformed JSON and oversized bodies.
+    req = urllib.request.Request(qwen.http + "/v1/completions", data=b"{not json", headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "error" in json.loads(e.value.read())
+    req = urllib.request.Request(qwen.http + "/v1/completions", data=b" " * (9 << 20), headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 413
+
+
+def test_tokenize_and_detokenize_round_trip(qwen):
+    case = expected(MODEL)["cases"][0]
+    body = json.dumps({"model": MODEL, "prompt": case["prompt"]}).encode()
+    req = urllib.request.Request(qwen.http.rstrip("/") + "/tokenize", data=body, headers={"content-type": "application/json"})
+    got = json.loads(urllib.request.urlopen(req).read())
+    assert got["tokens"] == case["prompt_ids"] and got["count"] == len(case["prompt_ids"])
+    body = json.dumps({"model": MODEL, "tokens": case["prompt_ids"]}).encode()
+    req = urllib.request.Request(qwen.http + "/detokenize", data=body, headers={"content-type": "application/json"})
+    assert json.loads(urllib.request.urlopen(req).read())["prompt"] == case["prompt"]
+
+
+def metric(server, name):
+    text = urllib.request.urlopen(server.http + "/metrics").read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_64_concurrent_streams_each_get_their_solo_tokens(qwen):
+    prompts = [f"def f{i}(x):\n    return x {'+-*/%'[i % 5]} {i}" for i in range(64)]
+    c = qwen.client()
+
+    def tokens(r):
+        return ids_of(r.choices[0].logprobs.tokens)
+
+    alone = [
+        tokens(c.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0, logprobs=0, extra_body={"return_tokens_as_token_ids": True}))
+        for p in prompts
+    ]
+
+    async def one(client, p):
+        stream = await client.completions.create(
+            model=MODEL, prompt=p, max_tokens=8, temperature=0, logprobs=0, stream=True,
+            extra_body={"return_tokens_as_token_ids": True},
+        )
+        out = []
+        async for ch in stream:
+            if ch.choices and ch.choices[0].logprobs:
+                out += ids_of(ch.choices[0].logprobs.tokens)
+        return out
+
+    async def all_at_once():
+        client = qwen.async_client()
+        return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    together = asyncio.run(all_at_once())
+    assert together == alone
+
+
+def test_a_client_that_disconnects_frees_its_slot(qwen):
+    c = qwen.client()
+    stream = c.completions.create(model=MODEL, prompt="x", max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    assert metric(qwen, "switchyard:num_requests_running") == 1
+    stream.close()
+    deadline = time.time() + 10
+    while metric(qwen, "switchyard:num_requests_running") != 0:
+        assert time.time() < deadline, "the slot was not freed"
+        time.sleep(0.05)
+    assert metric(qwen, "switchyard:generation_tokens_total") > 0
+    assert metric(qwen, "switchyard:time_to_first_token_seconds_count") > 0
+
+
+def test_a_full_queue_answers_503():
+    # One running sequence and one queued at most, each slowed so they stay there.
+    server = up(MODEL, "--max-batch", "1", "--max-queue", "1", env={"SWITCHYARD_FAULT_DISPATCH_DELAY_MS": "20"})
+    try:
+        async def burst():
+            client = server.async_client()
+            calls = [client.completions.create(model=MODEL, prompt="x", max_tokens=20, temperature=0) for _ in range(8)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(burst())
+        unavailable = [r for r in results if isinstance(r, openai.APIStatusError) and r.status_code == 503]
+        served = [r for r in results if not isinstance(r, Exception)]
+        assert unavailable, results
+        assert served, results
+        assert "queue is full" in unavailable[0].message
+    finally:
+        server.stop()
