@@ -42,6 +42,9 @@ pub struct Args {
     /// Passed to the router: sequences batched into one step at most.
     #[arg(long, env = "SWITCHYARD_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
+    /// Passed to the router: tenants with API keys and limits (TOML).
+    #[arg(long, env = "SWITCHYARD_TENANTS")]
+    tenants: Option<PathBuf>,
     /// Passed to the router: requests waiting for a slot at most.
     #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 1024)]
     max_queue: usize,
@@ -121,6 +124,10 @@ pub fn run(args: Args) -> Result<()> {
                 "--max-queue".into(),
                 args.max_queue.to_string(),
             ];
+            let mut router_args = router_args;
+            if let Some(t) = &args.tenants {
+                router_args.extend(["--tenants".to_string(), t.display().to_string()]);
+            }
             let mut router = Proc::spawn("router", &router_args, false)?;
             let addr = router.ready(START_TIMEOUT).await?;
             children.push(router);

@@ -12,6 +12,7 @@
 //! - [`scheduler`]: the engine thread, batching running and newly admitted sequences per step.
 //! - [`service`]: the gRPC `Router` service (`Generate`, `ClusterStatus`).
 //! - [`http`]: the OpenAI-compatible HTTP API.
+//! - [`tenants`]: API keys, per-tenant limits and priorities (`--tenants FILE`).
 //! - [`metric_names`]: the metrics recorded (Prometheus, `/metrics`).
 //! - [`convert`]: protobuf ⇄ model types.
 //! - [`error`]: the error type, [`RouterError`].
@@ -24,6 +25,7 @@ pub mod http;
 pub mod metric_names;
 pub mod scheduler;
 pub mod service;
+pub mod tenants;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -69,6 +71,10 @@ pub struct Config {
     /// Requests waiting for a slot at most; more are refused (RESOURCE_EXHAUSTED / 503).
     #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 1024)]
     pub max_queue: usize,
+    /// Tenants with API keys and limits (TOML; see `switchyard_router::tenants`). Without it
+    /// the HTTP API is open.
+    #[arg(long, env = "SWITCHYARD_TENANTS")]
+    pub tenants: Option<PathBuf>,
     /// The model name the HTTP API answers to (default: the checkpoint directory's name).
     #[arg(long, env = "SWITCHYARD_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -86,6 +92,7 @@ impl Router {
     /// runtime.
     pub async fn start(config: Config, progress: Box<dyn FnMut(usize, usize) + Send>) -> Result<Self, RouterError> {
         let spec = ModelSpec::from_dir(&config.model)?;
+        let tenants = config.tenants.as_deref().map(tenants::Tenants::load).transpose()?;
         let wait = Duration::from_secs(config.node_wait_secs);
         let cluster = Cluster::connect(&config.expert_nodes, &spec, wait).await?;
         let experts = RemoteExperts::new(
@@ -116,6 +123,7 @@ impl Router {
             max_context,
             metrics: metrics_recorder(),
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            tenants,
         });
         let service =
             RouterService { scheduler, tokenizer, cluster, model_type: spec.arch.model_type(), epoch: STATIC_EPOCH };

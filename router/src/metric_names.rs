@@ -17,3 +17,7 @@ pub const E2E_LATENCY: &str = "switchyard:e2e_request_latency_seconds";
 pub const QUEUE_TIME: &str = "switchyard:request_queue_time_seconds";
 pub const DISPATCH_LATENCY: &str = "switchyard:expert_node_dispatch_latency_seconds";
 pub const ROUTED_TOKENS: &str = "switchyard:expert_routed_tokens_total";
+pub const TENANT_REQUESTS: &str = "switchyard:tenant_requests_total";
+pub const TENANT_PROMPT_TOKENS: &str = "switchyard:tenant_prompt_tokens_total";
+pub const TENANT_GENERATION_TOKENS: &str = "switchyard:tenant_generation_tokens_total";
+pub const TENANT_REJECTED: &str = "switchyard:tenant_rejected_total";

@@ -48,6 +48,10 @@ pub type Events = mpsc::UnboundedSender<Result<Event, ServeError>>;
 pub struct Submission {
     pub request: GenerateRequest,
     pub events: Events,
+    /// Whose request it is (for fair sharing between tenants); `None` when the API is open.
+    pub tenant: Option<String>,
+    /// Higher is admitted first.
+    pub priority: i32,
 }
 
 /// When a running request passed each point, for the latency metrics.
@@ -65,33 +69,44 @@ pub struct Load {
 
 #[derive(Clone)]
 pub struct Scheduler {
-    submissions: mpsc::Sender<(Submission, Instant)>,
+    submissions: mpsc::UnboundedSender<(Submission, Instant)>,
     pub load: Arc<Load>,
+    max_queue: usize,
 }
 
 impl Scheduler {
     /// Starts the engine thread; at most `max_batch` sequences run at once and at most
     /// `max_queue` wait.
     pub fn start(engine: Engine, max_batch: usize, max_queue: usize) -> std::io::Result<Self> {
-        let (submissions, rx) = mpsc::channel::<(Submission, Instant)>(max_queue.max(1));
+        let (submissions, rx) = mpsc::unbounded_channel::<(Submission, Instant)>();
         let load = Arc::new(Load::default());
         let counters = load.clone();
-        std::thread::Builder::new()
-            .name("router-engine".into())
-            .spawn(move || EngineLoop { engine, max_batch: max_batch.max(1), load: counters, running: Vec::new() }.run(rx))?;
-        Ok(Scheduler { submissions, load })
+        std::thread::Builder::new().name("router-engine".into()).spawn(move || {
+            let engine_loop = EngineLoop {
+                engine,
+                max_batch: max_batch.max(1),
+                load: counters,
+                running: Vec::new(),
+                waiting: Vec::new(),
+            };
+            engine_loop.run(rx)
+        })?;
+        Ok(Scheduler { submissions, load, max_queue: max_queue.max(1) })
     }
 
     /// Queues `s`, or refuses it when the queue is full or the engine has stopped.
     pub fn submit(&self, s: Submission) -> Result<(), ServeError> {
         // Counted before sending: the engine thread may admit it (and count it out) at once.
-        self.load.queued.fetch_add(1, Ordering::Relaxed);
-        self.submissions.try_send((s, Instant::now())).map_err(|e| {
+        if self.load.queued.fetch_add(1, Ordering::Relaxed) as usize >= self.max_queue {
             self.load.queued.fetch_sub(1, Ordering::Relaxed);
-            match e {
-                mpsc::error::TrySendError::Full(_) => ServeError::Overloaded("the router's request queue is full".into()),
-                mpsc::error::TrySendError::Closed(_) => ServeError::Unavailable("the router is shutting down".into()),
-            }
+            return Err(ServeError::Overloaded(format!(
+                "the router's request queue is full ({} waiting); retry later",
+                self.max_queue
+            )));
+        }
+        self.submissions.send((s, Instant::now())).map_err(|_| {
+            self.load.queued.fetch_sub(1, Ordering::Relaxed);
+            ServeError::Unavailable("the router is shutting down".into())
         })?;
         gauge!(names::WAITING).set(self.load.queued.load(Ordering::Relaxed) as f64);
         Ok(())
@@ -102,26 +117,32 @@ struct EngineLoop {
     engine: Engine,
     max_batch: usize,
     load: Arc<Load>,
-    running: Vec<(Sequence, Events, Timing)>,
+    running: Vec<(Sequence, Events, Timing, Option<String>)>,
+    /// Submitted, not yet admitted, oldest first.
+    waiting: Vec<(Submission, Instant)>,
 }
 
 impl EngineLoop {
-    fn run(mut self, mut rx: mpsc::Receiver<(Submission, Instant)>) {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<(Submission, Instant)>) {
         loop {
-            if self.running.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.blocking_recv() {
-                    Some(s) => self.admit(s),
+                    Some(s) => self.waiting.push(s),
                     None => return,
                 }
             }
-            while self.running.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(s) => self.admit(s),
-                    Err(_) => break,
-                }
+            while let Ok(s) = rx.try_recv() {
+                self.waiting.push(s);
             }
-            // A client that went away frees its slot.
-            self.running.retain(|(_, events, _)| !events.is_closed());
+            // A client that went away frees its slot, waiting or running.
+            let before = self.waiting.len();
+            self.waiting.retain(|(s, _)| !s.events.is_closed());
+            self.load.queued.fetch_sub((before - self.waiting.len()) as u32, Ordering::Relaxed);
+            self.running.retain(|(_, events, _, _)| !events.is_closed());
+            while self.running.len() < self.max_batch && !self.waiting.is_empty() {
+                let next = self.waiting.remove(self.pick());
+                self.admit(next);
+            }
             self.publish();
             if !self.running.is_empty() {
                 self.step();
@@ -130,12 +151,24 @@ impl EngineLoop {
         }
     }
 
+    /// Which waiting request to admit next: the highest priority; among equals, the tenant
+    /// with the fewest running requests (fair sharing); then the oldest.
+    fn pick(&self) -> usize {
+        let running_of = |t: &Option<String>| self.running.iter().filter(|r| &r.3 == t).count();
+        (0..self.waiting.len())
+            .min_by_key(|&i| {
+                let s = &self.waiting[i].0;
+                (std::cmp::Reverse(s.priority), running_of(&s.tenant), i)
+            })
+            .expect("waiting is not empty")
+    }
+
     /// Running and waiting counts for the status RPC and the metrics.
     fn publish(&self) {
         self.load.running.store(self.running.len() as u32, Ordering::Relaxed);
         gauge!(names::RUNNING).set(self.running.len() as f64);
         gauge!(names::WAITING).set(self.load.queued.load(Ordering::Relaxed) as f64);
-        let kv: usize = self.running.iter().map(|(s, _, _)| s.cache_bytes()).sum();
+        let kv: usize = self.running.iter().map(|(s, ..)| s.cache_bytes()).sum();
         gauge!(names::KV_CACHE_BYTES).set(kv as f64);
     }
 
@@ -147,7 +180,7 @@ impl EngineLoop {
                 let started = Event::Started { prompt_ids: seq.request.prompt_ids.clone() };
                 counter!(names::PROMPT_TOKENS).increment(seq.request.prompt_ids.len() as u64);
                 if s.events.send(Ok(started)).is_ok() {
-                    self.running.push((seq, s.events, Timing { submitted, last_token: None }));
+                    self.running.push((seq, s.events, Timing { submitted, last_token: None }, s.tenant));
                 }
             }
             Err(e) => {
@@ -157,11 +190,11 @@ impl EngineLoop {
     }
 
     fn step(&mut self) {
-        let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|(s, _, _)| s).collect();
+        let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|(s, ..)| s).collect();
         match self.engine.step(&mut seqs, MAX_DISPATCH_TOKENS) {
             Ok(tokens) => {
                 let now = Instant::now();
-                for ((seq, events, timing), token) in self.running.iter_mut().zip(tokens) {
+                for ((seq, events, timing, _), token) in self.running.iter_mut().zip(tokens) {
                     if let Some(t) = token {
                         counter!(names::GENERATION_TOKENS).increment(1);
                         match timing.last_token {
@@ -177,7 +210,7 @@ impl EngineLoop {
                         let _ = events.send(Ok(Event::Finished(reason)));
                     }
                 }
-                self.running.retain(|(s, _, _)| !s.is_finished());
+                self.running.retain(|(s, ..)| !s.is_finished());
             }
             Err(e) => {
                 // The step left every sequence as it was, but without the experts it needs
@@ -187,7 +220,7 @@ impl EngineLoop {
                     ModelError::ExpertUnavailable { .. } => ServeError::Unavailable(e.to_string()),
                     _ => ServeError::Internal(e.to_string()),
                 };
-                for (_, events, _) in self.running.drain(..) {
+                for (_, events, ..) in self.running.drain(..) {
                     let _ = events.send(Err(err.clone()));
                 }
             }

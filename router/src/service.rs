@@ -44,7 +44,7 @@ impl Router for RouterService {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
         };
         let (events, mut rx) = mpsc::unbounded_channel();
-        self.scheduler.submit(Submission { request, events })?;
+        self.scheduler.submit(Submission { request, events, tenant: None, priority: 0 })?;
         // The first event says whether the request was accepted; a rejection is the call's
         // status rather than an error inside the stream.
         let mut ids = Vec::new();

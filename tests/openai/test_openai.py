@@ -237,3 +237,50 @@ def test_a_full_queue_answers_503():
         assert "queue is full" in unavailable[0].message
     finally:
         server.stop()
+
+
+def test_tenants_need_keys_and_get_429_over_their_limits(tmp_path):
+    import hashlib
+
+    def sha(key):
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    (tmp_path / "tenants.toml").write_text(
+        f"""
+[[tenant]]
+name = "small"
+api_key_sha256 = "{sha('small-key')}"
+requests_per_minute = 2
+
+[[tenant]]
+name = "big"
+api_key_sha256 = "{sha('big-key')}"
+priority = 1
+"""
+    )
+    server = up(MODEL, "--tenants", str(tmp_path / "tenants.toml"))
+    try:
+        kw = dict(model=MODEL, prompt="x", max_tokens=2, temperature=0)
+        body = json.dumps(kw).encode()
+        req = urllib.request.Request(server.http + "/v1/completions", data=body, headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 401
+        assert "missing API key" in json.loads(e.value.read())["error"]["message"]
+        with pytest.raises(openai.AuthenticationError) as e:
+            server.client(api_key="stolen").completions.create(**kw)
+        assert "invalid API key" in e.value.message
+        small, big = server.client(api_key="small-key"), server.client(api_key="big-key")
+        small.completions.create(**kw)
+        small.completions.create(**kw)
+        with pytest.raises(openai.RateLimitError) as e:
+            small.completions.create(**kw)
+        assert "small" in e.value.message and "requests per minute" in e.value.message
+        # The other tenant is still served.
+        assert big.completions.create(**kw).usage.completion_tokens == 2
+        text = urllib.request.urlopen(server.http + "/metrics").read().decode()
+        assert 'switchyard:tenant_requests_total{tenant="small"} 2' in text
+        assert 'switchyard:tenant_rejected_total{tenant="small"} 1' in text
+        assert 'switchyard:tenant_requests_total{tenant="big"} 1' in text
+    finally:
+        server.stop()

@@ -10,7 +10,10 @@ use switchyard_model::{FinishReason, GenerateRequest, SamplingParams};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
+use std::sync::Arc;
+
 use crate::scheduler::{Event, Scheduler, ServeError, Submission};
+use crate::tenants::Permit;
 
 /// Generation settings shared by every choice of a request.
 #[derive(Clone, Debug)]
@@ -36,6 +39,8 @@ pub struct Delta {
 
 pub struct Choice {
     pub index: usize,
+    /// The tenant's slot, held until the choice is dropped; generated tokens are charged to it.
+    permit: Option<Arc<Permit>>,
     pub prompt_ids: Vec<u32>,
     events: Option<mpsc::UnboundedReceiver<Result<Event, ServeError>>>,
     ids: Vec<u32>,
@@ -49,7 +54,13 @@ pub struct Choice {
 
 impl Choice {
     /// Submits one sequence and waits until the engine accepts it.
-    pub async fn start(scheduler: &Scheduler, prompt_ids: Vec<u32>, params: &Params, index: usize) -> Result<Self, ApiError> {
+    pub async fn start(
+        scheduler: &Scheduler,
+        prompt_ids: Vec<u32>,
+        params: &Params,
+        index: usize,
+        permit: Option<Arc<Permit>>,
+    ) -> Result<Self, ApiError> {
         let (events, mut rx) = mpsc::unbounded_channel();
         let request = GenerateRequest {
             prompt_ids: prompt_ids.clone(),
@@ -58,7 +69,13 @@ impl Choice {
             top_logprobs: params.logprobs.unwrap_or(0),
             ignore_eos: params.ignore_eos,
         };
-        scheduler.submit(Submission { request, events })?;
+        let tenant = permit.as_ref().map(|p| (p.tenant.name.clone(), p.tenant.priority));
+        scheduler.submit(Submission {
+            request,
+            events,
+            priority: tenant.as_ref().map_or(0, |t| t.1),
+            tenant: tenant.map(|t| t.0),
+        })?;
         match rx.recv().await {
             Some(Ok(Event::Started { .. })) => {}
             Some(Ok(other)) => return Err(ServeError::Internal(format!("unexpected first event {other:?}")).into()),
@@ -67,6 +84,7 @@ impl Choice {
         }
         Ok(Choice {
             index,
+            permit,
             prompt_ids,
             events: Some(rx),
             ids: Vec::new(),
@@ -95,6 +113,9 @@ impl Choice {
         let mut delta = Delta::default();
         match events.recv().await {
             Some(Ok(Event::Token(t))) => {
+                if let Some(p) = &self.permit {
+                    p.tenant.charge(1);
+                }
                 delta.offsets.push(self.text.len());
                 self.ids.push(t.id);
                 delta.tokens.push(t);

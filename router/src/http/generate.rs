@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::choice::{Choice, Collected, Delta, Params, chat_logprobs, completion_logprobs};
 use super::error::ApiError;
 use super::openai::{ChatRequest, CompletionRequest, Prompt, Sampling, prompts, stops};
-use super::{ApiJson, HttpState};
+use super::{ApiJson, Caller, HttpState};
 
 /// Most choices one request may ask for (`n` times the prompts).
 const MAX_CHOICES: usize = 128;
@@ -98,17 +98,34 @@ fn choices_per_prompt(s: &Sampling) -> Result<usize, ApiError> {
 
 /// Starts `n` choices per prompt; choice `i` of a seeded request uses seed + i so the
 /// choices differ but repeat.
-async fn start(state: &HttpState, prompts: Vec<Vec<u32>>, n: usize, params: &Params) -> Result<Vec<Choice>, ApiError> {
+async fn start(
+    state: &HttpState,
+    caller: Caller,
+    prompts: Vec<Vec<u32>>,
+    n: usize,
+    params: &Params,
+) -> Result<Vec<Choice>, ApiError> {
     if prompts.len() * n > MAX_CHOICES {
         return Err(ApiError::invalid(format!("at most {MAX_CHOICES} choices per request (prompts × n)"), Some("n")));
     }
+    let permit = match caller.0 {
+        Some(tenant) => {
+            let tokens = prompts.iter().map(Vec::len).sum::<usize>() * n;
+            let permit = tenant.admit(tokens).map_err(|e| {
+                metrics::counter!(crate::metric_names::TENANT_REJECTED, "tenant" => tenant.name.clone()).increment(1);
+                ApiError::rate_limited(e.to_string())
+            })?;
+            Some(Arc::new(permit))
+        }
+        None => None,
+    };
     let mut pending = Vec::new();
     for (p, ids) in prompts.into_iter().enumerate() {
         for i in 0..n {
             let mut params = params.clone();
             params.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            let (scheduler, ids) = (state.scheduler.clone(), ids.clone());
-            pending.push(tokio::spawn(async move { Choice::start(&scheduler, ids, &params, p * n + i).await }));
+            let (scheduler, ids, permit) = (state.scheduler.clone(), ids.clone(), permit.clone());
+            pending.push(tokio::spawn(async move { Choice::start(&scheduler, ids, &params, p * n + i, permit).await }));
         }
     }
     let mut choices = Vec::with_capacity(pending.len());
@@ -127,7 +144,11 @@ fn prompt_tokens(choices: &[Choice], n: usize) -> usize {
     choices.iter().step_by(n).map(|c| c.prompt_ids.len()).sum()
 }
 
-pub async fn completions(State(state): State<Arc<HttpState>>, ApiJson(r): ApiJson<CompletionRequest>) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(state): State<Arc<HttpState>>,
+    caller: Caller,
+    ApiJson(r): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
     state.check_model(&r.sampling.model)?;
     if r.echo && r.logprobs.is_some() {
         return Err(ApiError::invalid("`echo` together with `logprobs` is not supported", Some("echo")));
@@ -141,11 +162,15 @@ pub async fn completions(State(state): State<Arc<HttpState>>, ApiJson(r): ApiJso
         });
     }
     let n = choices_per_prompt(&r.sampling)?;
-    let choices = start(&state, ids, n, &params).await?;
+    let choices = start(&state, caller, ids, n, &params).await?;
     respond(state, Api::Completions, choices, n, params, &r.sampling, r.echo).await
 }
 
-pub async fn chat(State(state): State<Arc<HttpState>>, ApiJson(r): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
+pub async fn chat(
+    State(state): State<Arc<HttpState>>,
+    caller: Caller,
+    ApiJson(r): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
     state.check_model(&r.sampling.model)?;
     if r.messages.is_empty() {
         return Err(ApiError::invalid("`messages` is empty", Some("messages")));
@@ -159,7 +184,7 @@ pub async fn chat(State(state): State<Arc<HttpState>>, ApiJson(r): ApiJson<ChatR
     let max_tokens = r.max_completion_tokens.or(r.sampling.max_tokens);
     let params = params(&r.sampling, max_tokens, state.max_context.saturating_sub(ids.len()).max(1), logprobs)?;
     let n = choices_per_prompt(&r.sampling)?;
-    let choices = start(&state, vec![ids], n, &params).await?;
+    let choices = start(&state, caller, vec![ids], n, &params).await?;
     respond(state, Api::Chat, choices, n, params, &r.sampling, false).await
 }
 

@@ -15,7 +15,8 @@ pub mod openai;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +27,7 @@ use switchyard_model::tokenizer::Tokenizer;
 use tokio::net::TcpListener;
 
 use crate::scheduler::Scheduler;
+use crate::tenants::{Tenant, Tenants};
 use error::ApiError;
 
 /// What every handler shares.
@@ -40,6 +42,26 @@ pub struct HttpState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Unix time the server started (`created` of `/v1/models`).
     pub created: u64,
+    /// API keys and limits; `None`: the API is open.
+    pub tenants: Option<Tenants>,
+}
+
+/// The tenant calling, from `Authorization: Bearer KEY`; `None` when the API is open.
+/// Refuses a missing or unknown key with 401.
+pub struct Caller(pub Option<Arc<Tenant>>);
+
+impl FromRequestParts<Arc<HttpState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<HttpState>) -> Result<Self, ApiError> {
+        let Some(tenants) = &state.tenants else { return Ok(Caller(None)) };
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let key = header
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .ok_or_else(|| ApiError::unauthorized("missing API key: send `Authorization: Bearer KEY`"))?;
+        let tenant = tenants.find(key.trim()).ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
+        Ok(Caller(Some(tenant)))
+    }
 }
 
 impl HttpState {
@@ -99,7 +121,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-async fn models(State(s): State<Arc<HttpState>>) -> Json<Value> {
+async fn models(State(s): State<Arc<HttpState>>, _: Caller) -> Json<Value> {
     Json(json!({
         "object": "list",
         "data": [{
@@ -132,7 +154,7 @@ fn yes() -> bool {
     true
 }
 
-async fn tokenize(State(s): State<Arc<HttpState>>, ApiJson(r): ApiJson<TokenizeRequest>) -> Result<Json<Value>, ApiError> {
+async fn tokenize(State(s): State<Arc<HttpState>>, _: Caller, ApiJson(r): ApiJson<TokenizeRequest>) -> Result<Json<Value>, ApiError> {
     if let Some(m) = &r.model {
         s.check_model(m)?;
     }
@@ -157,7 +179,7 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-async fn detokenize(State(s): State<Arc<HttpState>>, ApiJson(r): ApiJson<DetokenizeRequest>) -> Result<Json<Value>, ApiError> {
+async fn detokenize(State(s): State<Arc<HttpState>>, _: Caller, ApiJson(r): ApiJson<DetokenizeRequest>) -> Result<Json<Value>, ApiError> {
     if let Some(m) = &r.model {
         s.check_model(m)?;
     }
