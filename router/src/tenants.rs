@@ -230,18 +230,18 @@ mod tests {
         let t = tenant(Some(2), None, None);
         let _a = t.admit(1).unwrap();
         let _b = t.admit(1).unwrap();
-        assert!(t.admit(1).unwrap_err().to_string().contains("2 requests per minute"));
+        assert!(t.admit(1).err().unwrap().to_string().contains("2 requests per minute"));
 
         let t = tenant(None, None, Some(1));
         let a = t.admit(1).unwrap();
-        assert!(t.admit(1).unwrap_err().to_string().contains("1 concurrent"));
+        assert!(t.admit(1).err().unwrap().to_string().contains("1 concurrent"));
         drop(a);
         assert!(t.admit(1).is_ok());
 
         let t = tenant(None, Some(100), None);
         let _a = t.admit(60).unwrap();
         t.charge(50);
-        assert!(t.admit(1).unwrap_err().to_string().contains("100 tokens per minute"));
+        assert!(t.admit(1).err().unwrap().to_string().contains("100 tokens per minute"));
     }
 
     #[test]
