@@ -36,10 +36,18 @@ pub struct Args {
     /// Decode steps timed per batch size.
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
     /// Also measure decode with the experts on this many expert nodes (child processes on
     /// loopback, comma-separated counts), against the single process.
     #[arg(long, value_delimiter = ',')]
     expert_nodes: Vec<usize>,
+}
+
+#[derive(clap::Subcommand)]
+enum BenchCommand {
+    /// Concurrent streaming clients against a running server's OpenAI API.
+    Serve(crate::bench_serve::Args),
 }
 
 struct Row {
@@ -52,6 +60,9 @@ struct Row {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(BenchCommand::Serve(serve)) = args.command {
+        return crate::bench_serve::run(serve);
+    }
     let dir = match &args.model {
         Some(dir) => dir.clone(),
         None => {

@@ -8,10 +8,12 @@
 //! - [`cluster`]: `switchyard cluster status`, the router's view of its expert nodes.
 //! - [`bench`]: `switchyard bench`, throughput against the memory-bandwidth floor and the
 //!   single process.
+//! - [`bench_serve`]: `switchyard bench serve`, concurrent clients against the OpenAI API.
 //! - [`launch`]: child processes, signals and the async runtime.
 //! - [`progress`]: progress bars for long work (loading, benchmarks).
 
 mod bench;
+mod bench_serve;
 mod cluster;
 mod generate;
 mod launch;
