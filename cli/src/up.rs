@@ -42,6 +42,9 @@ pub struct Args {
     /// Passed to the router: sequences batched into one step at most.
     #[arg(long, env = "SWITCHYARD_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
+    /// Passed to the router: memory of the paged KV cache.
+    #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "4GiB")]
+    kv_cache_memory: String,
     /// Passed to the router: tenants with API keys and limits (TOML).
     #[arg(long, env = "SWITCHYARD_TENANTS")]
     tenants: Option<PathBuf>,
@@ -123,6 +126,8 @@ pub fn run(args: Args) -> Result<()> {
                 args.max_batch.to_string(),
                 "--max-queue".into(),
                 args.max_queue.to_string(),
+                "--kv-cache-memory".into(),
+                args.kv_cache_memory.clone(),
             ];
             let mut router_args = router_args;
             if let Some(t) = &args.tenants {

@@ -47,7 +47,7 @@ pub struct Config {
     pub experts: ExpertSet,
     /// Refuse a placement whose expert weights exceed this many bytes (suffixes K, M, G, KiB,
     /// MiB, GiB). Default: no limit.
-    #[arg(long, env = "SWITCHYARD_MEMORY_BUDGET", value_parser = parse_bytes)]
+    #[arg(long, env = "SWITCHYARD_MEMORY_BUDGET", value_parser = switchyard_model::units::parse_bytes)]
     pub memory_budget: Option<usize>,
     /// Compute threads (default: one per core).
     #[arg(long, env = "SWITCHYARD_THREADS")]
@@ -55,25 +55,6 @@ pub struct Config {
     /// Fault injection for tests: sleep this long before every dispatch.
     #[arg(long, env = "SWITCHYARD_FAULT_DISPATCH_DELAY_MS", default_value_t = 0, hide = true)]
     pub fault_dispatch_delay_ms: u64,
-}
-
-/// Parses a byte count with an optional decimal (K, M, G) or binary (KiB, MiB, GiB) suffix.
-pub fn parse_bytes(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| format!("`{s}` is not a byte count (e.g. 512MiB, 8G, 1000000)"))?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("`{other}` is not a byte unit; use K, M, G, KiB, MiB or GiB")),
-    };
-    Ok((num * scale) as usize)
 }
 
 /// A loaded expert node, ready to serve.
@@ -143,15 +124,4 @@ pub async fn run(
         .await
         .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
     Ok(node.serve(listener, shutdown).await?)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn parses_byte_counts() {
-        assert_eq!(super::parse_bytes("1000"), Ok(1000));
-        assert_eq!(super::parse_bytes("2KiB"), Ok(2048));
-        assert_eq!(super::parse_bytes("1.5G"), Ok(1_500_000_000));
-        assert!(super::parse_bytes("12 parsecs").unwrap_err().contains("parsecs"));
-    }
 }

@@ -8,7 +8,9 @@ use serde::Serialize;
 use switchyard_kernels::cpu::routing::{log_softmax, top_k};
 
 use crate::error::{ModelError, Result};
-use crate::kv_cache::SeqCache;
+use std::sync::Arc;
+
+use crate::kv_cache::{KvPool, SeqCache, blocks_for};
 use crate::model::{Chunk, Model};
 use crate::moe::Experts;
 use crate::sampling::{Sampler, SamplingParams};
@@ -110,6 +112,8 @@ pub struct Engine {
     pub eos_token_ids: Vec<u32>,
     /// Where the MoE layers' experts run; `None`: the experts loaded in `model`.
     pub experts: Option<Box<dyn Experts>>,
+    /// The KV blocks sequences share; `None`: each sequence gets its own, sized to the context.
+    pub kv_pool: Option<Arc<KvPool>>,
 }
 
 impl Engine {
@@ -129,7 +133,7 @@ impl Engine {
     fn with_model(dir: &Path, model: Model, experts: Option<Box<dyn Experts>>) -> Result<Self> {
         let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
         let eos_token_ids = tokenizer::eos_token_ids(dir, tokenizer.as_ref(), &model.spec.eos_token_ids)?;
-        Ok(Engine { model, tokenizer, eos_token_ids, experts })
+        Ok(Engine { model, tokenizer, eos_token_ids, experts, kv_pool: None })
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
@@ -165,11 +169,29 @@ impl Engine {
         req.sampling.validate().map_err(ModelError::InvalidRequest)
     }
 
-    /// Validates `req` and makes its [`Sequence`], ready for [`Engine::step`].
+    /// KV positions `req` may need: its prompt and every generated token but the last.
+    pub fn kv_tokens(req: &GenerateRequest) -> usize {
+        (req.prompt_ids.len() + req.max_tokens.saturating_sub(1)).max(1)
+    }
+
+    /// Validates `req` and makes its [`Sequence`], ready for [`Engine::step`], reserving its
+    /// KV blocks in the shared pool (an error if the pool has not enough available now).
     pub fn start(&self, req: GenerateRequest) -> Result<Sequence> {
         self.validate(&req)?;
+        let spec = &self.model.spec;
+        let cache = match &self.kv_pool {
+            None => SeqCache::new(spec),
+            Some(pool) => {
+                let tokens = Self::kv_tokens(&req);
+                SeqCache::reserve(pool, spec, tokens).ok_or_else(|| ModelError::KvCacheFull {
+                    blocks: blocks_for(tokens),
+                    available: pool.available(),
+                    capacity: pool.capacity(),
+                })?
+            }
+        };
         Ok(Sequence {
-            cache: SeqCache::new(&self.model.spec),
+            cache,
             sampler: Sampler::new(req.sampling.clone()),
             fed: 0,
             tokens: Vec::new(),

@@ -36,6 +36,8 @@ pub enum ModelError {
     ExpertUnavailable { layer: usize, expert: usize, reason: String },
     #[error("expert dispatch failed at layer {layer}: {reason}")]
     Dispatch { layer: usize, reason: String },
+    #[error("the request needs {blocks} KV-cache blocks; {available} of {capacity} are free")]
+    KvCacheFull { blocks: usize, available: usize, capacity: usize },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 }

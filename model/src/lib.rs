@@ -14,10 +14,11 @@
 //! - [`rope`]: rotary tables (default, linear, dynamic NTK, YaRN).
 //! - [`layers`]: linear layers, SwiGLU MLP, attention weights.
 //! - [`moe`]: the gate ([`moe::route`]) and the experts ([`moe::run_experts`]), kept apart.
-//! - [`kv_cache`]: per-sequence KV cache.
+//! - [`kv_cache`]: the paged KV cache (fixed-size blocks from a pool).
 //! - [`model`]: [`Model`], the batched forward pass.
 //! - [`sampling`]: greedy / temperature / top-k / top-p with a seeded generator.
 //! - [`engine`]: [`Engine`], generation for one or many prompts.
+//! - [`units`]: byte counts such as `8GiB` on the command line.
 //! - [`random`]: random checkpoints of a given shape (benchmarks, tests).
 //! - [`error`]: the error type, [`ModelError`].
 
@@ -35,6 +36,7 @@ pub mod random;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
+pub mod units;
 
 pub use checkpoint::{Checkpoint, Tensor};
 pub use config::{Arch, ModelSpec};

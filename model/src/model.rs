@@ -114,6 +114,13 @@ impl Model {
             if let Some(&id) = c.tokens.iter().find(|&&t| t as usize >= s.vocab_size) {
                 return Err(ModelError::TokenOutOfRange { id, vocab_size: s.vocab_size });
             }
+            if c.cache.len() + c.tokens.len() > c.cache.capacity() {
+                return Err(ModelError::InvalidRequest(format!(
+                    "{} positions exceed the {} this sequence reserved in the KV cache",
+                    c.cache.len() + c.tokens.len(),
+                    c.cache.capacity()
+                )));
+            }
             if c.cache.len() + c.tokens.len() > s.max_context {
                 return Err(ModelError::PromptTooLong {
                     prompt_tokens: c.cache.len() + c.tokens.len(),
@@ -211,7 +218,8 @@ impl Model {
             rope::apply_rope(k, n, nkv, hd, cos, sin);
             let first_pos = c.cache.len();
             c.cache.append(l, k, v);
-            let (kc, vc) = c.cache.layer(l);
+            let (kc, vc) = c.cache.layer(l, n);
+            let (kc, vc): (Vec<&[f32]>, Vec<&[f32]>) = (kc.iter().map(Vec::as_slice).collect(), vc.iter().map(Vec::as_slice).collect());
             let params = attention::AttentionParams {
                 n_tokens: n,
                 first_pos,

@@ -71,6 +71,10 @@ pub struct Config {
     /// Requests waiting for a slot at most; more are refused (RESOURCE_EXHAUSTED / 503).
     #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 1024)]
     pub max_queue: usize,
+    /// Memory of the KV cache (paged, shared by all sequences; suffixes K, M, G, KiB, MiB,
+    /// GiB). Requests wait while it is full.
+    #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "4GiB", value_parser = switchyard_model::units::parse_bytes)]
+    pub kv_cache_memory: usize,
     /// Tenants with API keys and limits (TOML; see `switchyard_router::tenants`). Without it
     /// the HTTP API is open.
     #[arg(long, env = "SWITCHYARD_TENANTS")]
@@ -112,6 +116,17 @@ impl Router {
             "router ready for {}",
             config.model.display()
         );
+        let mut engine = engine;
+        let pool = switchyard_model::kv_cache::KvPool::with_bytes(&engine.model.spec, config.kv_cache_memory);
+        if pool.capacity() == 0 {
+            return Err(RouterError::Config(format!(
+                "--kv-cache-memory {} bytes holds no block ({} bytes each)",
+                config.kv_cache_memory,
+                pool.block_bytes()
+            )));
+        }
+        tracing::info!(blocks = pool.capacity(), block_bytes = pool.block_bytes(), "KV cache");
+        engine.kv_pool = Some(pool);
         let tokenizer = engine.tokenizer.clone();
         let max_context = engine.model.spec.max_context;
         let scheduler = Scheduler::start(engine, config.max_batch, config.max_queue)?;

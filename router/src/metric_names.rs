@@ -7,7 +7,8 @@ pub const LATENCY_BUCKETS: [f64; 16] =
 
 pub const RUNNING: &str = "switchyard:num_requests_running";
 pub const WAITING: &str = "switchyard:num_requests_waiting";
-pub const KV_CACHE_BYTES: &str = "switchyard:kv_cache_usage_bytes";
+/// Fraction of the KV-cache blocks reserved by running sequences (0–1).
+pub const KV_CACHE_USAGE: &str = "switchyard:kv_cache_usage_perc";
 pub const PROMPT_TOKENS: &str = "switchyard:prompt_tokens_total";
 pub const GENERATION_TOKENS: &str = "switchyard:generation_tokens_total";
 pub const REQUESTS: &str = "switchyard:request_success_total";

@@ -10,6 +10,7 @@ use std::time::Instant;
 use metrics::{counter, gauge, histogram};
 
 use switchyard_model::engine::GeneratedToken;
+use switchyard_model::kv_cache::{BLOCK_TOKENS, blocks_for};
 use switchyard_model::{Engine, FinishReason, GenerateRequest, ModelError, Sequence};
 use switchyard_proto::MAX_DISPATCH_TOKENS;
 
@@ -140,7 +141,24 @@ impl EngineLoop {
             self.load.queued.fetch_sub((before - self.waiting.len()) as u32, Ordering::Relaxed);
             self.running.retain(|(_, events, _, _)| !events.is_closed());
             while self.running.len() < self.max_batch && !self.waiting.is_empty() {
-                let next = self.waiting.remove(self.pick());
+                let i = self.pick();
+                if let Some(pool) = &self.engine.kv_pool {
+                    let need = blocks_for(Engine::kv_tokens(&self.waiting[i].0.request));
+                    if need > pool.capacity() {
+                        let (s, _) = self.waiting.remove(i);
+                        self.load.queued.fetch_sub(1, Ordering::Relaxed);
+                        let _ = s.events.send(Err(ServeError::Invalid(format!(
+                            "prompt + max_tokens need {need} KV-cache blocks of {BLOCK_TOKENS} tokens but the whole cache \
+                             has {}; lower max_tokens or raise --kv-cache-memory",
+                            pool.capacity()
+                        ))));
+                        continue;
+                    }
+                    if need > pool.available() {
+                        break; // waits until running sequences give blocks back
+                    }
+                }
+                let next = self.waiting.remove(i);
                 self.admit(next);
             }
             self.publish();
@@ -168,8 +186,10 @@ impl EngineLoop {
         self.load.running.store(self.running.len() as u32, Ordering::Relaxed);
         gauge!(names::RUNNING).set(self.running.len() as f64);
         gauge!(names::WAITING).set(self.load.queued.load(Ordering::Relaxed) as f64);
-        let kv: usize = self.running.iter().map(|(s, ..)| s.cache_bytes()).sum();
-        gauge!(names::KV_CACHE_BYTES).set(kv as f64);
+        if let Some(pool) = &self.engine.kv_pool {
+            let used = pool.capacity() - pool.available();
+            gauge!(names::KV_CACHE_USAGE).set(used as f64 / pool.capacity().max(1) as f64);
+        }
     }
 
     fn admit(&mut self, (s, submitted): (Submission, Instant)) {

@@ -284,3 +284,28 @@ priority = 1
         assert 'switchyard:tenant_requests_total{tenant="big"} 1' in text
     finally:
         server.stop()
+
+
+def test_requests_wait_for_kv_cache_blocks_instead_of_failing():
+    config = json.loads((FIXTURES / MODEL / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    block = config["num_hidden_layers"] * config["num_key_value_heads"] * 2 * 16 * head_dim * 4
+    # Three blocks: one request of up to 48 positions at a time.
+    server = up(MODEL, "--kv-cache-memory", str(3 * block))
+    try:
+        async def four():
+            client = server.async_client()
+            calls = [
+                client.completions.create(model=MODEL, prompt=f"x{i}", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+                for i in range(4)
+            ]
+            return await asyncio.gather(*calls)
+
+        for r in asyncio.run(four()):
+            assert r.usage.completion_tokens == 30
+        assert metric(server, "switchyard:kv_cache_usage_perc") == 0
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client().completions.create(model=MODEL, prompt="x", max_tokens=100, temperature=0)
+        assert "KV-cache blocks" in e.value.message
+    finally:
+        server.stop()
