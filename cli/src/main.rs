@@ -10,6 +10,7 @@
 //!   single process.
 //! - [`bench_serve`]: `switchyard bench serve`, concurrent clients against the OpenAI API.
 //! - [`launch`]: child processes, signals and the async runtime.
+//! - [`telemetry`]: logs, and span export over OTLP.
 //! - [`progress`]: progress bars for long work (loading, benchmarks).
 
 mod bench;
@@ -19,19 +20,21 @@ mod generate;
 mod launch;
 mod progress;
 mod serve;
+mod telemetry;
 mod up;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "Serve Mixture-of-Experts models from a cluster")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Export spans to this OpenTelemetry collector (OTLP/HTTP, e.g. http://127.0.0.1:4318).
+    #[arg(long, global = true, env = "SWITCHYARD_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -52,19 +55,31 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new("warn")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let service = match &cli.command {
+        Command::Generate(_) => "switchyard-generate",
+        Command::ExpertNode(_) => "switchyard-expert-node",
+        Command::Router(_) => "switchyard-router",
+        Command::Up(_) => "switchyard-up",
+        Command::Cluster(_) => "switchyard-cluster",
+        Command::Bench(_) => "switchyard-bench",
+    };
+    let telemetry = match telemetry::init(service, cli.otlp_endpoint.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let otlp = cli.otlp_endpoint.clone();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::ExpertNode(args) => serve::expert_node(args),
         Command::Router(args) => serve::router(args),
-        Command::Up(args) => up::run(args),
+        Command::Up(args) => up::run(args, otlp),
         Command::Cluster(args) => cluster::run(args),
         Command::Bench(args) => bench::run(args),
     };
+    drop(telemetry);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -89,7 +89,7 @@ pub async fn start_nodes(model: &std::path::Path, sets: &[ExpertSet], extra: &[S
     Ok((procs, addresses))
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
     if args.expert_nodes == 0 {
         bail!("--expert-nodes must be at least 1");
     }
@@ -106,6 +106,8 @@ pub fn run(args: Args) -> Result<()> {
         if let Some(b) = &args.memory_budget {
             extra.extend(["--memory-budget".to_string(), b.clone()]);
         }
+        let otlp: Vec<String> = otlp_endpoint.iter().flat_map(|e| ["--otlp-endpoint".to_string(), e.clone()]).collect();
+        extra.extend(otlp.iter().cloned());
         let mut children = Vec::new();
         let started = async {
             let (nodes, addresses) = start_nodes(&args.model, &sets, &extra, false).await?;
@@ -130,6 +132,7 @@ pub fn run(args: Args) -> Result<()> {
                 args.kv_cache_memory.clone(),
             ];
             let mut router_args = router_args;
+            router_args.extend(otlp.iter().cloned());
             if let Some(t) = &args.tenants {
                 router_args.extend(["--tenants".to_string(), t.display().to_string()]);
             }

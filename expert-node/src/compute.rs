@@ -24,6 +24,7 @@ pub struct Stats {
 
 struct Job {
     request: DispatchRequest,
+    span: tracing::Span,
     reply: oneshot::Sender<Result<(Tensor, Duration), NodeError>>,
 }
 
@@ -55,7 +56,7 @@ impl Compute {
                     if !delay.is_zero() {
                         std::thread::sleep(delay);
                     }
-                    let result = store.dispatch(&job.request);
+                    let result = job.span.in_scope(|| store.dispatch(&job.request));
                     if result.is_ok() {
                         counters.dispatches.fetch_add(1, Ordering::Relaxed);
                         counters.routed_tokens.fetch_add(job.request.tokens.len() as u64, Ordering::Relaxed);
@@ -69,10 +70,10 @@ impl Compute {
         Ok(Compute { jobs, stats })
     }
 
-    /// Runs one dispatch on the compute thread.
-    pub async fn run(&self, request: DispatchRequest) -> Result<(Tensor, Duration), NodeError> {
+    /// Runs one dispatch on the compute thread, under `span`.
+    pub async fn run(&self, request: DispatchRequest, span: tracing::Span) -> Result<(Tensor, Duration), NodeError> {
         let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job { request, reply }).map_err(|_| NodeError::ShuttingDown)?;
+        self.jobs.send(Job { request, span, reply }).map_err(|_| NodeError::ShuttingDown)?;
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::compute::Compute;
 use crate::store::ExpertStore;
@@ -67,9 +68,18 @@ impl ExpertService for NodeService {
                     }
                 };
                 let (compute, tx) = (compute.clone(), tx.clone());
+                // The router's dispatch span is the parent, across the process boundary.
+                let span = tracing::info_span!(
+                    "expert_compute",
+                    otel.kind = "server",
+                    layer = req.layer,
+                    tokens = req.activations.as_ref().and_then(|t| t.shape.first().copied()).unwrap_or(0)
+                );
+                let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&req.trace_context));
+                let _ = span.set_parent(parent);
                 tokio::spawn(async move {
                     let id = req.id;
-                    let response = match compute.run(req).await {
+                    let response = match compute.run(req, span).await {
                         Ok((partial, took)) => DispatchResponse {
                             id,
                             result: Some(dispatch_response::Result::Partial(partial)),

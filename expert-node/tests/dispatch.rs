@@ -85,6 +85,7 @@ fn request(id: u64, layer: u32, rows: usize, routes: &[(u32, u32, f32)]) -> Disp
         tokens: routes.iter().map(|r| r.0).collect(),
         experts: routes.iter().map(|r| r.1).collect(),
         weights: routes.iter().map(|r| r.2).collect(),
+        trace_context: Default::default(),
     }
 }
 

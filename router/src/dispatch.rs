@@ -16,6 +16,8 @@ use switchyard_proto::v1::{DispatchRequest, dispatch_response};
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 use tonic::Code;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::cluster::Cluster;
 
@@ -155,7 +157,7 @@ impl RemoteExperts {
                 }
                 let local: std::collections::HashMap<u32, u32> =
                     share.tokens.iter().enumerate().map(|(i, &t)| (t, i as u32)).collect();
-                let req = DispatchRequest {
+                let mut req = DispatchRequest {
                     id: 0,
                     epoch: self.epoch,
                     layer: layer as u32,
@@ -163,16 +165,26 @@ impl RemoteExperts {
                     tokens: share.routes.iter().map(|a| local[&a.token]).collect(),
                     experts: share.routes.iter().map(|a| a.expert).collect(),
                     weights: share.routes.iter().map(|a| a.weight).collect(),
+                    trace_context: Default::default(),
                 };
                 let node = self.cluster.nodes[n].clone();
                 let timeout = self.timeout;
+                let span = tracing::info_span!(
+                    "expert_dispatch",
+                    otel.kind = "client",
+                    node = %node.address,
+                    layer,
+                    tokens = share.tokens.len()
+                );
+                let cx = span.context();
+                opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut req.trace_context));
                 calls.spawn(async move {
                     let sent = Instant::now();
                     let answer = node.dispatch(req, timeout).await;
                     ::metrics::histogram!(crate::metric_names::DISPATCH_LATENCY, "node" => node.address.clone())
                         .record(sent.elapsed().as_secs_f64());
                     (n, share, answer)
-                });
+                }.instrument(span));
             }
             while let Some(joined) = calls.join_next().await {
                 let (n, share, answer) = joined.map_err(|e| ModelError::Dispatch { layer, reason: e.to_string() })?;

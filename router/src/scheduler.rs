@@ -53,10 +53,17 @@ pub struct Submission {
     pub tenant: Option<String>,
     /// Higher is admitted first.
     pub priority: i32,
+    /// The request's span (`Span::none()` when untraced).
+    pub span: tracing::Span,
 }
 
-/// When a running request passed each point, for the latency metrics.
-struct Timing {
+/// A sequence on the engine thread, with what it reports to.
+struct Running {
+    seq: Sequence,
+    events: Events,
+    tenant: Option<String>,
+    /// The request's span: engine steps are traced under it.
+    span: tracing::Span,
     submitted: Instant,
     last_token: Option<Instant>,
 }
@@ -118,7 +125,7 @@ struct EngineLoop {
     engine: Engine,
     max_batch: usize,
     load: Arc<Load>,
-    running: Vec<(Sequence, Events, Timing, Option<String>)>,
+    running: Vec<Running>,
     /// Submitted, not yet admitted, oldest first.
     waiting: Vec<(Submission, Instant)>,
 }
@@ -139,7 +146,7 @@ impl EngineLoop {
             let before = self.waiting.len();
             self.waiting.retain(|(s, _)| !s.events.is_closed());
             self.load.queued.fetch_sub((before - self.waiting.len()) as u32, Ordering::Relaxed);
-            self.running.retain(|(_, events, _, _)| !events.is_closed());
+            self.running.retain(|r| !r.events.is_closed());
             while self.running.len() < self.max_batch && !self.waiting.is_empty() {
                 let i = self.pick();
                 if let Some(pool) = &self.engine.kv_pool {
@@ -172,7 +179,7 @@ impl EngineLoop {
     /// Which waiting request to admit next: the highest priority; among equals, the tenant
     /// with the fewest running requests (fair sharing); then the oldest.
     fn pick(&self) -> usize {
-        let running_of = |t: &Option<String>| self.running.iter().filter(|r| &r.3 == t).count();
+        let running_of = |t: &Option<String>| self.running.iter().filter(|r| &r.tenant == t).count();
         (0..self.waiting.len())
             .min_by_key(|&i| {
                 let s = &self.waiting[i].0;
@@ -200,7 +207,14 @@ impl EngineLoop {
                 let started = Event::Started { prompt_ids: seq.request.prompt_ids.clone() };
                 counter!(names::PROMPT_TOKENS).increment(seq.request.prompt_ids.len() as u64);
                 if s.events.send(Ok(started)).is_ok() {
-                    self.running.push((seq, s.events, Timing { submitted, last_token: None }, s.tenant));
+                    self.running.push(Running {
+                        seq,
+                        events: s.events,
+                        tenant: s.tenant,
+                        span: s.span,
+                        submitted,
+                        last_token: None,
+                    });
                 }
             }
             Err(e) => {
@@ -210,27 +224,30 @@ impl EngineLoop {
     }
 
     fn step(&mut self) {
-        let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|(s, ..)| s).collect();
+        // A step serves every running request; it is traced under the oldest one.
+        let step = tracing::info_span!(parent: &self.running[0].span, "engine_step", batch = self.running.len());
+        let _entered = step.enter();
+        let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|r| &mut r.seq).collect();
         match self.engine.step(&mut seqs, MAX_DISPATCH_TOKENS) {
             Ok(tokens) => {
                 let now = Instant::now();
-                for ((seq, events, timing, _), token) in self.running.iter_mut().zip(tokens) {
+                for (r, token) in self.running.iter_mut().zip(tokens) {
                     if let Some(t) = token {
                         counter!(names::GENERATION_TOKENS).increment(1);
-                        match timing.last_token {
-                            None => histogram!(names::TIME_TO_FIRST_TOKEN).record((now - timing.submitted).as_secs_f64()),
+                        match r.last_token {
+                            None => histogram!(names::TIME_TO_FIRST_TOKEN).record((now - r.submitted).as_secs_f64()),
                             Some(last) => histogram!(names::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
                         }
-                        timing.last_token = Some(now);
-                        let _ = events.send(Ok(Event::Token(t)));
+                        r.last_token = Some(now);
+                        let _ = r.events.send(Ok(Event::Token(t)));
                     }
-                    if let Some(reason) = seq.finish_reason {
-                        histogram!(names::E2E_LATENCY).record((now - timing.submitted).as_secs_f64());
+                    if let Some(reason) = r.seq.finish_reason {
+                        histogram!(names::E2E_LATENCY).record((now - r.submitted).as_secs_f64());
                         counter!(names::REQUESTS, "finished_reason" => reason.as_str()).increment(1);
-                        let _ = events.send(Ok(Event::Finished(reason)));
+                        let _ = r.events.send(Ok(Event::Finished(reason)));
                     }
                 }
-                self.running.retain(|(s, ..)| !s.is_finished());
+                self.running.retain(|r| !r.seq.is_finished());
             }
             Err(e) => {
                 // The step left every sequence as it was, but without the experts it needs
@@ -240,8 +257,8 @@ impl EngineLoop {
                     ModelError::ExpertUnavailable { .. } => ServeError::Unavailable(e.to_string()),
                     _ => ServeError::Internal(e.to_string()),
                 };
-                for (_, events, ..) in self.running.drain(..) {
-                    let _ = events.send(Err(err.clone()));
+                for r in self.running.drain(..) {
+                    let _ = r.events.send(Err(err.clone()));
                 }
             }
         }

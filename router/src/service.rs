@@ -44,7 +44,8 @@ impl Router for RouterService {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
         };
         let (events, mut rx) = mpsc::unbounded_channel();
-        self.scheduler.submit(Submission { request, events, tenant: None, priority: 0 })?;
+        let span = tracing::info_span!("generate", otel.kind = "server", rpc.system = "grpc", prompt_tokens = request.prompt_ids.len());
+        self.scheduler.submit(Submission { request, events, tenant: None, priority: 0, span })?;
         // The first event says whether the request was accepted; a rejection is the call's
         // status rather than an error inside the stream.
         let mut ids = Vec::new();

@@ -309,3 +309,52 @@ def test_requests_wait_for_kv_cache_blocks_instead_of_failing():
         assert "KV-cache blocks" in e.value.message
     finally:
         server.stop()
+
+
+def test_one_request_is_one_trace_across_router_and_expert_nodes():
+    import http.server
+    import threading
+
+    batches = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            assert self.path == "/v1/traces"
+            batches.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+    server = up(MODEL, "--otlp-endpoint", endpoint)
+    try:
+        r = server.client().completions.create(model=MODEL, prompt="def f(", max_tokens=3, temperature=0)
+    finally:
+        server.stop()  # every process flushes its spans on the way out
+    collector.shutdown()
+
+    spans = []
+    for batch in batches:
+        for rs in batch["resourceSpans"]:
+            service = next(a["value"]["stringValue"] for a in rs["resource"]["attributes"] if a["key"] == "service.name")
+            for ss in rs["scopeSpans"]:
+                spans += [dict(s, service=service) for s in ss["spans"]]
+    request = next(s for s in spans if s["name"] == f"text_completion {MODEL}")
+    attrs = {a["key"]: a["value"] for a in request["attributes"]}
+    assert attrs["gen_ai.operation.name"]["stringValue"] == "text_completion"
+    assert attrs["gen_ai.request.model"]["stringValue"] == MODEL
+    assert attrs["gen_ai.usage.output_tokens"] == {"intValue": str(r.usage.completion_tokens)}
+    assert attrs["gen_ai.response.id"]["stringValue"] == r.id
+    trace = [s for s in spans if s["traceId"] == request["traceId"]]
+    by_id = {s["spanId"]: s for s in trace}
+    computes = [s for s in trace if s["name"] == "expert_compute"]
+    assert computes and all(s["service"] == "switchyard-expert-node" for s in computes)
+    # Each node-side span hangs under a router-side dispatch span of the same request.
+    for c in computes:
+        parent = by_id[c["parentSpanId"]]
+        assert parent["name"] == "expert_dispatch" and parent["service"] == "switchyard-router"

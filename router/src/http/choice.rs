@@ -75,6 +75,7 @@ impl Choice {
             events,
             priority: tenant.as_ref().map_or(0, |t| t.1),
             tenant: tenant.map(|t| t.0),
+            span: tracing::Span::current(),
         })?;
         match rx.recv().await {
             Some(Ok(Event::Started { .. })) => {}

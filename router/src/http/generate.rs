@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use switchyard_model::SamplingParams;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use super::choice::{Choice, Collected, Delta, Params, chat_logprobs, completion_logprobs};
 use super::error::ApiError;
@@ -125,7 +126,8 @@ async fn start(
             let mut params = params.clone();
             params.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(i as u64));
             let (scheduler, ids, permit) = (state.scheduler.clone(), ids.clone(), permit.clone());
-            pending.push(tokio::spawn(async move { Choice::start(&scheduler, ids, &params, p * n + i, permit).await }));
+            let start = async move { Choice::start(&scheduler, ids, &params, p * n + i, permit).await };
+            pending.push(tokio::spawn(start.instrument(tracing::Span::current())));
         }
     }
     let mut choices = Vec::with_capacity(pending.len());
@@ -144,11 +146,45 @@ fn prompt_tokens(choices: &[Choice], n: usize) -> usize {
     choices.iter().step_by(n).map(|c| c.prompt_ids.len()).sum()
 }
 
+/// The request's span, named and attributed after the OpenTelemetry GenAI conventions.
+fn request_span(api: Api, s: &Sampling) -> tracing::Span {
+    let operation = if api == Api::Chat { "chat" } else { "text_completion" };
+    tracing::info_span!(
+        "generate",
+        otel.name = format!("{operation} {}", s.model),
+        otel.kind = "server",
+        gen_ai.operation.name = operation,
+        gen_ai.system = "switchyard",
+        gen_ai.request.model = %s.model,
+        gen_ai.request.max_tokens = s.max_tokens,
+        gen_ai.request.temperature = s.temperature.unwrap_or(1.0),
+        gen_ai.request.top_p = s.top_p.unwrap_or(1.0),
+        gen_ai.request.seed = s.seed,
+        gen_ai.response.id = tracing::field::Empty,
+        gen_ai.response.finish_reasons = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+    )
+}
+
+fn record_usage(id: &str, prompt_tokens: usize, completion_tokens: usize, reasons: &[&str]) {
+    let span = tracing::Span::current();
+    span.record("gen_ai.response.id", id);
+    span.record("gen_ai.usage.input_tokens", prompt_tokens as i64);
+    span.record("gen_ai.usage.output_tokens", completion_tokens as i64);
+    span.record("gen_ai.response.finish_reasons", reasons.join(","));
+}
+
 pub async fn completions(
     State(state): State<Arc<HttpState>>,
     caller: Caller,
     ApiJson(r): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let span = request_span(Api::Completions, &r.sampling);
+    completions_in(state, caller, r).instrument(span).await
+}
+
+async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequest) -> Result<Response, ApiError> {
     state.check_model(&r.sampling.model)?;
     if r.echo && r.logprobs.is_some() {
         return Err(ApiError::invalid("`echo` together with `logprobs` is not supported", Some("echo")));
@@ -171,6 +207,11 @@ pub async fn chat(
     caller: Caller,
     ApiJson(r): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    let span = request_span(Api::Chat, &r.sampling);
+    chat_in(state, caller, r).instrument(span).await
+}
+
+async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Result<Response, ApiError> {
     state.check_model(&r.sampling.model)?;
     if r.messages.is_empty() {
         return Err(ApiError::invalid("`messages` is empty", Some("messages")));
@@ -202,7 +243,8 @@ async fn respond(
     let head = Head { id, created: now(), model: state.model_name.clone(), api };
     if s.stream {
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(stream(state, head, choices, n, params, include_usage, echo, tx));
+        let task = stream(state, head, choices, n, params, include_usage, echo, tx);
+        tokio::spawn(task.instrument(tracing::Span::current()));
         return Ok(SseBody::new(ReceiverStream::new(rx)).into_response());
     }
     let prompt_tokens = prompt_tokens(&choices, n);
@@ -213,6 +255,8 @@ async fn respond(
         done.push(c.collect(tk).await?);
     }
     let completion_tokens = done.iter().map(|c| c.completion_tokens).sum();
+    let reasons: Vec<&str> = done.iter().map(|c| c.finish).collect();
+    record_usage(&head.id, prompt_tokens, completion_tokens, &reasons);
     let body: Vec<Value> = done
         .iter()
         .zip(prompt_texts)
@@ -313,8 +357,9 @@ async fn stream(
             }
         }
     }
+    let completion_tokens = choices.iter().map(Choice::completion_tokens).sum();
+    record_usage(&head.id, prompt_tokens, completion_tokens, &[]);
     if include_usage {
-        let completion_tokens = choices.iter().map(Choice::completion_tokens).sum();
         let mut v = head.json(true);
         v["choices"] = json!([]);
         v["usage"] = usage(prompt_tokens, completion_tokens);
