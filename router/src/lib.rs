@@ -12,6 +12,7 @@
 //! - [`scheduler`]: the engine thread, batching running and newly admitted sequences per step.
 //! - [`service`]: the gRPC `Router` service (`Generate`, `ClusterStatus`).
 //! - [`http`]: the OpenAI-compatible HTTP API.
+//! - [`trace`]: joining a caller's trace (W3C trace context).
 //! - [`tenants`]: API keys, per-tenant limits and priorities (`--tenants FILE`).
 //! - [`metric_names`]: the metrics recorded (Prometheus, `/metrics`).
 //! - [`convert`]: protobuf ⇄ model types.
@@ -26,6 +27,7 @@ pub mod metric_names;
 pub mod scheduler;
 pub mod service;
 pub mod tenants;
+pub mod trace;
 
 use std::future::Future;
 use std::path::PathBuf;

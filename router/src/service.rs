@@ -33,6 +33,7 @@ impl Router for RouterService {
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let metadata = request.metadata().clone();
         let (prompt, mut request) = convert::request(request.into_inner())?;
         let tokenizer = self.tokenizer.clone();
         request.prompt_ids = match prompt {
@@ -45,6 +46,8 @@ impl Router for RouterService {
         };
         let (events, mut rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("generate", otel.kind = "server", rpc.system = "grpc", prompt_tokens = request.prompt_ids.len());
+        // A caller's W3C trace context in the call's metadata makes this request part of its trace.
+        crate::trace::join_caller(&span, |k| Some(metadata.get(k)?.to_str().ok()?.to_string()));
         self.scheduler.submit(Submission { request, events, tenant: None, priority: 0, span })?;
         // The first event says whether the request was accepted; a rejection is the call's
         // status rather than an error inside the stream.

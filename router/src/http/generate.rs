@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as Sse, Sse as SseBody};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -175,12 +176,18 @@ fn record_usage(id: &str, prompt_tokens: usize, completion_tokens: usize, reason
     span.record("gen_ai.response.finish_reasons", reasons.join(","));
 }
 
+fn join_caller_trace(span: &tracing::Span, headers: &HeaderMap) {
+    crate::trace::join_caller(span, |k| Some(headers.get(k)?.to_str().ok()?.to_string()));
+}
+
 pub async fn completions(
     State(state): State<Arc<HttpState>>,
     caller: Caller,
+    headers: HeaderMap,
     ApiJson(r): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let span = request_span(Api::Completions, &r.sampling);
+    join_caller_trace(&span, &headers);
     completions_in(state, caller, r).instrument(span).await
 }
 
@@ -205,9 +212,11 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
 pub async fn chat(
     State(state): State<Arc<HttpState>>,
     caller: Caller,
+    headers: HeaderMap,
     ApiJson(r): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let span = request_span(Api::Chat, &r.sampling);
+    join_caller_trace(&span, &headers);
     chat_in(state, caller, r).instrument(span).await
 }
 
