@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use switchyard_kernels::cpu::{self, Precision};
+use switchyard_model::moe::Experts;
 use switchyard_model::random::{RandomShape, write_random_checkpoint};
 use switchyard_model::sampling::{Rng, argmax};
-use switchyard_model::moe::Experts;
 use switchyard_model::{Chunk, Model, SeqCache};
 use switchyard_router::{Cluster, RemoteExperts, STATIC_EPOCH};
 
@@ -110,17 +110,21 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     model.exec.precision = Precision::F32;
-    let contexts: Vec<Vec<Vec<u32>>> = args
-        .batch
-        .iter()
-        .map(|&b| (0..b).map(|_| random_tokens(args.context)).collect())
-        .collect();
+    let contexts: Vec<Vec<Vec<u32>>> =
+        args.batch.iter().map(|&b| (0..b).map(|_| random_tokens(args.context)).collect()).collect();
     let local = model.local_experts();
     let mut single = Vec::new();
     for ctx in &contexts {
         let (seconds, bytes) = decode(&model, &local, ctx, args.steps)?;
         single.push(seconds);
-        rows.push(Row { phase: "decode", batch: ctx.len(), tokens: ctx.len() * args.steps, seconds, bytes, steps: args.steps });
+        rows.push(Row {
+            phase: "decode",
+            batch: ctx.len(),
+            tokens: ctx.len() * args.steps,
+            seconds,
+            bytes,
+            steps: args.steps,
+        });
     }
     drop(local);
     let mut cluster_rows = Vec::new();
@@ -168,8 +172,12 @@ pub fn run(args: Args) -> Result<()> {
         println!();
         println!("decode with the experts on expert nodes (loopback gRPC), against the single process:");
         println!();
-        println!("| expert nodes | batch | tokens/s | vs single process | layer round trip | of which outside compute |");
-        println!("|-------------:|------:|---------:|------------------:|-----------------:|-------------------------:|");
+        println!(
+            "| expert nodes | batch | tokens/s | vs single process | layer round trip | of which outside compute |"
+        );
+        println!(
+            "|-------------:|------:|---------:|------------------:|-----------------:|-------------------------:|"
+        );
         for r in &cluster_rows {
             println!(
                 "| {:>12} | {:>5} | {:>8.1} | {:>16.1}% | {:>13.0} µs | {:>21.0} µs |",
@@ -235,7 +243,8 @@ fn cluster_decode(
     // Each node gets an equal share of the cores; they take turns with the router per layer.
     let threads = (rayon::current_num_threads() / n).max(1).to_string();
     tracing::info!("starting {n} expert nodes");
-    let (mut procs, addresses) = rt.block_on(crate::up::start_nodes(dir, &sets, &["--threads".into(), threads], true))?;
+    let (mut procs, addresses) =
+        rt.block_on(crate::up::start_nodes(dir, &sets, &["--threads".into(), threads], true))?;
     let measured = (|| -> Result<Vec<ClusterRow>> {
         let cluster = rt.block_on(Cluster::connect(&addresses, &model.spec, Duration::from_secs(60)))?;
         let remote = RemoteExperts::new(cluster, rt.handle().clone(), STATIC_EPOCH, Duration::from_secs(60));

@@ -55,7 +55,11 @@ async fn one(http: &Http, args: &Args, model: &str, prompt: String) -> Result<Sa
         // Distinct ids per request, derived from the prompt text's bytes.
         Some(n) => {
             let seed = prompt.bytes().fold(17u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-            json!((0..n as u32).map(|i| (seed.wrapping_add(i.wrapping_mul(2_654_435_761))) % 1000 + 3).collect::<Vec<_>>())
+            json!(
+                (0..n as u32)
+                    .map(|i| (seed.wrapping_add(i.wrapping_mul(2_654_435_761))) % 1000 + 3)
+                    .collect::<Vec<_>>()
+            )
         }
         None => json!(prompt),
     };
@@ -116,17 +120,27 @@ pub fn run(args: Args) -> Result<()> {
                 if let Some(key) = &args.api_key {
                     req = req.header("authorization", format!("Bearer {key}"));
                 }
-                let resp = http.request(req.body(Full::default())?).await.with_context(|| format!("cannot reach {}", args.url))?;
+                let resp = http
+                    .request(req.body(Full::default())?)
+                    .await
+                    .with_context(|| format!("cannot reach {}", args.url))?;
                 let v: Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
                 v["data"][0]["id"].as_str().context("/v1/models lists no model")?.to_string()
             }
         };
         // Warm-up: one request pages everything in.
         one(&http, &args, &model, args.prompt.clone()).await?;
-        println!("server: {} model {model}, {} tokens per request, {} requests per client", args.url, args.max_tokens, args.requests_per_client);
+        println!(
+            "server: {} model {model}, {} tokens per request, {} requests per client",
+            args.url, args.max_tokens, args.requests_per_client
+        );
         println!();
-        println!("| concurrency | requests/s | output tokens/s | vs 1 at a time | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |");
-        println!("|------------:|-----------:|----------------:|---------------:|---------:|---------:|--------:|--------:|");
+        println!(
+            "| concurrency | requests/s | output tokens/s | vs 1 at a time | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |"
+        );
+        println!(
+            "|------------:|-----------:|----------------:|---------------:|---------:|---------:|--------:|--------:|"
+        );
         let mut base = None;
         for &c in &args.concurrency {
             let start = Instant::now();

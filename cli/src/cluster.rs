@@ -92,7 +92,11 @@ pub fn run(args: Args) -> Result<()> {
         writeln!(stdout)?;
         return Ok(());
     }
-    writeln!(stdout, "model {}, placement epoch {}, {} running, {} queued", out.model_type, out.epoch, out.running_requests, out.queued_requests)?;
+    writeln!(
+        stdout,
+        "model {}, placement epoch {}, {} running, {} queued",
+        out.model_type, out.epoch, out.running_requests, out.queued_requests
+    )?;
     writeln!(stdout, "{:<22} {:<12} {:>7} {:>10} {:>10}  experts", "node", "state", "pid", "dispatches", "rtt µs")?;
     for n in &out.nodes {
         writeln!(

@@ -104,8 +104,8 @@ fn local(args: &Args) -> Result<Output> {
         bail!("model directory {} does not exist", model.display());
     }
     let progress = Progress::new("loading");
-    let mut engine =
-        Engine::load(model, &mut |d, t| progress.update(d, t)).with_context(|| format!("cannot load {}", model.display()))?;
+    let mut engine = Engine::load(model, &mut |d, t| progress.update(d, t))
+        .with_context(|| format!("cannot load {}", model.display()))?;
     progress.finish();
     if args.bf16_prefill {
         engine.model.exec.precision = Precision::Bf16Products;
@@ -172,7 +172,12 @@ fn remote(args: &Args, router: &str) -> Result<Output> {
     crate::launch::runtime()?.block_on(async {
         let mut client = crate::cluster::router_client(router).await?;
         let mut stream = client.generate(request).await.map_err(status_error)?.into_inner();
-        let mut out = Output { prompt_ids: Vec::new(), tokens: Vec::new(), text: String::new(), finish_reason: FinishReason::Length };
+        let mut out = Output {
+            prompt_ids: Vec::new(),
+            tokens: Vec::new(),
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+        };
         while let Some(msg) = stream.message().await.map_err(status_error)? {
             match msg.event {
                 Some(v1::generate_response::Event::Started(s)) => out.prompt_ids = s.prompt_ids,
@@ -180,7 +185,11 @@ fn remote(args: &Args, router: &str) -> Result<Output> {
                     id: t.id,
                     text: t.text,
                     logprob: t.logprob,
-                    top_logprobs: t.top_logprobs.into_iter().map(|x| TopLogprob { id: x.id, logprob: x.logprob }).collect(),
+                    top_logprobs: t
+                        .top_logprobs
+                        .into_iter()
+                        .map(|x| TopLogprob { id: x.id, logprob: x.logprob })
+                        .collect(),
                 }),
                 Some(v1::generate_response::Event::Finished(f)) => {
                     out.text = f.text;

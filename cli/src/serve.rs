@@ -45,7 +45,8 @@ pub fn expert_node(args: NodeArgs) -> Result<()> {
         .with_context(|| format!("expert node cannot load {}", model.display()))?;
     progress.finish();
     runtime()?.block_on(async {
-        let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+        let listener =
+            TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
         announce(&format!("expert-node {}", listener.local_addr()?))?;
         node.serve(listener, shutdown_signal()).await?;
         Ok(())

@@ -118,7 +118,11 @@ fn span_json(s: &SpanData) -> Json {
         SpanKind::Producer => 4,
         SpanKind::Consumer => 5,
     };
-    let parent = if s.parent_span_id == opentelemetry::trace::SpanId::INVALID { String::new() } else { s.parent_span_id.to_string() };
+    let parent = if s.parent_span_id == opentelemetry::trace::SpanId::INVALID {
+        String::new()
+    } else {
+        s.parent_span_id.to_string()
+    };
     json!({
         "traceId": s.span_context.trace_id().to_string(),
         "spanId": s.span_context.span_id().to_string(),

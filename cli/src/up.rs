@@ -4,7 +4,7 @@
 //! or SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -12,12 +12,14 @@ use switchyard_expert_node::ExpertSet;
 use switchyard_model::ModelSpec;
 
 use crate::launch::{Proc, runtime, shutdown_signal};
+use crate::progress::Progress;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Checkpoint directory in Hugging Face layout.
+    /// Checkpoint directory in Hugging Face layout (default: the embedded code model in
+    /// models/switchyard-code-moe).
     #[arg(long, env = "SWITCHYARD_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Expert nodes to start.
     #[arg(long, env = "SWITCHYARD_EXPERT_NODES_COUNT", default_value_t = 2)]
     expert_nodes: usize,
@@ -66,7 +68,12 @@ pub fn spread(num_experts: usize, nodes: usize, replicas: usize) -> Vec<ExpertSe
 
 /// Starts `nodes` expert nodes (with `extra` flags) holding `spread`'s shares; returns them
 /// and their addresses.
-pub async fn start_nodes(model: &std::path::Path, sets: &[ExpertSet], extra: &[String], quiet: bool) -> Result<(Vec<Proc>, Vec<String>)> {
+pub async fn start_nodes(
+    model: &std::path::Path,
+    sets: &[ExpertSet],
+    extra: &[String],
+    quiet: bool,
+) -> Result<(Vec<Proc>, Vec<String>)> {
     let mut procs = Vec::new();
     for (i, set) in sets.iter().enumerate() {
         let mut args = vec![
@@ -96,8 +103,14 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
     if args.replicas == 0 || args.replicas > args.expert_nodes {
         bail!("--replicas must be between 1 and --expert-nodes ({}), got {}", args.expert_nodes, args.replicas);
     }
-    let spec = ModelSpec::from_dir(&args.model)?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => embedded_model()?,
+    };
+    let spec = ModelSpec::from_dir(&model)?;
     let sets = spread(spec.num_experts, args.expert_nodes, args.replicas);
+    let progress = Progress::new("starting");
+    progress.update(0, args.expert_nodes + 1);
     runtime()?.block_on(async {
         let mut extra = Vec::new();
         if let Some(t) = args.threads {
@@ -110,12 +123,13 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
         extra.extend(otlp.iter().cloned());
         let mut children = Vec::new();
         let started = async {
-            let (nodes, addresses) = start_nodes(&args.model, &sets, &extra, false).await?;
+            let (nodes, addresses) = start_nodes(&model, &sets, &extra, false).await?;
             children.extend(nodes);
+            progress.update(args.expert_nodes, args.expert_nodes + 1);
             let router_args = vec![
                 "router".to_string(),
                 "--model".into(),
-                args.model.display().to_string(),
+                model.display().to_string(),
                 "--listen".into(),
                 args.grpc.to_string(),
                 "--http".into(),
@@ -144,7 +158,9 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
         let outcome = tokio::select! {
             addr = started => match addr {
                 Ok(addr) => {
+                    progress.clone().finish();
                     println!("ready: {addr}");
+                    greet(&model, &addr, args.expert_nodes);
                     tracing::info!(nodes = args.expert_nodes, replicas = args.replicas, "cluster up");
                     watch(&mut children).await
                 }
@@ -157,6 +173,33 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
         }
         outcome
     })
+}
+
+/// The embedded default model: a small MoE trained on Python (tools/train_code_model.py),
+/// kept in the repository beside this crate.
+fn embedded_model() -> Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/switchyard-code-moe");
+    match dir.canonicalize() {
+        Ok(dir) if dir.join("config.json").exists() => Ok(dir),
+        _ => bail!(
+            "no --model given and the embedded model is not at {} (it ships in the repository's models/)",
+            dir.display()
+        ),
+    }
+}
+
+/// Tells a person on the terminal where the API is and how to try it.
+fn greet(model: &Path, ready: &str, nodes: usize) {
+    let words: Vec<&str> = ready.split(' ').collect();
+    let Some(http) = words.iter().position(|w| *w == "http").and_then(|i| words.get(i + 1)) else { return };
+    let name = model.file_name().map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let body = serde_json::json!({"model": name, "prompt": "def fibonacci(n):", "max_tokens": 64, "temperature": 0});
+    eprintln!();
+    eprintln!("Switchyard serves {name} on http://{http}/v1 (a router and {nodes} expert nodes). Try:");
+    eprintln!();
+    eprintln!("  curl -s http://{http}/v1/completions -H 'content-type: application/json' -d '{body}'");
+    eprintln!();
+    eprintln!("Ctrl-C stops the cluster.");
 }
 
 /// Runs until Ctrl-C/SIGTERM (Ok) or until the router exits on its own (an error). An expert

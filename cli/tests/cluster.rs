@@ -104,7 +104,8 @@ fn requests_survive_a_sigkilled_expert_node_when_experts_have_replicas() {
         let out = client.wait_with_output().unwrap();
         assert!(out.status.success(), "a request failed: {}", String::from_utf8_lossy(&out.stderr));
         let got: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ids = |v: &Value| v["tokens"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).collect::<Vec<_>>();
+        let ids =
+            |v: &Value| v["tokens"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).collect::<Vec<_>>();
         assert_eq!(ids(&got), ids(want), "tokens differ after failover");
         for (a, b) in got["tokens"].as_array().unwrap().iter().zip(want["tokens"].as_array().unwrap()) {
             let (a, b) = (a["logprob"].as_f64().unwrap(), b["logprob"].as_f64().unwrap());
@@ -177,7 +178,8 @@ fn the_router_rejects_bad_requests_with_invalid_argument() {
     let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1"], &[]);
     let err = stderr_of_failure(&["generate", "--router", &cluster.addr, "--prompt-ids", "1,99999"]);
     assert!(err.contains("InvalidArgument") && err.contains("99999"), "{err}");
-    let err = stderr_of_failure(&["generate", "--router", &cluster.addr, "--prompt-ids", "1", "--max-tokens", "100000"]);
+    let err =
+        stderr_of_failure(&["generate", "--router", &cluster.addr, "--prompt-ids", "1", "--max-tokens", "100000"]);
     assert!(err.contains("InvalidArgument") && err.contains("context"), "{err}");
     cluster.stop();
 }

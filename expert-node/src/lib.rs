@@ -96,7 +96,8 @@ impl ExpertNode {
             memory_budget: self.config.memory_budget,
             stopping,
         };
-        let server = ExpertServiceServer::new(service).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let server =
+            ExpertServiceServer::new(service).max_decoding_message_size(limit).max_encoding_message_size(limit);
         let shutdown = async move {
             shutdown.await;
             serving.store(false, Ordering::Relaxed);

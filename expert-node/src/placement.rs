@@ -35,7 +35,8 @@ impl ExpertSet {
 
     pub fn contains(&self, layer: usize, expert: usize) -> bool {
         self.terms.iter().any(|t| {
-            t.layers.as_ref().is_none_or(|r| r.contains(&layer)) && t.experts.as_ref().is_none_or(|r| r.contains(&expert))
+            t.layers.as_ref().is_none_or(|r| r.contains(&layer))
+                && t.experts.as_ref().is_none_or(|r| r.contains(&expert))
         })
     }
 

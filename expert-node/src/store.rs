@@ -39,10 +39,11 @@ impl ExpertStore {
             .iter()
             .enumerate()
             .flat_map(|(l, experts)| {
-                experts.iter().enumerate().filter(|(_, x)| x.is_some()).map(move |(e, _)| ExpertId {
-                    layer: l as u32,
-                    expert: e as u32,
-                })
+                experts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| x.is_some())
+                    .map(move |(e, _)| ExpertId { layer: l as u32, expert: e as u32 })
             })
             .collect();
         if held.is_empty() {
@@ -89,11 +90,11 @@ impl ExpertStore {
     pub fn dispatch(&self, req: &DispatchRequest) -> Result<Tensor, NodeError> {
         let spec = self.spec();
         let (id, layer) = (req.id, req.layer);
-        let experts = self
-            .weights
-            .layers
-            .get(layer as usize)
-            .ok_or(NodeError::UnknownLayer { id, layer, layers: spec.num_layers })?;
+        let experts = self.weights.layers.get(layer as usize).ok_or(NodeError::UnknownLayer {
+            id,
+            layer,
+            layers: spec.num_layers,
+        })?;
         if experts.is_empty() {
             return Err(NodeError::DenseLayer { id, layer });
         }

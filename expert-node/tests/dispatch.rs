@@ -135,7 +135,11 @@ async fn partial_sums_equal_the_in_process_experts_and_bad_dispatches_are_reject
             Code::InvalidArgument,
             "dtype DTYPE_BF16",
         ),
-        (DispatchRequest { activations: None, ..request(10, 0, 1, &[]) }, Code::InvalidArgument, "activations: missing"),
+        (
+            DispatchRequest { activations: None, ..request(10, 0, 1, &[]) },
+            Code::InvalidArgument,
+            "activations: missing",
+        ),
     ];
     for (req, code, needle) in cases {
         let id = req.id;

@@ -39,7 +39,11 @@ impl KvPool {
     /// A pool of `capacity` blocks for `spec`'s model.
     pub fn new(spec: &ModelSpec, capacity: usize) -> Arc<Self> {
         let block_floats = spec.num_layers * spec.num_kv_heads * 2 * BLOCK_TOKENS * spec.head_dim;
-        Arc::new(KvPool { capacity, block_floats, state: Mutex::new(PoolState { available: capacity, free: Vec::new() }) })
+        Arc::new(KvPool {
+            capacity,
+            block_floats,
+            state: Mutex::new(PoolState { available: capacity, free: Vec::new() }),
+        })
     }
 
     /// A pool of as many blocks as fit in `bytes`.

@@ -219,7 +219,8 @@ impl Model {
             let first_pos = c.cache.len();
             c.cache.append(l, k, v);
             let (kc, vc) = c.cache.layer(l, n);
-            let (kc, vc): (Vec<&[f32]>, Vec<&[f32]>) = (kc.iter().map(Vec::as_slice).collect(), vc.iter().map(Vec::as_slice).collect());
+            let (kc, vc): (Vec<&[f32]>, Vec<&[f32]>) =
+                (kc.iter().map(Vec::as_slice).collect(), vc.iter().map(Vec::as_slice).collect());
             let params = attention::AttentionParams {
                 n_tokens: n,
                 first_pos,

@@ -41,7 +41,11 @@ fn load_expected(dir: &Path) -> Result<Expected> {
 }
 
 fn check_arch(name: &str) -> Result<()> {
-    let dir = fixtures_dir().join(name);
+    check_dir(name, &fixtures_dir().join(name))
+}
+
+fn check_dir(name: &str, dir: &Path) -> Result<()> {
+    let dir = dir.to_path_buf();
     let expected = load_expected(&dir)?;
     let engine = Engine::load(&dir, &mut |_, _| {})?;
     assert_eq!(engine.model.spec.arch.model_type(), expected.model_type);
@@ -107,6 +111,13 @@ fn gpt_oss_matches_transformers() -> Result<()> {
 }
 
 /// Batched decoding (several sequences per step) gives each sequence what it gets alone.
+/// The embedded default model (models/, trained by tools/train_code_model.py).
+#[test]
+fn embedded_code_model_matches_transformers() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/switchyard-code-moe");
+    check_dir("switchyard-code-moe", &dir)
+}
+
 #[test]
 fn batched_generation_equals_one_at_a_time() -> Result<()> {
     for name in ["mixtral", "gpt_oss", "qwen2_moe"] {

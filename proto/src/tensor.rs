@@ -66,6 +66,9 @@ mod tests {
         assert!(matches!(to_f32(Some(&short), "x", 3), Err(TensorError::Length { .. })));
         let mut bf16 = t;
         bf16.dtype = Dtype::Bf16 as i32;
-        assert_eq!(to_f32(Some(&bf16), "x", 3).unwrap_err().to_string(), "x: dtype DTYPE_BF16 is not supported, expected F32");
+        assert_eq!(
+            to_f32(Some(&bf16), "x", 3).unwrap_err().to_string(),
+            "x: dtype DTYPE_BF16 is not supported, expected F32"
+        );
     }
 }

@@ -45,11 +45,7 @@ impl StatsSnapshot {
     /// Layers, and mean round-trip and compute microseconds per layer, since `earlier`.
     pub fn since(&self, earlier: &StatsSnapshot) -> (f64, f64, f64) {
         let layers = (self.layers - earlier.layers).max(1) as f64;
-        (
-            layers,
-            (self.micros - earlier.micros) as f64,
-            (self.compute_micros - earlier.compute_micros) as f64,
-        )
+        (layers, (self.micros - earlier.micros) as f64, (self.compute_micros - earlier.compute_micros) as f64)
     }
 }
 
@@ -178,13 +174,16 @@ impl RemoteExperts {
                 );
                 let cx = span.context();
                 opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut req.trace_context));
-                calls.spawn(async move {
-                    let sent = Instant::now();
-                    let answer = node.dispatch(req, timeout).await;
-                    ::metrics::histogram!(crate::metric_names::DISPATCH_LATENCY, "node" => node.address.clone())
-                        .record(sent.elapsed().as_secs_f64());
-                    (n, share, answer)
-                }.instrument(span));
+                calls.spawn(
+                    async move {
+                        let sent = Instant::now();
+                        let answer = node.dispatch(req, timeout).await;
+                        ::metrics::histogram!(crate::metric_names::DISPATCH_LATENCY, "node" => node.address.clone())
+                            .record(sent.elapsed().as_secs_f64());
+                        (n, share, answer)
+                    }
+                    .instrument(span),
+                );
             }
             while let Some(joined) = calls.join_next().await {
                 let (n, share, answer) = joined.map_err(|e| ModelError::Dispatch { layer, reason: e.to_string() })?;

@@ -45,7 +45,12 @@ impl Router for RouterService {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
         };
         let (events, mut rx) = mpsc::unbounded_channel();
-        let span = tracing::info_span!("generate", otel.kind = "server", rpc.system = "grpc", prompt_tokens = request.prompt_ids.len());
+        let span = tracing::info_span!(
+            "generate",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            prompt_tokens = request.prompt_ids.len()
+        );
         // A caller's W3C trace context in the call's metadata makes this request part of its trace.
         crate::trace::join_caller(&span, |k| Some(metadata.get(k)?.to_str().ok()?.to_string()));
         self.scheduler.submit(Submission { request, events, tenant: None, priority: 0, span })?;
@@ -65,7 +70,10 @@ impl Router for RouterService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn cluster_status(&self, _: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusResponse>, Status> {
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
         let nodes = self
             .cluster
             .nodes

@@ -430,16 +430,28 @@ mod avx512 {
                 }
                 t += TOKEN_BLOCK;
             }
-            while t < m {
-                let [row] = if widen {
-                    unsafe { block::<F32, 1, ROW_BLOCK>([xp(t)], wr, k) }
-                } else {
-                    unsafe { block::<D, 1, ROW_BLOCK>([xp(t)], wr, k) }
-                };
-                for (r, &v) in row.iter().enumerate() {
-                    store(t, j + r, v);
-                }
-                t += 1;
+            // The last 1–3 token rows in one pass, so each weight vector is loaded and
+            // widened once for all of them (decode batches give experts a few rows each).
+            macro_rules! tail {
+                ($n:literal) => {{
+                    let xs: [*const f32; $n] = std::array::from_fn(|i| xp(t + i));
+                    let res = if widen {
+                        unsafe { block::<F32, $n, ROW_BLOCK>(xs, wr, k) }
+                    } else {
+                        unsafe { block::<D, $n, ROW_BLOCK>(xs, wr, k) }
+                    };
+                    for (dt, row) in res.iter().enumerate() {
+                        for (r, &v) in row.iter().enumerate() {
+                            store(t + dt, j + r, v);
+                        }
+                    }
+                }};
+            }
+            match m - t {
+                0 => {}
+                1 => tail!(1),
+                2 => tail!(2),
+                _ => tail!(3),
             }
             j += ROW_BLOCK;
         }

@@ -206,7 +206,12 @@ pub fn token_str(id: u32, tokenizer: Option<&Tokenizer>, as_ids: bool) -> String
 }
 
 /// The legacy completions `logprobs` object.
-pub fn completion_logprobs(tokens: &[GeneratedToken], offsets: &[usize], tk: Option<&Tokenizer>, as_ids: bool) -> Value {
+pub fn completion_logprobs(
+    tokens: &[GeneratedToken],
+    offsets: &[usize],
+    tk: Option<&Tokenizer>,
+    as_ids: bool,
+) -> Value {
     json!({
         "tokens": tokens.iter().map(|t| token_str(t.id, tk, as_ids)).collect::<Vec<_>>(),
         "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),

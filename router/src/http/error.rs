@@ -22,7 +22,12 @@ impl ApiError {
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::UNAUTHORIZED, message: message.into(), param: None, code: Some("invalid_api_key") }
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            param: None,
+            code: Some("invalid_api_key"),
+        }
     }
 
     pub fn model_not_found(model: &str, served: &str) -> Self {
@@ -35,7 +40,12 @@ impl ApiError {
     }
 
     pub fn rate_limited(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::TOO_MANY_REQUESTS, message: message.into(), param: None, code: Some("rate_limit_exceeded") }
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            param: None,
+            code: Some("rate_limit_exceeded"),
+        }
     }
 
     fn kind(&self) -> &'static str {
@@ -62,7 +72,8 @@ impl From<ServeError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.code}});
+        let body =
+            json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.code}});
         (self.status, Json(body)).into_response()
     }
 }

@@ -57,10 +57,18 @@ fn now() -> u64 {
 }
 
 /// Checks the shared fields and builds the generation settings.
-fn params(s: &Sampling, max_tokens: Option<u64>, default_max: usize, logprobs: Option<u32>) -> Result<Params, ApiError> {
+fn params(
+    s: &Sampling,
+    max_tokens: Option<u64>,
+    default_max: usize,
+    logprobs: Option<u32>,
+) -> Result<Params, ApiError> {
     let temperature = s.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-        return Err(ApiError::invalid(format!("`temperature` must be in [0, 2], got {temperature}"), Some("temperature")));
+        return Err(ApiError::invalid(
+            format!("`temperature` must be in [0, 2], got {temperature}"),
+            Some("temperature"),
+        ));
     }
     let top_p = s.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
@@ -201,7 +209,9 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
     for p in prompts(&r.prompt)? {
         ids.push(match p {
             Prompt::Ids(ids) => ids,
-            Prompt::Text(text) => state.tokenizer()?.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?,
+            Prompt::Text(text) => {
+                state.tokenizer()?.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?
+            }
         });
     }
     let n = choices_per_prompt(&r.sampling)?;
@@ -226,7 +236,10 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
         return Err(ApiError::invalid("`messages` is empty", Some("messages")));
     }
     let template = state.template.as_ref().ok_or_else(|| {
-        ApiError::invalid("the model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions", Some("messages"))
+        ApiError::invalid(
+            "the model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions",
+            Some("messages"),
+        )
     })?;
     let text = template.render(&r.messages, true).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
     let ids = state.tokenizer()?.encode_raw(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
@@ -275,7 +288,9 @@ async fn respond(
                 Api::Chat => chat_logprobs(&c.tokens, tk, params.tokens_as_ids),
             });
             match api {
-                Api::Completions => json!({"index": c.index, "text": prefix + &c.text, "logprobs": logprobs, "finish_reason": c.finish}),
+                Api::Completions => {
+                    json!({"index": c.index, "text": prefix + &c.text, "logprobs": logprobs, "finish_reason": c.finish})
+                }
                 Api::Chat => json!({
                     "index": c.index,
                     "message": {"role": "assistant", "content": c.text},
@@ -335,8 +350,12 @@ async fn stream(
     // Opening chunks: the assistant role (chat) or the echoed prompt (completions).
     for c in &choices {
         let first = match head.api {
-            Api::Chat => Some(json!({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})),
-            Api::Completions if echo => Some(json!({"index": c.index, "text": echo_text(&state, c, true), "logprobs": null, "finish_reason": null})),
+            Api::Chat => Some(
+                json!({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+            ),
+            Api::Completions if echo => Some(
+                json!({"index": c.index, "text": echo_text(&state, c, true), "logprobs": null, "finish_reason": null}),
+            ),
             Api::Completions => None,
         };
         if let Some(first) = first
@@ -352,7 +371,8 @@ async fn stream(
                 Ok(Some(d)) => d,
                 Ok(None) => continue,
                 Err(e) => {
-                    let err = json!({"error": {"message": e.message, "type": "server_error", "param": null, "code": null}});
+                    let err =
+                        json!({"error": {"message": e.message, "type": "server_error", "param": null, "code": null}});
                     let _ = tx.send(Ok(Sse::default().data(err.to_string()))).await;
                     let _ = tx.send(Ok(Sse::default().data("[DONE]"))).await;
                     return;
@@ -377,7 +397,13 @@ async fn stream(
     let _ = tx.send(Ok(Sse::default().data("[DONE]"))).await;
 }
 
-fn delta_json(head: &Head, index: usize, d: &Delta, params: &Params, tk: Option<&switchyard_model::tokenizer::Tokenizer>) -> Value {
+fn delta_json(
+    head: &Head,
+    index: usize,
+    d: &Delta,
+    params: &Params,
+    tk: Option<&switchyard_model::tokenizer::Tokenizer>,
+) -> Value {
     let logprobs = params.logprobs.map(|_| match head.api {
         Api::Completions => completion_logprobs(&d.tokens, &d.offsets, tk, params.tokens_as_ids),
         Api::Chat => chat_logprobs(&d.tokens, tk, params.tokens_as_ids),

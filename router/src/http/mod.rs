@@ -70,7 +70,9 @@ impl HttpState {
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer, ApiError> {
-        self.tokenizer.as_ref().ok_or_else(|| ApiError::invalid("the model has no tokenizer; send token ids", Some("prompt")))
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| ApiError::invalid("the model has no tokenizer; send token ids", Some("prompt")))
     }
 }
 
@@ -99,7 +101,11 @@ pub fn app(state: Arc<HttpState>) -> Router {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
@@ -114,7 +120,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
                 let status = rejection.status();
-                let status = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE { status } else { axum::http::StatusCode::BAD_REQUEST };
+                let status = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    status
+                } else {
+                    axum::http::StatusCode::BAD_REQUEST
+                };
                 Err(ApiError { status, message: rejection.body_text(), param: None, code: None })
             }
         }
@@ -154,7 +164,11 @@ fn yes() -> bool {
     true
 }
 
-async fn tokenize(State(s): State<Arc<HttpState>>, _: Caller, ApiJson(r): ApiJson<TokenizeRequest>) -> Result<Json<Value>, ApiError> {
+async fn tokenize(
+    State(s): State<Arc<HttpState>>,
+    _: Caller,
+    ApiJson(r): ApiJson<TokenizeRequest>,
+) -> Result<Json<Value>, ApiError> {
     if let Some(m) = &r.model {
         s.check_model(m)?;
     }
@@ -163,8 +177,12 @@ async fn tokenize(State(s): State<Arc<HttpState>>, _: Caller, ApiJson(r): ApiJso
         (Some(p), None) if r.add_special_tokens => tk.encode(p),
         (Some(p), None) => tk.encode_raw(p),
         (None, Some(messages)) => {
-            let template = s.template.as_ref().ok_or_else(|| ApiError::invalid("the model has no chat template", Some("messages")))?;
-            let text = template.render(messages, true).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+            let template = s
+                .template
+                .as_ref()
+                .ok_or_else(|| ApiError::invalid("the model has no chat template", Some("messages")))?;
+            let text =
+                template.render(messages, true).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
             tk.encode_raw(&text)
         }
         _ => return Err(ApiError::invalid("send exactly one of `prompt` and `messages`", None)),
@@ -179,7 +197,11 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-async fn detokenize(State(s): State<Arc<HttpState>>, _: Caller, ApiJson(r): ApiJson<DetokenizeRequest>) -> Result<Json<Value>, ApiError> {
+async fn detokenize(
+    State(s): State<Arc<HttpState>>,
+    _: Caller,
+    ApiJson(r): ApiJson<DetokenizeRequest>,
+) -> Result<Json<Value>, ApiError> {
     if let Some(m) = &r.model {
         s.check_model(m)?;
     }

@@ -80,9 +80,10 @@ pub fn prompts(v: &Value) -> Result<Vec<Prompt>, ApiError> {
         Value::String(s) => vec![Prompt::Text(s.clone())],
         Value::Array(list) if list.is_empty() => return Err(ApiError::invalid("`prompt` is empty", Some("prompt"))),
         Value::Array(list) => match &list[0] {
-            Value::String(_) => {
-                list.iter().map(|x| x.as_str().map(|s| Prompt::Text(s.into())).ok_or_else(bad)).collect::<Result<_, _>>()?
-            }
+            Value::String(_) => list
+                .iter()
+                .map(|x| x.as_str().map(|s| Prompt::Text(s.into())).ok_or_else(bad))
+                .collect::<Result<_, _>>()?,
             Value::Number(_) => vec![Prompt::Ids(ids(list)?)],
             Value::Array(_) => list
                 .iter()
