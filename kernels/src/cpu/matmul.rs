@@ -386,8 +386,9 @@ mod avx512 {
             let b = bias.map_or(0.0, |b| b[j]);
             unsafe { *out.add(t * n + j) = v + b };
         };
-        // Many token rows: widen each block of weight rows once, then reuse it.
-        let widen = D != F32 && m >= TOKEN_BLOCK;
+        // Many token rows (two token blocks or more): widen each block of weight rows once
+        // into a buffer, then reuse it; fewer rows widen in registers as they go.
+        let widen = D != F32 && m >= 2 * TOKEN_BLOCK;
         let mut buf = if widen { vec![0.0f32; ROW_BLOCK * k] } else { Vec::new() };
 
         let mut j = cols.start;
