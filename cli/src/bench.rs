@@ -243,8 +243,12 @@ fn cluster_decode(
     // Each node gets an equal share of the cores; they take turns with the router per layer.
     let threads = (rayon::current_num_threads() / n).max(1).to_string();
     tracing::info!("starting {n} expert nodes");
-    let (mut procs, addresses) =
-        rt.block_on(crate::up::start_nodes(dir, &sets, &["--threads".into(), threads], true))?;
+    let (mut procs, addresses) = rt.block_on(crate::up::start_nodes(
+        dir,
+        &sets,
+        &["--threads".into(), threads],
+        &crate::launch::Output { quiet: true, log_dir: None },
+    ))?;
     let measured = (|| -> Result<Vec<ClusterRow>> {
         let cluster = rt.block_on(Cluster::connect(&addresses, &model.spec, Duration::from_secs(60)))?;
         let remote = RemoteExperts::new(cluster, rt.handle().clone(), STATIC_EPOCH, Duration::from_secs(60));

@@ -1,9 +1,13 @@
 //! Child processes of `switchyard up` and `switchyard bench`: each role runs as
 //! `switchyard <role> ...`, prints `ready: <what> <address> ...` on stdout once it serves, and has
-//! its output forwarded line by line with a `[name]` prefix. Children die with their parent
+//! its output forwarded line by line with a `[name]` prefix (and kept in a log file per child
+//! with `--data-dir`). Children die with their parent
 //! (PR_SET_PDEATHSIG on Linux) and are stopped with SIGTERM, then SIGKILL after a grace period.
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -21,8 +25,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `switchyard <args>` as child `name`.
-    pub fn spawn(name: &str, args: &[String], quiet: bool) -> Result<Self> {
+    /// Starts `switchyard <args>` as child `name`, its output going where `out` says.
+    pub fn spawn(name: &str, args: &[String], out: &Output) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the switchyard binary")?;
         let mut cmd = Command::new(exe);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
@@ -41,8 +45,18 @@ impl Proc {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let prefix = format!("[{name}]");
-        tokio::spawn(forward(BufReader::new(stdout), prefix.clone(), Some(tx), quiet));
-        tokio::spawn(forward(BufReader::new(stderr), prefix, None, quiet));
+        let log = match &out.log_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                let path = dir.join(format!("{name}.log"));
+                let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+                Some(Arc::new(Mutex::new(file.with_context(|| format!("cannot open {}", path.display()))?)))
+            }
+            None => None,
+        };
+        let sink = Sink { prefix, quiet: out.quiet, log };
+        tokio::spawn(forward(BufReader::new(stdout), sink.clone(), Some(tx)));
+        tokio::spawn(forward(BufReader::new(stderr), sink, None));
         Ok(Proc { name: name.to_string(), child, ready })
     }
 
@@ -77,13 +91,26 @@ impl Proc {
     }
 }
 
-/// Copies `reader`'s lines to our stderr with `prefix`; a `ready:` line's last word goes to
-/// `ready`.
+/// Where children's output goes: our stderr with a `[name]` prefix (unless `quiet`), and
+/// `log_dir/NAME.log` when set.
+#[derive(Clone, Default)]
+pub struct Output {
+    pub quiet: bool,
+    pub log_dir: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+struct Sink {
+    prefix: String,
+    quiet: bool,
+    log: Option<Arc<Mutex<std::fs::File>>>,
+}
+
+/// Copies `reader`'s lines to `sink`; a `ready:` line goes to `ready` instead.
 async fn forward<R: tokio::io::AsyncRead + Unpin>(
     reader: BufReader<R>,
-    prefix: String,
+    sink: Sink,
     ready: Option<mpsc::UnboundedSender<String>>,
-    quiet: bool,
 ) {
     let mut lines = reader.lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -91,8 +118,11 @@ async fn forward<R: tokio::io::AsyncRead + Unpin>(
             let _ = tx.send(rest.to_string());
             continue;
         }
-        if !quiet {
-            eprintln!("{prefix} {line}");
+        if let Some(log) = &sink.log {
+            let _ = writeln!(log.lock().expect("log lock"), "{line}");
+        }
+        if !sink.quiet {
+            eprintln!("{} {line}", sink.prefix);
         }
     }
 }

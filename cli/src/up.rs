@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use switchyard_expert_node::ExpertSet;
 use switchyard_model::ModelSpec;
 
-use crate::launch::{Proc, runtime, shutdown_signal};
+use crate::launch::{Output, Proc, runtime, shutdown_signal};
 use crate::progress::Progress;
 
 #[derive(clap::Args)]
@@ -44,6 +44,9 @@ pub struct Args {
     /// Passed to the router: sequences batched into one step at most.
     #[arg(long, env = "SWITCHYARD_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
+    /// Keep the cluster's files here: each child's log in `DIR/logs/NAME.log`.
+    #[arg(long, env = "SWITCHYARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Passed to the router: memory of the paged KV cache.
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "4GiB")]
     kv_cache_memory: String,
@@ -72,7 +75,7 @@ pub async fn start_nodes(
     model: &std::path::Path,
     sets: &[ExpertSet],
     extra: &[String],
-    quiet: bool,
+    out: &Output,
 ) -> Result<(Vec<Proc>, Vec<String>)> {
     let mut procs = Vec::new();
     for (i, set) in sets.iter().enumerate() {
@@ -86,7 +89,7 @@ pub async fn start_nodes(
             set.to_string(),
         ];
         args.extend_from_slice(extra);
-        procs.push(Proc::spawn(&format!("expert-node-{i}"), &args, quiet)?);
+        procs.push(Proc::spawn(&format!("expert-node-{i}"), &args, out)?);
     }
     let mut addresses = Vec::new();
     for p in &mut procs {
@@ -109,6 +112,7 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
     };
     let spec = ModelSpec::from_dir(&model)?;
     let sets = spread(spec.num_experts, args.expert_nodes, args.replicas);
+    let out = Output { quiet: false, log_dir: args.data_dir.as_ref().map(|d| d.join("logs")) };
     let progress = Progress::new("starting");
     progress.update(0, args.expert_nodes + 1);
     runtime()?.block_on(async {
@@ -123,7 +127,7 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
         extra.extend(otlp.iter().cloned());
         let mut children = Vec::new();
         let started = async {
-            let (nodes, addresses) = start_nodes(&model, &sets, &extra, false).await?;
+            let (nodes, addresses) = start_nodes(&model, &sets, &extra, &out).await?;
             children.extend(nodes);
             progress.update(args.expert_nodes, args.expert_nodes + 1);
             let router_args = vec![
@@ -150,7 +154,7 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
             if let Some(t) = &args.tenants {
                 router_args.extend(["--tenants".to_string(), t.display().to_string()]);
             }
-            let mut router = Proc::spawn("router", &router_args, false)?;
+            let mut router = Proc::spawn("router", &router_args, &out)?;
             let addr = router.ready(START_TIMEOUT).await?;
             children.push(router);
             Ok::<_, anyhow::Error>(addr)

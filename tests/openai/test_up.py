@@ -51,8 +51,8 @@ def complete_lines(prompt, text, finish_reason):
     return code
 
 
-def test_up_without_a_model_serves_the_embedded_code_model_and_stops_cleanly():
-    server = Server(["up", "--expert-nodes", "2", "--http", "127.0.0.1:0"])
+def test_up_without_a_model_serves_the_embedded_code_model_and_stops_cleanly(tmp_path):
+    server = Server(["up", "--expert-nodes", "2", "--http", "127.0.0.1:0", "--data-dir", str(tmp_path)])
     try:
         children = children_of(server.proc.pid)
         assert len(children) == 3, "a router and two expert nodes"
@@ -77,3 +77,4 @@ def test_up_without_a_model_serves_the_embedded_code_model_and_stops_cleanly():
         server.stop()
     assert server.proc.returncode == 0
     assert not [p for p in children if alive(p)], "children outlived `up`"
+    assert sorted(f.name for f in (tmp_path / "logs").iterdir()) == ["expert-node-0.log", "expert-node-1.log", "router.log"]
