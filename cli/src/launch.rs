@@ -112,8 +112,12 @@ async fn forward<R: tokio::io::AsyncRead + Unpin>(
     sink: Sink,
     ready: Option<mpsc::UnboundedSender<String>>,
 ) {
-    let mut lines = reader.lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = reader;
+    let mut buf = Vec::new();
+    // Lines that are not UTF-8 are shown lossily; stopping would leave the pipe undrained.
+    while reader.read_until(b'\n', &mut buf).await.is_ok_and(|n| n > 0) {
+        let line = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
+        buf.clear();
         if let (Some(tx), Some(rest)) = (&ready, line.strip_prefix("ready: ")) {
             let _ = tx.send(rest.to_string());
             continue;

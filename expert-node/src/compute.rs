@@ -52,6 +52,9 @@ impl Compute {
         std::thread::Builder::new().name("expert-dispatch".into()).spawn(move || {
             pool.install(|| {
                 for job in rx {
+                    if job.reply.is_closed() {
+                        continue; // its stream is gone: nobody would read the answer
+                    }
                     let start = Instant::now();
                     if !delay.is_zero() {
                         std::thread::sleep(delay);

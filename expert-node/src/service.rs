@@ -47,10 +47,18 @@ impl ExpertService for NodeService {
         let mut stopping = self.stopping.clone();
         tracing::debug!(?peer, "dispatch stream opened");
         tokio::spawn(async move {
+            // The stream's dispatches in flight: aborted if the router goes away (their
+            // answers have nowhere to go), finished first if the node is shutting down.
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut draining = false;
             loop {
                 let next = tokio::select! {
                     next = inbound.message() => next,
-                    _ = stopping.wait_for(|&s| s) => break,
+                    _ = stopping.wait_for(|&s| s) => {
+                        draining = true;
+                        break;
+                    }
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
                 };
                 let req = match next {
                     Ok(Some(req)) => req,
@@ -67,6 +75,10 @@ impl ExpertService for NodeService {
                         break;
                     }
                 };
+                if tasks.len() >= IN_FLIGHT {
+                    // Back-pressure: stop reading until one finishes.
+                    tasks.join_next().await;
+                }
                 let (compute, tx) = (compute.clone(), tx.clone());
                 // The router's dispatch span is the parent, across the process boundary.
                 let span = tracing::info_span!(
@@ -77,7 +89,7 @@ impl ExpertService for NodeService {
                 );
                 let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&req.trace_context));
                 let _ = span.set_parent(parent);
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let id = req.id;
                     let response = match compute.run(req, span).await {
                         Ok((partial, took)) => DispatchResponse {
@@ -100,6 +112,9 @@ impl ExpertService for NodeService {
                     };
                     let _ = tx.send(Ok(response)).await;
                 });
+            }
+            if draining {
+                while tasks.join_next().await.is_some() {}
             }
             tracing::debug!(?peer, "dispatch stream closed");
         });

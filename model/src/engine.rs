@@ -158,7 +158,7 @@ impl Engine {
             });
         }
         // The last sampled token is never fed back, so it needs no position.
-        if req.prompt_ids.len() + req.max_tokens.saturating_sub(1) > spec.max_context {
+        if req.prompt_ids.len().saturating_add(req.max_tokens.saturating_sub(1)) > spec.max_context {
             return Err(ModelError::InvalidRequest(format!(
                 "prompt ({} tokens) + max_tokens ({}) exceeds the model's context of {} tokens",
                 req.prompt_ids.len(),
@@ -171,7 +171,7 @@ impl Engine {
 
     /// KV positions `req` may need: its prompt and every generated token but the last.
     pub fn kv_tokens(req: &GenerateRequest) -> usize {
-        (req.prompt_ids.len() + req.max_tokens.saturating_sub(1)).max(1)
+        req.prompt_ids.len().saturating_add(req.max_tokens.saturating_sub(1)).max(1)
     }
 
     /// Validates `req` and makes its [`Sequence`], ready for [`Engine::step`], reserving its

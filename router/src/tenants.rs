@@ -85,6 +85,8 @@ pub struct Tenant {
 pub struct OverLimit {
     pub tenant: String,
     pub what: String,
+    /// The request can never fit the limit (a client error, not a reason to retry).
+    pub permanent: bool,
 }
 
 /// Holds one of a tenant's concurrent-request slots; frees it when dropped.
@@ -99,38 +101,45 @@ impl Drop for Permit {
 }
 
 impl Tenant {
-    /// Admits one request that will use about `tokens` tokens, or says which limit it is over.
+    /// Admits one request that will use about `tokens` tokens, or says which limit it is
+    /// over. Nothing is charged unless every limit admits it.
     pub fn admit(self: &Arc<Self>, tokens: usize) -> Result<Permit, OverLimit> {
-        let over = |what: String| OverLimit { tenant: self.name.clone(), what };
+        let over = |what: String, permanent: bool| OverLimit { tenant: self.name.clone(), what, permanent };
+        if let Some(b) = &self.tokens {
+            let capacity = b.lock().expect("bucket lock").capacity;
+            if tokens as f64 > capacity {
+                let what = format!("the request needs {tokens} tokens but the limit is {capacity} tokens per minute");
+                return Err(over(what, true));
+            }
+        }
         let active = self.active.fetch_add(1, Ordering::Relaxed) + 1;
         let permit = Permit { tenant: self.clone() };
         if let Some(max) = self.max_concurrent
             && active > max
         {
-            return Err(over(format!("{max} concurrent requests at most")));
+            return Err(over(format!("{max} concurrent requests at most"), false));
         }
-        if let Some(b) = &self.requests {
-            let mut b = b.lock().expect("bucket lock");
+        let mut requests = self.requests.as_ref().map(|b| b.lock().expect("bucket lock"));
+        let mut token_bucket = self.tokens.as_ref().map(|b| b.lock().expect("bucket lock"));
+        if let Some(b) = requests.as_deref_mut() {
             b.refill();
             if b.level < 1.0 {
-                return Err(over(format!(
-                    "{} requests per minute at most; retry in {:.1}s",
-                    b.capacity,
-                    b.wait_for(1.0)
-                )));
+                let what = format!("{} requests per minute at most; retry in {:.1}s", b.capacity, b.wait_for(1.0));
+                return Err(over(what, false));
             }
+        }
+        if let Some(b) = token_bucket.as_deref_mut() {
+            b.refill();
+            if b.level < tokens as f64 {
+                let what =
+                    format!("{} tokens per minute at most; retry in {:.1}s", b.capacity, b.wait_for(tokens as f64));
+                return Err(over(what, false));
+            }
+        }
+        if let Some(b) = requests.as_deref_mut() {
             b.level -= 1.0;
         }
-        if let Some(b) = &self.tokens {
-            let mut b = b.lock().expect("bucket lock");
-            b.refill();
-            if b.level <= 0.0 || (tokens as f64) > b.capacity {
-                return Err(over(format!(
-                    "{} tokens per minute at most (this request needs {tokens}); retry in {:.1}s",
-                    b.capacity,
-                    b.wait_for(1.0)
-                )));
-            }
+        if let Some(b) = token_bucket.as_deref_mut() {
             b.level -= tokens as f64;
         }
         counter!(crate::metric_names::TENANT_REQUESTS, "tenant" => self.name.clone()).increment(1);
@@ -179,6 +188,12 @@ impl Tenants {
         }
         let mut by_key = HashMap::new();
         for t in file.tenant {
+            if [t.requests_per_minute, t.tokens_per_minute, t.max_concurrent].contains(&Some(0)) {
+                return Err(bad(format!(
+                    "tenant `{}`: limits must be at least 1 (leave a limit out for none)",
+                    t.name
+                )));
+            }
             let key = parse_hex(&t.api_key_sha256)
                 .ok_or_else(|| bad(format!("tenant `{}`: api_key_sha256 must be 64 hex digits", t.name)))?;
             let tenant = Tenant {
@@ -241,7 +256,10 @@ mod tests {
         let t = tenant(None, Some(100), None);
         let _a = t.admit(60).unwrap();
         t.charge(50);
-        assert!(t.admit(1).err().unwrap().to_string().contains("100 tokens per minute"));
+        let err = t.admit(1).err().unwrap();
+        assert!(err.to_string().contains("100 tokens per minute") && !err.permanent);
+        let err = t.admit(101).err().unwrap();
+        assert!(err.permanent && err.to_string().contains("needs 101 tokens"));
     }
 
     #[test]

@@ -141,6 +141,9 @@ def test_errors_have_openai_shape_and_status(qwen):
         c.completions.create(model=MODEL, prompt="x " * 400, max_tokens=1)
     assert "context" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt="x y z", max_tokens=2**64 - 1)
+    assert "context" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model=MODEL, prompt=[10**9], max_tokens=1)
     assert "outside the vocabulary" in e.value.message
     with pytest.raises(openai.BadRequestError):

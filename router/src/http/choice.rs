@@ -136,8 +136,13 @@ impl Choice {
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ServeError::Unavailable("the router stopped mid-generation".into()).into()),
         }
-        let release = if self.finish.is_some() { self.text.len() } else { self.text.len() - self.held_back() };
-        if release > self.sent {
+        let mut release = if self.finish.is_some() { self.text.len() } else { self.text.len() - self.held_back() };
+        // Never cut inside a character (a byte-fallback decoder can shorten the text when a
+        // character completes).
+        while !self.text.is_char_boundary(release) {
+            release -= 1;
+        }
+        if release > self.sent && self.text.is_char_boundary(self.sent) {
             delta.text = self.text[self.sent..release].to_string();
             self.sent = release;
         }
@@ -156,12 +161,11 @@ impl Choice {
         self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min()
     }
 
-    /// Trailing bytes that must wait: an incomplete character, or a prefix of a stop string.
+    /// Trailing bytes that must wait: an incomplete character (decoded as one or more U+FFFD,
+    /// one per byte with byte-fallback decoders), or a prefix of a stop string.
     fn held_back(&self) -> usize {
-        if self.text.ends_with('\u{FFFD}') {
-            return '\u{FFFD}'.len_utf8();
-        }
-        let mut hold = 0;
+        let replacement = self.text.len() - self.text.trim_end_matches('\u{FFFD}').len();
+        let mut hold = replacement;
         for s in &self.stop {
             for (i, _) in s.char_indices().skip(1) {
                 if self.text.ends_with(&s[..i]) {

@@ -25,6 +25,9 @@ use super::{ApiJson, Caller, HttpState};
 
 /// Most choices one request may ask for (`n` times the prompts).
 const MAX_CHOICES: usize = 128;
+/// Chat's default `max_tokens` when the request sets none: the rest of the context, but no
+/// more than this (each sequence reserves KV-cache blocks for its whole `max_tokens`).
+const DEFAULT_CHAT_MAX_TOKENS: usize = 2048;
 /// Most alternatives per token, as OpenAI allows.
 const MAX_LOGPROBS: u32 = 20;
 
@@ -123,26 +126,33 @@ async fn start(
             let tokens = prompts.iter().map(Vec::len).sum::<usize>() * n;
             let permit = tenant.admit(tokens).map_err(|e| {
                 metrics::counter!(crate::metric_names::TENANT_REJECTED, "tenant" => tenant.name.clone()).increment(1);
-                ApiError::rate_limited(e.to_string())
+                if e.permanent {
+                    ApiError::invalid(e.to_string(), Some("prompt"))
+                } else {
+                    ApiError::rate_limited(e.to_string())
+                }
             })?;
             Some(Arc::new(permit))
         }
         None => None,
     };
-    let mut pending = Vec::new();
+    // A JoinSet aborts the starts if this handler is dropped (the client left): the queued
+    // requests are then cancelled instead of lingering in the queue.
+    let mut pending = tokio::task::JoinSet::new();
     for (p, ids) in prompts.into_iter().enumerate() {
         for i in 0..n {
             let mut params = params.clone();
             params.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(i as u64));
             let (scheduler, ids, permit) = (state.scheduler.clone(), ids.clone(), permit.clone());
             let start = async move { Choice::start(&scheduler, ids, &params, p * n + i, permit).await };
-            pending.push(tokio::spawn(start.instrument(tracing::Span::current())));
+            pending.spawn(start.instrument(tracing::Span::current()));
         }
     }
     let mut choices = Vec::with_capacity(pending.len());
-    for p in pending {
-        choices.push(p.await.map_err(|e| ApiError::from(crate::scheduler::ServeError::Internal(e.to_string())))??);
+    while let Some(started) = pending.join_next().await {
+        choices.push(started.map_err(|e| ApiError::from(crate::scheduler::ServeError::Internal(e.to_string())))??);
     }
+    choices.sort_by_key(|c| c.index);
     Ok(choices)
 }
 
@@ -245,7 +255,8 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
     let ids = state.tokenizer()?.encode_raw(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
     let logprobs = if r.logprobs { Some(r.top_logprobs.unwrap_or(0)) } else { None };
     let max_tokens = r.max_completion_tokens.or(r.sampling.max_tokens);
-    let params = params(&r.sampling, max_tokens, state.max_context.saturating_sub(ids.len()).max(1), logprobs)?;
+    let default_max = state.max_context.saturating_sub(ids.len()).clamp(1, DEFAULT_CHAT_MAX_TOKENS);
+    let params = params(&r.sampling, max_tokens, default_max, logprobs)?;
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, vec![ids], n, &params).await?;
     respond(state, Api::Chat, choices, n, params, &r.sampling, false).await
