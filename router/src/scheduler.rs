@@ -149,6 +149,13 @@ impl EngineLoop {
             self.running.retain(|r| !r.events.is_closed());
             while self.running.len() < self.max_batch && !self.waiting.is_empty() {
                 let i = self.pick();
+                // A request the model cannot serve is refused before it is weighed for memory.
+                if let Err(e) = self.engine.validate(&self.waiting[i].0.request) {
+                    let (s, _) = self.waiting.remove(i);
+                    self.load.queued.fetch_sub(1, Ordering::Relaxed);
+                    let _ = s.events.send(Err(ServeError::Invalid(e.to_string())));
+                    continue;
+                }
                 if let Some(pool) = &self.engine.kv_pool {
                     let need = blocks_for(Engine::kv_tokens(&self.waiting[i].0.request));
                     if need > pool.capacity() {
