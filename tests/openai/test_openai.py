@@ -361,3 +361,16 @@ def test_one_request_is_one_trace_across_router_and_expert_nodes():
     for c in computes:
         parent = by_id[c["parentSpanId"]]
         assert parent["name"] == "expert_dispatch" and parent["service"] == "switchyard-router"
+
+
+def test_incremental_text_equals_decoding_all_tokens_at_once(qwen):
+    c = qwen.client()
+    for prompt in ["def f(", "héllo wörld ✓", expected(MODEL)["cases"][2]["prompt"]]:
+        r = c.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=64, temperature=0.8, seed=3, logprobs=0,
+            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+        )
+        ids = ids_of(r.choices[0].logprobs.tokens)
+        body = json.dumps({"model": MODEL, "tokens": ids}).encode()
+        req = urllib.request.Request(qwen.http + "/detokenize", data=body, headers={"content-type": "application/json"})
+        assert r.choices[0].text == json.loads(urllib.request.urlopen(req).read())["prompt"]

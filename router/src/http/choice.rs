@@ -44,8 +44,13 @@ pub struct Choice {
     pub prompt_ids: Vec<u32>,
     events: Option<mpsc::UnboundedReceiver<Result<Event, ServeError>>>,
     ids: Vec<u32>,
-    /// The decoded text of `ids` (cut at a stop string once one is seen).
+    /// The decoded text of `ids` so far (cut at a stop string once one is seen); an
+    /// unfinished character waits in the ids past `read_offset`.
     text: String,
+    /// Incremental decoding: `ids[prefix_offset..read_offset]` gives the context the next
+    /// token is decoded against, so each token costs a few ids of decoding, not all of them.
+    prefix_offset: usize,
+    read_offset: usize,
     /// Bytes of `text` already handed out.
     sent: usize,
     stop: Vec<String>,
@@ -90,6 +95,8 @@ impl Choice {
             events: Some(rx),
             ids: Vec::new(),
             text: String::new(),
+            prefix_offset: 0,
+            read_offset: 0,
             sent: 0,
             stop: params.stop.clone(),
             finish: None,
@@ -120,13 +127,20 @@ impl Choice {
                 delta.offsets.push(self.text.len());
                 self.ids.push(t.id);
                 delta.tokens.push(t);
-                self.text = tokenizer.and_then(|tk| tk.decode(&self.ids).ok()).unwrap_or_default();
-                if let Some(at) = self.find_stop() {
+                let searched_from = self.text.len();
+                self.decode_new(tokenizer, false);
+                if let Some(at) = self.find_stop(searched_from) {
                     self.text.truncate(at);
                     self.end("stop");
                 }
             }
             Some(Ok(Event::Finished(reason))) => {
+                // Whatever is still undecoded (an unfinished character) goes out as it is.
+                let searched_from = self.text.len();
+                self.decode_new(tokenizer, true);
+                if let Some(at) = self.find_stop(searched_from) {
+                    self.text.truncate(at);
+                }
                 self.end(match reason {
                     FinishReason::Stop => "stop",
                     FinishReason::Length => "length",
@@ -156,9 +170,29 @@ impl Choice {
         self.events = None;
     }
 
-    /// Where the first stop string starts in the text, if one has appeared.
-    fn find_stop(&self) -> Option<usize> {
-        self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min()
+    /// Appends the text of the ids past `read_offset`, decoded against the few ids before
+    /// them, once it forms whole characters (or at once when `flush`).
+    fn decode_new(&mut self, tokenizer: Option<&Tokenizer>, flush: bool) {
+        let Some(tk) = tokenizer else { return };
+        let prefix = tk.decode(&self.ids[self.prefix_offset..self.read_offset]).unwrap_or_default();
+        let full = tk.decode(&self.ids[self.prefix_offset..]).unwrap_or_default();
+        let whole = !full.ends_with('\u{FFFD}') || flush;
+        if full.len() > prefix.len() && whole && full.is_char_boundary(prefix.len()) {
+            self.text.push_str(&full[prefix.len()..]);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+        }
+    }
+
+    /// Where the first stop string starts in the text, if one has appeared; only text from
+    /// `from` on (less the longest stop string) is new and searched.
+    fn find_stop(&self, from: usize) -> Option<usize> {
+        let longest = self.stop.iter().map(String::len).max()?;
+        let mut start = from.saturating_sub(longest);
+        while !self.text.is_char_boundary(start) {
+            start -= 1;
+        }
+        self.stop.iter().filter_map(|s| self.text[start..].find(s.as_str())).min().map(|i| start + i)
     }
 
     /// Trailing bytes that must wait: an incomplete character (decoded as one or more U+FFFD,
