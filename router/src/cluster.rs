@@ -28,6 +28,9 @@ struct Stream {
     pending: Pending,
     /// Tells the supervisor this stream was failed by a dispatch (timeout) and must go.
     broken: Arc<Notify>,
+    /// Which connection of the node this is (1, 2, …), so a failure seen on an old stream
+    /// never tears down its replacement.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -44,6 +47,8 @@ pub struct Node {
     pub address: String,
     link: Mutex<Link>,
     next_id: AtomicU64,
+    /// Streams opened so far.
+    generations: AtomicU64,
     dispatches: AtomicU64,
     round_trip_micros: AtomicU64,
 }
@@ -68,8 +73,20 @@ impl Node {
         self.link.lock().expect("link lock").holds.iter().any(|x| x.layer == layer && x.expert == expert)
     }
 
-    /// Sends one dispatch on the stream and waits for its answer, at most `timeout`.
-    pub async fn dispatch(&self, mut req: DispatchRequest, timeout: Duration) -> Result<DispatchResponse, Status> {
+    /// Sends one dispatch on the stream and waits for its answer, at most `timeout`. Returns
+    /// the generation of the stream it went out on (0: none) with the answer.
+    pub async fn dispatch(&self, req: DispatchRequest, timeout: Duration) -> (u64, Result<DispatchResponse, Status>) {
+        let mut generation = 0;
+        let answer = self.dispatch_on(req, timeout, &mut generation).await;
+        (generation, answer)
+    }
+
+    async fn dispatch_on(
+        &self,
+        mut req: DispatchRequest,
+        timeout: Duration,
+        generation: &mut u64,
+    ) -> Result<DispatchResponse, Status> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         req.id = id;
         let (tx, rx) = oneshot::channel();
@@ -79,6 +96,7 @@ impl Node {
                 let why = link.last_error.as_deref().unwrap_or("not connected");
                 return Err(Status::unavailable(format!("expert node {} is unreachable: {why}", self.address)));
             };
+            *generation = stream.generation;
             stream.pending.lock().expect("pending lock").insert(id, tx);
             stream.requests.clone()
         };
@@ -95,7 +113,7 @@ impl Node {
                     self.address,
                     timeout.as_millis()
                 ));
-                self.fail(status.message());
+                self.fail(*generation, status.message());
                 Err(status)
             }
         };
@@ -106,17 +124,21 @@ impl Node {
         answer
     }
 
-    /// Marks the node unreachable: drops its stream (failing whatever is in flight) and
-    /// wakes the supervisor to reconnect.
-    pub fn fail(&self, why: &str) {
-        if let Some(stream) = self.take_stream(why) {
+    /// Marks the node unreachable if stream `generation` is still its current one: drops the
+    /// stream (failing whatever is in flight) and wakes the supervisor to reconnect.
+    pub fn fail(&self, generation: u64, why: &str) {
+        if let Some(stream) = self.take_stream(Some(generation), why) {
             stream.broken.notify_one();
         }
     }
 
-    fn take_stream(&self, why: &str) -> Option<Stream> {
+    /// Takes the current stream (only if it is `generation`, when given).
+    fn take_stream(&self, generation: Option<u64>, why: &str) -> Option<Stream> {
         let stream = {
             let mut link = self.link.lock().expect("link lock");
+            if generation.is_some_and(|g| link.stream.as_ref().is_none_or(|s| s.generation != g)) {
+                return None;
+            }
             link.last_error = Some(why.to_string());
             link.stream.take()
         };
@@ -169,6 +191,7 @@ impl Cluster {
                     address: a.clone(),
                     link: Mutex::new(Link::default()),
                     next_id: AtomicU64::new(0),
+                    generations: AtomicU64::new(0),
                     dispatches: AtomicU64::new(0),
                     round_trip_micros: AtomicU64::new(0),
                 })
@@ -267,7 +290,8 @@ async fn connect_once(node: &Node, spec: &ModelSpec) -> Result<(Stream, NodeStat
         let _ = closed_tx.send(()).await;
         tracing::debug!(node = %address, "dispatch stream reader stopped: {why}");
     });
-    Ok((Stream { requests, pending, broken: Arc::new(Notify::new()) }, status, closed))
+    let generation = node.generations.fetch_add(1, Ordering::Relaxed) + 1;
+    Ok((Stream { requests, pending, broken: Arc::new(Notify::new()), generation }, status, closed))
 }
 
 /// `e` and its sources, `: `-separated (tonic's transport errors hide the cause otherwise).
@@ -317,7 +341,7 @@ async fn supervise(node: Arc<Node>, spec: ModelSpec, first: mpsc::Sender<NodeSta
                     let _ = first.send(status).await;
                 }
                 tokio::select! {
-                    _ = closed.recv() => drop(node.take_stream("the dispatch stream closed")),
+                    _ = closed.recv() => drop(node.take_stream(None, "the dispatch stream closed")),
                     _ = broken.notified() => {}
                 }
             }

@@ -177,16 +177,17 @@ impl RemoteExperts {
                 calls.spawn(
                     async move {
                         let sent = Instant::now();
-                        let answer = node.dispatch(req, timeout).await;
+                        let (stream, answer) = node.dispatch(req, timeout).await;
                         ::metrics::histogram!(crate::metric_names::DISPATCH_LATENCY, "node" => node.address.clone())
                             .record(sent.elapsed().as_secs_f64());
-                        (n, share, answer)
+                        (n, share, stream, answer)
                     }
                     .instrument(span),
                 );
             }
             while let Some(joined) = calls.join_next().await {
-                let (n, share, answer) = joined.map_err(|e| ModelError::Dispatch { layer, reason: e.to_string() })?;
+                let (n, share, stream, answer) =
+                    joined.map_err(|e| ModelError::Dispatch { layer, reason: e.to_string() })?;
                 let node = &self.cluster.nodes[n];
                 let failure = match answer {
                     Ok(resp) => match resp.result {
@@ -214,7 +215,7 @@ impl RemoteExperts {
                     Code::NotFound => tracing::warn!(node = %node.address, layer, "{}", failure.message()),
                     // Gone, hung or shutting down: the node is out until it reconnects.
                     Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                        node.fail(failure.message())
+                        node.fail(stream, failure.message())
                     }
                     _ => {
                         return Err(ModelError::Dispatch {
