@@ -92,11 +92,6 @@ impl Sequence {
         self.fed == self.request.prompt_ids.len()
     }
 
-    /// Bytes of its KV cache.
-    pub fn cache_bytes(&self) -> usize {
-        self.cache.size_in_bytes()
-    }
-
     pub fn into_generation(self) -> Generation {
         Generation {
             prompt_ids: self.request.prompt_ids,

@@ -36,9 +36,14 @@ pub struct KvPool {
 }
 
 impl KvPool {
+    /// Floats of one block of `spec`'s model: keys and values of every layer and KV head.
+    fn block_floats(spec: &ModelSpec) -> usize {
+        spec.num_layers * spec.num_kv_heads * 2 * BLOCK_TOKENS * spec.head_dim
+    }
+
     /// A pool of `capacity` blocks for `spec`'s model.
     pub fn new(spec: &ModelSpec, capacity: usize) -> Arc<Self> {
-        let block_floats = spec.num_layers * spec.num_kv_heads * 2 * BLOCK_TOKENS * spec.head_dim;
+        let block_floats = Self::block_floats(spec);
         Arc::new(KvPool {
             capacity,
             block_floats,
@@ -48,8 +53,7 @@ impl KvPool {
 
     /// A pool of as many blocks as fit in `bytes`.
     pub fn with_bytes(spec: &ModelSpec, bytes: usize) -> Arc<Self> {
-        let block = spec.num_layers * spec.num_kv_heads * 2 * BLOCK_TOKENS * spec.head_dim * 4;
-        Self::new(spec, bytes / block.max(1))
+        Self::new(spec, bytes / (Self::block_floats(spec) * 4).max(1))
     }
 
     /// Bytes of one block.
@@ -193,10 +197,6 @@ impl SeqCache {
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }
-
-    /// Forgets whatever a failed forward pass appended past the cached positions (the rows
-    /// are simply overwritten by the next append).
-    pub(crate) fn rollback(&mut self) {}
 
     /// Bytes of the blocks this sequence holds.
     pub fn size_in_bytes(&self) -> usize {

@@ -147,14 +147,10 @@ impl Model {
             let attn = self.attention(l, &layer.attention, &hbuf, total, chunks, &tables);
             add(&mut x, &attn);
             norm::rms_norm(&x, &layer.post_norm, s.rms_norm_eps, &mut hbuf);
-            match self.feed_forward(l, &layer.ffn, &hbuf, total, experts) {
-                Ok(y) => add(&mut x, &y),
-                Err(e) => {
-                    // Leave every cache as it was, so the same chunks can be run again.
-                    chunks.iter_mut().for_each(|c| c.cache.rollback());
-                    return Err(e);
-                }
-            }
+            // On error no cache has advanced: the rows appended so far are overwritten when the
+            // same chunks run again.
+            let y = self.feed_forward(l, &layer.ffn, &hbuf, total, experts)?;
+            add(&mut x, &y);
         }
         for c in chunks.iter_mut() {
             c.cache.advance(c.tokens.len());

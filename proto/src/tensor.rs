@@ -20,11 +20,22 @@ pub enum TensorError {
 /// Packs `rows` rows of `hidden` values as a `[rows, hidden]` F32 tensor.
 pub fn from_f32(values: &[f32], hidden: usize) -> Tensor {
     let rows = values.len().checked_div(hidden).unwrap_or(0);
-    let mut data = Vec::with_capacity(values.len() * 4);
-    for v in values {
+    pack(values.chunks_exact(hidden.max(1)), rows, hidden)
+}
+
+/// Packs the rows `rows` of `x` (`hidden` wide) as a `[rows.len(), hidden]` F32 tensor,
+/// gathering them straight into the message bytes.
+pub fn from_rows(x: &[f32], hidden: usize, rows: &[u32]) -> Tensor {
+    let picked = rows.iter().map(|&r| &x[r as usize * hidden..(r as usize + 1) * hidden]);
+    pack(picked, rows.len(), hidden)
+}
+
+fn pack<'a>(rows: impl Iterator<Item = &'a [f32]>, n: usize, hidden: usize) -> Tensor {
+    let mut data = Vec::with_capacity(n * hidden * 4);
+    for v in rows.flatten() {
         data.extend_from_slice(&v.to_le_bytes());
     }
-    Tensor { dtype: Dtype::F32 as i32, shape: vec![rows as u64, hidden as u64], data: Bytes::from(data) }
+    Tensor { dtype: Dtype::F32 as i32, shape: vec![n as u64, hidden as u64], data: Bytes::from(data) }
 }
 
 /// Unpacks a `[rows, hidden]` F32 tensor named `name` (for errors), checking dtype, shape
@@ -59,6 +70,7 @@ mod tests {
         let t = from_f32(&v, 3);
         assert_eq!(t.shape, vec![2, 3]);
         assert_eq!(to_f32(Some(&t), "x", 3), Ok((v.to_vec(), 2)));
+        assert_eq!(to_f32(Some(&from_rows(&v, 3, &[1])), "x", 3), Ok((v[3..].to_vec(), 1)));
         assert!(matches!(to_f32(Some(&t), "x", 2), Err(TensorError::Shape { .. })));
         assert!(matches!(to_f32(None, "x", 3), Err(TensorError::Missing { .. })));
         let mut short = t.clone();

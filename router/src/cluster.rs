@@ -69,6 +69,14 @@ impl Node {
         self.link.lock().expect("link lock").stream.is_some()
     }
 
+    /// The experts of `layer` this node holds, if it is reachable now (one lock, for planning
+    /// a whole layer).
+    pub fn serving_experts(&self, layer: u32) -> Option<Vec<u32>> {
+        let link = self.link.lock().expect("link lock");
+        link.stream.as_ref()?;
+        Some(link.holds.iter().filter(|x| x.layer == layer).map(|x| x.expert).collect())
+    }
+
     pub fn holds(&self, layer: u32, expert: u32) -> bool {
         self.link.lock().expect("link lock").holds.iter().any(|x| x.layer == layer && x.expert == expert)
     }
@@ -173,7 +181,6 @@ fn fail_pending(pending: &Pending, address: &str, why: &str) {
 /// The router's expert nodes.
 pub struct Cluster {
     pub nodes: Vec<Arc<Node>>,
-    hidden: usize,
 }
 
 impl Cluster {
@@ -218,7 +225,7 @@ impl Cluster {
                 }
             }
         }
-        let cluster = Cluster { nodes, hidden: spec.hidden_size };
+        let cluster = Cluster { nodes };
         cluster.check_coverage(spec)?;
         Ok(Arc::new(cluster))
     }
@@ -235,10 +242,6 @@ impl Cluster {
             }
         }
         Ok(())
-    }
-
-    pub fn hidden(&self) -> usize {
-        self.hidden
     }
 }
 

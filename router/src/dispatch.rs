@@ -29,8 +29,6 @@ pub struct DispatchStats {
     pub micros: AtomicU64,
     /// The slowest node's compute time of each layer, summed.
     pub compute_micros: AtomicU64,
-    /// Dispatches re-sent to another replica after a failure.
-    pub retries: AtomicU64,
 }
 
 /// A reading of [`DispatchStats`].
@@ -93,11 +91,13 @@ impl RemoteExperts {
         for a in todo {
             by_expert.entry(a.expert).or_default().push(*a);
         }
+        // Each node's state read once for the whole layer.
+        let serving: Vec<Option<Vec<u32>>> = nodes.iter().map(|n| n.serving_experts(layer as u32)).collect();
         let mut load = vec![0usize; nodes.len()];
         let mut plan: BTreeMap<usize, Vec<Assignment>> = BTreeMap::new();
         for (expert, routes) in by_expert {
             let candidates = (0..nodes.len()).filter(|&n| {
-                nodes[n].is_up() && nodes[n].holds(layer as u32, expert) && !excluded.contains(&(expert, n))
+                serving[n].as_ref().is_some_and(|held| held.contains(&expert)) && !excluded.contains(&(expert, n))
             });
             // Rotate ties by expert so equal replicas share the experts.
             let rotate = |n: usize| (n + nodes.len() - expert as usize % nodes.len()) % nodes.len();
@@ -147,18 +147,14 @@ impl RemoteExperts {
             let mut calls = JoinSet::new();
             for (n, routes) in plan {
                 let share = share(routes);
-                let mut activations = Vec::with_capacity(share.tokens.len() * hidden);
-                for &t in &share.tokens {
-                    activations.extend_from_slice(&x[t as usize * hidden..(t as usize + 1) * hidden]);
-                }
-                let local: std::collections::HashMap<u32, u32> =
-                    share.tokens.iter().enumerate().map(|(i, &t)| (t, i as u32)).collect();
+                // `share.tokens` is sorted: a route's row in the message is its token's rank.
+                let local = |t: u32| share.tokens.binary_search(&t).expect("every routed token is in the share") as u32;
                 let mut req = DispatchRequest {
                     id: 0,
                     epoch: self.epoch,
                     layer: layer as u32,
-                    activations: Some(tensor::from_f32(&activations, hidden)),
-                    tokens: share.routes.iter().map(|a| local[&a.token]).collect(),
+                    activations: Some(tensor::from_rows(x, hidden, &share.tokens)),
+                    tokens: share.routes.iter().map(|a| local(a.token)).collect(),
                     experts: share.routes.iter().map(|a| a.expert).collect(),
                     weights: share.routes.iter().map(|a| a.weight).collect(),
                     trace_context: Default::default(),
@@ -224,7 +220,6 @@ impl RemoteExperts {
                         });
                     }
                 }
-                self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 excluded.extend(share.routes.iter().map(|a| (a.expert, n)));
                 todo.extend(share.routes);
             }

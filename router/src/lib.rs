@@ -142,8 +142,13 @@ impl Router {
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             tenants,
         });
-        let service =
-            RouterService { scheduler, tokenizer, cluster, model_type: spec.arch.model_type(), epoch: STATIC_EPOCH };
+        let service = RouterService {
+            scheduler,
+            tokenizer: tokenizer.map(Arc::new),
+            cluster,
+            model_type: spec.arch.model_type(),
+            epoch: STATIC_EPOCH,
+        };
         Ok(Router { service, http })
     }
 

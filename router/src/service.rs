@@ -20,7 +20,8 @@ use switchyard_model::tokenizer::Tokenizer;
 
 pub struct RouterService {
     pub scheduler: Scheduler,
-    pub tokenizer: Option<Tokenizer>,
+    /// Shared with every request's stream (cloning a tokenizer copies its vocabulary).
+    pub tokenizer: Option<Arc<Tokenizer>>,
     pub cluster: Arc<Cluster>,
     pub model_type: &'static str,
     pub epoch: u64,
@@ -58,12 +59,12 @@ impl Router for RouterService {
         // status rather than an error inside the stream.
         let mut ids = Vec::new();
         let first = match rx.recv().await {
-            Some(Ok(e)) => convert::event(e, &mut ids, tokenizer.as_ref()),
+            Some(Ok(e)) => convert::event(e, &mut ids, tokenizer.as_deref()),
             Some(Err(e)) => return Err(e.into()),
             None => return Err(Status::unavailable("the router is shutting down")),
         };
         let rest = UnboundedReceiverStream::new(rx).map(move |e| match e {
-            Ok(e) => Ok(convert::event(e, &mut ids, tokenizer.as_ref())),
+            Ok(e) => Ok(convert::event(e, &mut ids, tokenizer.as_deref())),
             Err(e) => Err(Status::from(e)),
         });
         let stream = tokio_stream::once(Ok(first)).chain(rest);
