@@ -2,7 +2,12 @@
 //! (a pure-Rust protobuf compiler), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["switchyard/v1/tensor.proto", "switchyard/v1/expert.proto", "switchyard/v1/router.proto"];
+    let files = [
+        "switchyard/v1/tensor.proto",
+        "switchyard/v1/expert.proto",
+        "switchyard/v1/router.proto",
+        "switchyard/v1/coordinator.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

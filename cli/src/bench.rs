@@ -11,7 +11,7 @@ use switchyard_model::moe::Experts;
 use switchyard_model::random::{RandomShape, write_random_checkpoint};
 use switchyard_model::sampling::{Rng, argmax};
 use switchyard_model::{Chunk, Model, SeqCache};
-use switchyard_router::{Cluster, RemoteExperts, STATIC_EPOCH};
+use switchyard_router::{Cluster, RemoteExperts};
 
 use crate::progress::Progress;
 
@@ -251,7 +251,7 @@ fn cluster_decode(
     ))?;
     let measured = (|| -> Result<Vec<ClusterRow>> {
         let cluster = rt.block_on(Cluster::connect(&addresses, &model.spec, Duration::from_secs(60)))?;
-        let remote = RemoteExperts::new(cluster, rt.handle().clone(), STATIC_EPOCH, Duration::from_secs(60));
+        let remote = RemoteExperts::new(cluster, rt.handle().clone(), Duration::from_secs(60));
         let mut out = Vec::new();
         for (ctx, &base) in contexts.iter().zip(single) {
             let before = remote.stats.snapshot();

@@ -1,4 +1,6 @@
-//! `switchyard cluster status`: what a router knows of its expert nodes.
+//! `switchyard cluster status`: what a router knows of its expert nodes, and what the
+//! coordinators decided (raft members, leader, term, nodes, epochs, load);
+//! `switchyard cluster drain`: move a node's experts away before it leaves.
 
 use std::io::Write;
 
@@ -16,15 +18,80 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum Command {
-    /// List the expert nodes with their address, state and the (layer, expert) pairs they hold.
+    /// List the expert nodes with their address, state and the (layer, expert) pairs they hold
+    /// (from a router), and the raft group, epochs and load (from the coordinators).
     Status {
         /// The router's gRPC address (`host:port`).
-        #[arg(long, env = "SWITCHYARD_ROUTER")]
-        router: String,
+        #[arg(long, env = "SWITCHYARD_ROUTER", required_unless_present = "coordinators")]
+        router: Option<String>,
+        /// Coordinators (`host:port`, comma-separated); any member answers.
+        #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',')]
+        coordinators: Vec<String>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
+    /// Move a node's experts to other nodes (a new placement epoch) so it can leave; the node
+    /// gets no experts again.
+    Drain {
+        /// The node: its id or its address.
+        node: String,
+        /// Coordinators (`host:port`, comma-separated).
+        #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',', required = true)]
+        coordinators: Vec<String>,
+    },
+}
+
+#[derive(Serialize, Default)]
+struct Report {
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    router: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coordinator: Option<CoordinatorView>,
+}
+
+#[derive(Serialize)]
+struct CoordinatorView {
+    /// The member that answered (the leader, when one is known).
+    answered_by: u64,
+    leader: u64,
+    term: u64,
+    commit_index: u64,
+    applied_index: u64,
+    members: Vec<Member>,
+    active_epoch: Option<u64>,
+    pending_epoch: Option<u64>,
+    epochs: Vec<EpochView>,
+    nodes: Vec<RegisteredNode>,
+    /// max / mean of the measured node load.
+    imbalance: f64,
+}
+
+#[derive(Serialize)]
+struct Member {
+    id: u64,
+    address: String,
+}
+
+#[derive(Serialize)]
+struct EpochView {
+    number: u64,
+    state: &'static str,
+    reason: String,
+    /// `[layer, expert, [node ids]]`.
+    experts: Vec<(u32, u32, Vec<u64>)>,
+}
+
+#[derive(Serialize)]
+struct RegisteredNode {
+    id: u64,
+    address: String,
+    state: &'static str,
+    memory_budget: u64,
+    /// Replicas the active epoch gives it.
+    experts: usize,
+    /// Rows routed to it per second (as the leader measures it).
+    rows_per_second: f64,
 }
 
 #[derive(Serialize)]
@@ -61,13 +128,114 @@ pub async fn router_client(addr: &str) -> Result<RouterClient<Channel>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let Command::Status { router, json } = args.command;
-    let status = crate::launch::runtime()?.block_on(async {
-        let mut client = router_client(&router).await?;
-        client.cluster_status(ClusterStatusRequest {}).await.map_err(crate::generate::status_error)
-    })?;
-    let s = status.into_inner();
-    let out = Status {
+    match args.command {
+        Command::Status { router, coordinators, json } => status(router, coordinators, json),
+        Command::Drain { node, coordinators } => {
+            let rt = crate::launch::runtime()?;
+            let _in_runtime = rt.enter();
+            let client = switchyard_coordinator::client::Client::new(&coordinators).map_err(anyhow::Error::msg)?;
+            let id = rt
+                .block_on(client.drain(node.clone()))
+                .map_err(|s| anyhow::anyhow!("cannot drain {node}: {}", s.message()))?;
+            println!("draining expert node {id}: its experts move to other nodes in the next epoch");
+            Ok(())
+        }
+    }
+}
+
+fn status(router: Option<String>, coordinators: Vec<String>, json: bool) -> Result<()> {
+    let rt = crate::launch::runtime()?;
+    let mut report = Report::default();
+    if let Some(router) = router {
+        let s = rt.block_on(async {
+            let mut client = router_client(&router).await?;
+            client.cluster_status(ClusterStatusRequest {}).await.map_err(crate::generate::status_error)
+        })?;
+        report.router = Some(router_status(s.into_inner()));
+    }
+    if !coordinators.is_empty() {
+        let _in_runtime = rt.enter();
+        let client = switchyard_coordinator::client::Client::new(&coordinators).map_err(anyhow::Error::msg)?;
+        let s = rt.block_on(client.status()).map_err(|s| {
+            anyhow::anyhow!("the coordinators ({}) did not answer: {}", coordinators.join(", "), s.message())
+        })?;
+        report.coordinator = Some(coordinator_view(s));
+    }
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut stdout, &report)?;
+        writeln!(stdout)?;
+        return Ok(());
+    }
+    if let Some(out) = &report.router {
+        print_router(&mut stdout, out)?;
+    }
+    if let Some(c) = &report.coordinator {
+        print_coordinator(&mut stdout, c)?;
+    }
+    Ok(())
+}
+
+fn coordinator_view(s: switchyard_proto::v1::CoordinatorStatus) -> CoordinatorView {
+    use switchyard_coordinator::convert::{epoch_state_name, node_state_name};
+    let placement = s.placement.unwrap_or_default();
+    let epoch_in = |name: &str| placement.epochs.iter().find(|e| epoch_state_name(e.state) == name).map(|e| e.number);
+    let active = placement.epochs.iter().find(|e| epoch_state_name(e.state) == "active");
+    CoordinatorView {
+        answered_by: s.id,
+        leader: s.leader_id,
+        term: s.term,
+        commit_index: s.commit_index,
+        applied_index: s.applied_index,
+        members: s.members.into_iter().map(|m| Member { id: m.id, address: m.address }).collect(),
+        active_epoch: epoch_in("active"),
+        pending_epoch: epoch_in("pending"),
+        nodes: placement
+            .nodes
+            .iter()
+            .map(|n| RegisteredNode {
+                id: n.id,
+                address: n.address.clone(),
+                state: node_state_name(n.state),
+                memory_budget: n.memory_budget,
+                experts: active.map_or(0, |e| e.experts.iter().filter(|x| x.nodes.contains(&n.id)).count()),
+                rows_per_second: s.load.iter().find(|l| l.node_id == n.id).map_or(0.0, |l| l.rows_per_second),
+            })
+            .collect(),
+        epochs: placement
+            .epochs
+            .iter()
+            .map(|e| EpochView {
+                number: e.number,
+                state: epoch_state_name(e.state),
+                reason: e.reason.clone(),
+                experts: e.experts.iter().map(|x| (x.layer, x.expert, x.nodes.clone())).collect(),
+            })
+            .collect(),
+        imbalance: s.imbalance,
+    }
+}
+
+fn print_coordinator(out: &mut impl Write, c: &CoordinatorView) -> Result<()> {
+    let members: Vec<String> = c
+        .members
+        .iter()
+        .map(|m| format!("{}{}={}", m.id, if m.id == c.leader { "*" } else { "" }, m.address))
+        .collect();
+    writeln!(out, "coordinators {} (leader *), term {}, commit {}", members.join(" "), c.term, c.commit_index)?;
+    for e in &c.epochs {
+        writeln!(out, "epoch {} {}: {}", e.number, e.state, e.reason)?;
+    }
+    writeln!(out, "{:>4} {:<22} {:<10} {:>8} {:>10}", "id", "node", "state", "experts", "rows/s")?;
+    for n in &c.nodes {
+        writeln!(out, "{:>4} {:<22} {:<10} {:>8} {:>10.0}", n.id, n.address, n.state, n.experts, n.rows_per_second)?;
+    }
+    writeln!(out, "load imbalance (max/mean) {:.2}", c.imbalance)?;
+    Ok(())
+}
+
+fn router_status(s: switchyard_proto::v1::ClusterStatusResponse) -> Status {
+    Status {
         model_type: s.model_type,
         epoch: s.epoch,
         queued_requests: s.queued_requests,
@@ -85,13 +253,10 @@ pub fn run(args: Args) -> Result<()> {
                 last_error: n.last_error,
             })
             .collect(),
-    };
-    let mut stdout = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer(&mut stdout, &out)?;
-        writeln!(stdout)?;
-        return Ok(());
     }
+}
+
+fn print_router(stdout: &mut impl Write, out: &Status) -> Result<()> {
     writeln!(
         stdout,
         "model {}, placement epoch {}, {} running, {} queued",

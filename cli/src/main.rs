@@ -3,9 +3,9 @@
 //!
 //! # Layout
 //! - [`generate`]: `switchyard generate`, the single-process reference run or a router's client.
-//! - [`serve`]: `switchyard expert-node` and `switchyard router`, the cluster's roles.
+//! - [`serve`]: `switchyard expert-node`, `router` and `coordinator`, the cluster's roles.
 //! - [`up`]: `switchyard up`, a whole cluster on this machine as child processes.
-//! - [`cluster`]: `switchyard cluster status`, the router's view of its expert nodes.
+//! - [`cluster`]: `switchyard cluster status` and `drain`: the router's and the coordinators' views.
 //! - [`bench`]: `switchyard bench`, throughput against the memory-bandwidth floor and the
 //!   single process.
 //! - [`bench_serve`]: `switchyard bench serve`, concurrent clients against the OpenAI API.
@@ -45,6 +45,8 @@ enum Command {
     ExpertNode(serve::NodeArgs),
     /// Serve generation over gRPC, running the dense model here and the experts on expert nodes.
     Router(serve::RouterArgs),
+    /// Run a member of the coordinator group (raft): placement, membership, failure handling.
+    Coordinator(serve::CoordinatorArgs),
     /// Start a router and expert nodes on this machine and keep them running until Ctrl-C.
     Up(up::Args),
     /// Inspect a running cluster.
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Command::Generate(_) => "switchyard-generate",
         Command::ExpertNode(_) => "switchyard-expert-node",
         Command::Router(_) => "switchyard-router",
+        Command::Coordinator(_) => "switchyard-coordinator",
         Command::Up(_) => "switchyard-up",
         Command::Cluster(_) => "switchyard-cluster",
         Command::Bench(_) => "switchyard-bench",
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::ExpertNode(args) => serve::expert_node(args),
         Command::Router(args) => serve::router(args),
+        Command::Coordinator(args) => serve::coordinator(args),
         Command::Up(args) => up::run(args, otlp),
         Command::Cluster(args) => cluster::run(args),
         Command::Bench(args) => bench::run(args),

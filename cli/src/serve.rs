@@ -1,5 +1,5 @@
-//! `switchyard expert-node` and `switchyard router`: bind, load, print `ready: ...`, serve
-//! until Ctrl-C or SIGTERM.
+//! `switchyard expert-node`, `switchyard router` and `switchyard coordinator`: bind, load,
+//! print `ready: ...`, serve until Ctrl-C or SIGTERM.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -29,6 +29,15 @@ pub struct RouterArgs {
     /// Address to serve the OpenAI-compatible HTTP API on (none: gRPC only).
     #[arg(long, env = "SWITCHYARD_HTTP")]
     http: Option<SocketAddr>,
+}
+
+#[derive(clap::Args)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    config: switchyard_coordinator::Config,
+    /// Address to serve the Coordinator service on (raft traffic, nodes, routers).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
 }
 
 fn announce(what: &str) -> Result<()> {
@@ -71,6 +80,19 @@ pub fn router(args: RouterArgs) -> Result<()> {
         }
         announce(&ready)?;
         router.serve(grpc, http, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let listener =
+            TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+        let address = listener.local_addr()?.to_string();
+        let coordinator = switchyard_coordinator::Coordinator::start(&args.config, &address)
+            .with_context(|| format!("coordinator {} cannot start", args.config.id))?;
+        announce(&format!("coordinator {address}"))?;
+        coordinator.serve(listener, shutdown_signal()).await?;
         Ok(())
     })
 }

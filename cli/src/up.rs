@@ -1,7 +1,9 @@
-//! `switchyard up`: a whole cluster on this machine. Starts N expert nodes and a router as
-//! child processes on loopback, with a placement that puts every expert on R nodes, prints
-//! `ready: grpc ADDRESS http ADDRESS` once the router serves, and stops every child on Ctrl-C
-//! or SIGTERM.
+//! `switchyard up`: a whole cluster on this machine. Starts a coordinator group (3 members
+//! by default), N expert nodes that register with it, and a router that follows its placement,
+//! all as child processes on loopback; prints `ready: grpc ADDRESS http ADDRESS coordinators
+//! A,B,C` once the router serves, and stops every child on Ctrl-C or SIGTERM. With
+//! `--coordinators 0` the placement is fixed instead: every expert on R nodes, given to each
+//! node with `--experts`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,9 +25,21 @@ pub struct Args {
     /// Expert nodes to start.
     #[arg(long, env = "SWITCHYARD_EXPERT_NODES_COUNT", default_value_t = 2)]
     expert_nodes: usize,
-    /// Nodes each expert is placed on (replicas for failover and load spreading).
-    #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1)]
-    replicas: usize,
+    /// Nodes each expert is placed on (replicas for failover and load spreading); default 2
+    /// with coordinators (where memory allows), 1 without.
+    #[arg(long, env = "SWITCHYARD_REPLICAS")]
+    replicas: Option<usize>,
+    /// Coordinator group members to start (raft; 3 or 5 survive the loss of 1 or 2). 0: no
+    /// coordinators, a fixed placement.
+    #[arg(long, env = "SWITCHYARD_COORDINATORS_COUNT", default_value_t = 3)]
+    coordinators: usize,
+    /// Passed to the coordinators: an expert node silent this many milliseconds is declared
+    /// dead and its experts re-placed.
+    #[arg(long, env = "SWITCHYARD_NODE_TIMEOUT_MS", default_value_t = 1000)]
+    node_timeout_ms: u64,
+    /// Passed to the coordinators: how often the balancer looks at the load, in milliseconds.
+    #[arg(long, env = "SWITCHYARD_BALANCE_INTERVAL_MS", default_value_t = 2000)]
+    balance_interval_ms: u64,
     /// Address of the router's gRPC API (port 0: any free port).
     #[arg(long, env = "SWITCHYARD_GRPC", default_value = "127.0.0.1:0")]
     grpc: SocketAddr,
@@ -44,7 +58,9 @@ pub struct Args {
     /// Passed to the router: sequences batched into one step at most.
     #[arg(long, env = "SWITCHYARD_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
-    /// Keep the cluster's files here: each child's log in `DIR/logs/NAME.log`.
+    /// Keep the cluster's files here: each child's log in `DIR/logs/NAME.log`, each
+    /// coordinator's raft state in `DIR/coordinator-ID` (a restart with the same directory
+    /// resumes it). Default: a temporary directory, removed at exit.
     #[arg(long, env = "SWITCHYARD_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Passed to the router: memory of the paged KV cache.
@@ -99,22 +115,118 @@ pub async fn start_nodes(
     Ok((procs, addresses))
 }
 
+/// Starts `count` coordinators on free loopback ports, each knowing all the others; returns
+/// them and their addresses.
+async fn start_coordinators(
+    args: &Args,
+    data_dir: &Path,
+    extra: &[String],
+    out: &Output,
+) -> Result<(Vec<Proc>, Vec<String>)> {
+    // Every member must know every address at start: take free ports, then hand them over.
+    let mut addresses = Vec::new();
+    for _ in 0..args.coordinators {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        addresses.push(probe.local_addr()?.to_string());
+    }
+    let peers: Vec<String> = addresses.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
+    let mut procs = Vec::new();
+    for (i, address) in addresses.iter().enumerate() {
+        let mut a = vec![
+            "coordinator".to_string(),
+            "--id".into(),
+            (i + 1).to_string(),
+            "--listen".into(),
+            address.clone(),
+            "--peers".into(),
+            peers.join(","),
+            "--data-dir".into(),
+            data_dir.join(format!("coordinator-{}", i + 1)).display().to_string(),
+            "--min-nodes".into(),
+            args.expert_nodes.to_string(),
+            "--replicas".into(),
+            args.replicas.unwrap_or(2).to_string(),
+            "--node-timeout-ms".into(),
+            args.node_timeout_ms.to_string(),
+            "--balance-interval-ms".into(),
+            args.balance_interval_ms.to_string(),
+        ];
+        a.extend_from_slice(extra);
+        procs.push(Proc::spawn(&format!("coordinator-{}", i + 1), &a, out)?);
+    }
+    for p in &mut procs {
+        p.ready(START_TIMEOUT).await?;
+    }
+    Ok((procs, addresses))
+}
+
+/// Starts `count` expert nodes that register with `coordinators`.
+async fn start_registering_nodes(
+    model: &Path,
+    count: usize,
+    coordinators: &[String],
+    extra: &[String],
+    out: &Output,
+) -> Result<Vec<Proc>> {
+    let mut procs = Vec::new();
+    for i in 0..count {
+        let mut args = vec![
+            "expert-node".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--coordinators".into(),
+            coordinators.join(","),
+        ];
+        args.extend_from_slice(extra);
+        procs.push(Proc::spawn(&format!("expert-node-{i}"), &args, out)?);
+    }
+    for p in &mut procs {
+        p.ready(START_TIMEOUT).await?;
+    }
+    Ok(procs)
+}
+
 pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
     if args.expert_nodes == 0 {
         bail!("--expert-nodes must be at least 1");
     }
-    if args.replicas == 0 || args.replicas > args.expert_nodes {
-        bail!("--replicas must be between 1 and --expert-nodes ({}), got {}", args.expert_nodes, args.replicas);
+    let replicas = args.replicas.unwrap_or(if args.coordinators > 0 { 2 } else { 1 });
+    if replicas == 0 || (args.coordinators == 0 && replicas > args.expert_nodes) {
+        bail!("--replicas must be between 1 and --expert-nodes ({}), got {replicas}", args.expert_nodes);
     }
     let model = match &args.model {
         Some(m) => m.clone(),
         None => embedded_model()?,
     };
     let spec = ModelSpec::from_dir(&model)?;
-    let sets = spread(spec.num_experts, args.expert_nodes, args.replicas);
+    let sets = spread(spec.num_experts, args.expert_nodes, replicas);
+    let (data_dir, temporary) = match &args.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (std::env::temp_dir().join(format!("switchyard-up-{}", std::process::id())), true),
+    };
     let out = Output { quiet: false, log_dir: args.data_dir.as_ref().map(|d| d.join("logs")) };
     let progress = Progress::new("starting");
-    progress.update(0, args.expert_nodes + 1);
+    let steps = args.expert_nodes + 1 + args.coordinators;
+    progress.update(0, steps);
+    let result = run_cluster(&args, otlp_endpoint, &model, &sets, &data_dir, &out, &progress);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    result
+}
+
+fn run_cluster(
+    args: &Args,
+    otlp_endpoint: Option<String>,
+    model: &Path,
+    sets: &[ExpertSet],
+    data_dir: &Path,
+    out: &Output,
+    progress: &Progress,
+) -> Result<()> {
+    let steps = args.expert_nodes + 1 + args.coordinators;
     runtime()?.block_on(async {
         let mut extra = Vec::new();
         if let Some(t) = args.threads {
@@ -126,10 +238,21 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
         let otlp: Vec<String> = otlp_endpoint.iter().flat_map(|e| ["--otlp-endpoint".to_string(), e.clone()]).collect();
         extra.extend(otlp.iter().cloned());
         let mut children = Vec::new();
+        let mut coordinators = Vec::new();
         let started = async {
-            let (nodes, addresses) = start_nodes(&model, &sets, &extra, &out).await?;
-            children.extend(nodes);
-            progress.update(args.expert_nodes, args.expert_nodes + 1);
+            let placement = if args.coordinators > 0 {
+                let (procs, addresses) = start_coordinators(args, data_dir, &otlp, out).await?;
+                children.extend(procs);
+                progress.update(args.coordinators, steps);
+                coordinators = addresses;
+                children.extend(start_registering_nodes(model, args.expert_nodes, &coordinators, &extra, out).await?);
+                vec!["--coordinators".to_string(), coordinators.join(",")]
+            } else {
+                let (nodes, addresses) = start_nodes(model, sets, &extra, out).await?;
+                children.extend(nodes);
+                vec!["--expert-nodes".to_string(), addresses.join(",")]
+            };
+            progress.update(steps - 1, steps);
             let router_args = vec![
                 "router".to_string(),
                 "--model".into(),
@@ -138,8 +261,6 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
                 args.grpc.to_string(),
                 "--http".into(),
                 args.http.to_string(),
-                "--expert-nodes".into(),
-                addresses.join(","),
                 "--dispatch-timeout-ms".into(),
                 args.dispatch_timeout_ms.to_string(),
                 "--max-batch".into(),
@@ -150,11 +271,12 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
                 args.kv_cache_memory.clone(),
             ];
             let mut router_args = router_args;
+            router_args.extend(placement);
             router_args.extend(otlp.iter().cloned());
             if let Some(t) = &args.tenants {
                 router_args.extend(["--tenants".to_string(), t.display().to_string()]);
             }
-            let mut router = Proc::spawn("router", &router_args, &out)?;
+            let mut router = Proc::spawn("router", &router_args, out)?;
             let addr = router.ready(START_TIMEOUT).await?;
             children.push(router);
             Ok::<_, anyhow::Error>(addr)
@@ -163,9 +285,13 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
             addr = started => match addr {
                 Ok(addr) => {
                     progress.clone().finish();
-                    println!("ready: {addr}");
-                    greet(&model, &addr, args.expert_nodes);
-                    tracing::info!(nodes = args.expert_nodes, replicas = args.replicas, "cluster up");
+                    if coordinators.is_empty() {
+                        println!("ready: {addr}");
+                    } else {
+                        println!("ready: {addr} coordinators {}", coordinators.join(","));
+                    }
+                    greet(model, &addr, args.expert_nodes, args.coordinators);
+                    tracing::info!(nodes = args.expert_nodes, coordinators = args.coordinators, "cluster up");
                     watch(&mut children).await
                 }
                 Err(e) => Err(e),
@@ -193,13 +319,14 @@ fn embedded_model() -> Result<PathBuf> {
 }
 
 /// Tells a person on the terminal where the API is and how to try it.
-fn greet(model: &Path, ready: &str, nodes: usize) {
+fn greet(model: &Path, ready: &str, nodes: usize, coordinators: usize) {
     let words: Vec<&str> = ready.split(' ').collect();
     let Some(http) = words.iter().position(|w| *w == "http").and_then(|i| words.get(i + 1)) else { return };
     let name = model.file_name().map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned());
     let body = serde_json::json!({"model": name, "prompt": "def fibonacci(n):", "max_tokens": 64, "temperature": 0});
     eprintln!();
-    eprintln!("Switchyard serves {name} on http://{http}/v1 (a router and {nodes} expert nodes). Try:");
+    let group = if coordinators > 0 { format!(", placed by {coordinators} coordinators") } else { String::new() };
+    eprintln!("Switchyard serves {name} on http://{http}/v1 (a router and {nodes} expert nodes{group}). Try:");
     eprintln!();
     eprintln!("  curl -s http://{http}/v1/completions -H 'content-type: application/json' -d '{body}'");
     eprintln!();
@@ -222,8 +349,11 @@ async fn watch(children: &mut [Proc]) -> Result<()> {
                     if c.name == "router" {
                         bail!("the router exited ({status}); stopping the cluster");
                     }
-                    if !*reported {
-                        tracing::warn!("{} exited ({status}); its experts are served by their replicas, if any", c.name);
+                    if !*reported && c.name.starts_with("coordinator") {
+                        tracing::warn!("{} exited ({status}); the others keep the placement while a majority lives", c.name);
+                        *reported = true;
+                    } else if !*reported {
+                        tracing::warn!("{} exited ({status}); its experts are served by their replicas, and re-placed if coordinated", c.name);
                         *reported = true;
                     }
                 }

@@ -10,11 +10,13 @@
 //! - [`placement`]: [`ExpertSet`], the `--experts` spec.
 //! - [`store`]: [`store::ExpertStore`], the held experts; checks and computes one dispatch.
 //! - [`compute`]: the compute thread that runs dispatches off the async runtime.
+//! - [`membership`]: registering with the coordinators and following their placement.
 //! - [`service`]: the gRPC `ExpertService` (dispatch stream, health, status).
 //! - [`error`]: [`NodeError`] and its mapping to gRPC statuses.
 
 pub mod compute;
 pub mod error;
+pub mod membership;
 pub mod placement;
 pub mod service;
 pub mod store;
@@ -42,9 +44,17 @@ pub struct Config {
     #[arg(long, env = "SWITCHYARD_MODEL")]
     pub model: PathBuf,
     /// The (layer, expert) pairs to hold: `all`, `0-3` (experts 0-3 of every layer), `0,3,6`,
-    /// or `LAYERS:EXPERTS` terms such as `0:0-7,1-3:4`.
-    #[arg(long, env = "SWITCHYARD_EXPERTS")]
-    pub experts: ExpertSet,
+    /// or `LAYERS:EXPERTS` terms such as `0:0-7,1-3:4`. Without coordinators only.
+    #[arg(long, env = "SWITCHYARD_EXPERTS", required_unless_present = "coordinators", conflicts_with = "coordinators")]
+    pub experts: Option<ExpertSet>,
+    /// Coordinators (`host:port`, comma-separated): register with them and hold what their
+    /// placement gives this node, instead of `--experts`.
+    #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',')]
+    pub coordinators: Vec<String>,
+    /// The address routers reach this node at, as registered with the coordinators (default:
+    /// the address it listens on).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Refuse a placement whose expert weights exceed this many bytes (suffixes K, M, G, KiB,
     /// MiB, GiB). Default: no limit.
     #[arg(long, env = "SWITCHYARD_MEMORY_BUDGET", value_parser = switchyard_model::units::parse_bytes)]
@@ -66,14 +76,25 @@ pub struct ExpertNode {
 impl ExpertNode {
     /// Loads the placed experts (blocking; reports `progress(layers_done, layers_total)`).
     pub fn load(config: Config, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, NodeError> {
-        let store = ExpertStore::load(&config.model, &config.experts, config.memory_budget, progress)?;
-        tracing::info!(
-            experts = store.held().len(),
-            bytes = store.bytes(),
-            spec = %config.experts,
-            "expert node loaded {}",
-            config.model.display()
-        );
+        let store = match &config.experts {
+            Some(set) => {
+                let store = ExpertStore::load(&config.model, set, config.memory_budget, progress)?;
+                tracing::info!(
+                    experts = store.held().len(),
+                    bytes = store.bytes(),
+                    spec = %set,
+                    "expert node loaded {}",
+                    config.model.display()
+                );
+                store
+            }
+            None => {
+                let store = ExpertStore::open(&config.model, config.memory_budget)?;
+                progress(1, 1);
+                tracing::info!("expert node opened {}; the coordinators place its experts", config.model.display());
+                store
+            }
+        };
         Ok(ExpertNode { config, store: Arc::new(store) })
     }
 
@@ -85,6 +106,18 @@ impl ExpertNode {
     /// NOT_SERVING first, then open streams drain.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
         let delay = Duration::from_millis(self.config.fault_dispatch_delay_ms);
+        let _membership = if self.config.coordinators.is_empty() {
+            None
+        } else {
+            let client = switchyard_coordinator::client::Client::new(&self.config.coordinators)
+                .map_err(std::io::Error::other)?;
+            let address = match &self.config.advertise {
+                Some(a) => a.clone(),
+                None => listener.local_addr()?.to_string(),
+            };
+            let task = membership::run(client, self.store.clone(), address, self.config.memory_budget);
+            Some(AbortOnDrop(tokio::spawn(task)))
+        };
         let compute = Compute::start(self.store.clone(), self.config.threads, delay)?;
         let serving = Arc::new(AtomicBool::new(true));
         let (stop, stopping) = tokio::sync::watch::channel(false);
@@ -125,4 +158,13 @@ pub async fn run(
         .await
         .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
     Ok(node.serve(listener, shutdown).await?)
+}
+
+/// Aborts the task when dropped (the membership task ends with the server).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

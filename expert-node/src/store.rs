@@ -1,11 +1,14 @@
 //! [`ExpertStore`]: the experts placed on this node, and the checks and compute of one
 //! dispatch. Synchronous; it runs on the compute thread.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use rayon::prelude::*;
 use switchyard_model::layers::Exec;
-use switchyard_model::loader::{ExpertWeights, load_experts};
+use switchyard_model::loader::load_experts;
+use switchyard_model::moe::Expert;
 use switchyard_model::moe::{Assignment, run_experts};
 use switchyard_model::{Arch, ModelSpec};
 use switchyard_proto::tensor;
@@ -15,10 +18,38 @@ use crate::error::NodeError;
 use crate::placement::ExpertSet;
 
 pub struct ExpertStore {
-    weights: ExpertWeights,
+    dir: PathBuf,
+    spec: ModelSpec,
     exec: Exec,
-    held: Vec<ExpertId>,
+    budget: Option<usize>,
+    /// Bytes of one expert's weights.
+    expert_bytes: usize,
+    /// Swapped whole when the placement changes; dispatches read it.
+    held: RwLock<Held>,
+}
+
+struct Held {
+    layers: Vec<Vec<Option<Expert>>>,
+    ids: Vec<ExpertId>,
     bytes: usize,
+}
+
+impl Held {
+    fn new(layers: Vec<Vec<Option<Expert>>>) -> Self {
+        let ids = layers
+            .iter()
+            .enumerate()
+            .flat_map(|(l, experts)| {
+                experts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| x.is_some())
+                    .map(move |(e, _)| ExpertId { layer: l as u32, expert: e as u32 })
+            })
+            .collect();
+        let bytes = layers.iter().flatten().flatten().map(Expert::size_in_bytes).sum();
+        Held { layers, ids, bytes }
+    }
 }
 
 impl ExpertStore {
@@ -31,45 +62,98 @@ impl ExpertStore {
         budget: Option<usize>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self, NodeError> {
-        let spec = ModelSpec::from_dir(dir)?;
-        set.validate(spec.num_layers, spec.num_experts).map_err(NodeError::Placement)?;
+        let store = ExpertStore::open(dir, budget)?;
+        set.validate(store.spec.num_layers, store.spec.num_experts).map_err(NodeError::Placement)?;
         let weights = load_experts(dir, &|l, e| set.contains(l, e), progress)?;
-        let held: Vec<ExpertId> = weights
-            .layers
-            .iter()
-            .enumerate()
-            .flat_map(|(l, experts)| {
-                experts
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, x)| x.is_some())
-                    .map(move |(e, _)| ExpertId { layer: l as u32, expert: e as u32 })
-            })
-            .collect();
-        if held.is_empty() {
+        let held = Held::new(weights.layers);
+        if held.ids.is_empty() {
             return Err(NodeError::EmptyPlacement);
         }
-        let bytes = weights.bytes();
-        if let Some(budget) = budget
-            && bytes > budget
-        {
-            return Err(NodeError::OverBudget { needed: bytes, budget, experts: held.len() });
-        }
-        let store = ExpertStore { weights, exec: Exec::default(), held, bytes };
-        store.page_in();
+        store.check_budget(held.bytes, held.ids.len())?;
+        page_in(&held, &store.spec, &store.exec);
+        *store.held.write().expect("held lock") = held;
         Ok(store)
     }
 
-    /// Runs every held expert once over a zero row: reads all of their weights.
-    fn page_in(&self) {
-        let zeros = vec![0.0f32; self.spec().hidden_size];
-        self.weights.layers.par_iter().flatten().flatten().for_each(|x| {
-            x.forward(&zeros, 1, &self.exec);
-        });
+    /// A store holding no expert yet; the coordinator's placement fills it ([`Self::place`]).
+    pub fn open(dir: &Path, budget: Option<usize>) -> Result<Self, NodeError> {
+        let spec = ModelSpec::from_dir(dir)?;
+        let first = spec.layer_mlps.iter().position(|m| *m == switchyard_model::config::LayerMlp::Moe);
+        let expert_bytes = match first {
+            Some(layer) => load_experts(dir, &|l, e| l == layer && e == 0, &mut |_, _| {})?.bytes(),
+            None => 0,
+        };
+        let empty = spec.layer_mlps.iter().map(|_| Vec::new()).collect();
+        Ok(ExpertStore {
+            dir: dir.to_path_buf(),
+            spec,
+            exec: Exec::default(),
+            budget,
+            expert_bytes,
+            held: RwLock::new(Held::new(empty)),
+        })
+    }
+
+    fn check_budget(&self, needed: usize, experts: usize) -> Result<(), NodeError> {
+        match self.budget {
+            Some(budget) if needed > budget => Err(NodeError::OverBudget { needed, budget, experts }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the held experts exactly `target`: loads (and pages in) the ones missing, then
+    /// swaps them in and drops the ones no longer placed here. Blocking; dispatches keep
+    /// running on the old set until the swap.
+    pub fn place(&self, target: &BTreeSet<(u32, u32)>) -> Result<(), NodeError> {
+        for &(layer, expert) in target {
+            if layer as usize >= self.spec.num_layers
+                || expert as usize >= self.spec.num_experts
+                || self.spec.layer_mlps[layer as usize] != switchyard_model::config::LayerMlp::Moe
+            {
+                return Err(NodeError::Placement(format!(
+                    "layer {layer} expert {expert} is not an expert of this model"
+                )));
+            }
+        }
+        self.check_budget(target.len() * self.expert_bytes, target.len())?;
+        let missing: BTreeSet<(u32, u32)> = {
+            let held = self.held.read().expect("held lock");
+            target
+                .iter()
+                .filter(|&&(l, e)| held.layers[l as usize].get(e as usize).is_none_or(Option::is_none))
+                .copied()
+                .collect()
+        };
+        let mut loaded = if missing.is_empty() {
+            None
+        } else {
+            let weights = load_experts(&self.dir, &|l, e| missing.contains(&(l as u32, e as u32)), &mut |_, _| {})?;
+            let loaded = Held::new(weights.layers);
+            page_in(&loaded, &self.spec, &self.exec);
+            Some(loaded)
+        };
+        let mut held = self.held.write().expect("held lock");
+        let mut layers = std::mem::take(&mut held.layers);
+        for (l, experts) in layers.iter_mut().enumerate() {
+            let mut fresh = loaded.as_mut().map(|h| std::mem::take(&mut h.layers[l]));
+            if experts.is_empty() {
+                experts.resize_with(fresh.as_ref().map_or(0, Vec::len), || None);
+            }
+            for (e, slot) in experts.iter_mut().enumerate() {
+                if !target.contains(&(l as u32, e as u32)) {
+                    *slot = None;
+                } else if slot.is_none() {
+                    *slot = fresh.as_mut().and_then(|f| f.get_mut(e)).and_then(Option::take);
+                }
+            }
+        }
+        *held = Held::new(layers);
+        tracing::info!(experts = held.ids.len(), bytes = held.bytes, "placement applied");
+        Ok(())
     }
 
     pub fn spec(&self) -> &ModelSpec {
-        &self.weights.spec
+        &self.spec
     }
 
     pub fn model_type(&self) -> &'static str {
@@ -77,12 +161,16 @@ impl ExpertStore {
         arch.model_type()
     }
 
-    pub fn held(&self) -> &[ExpertId] {
-        &self.held
+    pub fn held(&self) -> Vec<ExpertId> {
+        self.held.read().expect("held lock").ids.clone()
     }
 
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.held.read().expect("held lock").bytes
+    }
+
+    pub fn expert_bytes(&self) -> usize {
+        self.expert_bytes
     }
 
     /// Checks `req` and returns, per activation row, the weighted sum of the outputs of the
@@ -90,12 +178,10 @@ impl ExpertStore {
     pub fn dispatch(&self, req: &DispatchRequest) -> Result<Tensor, NodeError> {
         let spec = self.spec();
         let (id, layer) = (req.id, req.layer);
-        let experts = self.weights.layers.get(layer as usize).ok_or(NodeError::UnknownLayer {
-            id,
-            layer,
-            layers: spec.num_layers,
-        })?;
-        if experts.is_empty() {
+        let held = self.held.read().expect("held lock");
+        let experts =
+            held.layers.get(layer as usize).ok_or(NodeError::UnknownLayer { id, layer, layers: spec.num_layers })?;
+        if spec.layer_mlps[layer as usize] != switchyard_model::config::LayerMlp::Moe {
             return Err(NodeError::DenseLayer { id, layer });
         }
         let hidden = spec.hidden_size;
@@ -116,15 +202,15 @@ impl ExpertStore {
                 let message = format!("route names token row {token} but the activations have {rows} rows");
                 return Err(NodeError::BadRoutes { id, message });
             }
-            if expert as usize >= experts.len() {
-                let message = format!("expert {expert} does not exist: the model has {} experts", experts.len());
+            if expert as usize >= spec.num_experts {
+                let message = format!("expert {expert} does not exist: the model has {} experts", spec.num_experts);
                 return Err(NodeError::BadRoutes { id, message });
             }
             if !weight.is_finite() {
                 let message = format!("route weight {weight} of token row {token} is not finite");
                 return Err(NodeError::BadRoutes { id, message });
             }
-            if experts[expert as usize].is_none() {
+            if experts.get(expert as usize).is_none_or(Option::is_none) {
                 return Err(NodeError::NotHeld { id, layer, expert, epoch: req.epoch });
             }
             assignments.push(Assignment { token, expert, weight });
@@ -132,4 +218,12 @@ impl ExpertStore {
         let out = run_experts(experts, &x, hidden, &assignments, &self.exec).expect("every routed expert is held");
         Ok(tensor::from_f32(&out, hidden))
     }
+}
+
+/// Runs every expert of `held` once over a zero row: reads all of their weights.
+fn page_in(held: &Held, spec: &ModelSpec, exec: &Exec) {
+    let zeros = vec![0.0f32; spec.hidden_size];
+    held.layers.par_iter().flatten().flatten().for_each(|x| {
+        x.forward(&zeros, 1, exec);
+    });
 }

@@ -26,7 +26,9 @@ fn mixtral() -> PathBuf {
 fn config(experts: &str, budget: Option<usize>) -> Config {
     Config {
         model: mixtral(),
-        experts: experts.parse().unwrap(),
+        experts: Some(experts.parse().unwrap()),
+        coordinators: Vec::new(),
+        advertise: None,
         memory_budget: budget,
         threads: Some(1),
         fault_dispatch_delay_ms: 0,

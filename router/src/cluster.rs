@@ -1,16 +1,20 @@
 //! [`Cluster`]: the router's links to its expert nodes. Each node has one long-lived
-//! bidirectional dispatch stream; a supervisor task per node (re)connects it, learns which
-//! experts it holds from its `Status`, and marks it unreachable when the stream breaks.
+//! bidirectional dispatch stream; a supervisor task per node (re)connects it and marks it
+//! unreachable when the stream breaks.
+//!
+//! What each node holds comes from one of two places: with `--expert-nodes`, from each node's
+//! `Status` (epoch 1); with `--coordinators`, from the placement the coordinators publish —
+//! the router follows its active epoch, connecting to nodes the epoch adds before switching.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use switchyard_model::ModelSpec;
 use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
 use switchyard_proto::v1::{DispatchRequest, DispatchResponse, ExpertId, NodeStatus, StatusRequest};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -45,6 +49,10 @@ struct Link {
 /// One expert node as the router sees it.
 pub struct Node {
     pub address: String,
+    /// The coordinators' id for it (0 without coordinators).
+    pub id: AtomicU64,
+    /// Set when the placement no longer names the node: its supervisor stops.
+    retired: AtomicBool,
     link: Mutex<Link>,
     next_id: AtomicU64,
     /// Streams opened so far.
@@ -65,6 +73,19 @@ pub struct NodeView {
 }
 
 impl Node {
+    fn new(address: &str) -> Self {
+        Node {
+            address: address.to_string(),
+            id: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            link: Mutex::new(Link::default()),
+            next_id: AtomicU64::new(0),
+            generations: AtomicU64::new(0),
+            dispatches: AtomicU64::new(0),
+            round_trip_micros: AtomicU64::new(0),
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         self.link.lock().expect("link lock").stream.is_some()
     }
@@ -178,12 +199,74 @@ fn fail_pending(pending: &Pending, address: &str, why: &str) {
     }
 }
 
-/// The router's expert nodes.
-pub struct Cluster {
-    pub nodes: Vec<Arc<Node>>,
+/// Tokens routed per expert and rows sent per node since the last load report.
+#[derive(Default)]
+pub struct LoadCounters {
+    experts: Mutex<BTreeMap<(u32, u32), u64>>,
+    rows: Mutex<BTreeMap<String, u64>>,
 }
 
+impl LoadCounters {
+    pub fn expert_tokens(&self, layer: u32, counts: &BTreeMap<u32, u64>) {
+        let mut experts = self.experts.lock().expect("load lock");
+        for (&expert, &n) in counts {
+            *experts.entry((layer, expert)).or_default() += n;
+        }
+    }
+
+    pub fn node_rows(&self, address: &str, rows: u64) {
+        *self.rows.lock().expect("load lock").entry(address.to_string()).or_default() += rows;
+    }
+
+    fn take(&self) -> (BTreeMap<(u32, u32), u64>, BTreeMap<String, u64>) {
+        (
+            std::mem::take(&mut *self.experts.lock().expect("load lock")),
+            std::mem::take(&mut *self.rows.lock().expect("load lock")),
+        )
+    }
+}
+
+/// The router's expert nodes.
+pub struct Cluster {
+    nodes: RwLock<Arc<Vec<Arc<Node>>>>,
+    /// The placement epoch dispatches carry; changes are watched by dispatches waiting for a
+    /// re-placement.
+    epoch: watch::Sender<u64>,
+    /// Whether the placement comes from the coordinators.
+    pub coordinated: bool,
+    pub load: LoadCounters,
+}
+
+/// How often a coordinated router reports its load to the coordinators.
+const LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a new epoch waits for the router to reach the nodes it adds before switching.
+const CONNECT_NEW_NODES: Duration = Duration::from_secs(2);
+
 impl Cluster {
+    fn new(nodes: Vec<Arc<Node>>, epoch: u64, coordinated: bool) -> Self {
+        Cluster {
+            nodes: RwLock::new(Arc::new(nodes)),
+            epoch: watch::channel(epoch).0,
+            coordinated,
+            load: LoadCounters::default(),
+        }
+    }
+
+    /// The nodes now (a snapshot: plan a whole layer on one).
+    pub fn nodes(&self) -> Arc<Vec<Arc<Node>>> {
+        self.nodes.read().expect("nodes lock").clone()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        *self.epoch.borrow()
+    }
+
+    /// Waits until the epoch is no longer `epoch`, at most `timeout`; returns whether it moved.
+    pub async fn epoch_changed(&self, epoch: u64, timeout: Duration) -> bool {
+        let mut rx = self.epoch.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|&e| e != epoch)).await.is_ok_and(|r| r.is_ok())
+    }
+
     /// Starts a supervisor per address and waits, at most `wait`, until every node has
     /// answered once; then checks that the nodes serve `spec`'s model and that every expert
     /// of every MoE layer is held by at least one of them.
@@ -191,22 +274,10 @@ impl Cluster {
         if addresses.is_empty() {
             return Err(RouterError::Config("no expert nodes given (--expert-nodes)".into()));
         }
-        let nodes: Vec<Arc<Node>> = addresses
-            .iter()
-            .map(|a| {
-                Arc::new(Node {
-                    address: a.clone(),
-                    link: Mutex::new(Link::default()),
-                    next_id: AtomicU64::new(0),
-                    generations: AtomicU64::new(0),
-                    dispatches: AtomicU64::new(0),
-                    round_trip_micros: AtomicU64::new(0),
-                })
-            })
-            .collect();
+        let nodes: Vec<Arc<Node>> = addresses.iter().map(|a| Arc::new(Node::new(a))).collect();
         let (first, mut answered) = mpsc::channel(nodes.len());
         for node in &nodes {
-            tokio::spawn(supervise(node.clone(), spec.clone(), first.clone()));
+            tokio::spawn(supervise(node.clone(), spec.clone(), Some(first.clone()), false));
         }
         drop(first);
         let deadline = tokio::time::Instant::now() + wait;
@@ -225,9 +296,103 @@ impl Cluster {
                 }
             }
         }
-        let cluster = Cluster { nodes };
+        let cluster = Cluster::new(nodes, crate::STATIC_EPOCH, false);
         cluster.check_coverage(spec)?;
         Ok(Arc::new(cluster))
+    }
+
+    /// Follows the coordinators' placement: waits, at most `wait`, for an active epoch, then
+    /// keeps switching to each new one and reports the router's load to the coordinators.
+    pub async fn follow(
+        client: switchyard_coordinator::client::Client,
+        spec: &ModelSpec,
+        wait: Duration,
+    ) -> Result<Arc<Self>, RouterError> {
+        let cluster = Arc::new(Cluster::new(Vec::new(), 0, true));
+        let mut placements = client.watch();
+        let deadline = tokio::time::Instant::now() + wait;
+        let first = loop {
+            if let Some(p) = placements.borrow_and_update().clone()
+                && switchyard_coordinator::convert::active(&p).is_some()
+            {
+                break p;
+            }
+            match tokio::time::timeout_at(deadline, placements.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(RouterError::Config(format!(
+                        "the coordinators ({}) published no active placement within {} s",
+                        client.addresses().join(", "),
+                        wait.as_secs()
+                    )));
+                }
+            }
+        };
+        check_shape(&first, spec)?;
+        cluster.apply(&first, spec).await;
+        cluster.check_coverage(spec)?;
+        let weak = Arc::downgrade(&cluster);
+        let spec_owned = spec.clone();
+        tokio::spawn(async move {
+            while placements.changed().await.is_ok() {
+                let Some(p) = placements.borrow_and_update().clone() else { continue };
+                let Some(cluster) = weak.upgrade() else { return };
+                cluster.apply(&p, &spec_owned).await;
+            }
+        });
+        tokio::spawn(report_load(Arc::downgrade(&cluster), client));
+        Ok(cluster)
+    }
+
+    /// Switches to `placement`'s active epoch: reaches the nodes it adds (briefly), then sets
+    /// every node's experts and the epoch at once; nodes it no longer names are let go.
+    async fn apply(&self, placement: &switchyard_proto::v1::Placement, spec: &ModelSpec) {
+        use switchyard_coordinator::convert::{active, addresses};
+        let Some((epoch, assignment)) = active(placement) else { return };
+        if epoch == self.epoch() {
+            return;
+        }
+        let addresses = addresses(placement);
+        let mut holds: BTreeMap<u64, Vec<ExpertId>> = BTreeMap::new();
+        for (&(layer, expert), nodes) in &assignment {
+            for n in nodes {
+                holds.entry(*n).or_default().push(ExpertId { layer, expert });
+            }
+        }
+        let current = self.nodes();
+        let mut next = Vec::new();
+        let mut added = Vec::new();
+        for id in holds.keys() {
+            let Some(address) = addresses.get(id) else { continue };
+            let node = match current.iter().find(|n| n.address == *address) {
+                Some(n) => n.clone(),
+                None => {
+                    let node = Arc::new(Node::new(address));
+                    tokio::spawn(supervise(node.clone(), spec.clone(), None, true));
+                    added.push(node.clone());
+                    node
+                }
+            };
+            node.id.store(*id, Ordering::Relaxed);
+            next.push(node);
+        }
+        let deadline = tokio::time::Instant::now() + CONNECT_NEW_NODES;
+        while added.iter().any(|n| !n.is_up()) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for node in &next {
+            node.link.lock().expect("link lock").holds = holds[&node.id.load(Ordering::Relaxed)].clone();
+        }
+        for gone in current.iter().filter(|n| !next.iter().any(|m| Arc::ptr_eq(n, m))) {
+            gone.retired.store(true, Ordering::Relaxed);
+            gone.link.lock().expect("link lock").holds.clear();
+            if let Some(stream) = gone.take_stream(None, "no longer in the placement") {
+                stream.broken.notify_one();
+            }
+        }
+        *self.nodes.write().expect("nodes lock") = Arc::new(next);
+        self.epoch.send_replace(epoch);
+        tracing::info!(epoch, nodes = holds.len(), "placement epoch switched");
     }
 
     fn check_coverage(&self, spec: &ModelSpec) -> Result<(), RouterError> {
@@ -236,7 +401,7 @@ impl Cluster {
                 continue;
             }
             for e in 0..spec.num_experts {
-                if !self.nodes.iter().any(|n| n.holds(l as u32, e as u32)) {
+                if !self.nodes().iter().any(|n| n.holds(l as u32, e as u32)) {
                     return Err(RouterError::Uncovered { layer: l, expert: e });
                 }
             }
@@ -325,9 +490,11 @@ fn check_model(status: &NodeStatus, spec: &ModelSpec) -> Result<(), String> {
 
 /// Keeps `node` connected: connects, reports the first status on `first`, then waits for the
 /// stream to break (or to be failed) and connects again.
-async fn supervise(node: Arc<Node>, spec: ModelSpec, first: mpsc::Sender<NodeStatus>) {
-    let mut first = Some(first);
+async fn supervise(node: Arc<Node>, spec: ModelSpec, mut first: Option<mpsc::Sender<NodeStatus>>, coordinated: bool) {
     loop {
+        if node.retired.load(Ordering::Relaxed) {
+            return;
+        }
         match connect_once(&node, &spec).await {
             Ok((stream, status, mut closed)) => {
                 let broken = stream.broken.clone();
@@ -336,7 +503,9 @@ async fn supervise(node: Arc<Node>, spec: ModelSpec, first: mpsc::Sender<NodeSta
                     if link.last_error.is_some() {
                         tracing::info!(node = %node.address, "expert node reachable again");
                     }
-                    link.holds = status.experts.clone();
+                    if !coordinated {
+                        link.holds = status.experts.clone();
+                    }
                     link.pid = status.pid;
                     link.stream = Some(stream);
                 }
@@ -357,5 +526,51 @@ async fn supervise(node: Arc<Node>, spec: ModelSpec, first: mpsc::Sender<NodeSta
             return; // the cluster is gone
         }
         tokio::time::sleep(RECONNECT_INTERVAL).await;
+    }
+}
+
+/// The coordinators' model must be the router's.
+fn check_shape(placement: &switchyard_proto::v1::Placement, spec: &ModelSpec) -> Result<(), RouterError> {
+    let Some(model) = &placement.model else { return Ok(()) };
+    let ours = (spec.arch.model_type(), spec.num_layers as u32, spec.num_experts as u32, spec.hidden_size as u32);
+    let theirs = (model.model_type.as_str(), model.num_layers, model.num_experts, model.hidden_size);
+    if ours != theirs {
+        return Err(RouterError::Config(format!(
+            "the coordinators place a different model ({} with {} layers, {} experts, hidden {}) than the router's {} with {} layers, {} experts, hidden {}",
+            theirs.0, theirs.1, theirs.2, theirs.3, ours.0, ours.1, ours.2, ours.3
+        )));
+    }
+    Ok(())
+}
+
+/// Reports routed tokens per expert and rows per node to the coordinators, with the epoch the
+/// router dispatches under, until the cluster is gone.
+async fn report_load(cluster: Weak<Cluster>, client: switchyard_coordinator::client::Client) {
+    use switchyard_proto::v1::{ExpertLoad, LoadReport};
+    let router = format!("router-{}", std::process::id());
+    let mut tick = tokio::time::interval(LOAD_REPORT_INTERVAL);
+    loop {
+        tick.tick().await;
+        let Some(cluster) = cluster.upgrade() else { return };
+        let (experts, rows) = cluster.load.take();
+        let nodes = cluster.nodes();
+        let report = LoadReport {
+            router: router.clone(),
+            epoch: cluster.epoch(),
+            experts: experts
+                .into_iter()
+                .map(|((layer, expert), tokens)| ExpertLoad { layer, expert, tokens })
+                .collect(),
+            node_rows: rows
+                .into_iter()
+                .filter_map(|(address, rows)| {
+                    nodes.iter().find(|n| n.address == address).map(|n| (n.id.load(Ordering::Relaxed), rows))
+                })
+                .collect(),
+        };
+        drop(cluster);
+        if let Err(status) = client.report_load(report).await {
+            tracing::debug!("load report not delivered: {}", status.message());
+        }
     }
 }

@@ -19,7 +19,11 @@ use tonic::Code;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Node};
+
+/// How often a step with an expert that has no reachable replica looks again, while the
+/// coordinators re-place it.
+const REPLAN_POLL: Duration = Duration::from_millis(20);
 
 /// Round trips of whole layers (all nodes of one layer, in parallel).
 #[derive(Default)]
@@ -60,8 +64,6 @@ impl DispatchStats {
 pub struct RemoteExperts {
     cluster: Arc<Cluster>,
     runtime: Handle,
-    /// The placement epoch every dispatch carries.
-    epoch: u64,
     timeout: Duration,
     pub stats: Arc<DispatchStats>,
 }
@@ -74,19 +76,19 @@ struct Share {
 
 impl RemoteExperts {
     /// Dispatches from any non-runtime thread through `runtime`.
-    pub fn new(cluster: Arc<Cluster>, runtime: Handle, epoch: u64, timeout: Duration) -> Self {
-        RemoteExperts { cluster, runtime, epoch, timeout, stats: Arc::default() }
+    pub fn new(cluster: Arc<Cluster>, runtime: Handle, timeout: Duration) -> Self {
+        RemoteExperts { cluster, runtime, timeout, stats: Arc::default() }
     }
 
     /// Chooses a node for every expert in `todo`: a reachable replica not in `excluded`,
     /// the one with the fewest rows so far; grouped into one share per node.
     fn plan(
         &self,
+        nodes: &[Arc<Node>],
         layer: usize,
         todo: &[Assignment],
         excluded: &[(u32, usize)],
     ) -> Result<BTreeMap<usize, Vec<Assignment>>> {
-        let nodes = &self.cluster.nodes;
         let mut by_expert: BTreeMap<u32, Vec<Assignment>> = BTreeMap::new();
         for a in todo {
             by_expert.entry(a.expert).or_default().push(*a);
@@ -102,7 +104,7 @@ impl RemoteExperts {
             // Rotate ties by expert so equal replicas share the experts.
             let rotate = |n: usize| (n + nodes.len() - expert as usize % nodes.len()) % nodes.len();
             let Some(best) = candidates.min_by_key(|&n| (load[n], rotate(n))) else {
-                return Err(self.unavailable(layer, expert));
+                return Err(self.unavailable(nodes, layer, expert));
             };
             load[best] += routes.len();
             plan.entry(best).or_default().extend(routes);
@@ -110,10 +112,8 @@ impl RemoteExperts {
         Ok(plan)
     }
 
-    fn unavailable(&self, layer: usize, expert: u32) -> ModelError {
-        let holders: Vec<String> = self
-            .cluster
-            .nodes
+    fn unavailable(&self, nodes: &[Arc<Node>], layer: usize, expert: u32) -> ModelError {
+        let holders: Vec<String> = nodes
             .iter()
             .filter(|n| n.holds(layer as u32, expert))
             .map(|n| {
@@ -138,11 +138,26 @@ impl RemoteExperts {
         let mut partials: Vec<(usize, Share, Vec<f32>)> = Vec::new();
         let mut slowest_compute = 0u64;
         let start = Instant::now();
+        let mut nodes = self.cluster.nodes();
+        let mut epoch = self.cluster.epoch();
+        count_routed(&self.cluster, layer, &todo);
         while !todo.is_empty() {
-            let plan = self.plan(layer, &todo, &excluded)?;
-            if excluded.is_empty() {
-                count_routed(layer, &todo);
-            }
+            let plan = match self.plan(&nodes, layer, &todo, &excluded) {
+                Ok(plan) => plan,
+                // The coordinators re-place the experts of a dead node: wait for the new epoch
+                // (or for the router to reach a node it adds) rather than fail the step.
+                Err(e) if self.cluster.coordinated && start.elapsed() < self.timeout => {
+                    let wait = (self.timeout - start.elapsed()).min(REPLAN_POLL);
+                    if self.cluster.epoch_changed(epoch, wait).await {
+                        tracing::info!(layer, "retrying on the new placement epoch after: {e}");
+                    }
+                    epoch = self.cluster.epoch();
+                    nodes = self.cluster.nodes();
+                    excluded.clear();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             todo.clear();
             let mut calls = JoinSet::new();
             for (n, routes) in plan {
@@ -151,7 +166,7 @@ impl RemoteExperts {
                 let local = |t: u32| share.tokens.binary_search(&t).expect("every routed token is in the share") as u32;
                 let mut req = DispatchRequest {
                     id: 0,
-                    epoch: self.epoch,
+                    epoch,
                     layer: layer as u32,
                     activations: Some(tensor::from_rows(x, hidden, &share.tokens)),
                     tokens: share.routes.iter().map(|a| local(a.token)).collect(),
@@ -159,7 +174,7 @@ impl RemoteExperts {
                     weights: share.routes.iter().map(|a| a.weight).collect(),
                     trace_context: Default::default(),
                 };
-                let node = self.cluster.nodes[n].clone();
+                let node = nodes[n].clone();
                 let timeout = self.timeout;
                 let span = tracing::info_span!(
                     "expert_dispatch",
@@ -184,13 +199,16 @@ impl RemoteExperts {
             while let Some(joined) = calls.join_next().await {
                 let (n, share, stream, answer) =
                     joined.map_err(|e| ModelError::Dispatch { layer, reason: e.to_string() })?;
-                let node = &self.cluster.nodes[n];
+                let node = &nodes[n];
                 let failure = match answer {
                     Ok(resp) => match resp.result {
                         Some(dispatch_response::Result::Partial(t)) => {
                             slowest_compute = slowest_compute.max(resp.compute_micros);
                             match tensor::to_f32(Some(&t), "partial sums", hidden) {
                                 Ok((values, r)) if r == share.tokens.len() => {
+                                    if self.cluster.coordinated {
+                                        self.cluster.load.node_rows(&node.address, r as u64);
+                                    }
                                     partials.push((n, share, values));
                                     continue;
                                 }
@@ -241,10 +259,13 @@ impl RemoteExperts {
 }
 
 /// Tokens routed to each expert of `layer` (for the balancer), counted once per layer pass.
-fn count_routed(layer: usize, routes: &[Assignment]) {
+fn count_routed(cluster: &Cluster, layer: usize, routes: &[Assignment]) {
     let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
     for a in routes {
         *counts.entry(a.expert).or_default() += 1;
+    }
+    if cluster.coordinated {
+        cluster.load.expert_tokens(layer as u32, &counts);
     }
     for (expert, n) in counts {
         ::metrics::counter!(crate::metric_names::ROUTED_TOKENS, "layer" => layer.to_string(), "expert" => expert.to_string())

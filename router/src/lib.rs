@@ -58,8 +58,18 @@ pub struct Config {
     #[arg(long, env = "SWITCHYARD_MODEL")]
     pub model: PathBuf,
     /// Expert nodes (`host:port`, comma-separated); what each holds is asked from the node.
-    #[arg(long, env = "SWITCHYARD_EXPERT_NODES", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_EXPERT_NODES",
+        value_delimiter = ',',
+        required_unless_present = "coordinators",
+        conflicts_with = "coordinators"
+    )]
     pub expert_nodes: Vec<String>,
+    /// Coordinators (`host:port`, comma-separated): follow their placement epochs (and report
+    /// load to them) instead of a fixed `--expert-nodes` list.
+    #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',')]
+    pub coordinators: Vec<String>,
     /// A node that has not answered a dispatch within this many milliseconds is taken out and
     /// its work re-sent to another replica.
     #[arg(long, env = "SWITCHYARD_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
@@ -100,11 +110,16 @@ impl Router {
         let spec = ModelSpec::from_dir(&config.model)?;
         let tenants = config.tenants.as_deref().map(tenants::Tenants::load).transpose()?;
         let wait = Duration::from_secs(config.node_wait_secs);
-        let cluster = Cluster::connect(&config.expert_nodes, &spec, wait).await?;
+        let cluster = if config.coordinators.is_empty() {
+            Cluster::connect(&config.expert_nodes, &spec, wait).await?
+        } else {
+            let client =
+                switchyard_coordinator::client::Client::new(&config.coordinators).map_err(RouterError::Config)?;
+            Cluster::follow(client, &spec, wait).await?
+        };
         let experts = RemoteExperts::new(
             cluster.clone(),
             tokio::runtime::Handle::current(),
-            STATIC_EPOCH,
             Duration::from_millis(config.dispatch_timeout_ms),
         );
         let dir = config.model.clone();
@@ -114,7 +129,8 @@ impl Router {
             .map_err(std::io::Error::other)??;
         tracing::info!(
             model_type = spec.arch.model_type(),
-            nodes = cluster.nodes.len(),
+            nodes = cluster.nodes().len(),
+            epoch = cluster.epoch(),
             "router ready for {}",
             config.model.display()
         );
@@ -147,7 +163,6 @@ impl Router {
             tokenizer: tokenizer.map(Arc::new),
             cluster,
             model_type: spec.arch.model_type(),
-            epoch: STATIC_EPOCH,
         };
         Ok(Router { service, http })
     }

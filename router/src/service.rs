@@ -24,7 +24,6 @@ pub struct RouterService {
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub cluster: Arc<Cluster>,
     pub model_type: &'static str,
-    pub epoch: u64,
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -77,7 +76,7 @@ impl Router for RouterService {
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let nodes = self
             .cluster
-            .nodes
+            .nodes()
             .iter()
             .map(|n| {
                 let v = n.view();
@@ -95,7 +94,7 @@ impl Router for RouterService {
         let load = &self.scheduler.load;
         Ok(Response::new(ClusterStatusResponse {
             model_type: self.model_type.to_string(),
-            epoch: self.epoch,
+            epoch: self.cluster.epoch(),
             nodes,
             queued_requests: load.queued.load(Ordering::Relaxed),
             running_requests: load.running.load(Ordering::Relaxed),

@@ -112,18 +112,40 @@ pub struct UpCluster {
     pub addr: String,
     /// The OpenAI API's base URL, `http://host:port/v1`.
     pub http: String,
+    /// The coordinators' addresses, comma-separated (empty: a fixed placement).
+    pub coordinators: String,
 }
 
 impl UpCluster {
+    /// `switchyard up` with a fixed placement (`--coordinators 0`) and `args`.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut full = vec!["--coordinators", "0"];
+        full.extend_from_slice(args);
+        Self::start_with(&full, env)
+    }
+
+    /// `switchyard up` with just `args` (coordinators by default).
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut full = vec!["up", "--http", "127.0.0.1:0"];
         full.extend_from_slice(args);
         let (child, ready) = spawn_ready(&full, env);
-        UpCluster { child, addr: address_of(&ready, "grpc"), http: format!("http://{}/v1", address_of(&ready, "http")) }
+        let coordinators = if ready.contains("coordinators") { address_of(&ready, "coordinators") } else { String::new() };
+        UpCluster {
+            child,
+            addr: address_of(&ready, "grpc"),
+            http: format!("http://{}/v1", address_of(&ready, "http")),
+            coordinators,
+        }
     }
 
     pub fn status(&self) -> Value {
         serde_json::from_str(&stdout_of(&["cluster", "status", "--router", &self.addr, "--json"])).unwrap()
+    }
+
+    /// The coordinators' view (`cluster status --coordinators ... --json`'s `coordinator`).
+    pub fn coordinator_status(&self) -> Value {
+        let out = stdout_of(&["cluster", "status", "--coordinators", &self.coordinators, "--json"]);
+        serde_json::from_str::<Value>(&out).unwrap()["coordinator"].clone()
     }
 
     pub fn node_pids(&self) -> Vec<u32> {

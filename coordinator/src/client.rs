@@ -1,0 +1,171 @@
+//! [`Client`]: how expert nodes, routers and the CLI talk to the coordinator group. Any member
+//! answers (followers forward to the leader); the client remembers the member that last
+//! answered and moves on to the next one when a member is down or has no leader yet.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use switchyard_proto::v1::coordinator_client::CoordinatorClient;
+use switchyard_proto::v1::{
+    CoordinatorStatus, CoordinatorStatusRequest, DrainNodeRequest, LoadReport, NodeHeartbeat, Placement,
+    RegisterNodeRequest, WatchPlacementRequest,
+};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::convert::newest_epoch;
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between rounds over all members, when none answered.
+const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addresses: Vec<String>,
+    channels: Vec<Channel>,
+    preferred: AtomicUsize,
+}
+
+impl Client {
+    /// A client of the members at `addresses` (`host:port`); connects lazily.
+    pub fn new(addresses: &[String]) -> Result<Self, String> {
+        if addresses.is_empty() {
+            return Err("no coordinator addresses given".into());
+        }
+        let channels = addresses
+            .iter()
+            .map(|a| {
+                Endpoint::from_shared(format!("http://{a}"))
+                    .map(|e| e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).connect_lazy())
+                    .map_err(|e| format!("invalid coordinator address {a:?}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Client {
+            inner: Arc::new(Inner { addresses: addresses.to_vec(), channels, preferred: AtomicUsize::new(0) }),
+        })
+    }
+
+    pub fn addresses(&self) -> &[String] {
+        &self.inner.addresses
+    }
+
+    /// Calls `f` on the preferred member, then each other one, until one answers with anything
+    /// but "unavailable"; makes `rounds` such rounds.
+    async fn call<T, F, Fut>(&self, rounds: usize, f: F) -> Result<T, Status>
+    where
+        F: Fn(CoordinatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let n = self.inner.channels.len();
+        let mut last = Status::unavailable("no coordinator tried");
+        for round in 0..rounds.max(1) {
+            if round > 0 {
+                tokio::time::sleep(RETRY_INTERVAL).await;
+            }
+            let start = self.inner.preferred.load(Ordering::Relaxed);
+            for i in 0..n {
+                let at = (start + i) % n;
+                let client = CoordinatorClient::new(self.inner.channels[at].clone());
+                match tokio::time::timeout(CALL_TIMEOUT, f(client)).await {
+                    Ok(Ok(response)) => {
+                        self.inner.preferred.store(at, Ordering::Relaxed);
+                        return Ok(response.into_inner());
+                    }
+                    Ok(Err(status)) if status.code() != Code::Unavailable && status.code() != Code::Unknown => {
+                        return Err(status);
+                    }
+                    Ok(Err(status)) => {
+                        last = Status::unavailable(format!(
+                            "coordinator {}: {}",
+                            self.inner.addresses[at],
+                            status.message()
+                        ))
+                    }
+                    Err(_) => {
+                        last = Status::unavailable(format!("coordinator {} did not answer", self.inner.addresses[at]))
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    pub async fn register(&self, request: RegisterNodeRequest) -> Result<u64, Status> {
+        let answer = self.call(50, |mut c| {
+            let request = request.clone();
+            async move { c.register_node(request).await }
+        });
+        Ok(answer.await?.node_id)
+    }
+
+    /// Returns whether the coordinator still knows the node (false: it must register again).
+    pub async fn heartbeat(&self, request: NodeHeartbeat) -> Result<bool, Status> {
+        Ok(self.call(1, |mut c| async move { c.heartbeat(request).await }).await?.known)
+    }
+
+    pub async fn report_load(&self, request: LoadReport) -> Result<(), Status> {
+        self.call(1, |mut c| {
+            let request = request.clone();
+            async move { c.report_load(request).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn status(&self) -> Result<CoordinatorStatus, Status> {
+        self.call(10, |mut c| async move { c.status(CoordinatorStatusRequest {}).await }).await
+    }
+
+    pub async fn drain(&self, node: String) -> Result<u64, Status> {
+        let answer = self.call(10, |mut c| {
+            let node = node.clone();
+            async move { c.drain_node(DrainNodeRequest { node }).await }
+        });
+        Ok(answer.await?.node_id)
+    }
+
+    /// Watches the placement: the receiver holds the newest one seen (`None` until the first
+    /// arrives). A background task follows the stream of one member and moves to another when
+    /// it breaks; a placement older than the one held (from a lagging member) is skipped.
+    pub fn watch(&self) -> watch::Receiver<Option<Arc<Placement>>> {
+        let (tx, rx) = watch::channel(None);
+        let client = self.clone();
+        tokio::spawn(async move {
+            let n = client.inner.channels.len();
+            let mut at = client.inner.preferred.load(Ordering::Relaxed);
+            loop {
+                let mut c = CoordinatorClient::new(client.inner.channels[at % n].clone());
+                match c.watch_placement(WatchPlacementRequest {}).await {
+                    Ok(stream) => {
+                        let mut stream = stream.into_inner();
+                        while let Ok(Some(placement)) = stream.message().await {
+                            let newer = tx
+                                .borrow()
+                                .as_ref()
+                                .is_none_or(|p: &Arc<Placement>| newest_epoch(&placement) >= newest_epoch(p));
+                            if newer {
+                                tx.send_replace(Some(Arc::new(placement)));
+                            }
+                        }
+                    }
+                    Err(status) => {
+                        tracing::debug!(coordinator = %client.inner.addresses[at % n], "placement watch: {}", status.message())
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                at += 1;
+                tokio::time::sleep(RETRY_INTERVAL).await;
+            }
+        });
+        rx
+    }
+}

@@ -1,0 +1,224 @@
+//! The gRPC `Coordinator` service. Raft traffic goes straight to the raft thread. What only
+//! the leader can do (proposals, heartbeats, load reports) a follower forwards to the leader
+//! once; a forwarded call that lands on a non-leader is refused with the leader it knows.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchyard_proto::v1::coordinator_client::CoordinatorClient;
+use switchyard_proto::v1::coordinator_server::Coordinator;
+use switchyard_proto::v1::{
+    ChangeMembersRequest, ChangeMembersResponse, CoordinatorMember, CoordinatorStatus, CoordinatorStatusRequest,
+    DrainNodeRequest, DrainNodeResponse, HeartbeatAck, LoadAck, LoadReport, NodeHeartbeat, NodeLoad, Placement,
+    RaftAck, RaftBatch, RegisterNodeRequest, RegisterNodeResponse, WatchPlacementRequest,
+};
+use tokio_stream::Stream;
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::error::CoordinatorError;
+use crate::node::{Handle, Load, Msg, View};
+use crate::peer::decode_message;
+use crate::state::{Command, Outcome};
+
+/// Marks a call a follower forwarded, so it is forwarded at most once.
+const FORWARDED: &str = "switchyard-forwarded";
+
+pub struct CoordinatorService {
+    handle: Handle,
+    /// A channel to the leader, by address.
+    leader: Mutex<Option<(String, Channel)>>,
+}
+
+impl CoordinatorService {
+    pub fn new(handle: Handle) -> Self {
+        CoordinatorService { handle, leader: Mutex::new(None) }
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.handle.view.borrow().clone()
+    }
+
+    /// The leader's client if this member is not the leader (`None`: handle it here).
+    fn leader_client(&self, metadata: &MetadataMap) -> Result<Option<CoordinatorClient<Channel>>, Status> {
+        let view = self.view();
+        if view.is_leader() {
+            return Ok(None);
+        }
+        let Some((_, address)) = view.leader().filter(|_| metadata.get(FORWARDED).is_none()) else {
+            return Err(CoordinatorError::NotLeader { leader: view.leader() }.into());
+        };
+        let mut cached = self.leader.lock().expect("leader lock");
+        let channel = match &*cached {
+            Some((a, channel)) if *a == address => channel.clone(),
+            _ => {
+                let endpoint = Endpoint::from_shared(format!("http://{address}"))
+                    .map_err(|e| Status::internal(format!("bad leader address {address}: {e}")))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .timeout(Duration::from_secs(5));
+                let channel = endpoint.connect_lazy();
+                *cached = Some((address, channel.clone()));
+                channel
+            }
+        };
+        Ok(Some(CoordinatorClient::new(channel)))
+    }
+}
+
+fn forwarded<T>(inner: T) -> Request<T> {
+    let mut request = Request::new(inner);
+    request.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+    request
+}
+
+type PlacementStream = Pin<Box<dyn Stream<Item = Result<Placement, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        for bytes in request.into_inner().messages {
+            let message = decode_message(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+            self.handle.send(Msg::Raft(message))?;
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn register_node(
+        &self,
+        request: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata())? {
+            return leader.register_node(forwarded(request.into_inner())).await;
+        }
+        let r = request.into_inner();
+        let model = r.model.as_ref().ok_or_else(|| Status::invalid_argument("register: `model` is missing"))?;
+        if r.address.is_empty() {
+            return Err(Status::invalid_argument("register: `address` is empty"));
+        }
+        if model.moe_layers.is_empty() || model.num_experts == 0 || model.expert_bytes == 0 {
+            return Err(Status::invalid_argument(format!(
+                "register: the model has no experts to place ({} MoE layers, {} experts, {} bytes each)",
+                model.moe_layers.len(),
+                model.num_experts,
+                model.expert_bytes
+            )));
+        }
+        let budget = if r.memory_budget == 0 { u64::MAX } else { r.memory_budget };
+        let command = Command::RegisterNode { address: r.address, budget, model: model.into() };
+        match self.handle.propose(command).await? {
+            Outcome::Node(node_id) => Ok(Response::new(RegisterNodeResponse { node_id })),
+            other => Err(Status::internal(format!("register answered {other:?}"))),
+        }
+    }
+
+    async fn heartbeat(&self, request: Request<NodeHeartbeat>) -> Result<Response<HeartbeatAck>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata())? {
+            return leader.heartbeat(forwarded(request.into_inner())).await;
+        }
+        let h = request.into_inner();
+        let known = self.handle.heartbeat(h.node_id, h.loaded_epoch).await?;
+        Ok(Response::new(HeartbeatAck { known }))
+    }
+
+    async fn report_load(&self, request: Request<LoadReport>) -> Result<Response<LoadAck>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata())? {
+            return leader.report_load(forwarded(request.into_inner())).await;
+        }
+        let r = request.into_inner();
+        self.handle.send(Msg::Load(Load {
+            router: r.router,
+            epoch: r.epoch,
+            experts: r.experts.iter().map(|x| ((x.layer, x.expert), x.tokens)).collect(),
+            node_rows: r.node_rows.into_iter().collect(),
+        }))?;
+        Ok(Response::new(LoadAck {}))
+    }
+
+    type WatchPlacementStream = PlacementStream;
+
+    async fn watch_placement(
+        &self,
+        _request: Request<WatchPlacementRequest>,
+    ) -> Result<Response<PlacementStream>, Status> {
+        let mut views = self.handle.view.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last: Option<Placement> = None;
+            loop {
+                let placement = convert::placement(&views.borrow_and_update().state);
+                if last.as_ref() != Some(&placement) {
+                    if tx.send(Ok(placement.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(placement);
+                }
+                if views.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<DrainNodeResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata())? {
+            return leader.drain_node(forwarded(request.into_inner())).await;
+        }
+        let name = request.into_inner().node;
+        let view = self.view();
+        let node = view
+            .state
+            .nodes
+            .iter()
+            .find(|(id, r)| id.to_string() == name || r.address == name)
+            .map(|(&id, _)| id)
+            .ok_or_else(|| Status::not_found(format!("no expert node has id or address {name:?}")))?;
+        self.handle.propose(Command::Drain { node }).await?;
+        Ok(Response::new(DrainNodeResponse { node_id: node }))
+    }
+
+    async fn change_members(
+        &self,
+        request: Request<ChangeMembersRequest>,
+    ) -> Result<Response<ChangeMembersResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata())? {
+            return leader.change_members(forwarded(request.into_inner())).await;
+        }
+        let r = request.into_inner();
+        self.handle.change_members(r.add.into_iter().collect(), r.remove).await?;
+        Ok(Response::new(ChangeMembersResponse {}))
+    }
+
+    async fn status(&self, request: Request<CoordinatorStatusRequest>) -> Result<Response<CoordinatorStatus>, Status> {
+        // The leader has the load figures; a follower asks it, and answers itself if it cannot.
+        if let Ok(Some(mut leader)) = self.leader_client(request.metadata())
+            && let Ok(answer) = leader.status(forwarded(CoordinatorStatusRequest {})).await
+        {
+            return Ok(answer);
+        }
+        let view = self.handle.read().await?;
+        Ok(Response::new(status(&view)))
+    }
+}
+
+fn status(view: &View) -> CoordinatorStatus {
+    CoordinatorStatus {
+        id: view.id,
+        leader_id: view.leader_id,
+        term: view.term,
+        commit_index: view.commit,
+        applied_index: view.applied,
+        members: view
+            .voters
+            .iter()
+            .map(|&id| CoordinatorMember { id, address: view.state.members.get(&id).cloned().unwrap_or_default() })
+            .collect(),
+        placement: Some(convert::placement(&view.state)),
+        load: view.node_load.iter().map(|(&node_id, &rows_per_second)| NodeLoad { node_id, rows_per_second }).collect(),
+        imbalance: view.imbalance(),
+    }
+}

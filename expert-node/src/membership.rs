@@ -1,0 +1,111 @@
+//! Membership in a coordinated cluster: the node registers with the coordinator group, sends
+//! heartbeats (with the newest epoch it has fully loaded) and follows the placement, loading
+//! the experts any live epoch gives it before confirming and dropping the ones no epoch
+//! names any more. A node the coordinator declared dead registers again under a new id.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use switchyard_coordinator::client::Client;
+use switchyard_coordinator::convert::{held_by, newest_epoch};
+use switchyard_proto::v1::{ModelShape, NodeHeartbeat, RegisterNodeRequest};
+
+use crate::store::ExpertStore;
+
+/// Between heartbeats; the coordinator declares a node dead after several missed ones.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Registers `address` with the coordinators and keeps the store on the placement, until
+/// the task is dropped.
+pub async fn run(client: Client, store: Arc<ExpertStore>, address: String, budget: Option<usize>) {
+    let spec = store.spec();
+    let model = ModelShape {
+        model_type: store.model_type().to_string(),
+        num_layers: spec.num_layers as u32,
+        moe_layers: spec
+            .layer_mlps
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| **m == switchyard_model::config::LayerMlp::Moe)
+            .map(|(l, _)| l as u32)
+            .collect(),
+        num_experts: spec.num_experts as u32,
+        hidden_size: spec.hidden_size as u32,
+        expert_bytes: store.expert_bytes() as u64,
+    };
+    let request =
+        RegisterNodeRequest { address: address.clone(), memory_budget: budget.unwrap_or(0) as u64, model: Some(model) };
+    let mut placements = client.watch();
+    loop {
+        let id = loop {
+            match client.register(request.clone()).await {
+                Ok(id) => break id,
+                Err(status) => {
+                    tracing::warn!("cannot register with the coordinators: {}", status.message());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        tracing::info!(node = id, %address, "registered with the coordinators");
+        let loaded = Arc::new(AtomicU64::new(0));
+        let mut heartbeats = tokio::spawn(heartbeat(client.clone(), id, loaded.clone(), store.clone()));
+        placements.mark_changed();
+        loop {
+            tokio::select! {
+                _ = &mut heartbeats => break, // declared dead: register again
+                changed = placements.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let Some(placement) = placements.borrow_and_update().clone() else { continue };
+                    let target: BTreeSet<(u32, u32)> = held_by(&placement, id);
+                    let epoch = newest_epoch(&placement);
+                    let store = store.clone();
+                    let placed = tokio::task::spawn_blocking(move || store.place(&target)).await;
+                    match placed {
+                        Ok(Ok(())) => {
+                            loaded.fetch_max(epoch, Ordering::Relaxed);
+                            tracing::debug!(node = id, epoch, "placement loaded");
+                        }
+                        Ok(Err(e)) => tracing::error!(node = id, epoch, "cannot load the placement: {e}"),
+                        Err(e) => tracing::error!(node = id, epoch, "placement task failed: {e}"),
+                    }
+                }
+            }
+        }
+        heartbeats.abort();
+        // What a dead node held is re-placed elsewhere; it starts over empty.
+        if let Err(e) = tokio::task::spawn_blocking({
+            let store = store.clone();
+            move || store.place(&BTreeSet::new())
+        })
+        .await
+        {
+            tracing::error!("cannot drop the experts: {e}");
+        }
+    }
+}
+
+/// Sends heartbeats until the coordinator no longer knows node `id`.
+async fn heartbeat(client: Client, id: u64, loaded: Arc<AtomicU64>, store: Arc<ExpertStore>) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let beat = NodeHeartbeat {
+            node_id: id,
+            loaded_epoch: loaded.load(Ordering::Relaxed),
+            held_bytes: store.bytes() as u64,
+        };
+        match client.heartbeat(beat).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(node = id, "the coordinators declared this node dead; registering again");
+                return;
+            }
+            Err(status) => tracing::debug!(node = id, "heartbeat not delivered: {}", status.message()),
+        }
+    }
+}
