@@ -203,7 +203,7 @@ pub fn start(
         reads: HashMap::new(),
         ready_reads: Vec::new(),
         next_read: 0,
-        role: (StateRole::Follower, 0),
+        role: (StateRole::Follower, 0, 0),
     };
     let join = std::thread::Builder::new().name(format!("raft-{}", thread.peer.id())).spawn(move || {
         if let Err(e) = thread.run(rx) {
@@ -224,7 +224,8 @@ struct RaftThread {
     reads: HashMap<u64, (oneshot::Sender<Result<(), CoordinatorError>>, Instant)>,
     ready_reads: Vec<(u64, oneshot::Sender<Result<(), CoordinatorError>>)>,
     next_read: u64,
-    role: (StateRole, u64),
+    /// Role, term and known leader as last published.
+    role: (StateRole, u64, u64),
 }
 
 impl RaftThread {
@@ -279,7 +280,7 @@ impl RaftThread {
             for (_, reply) in self.ready_reads.extract_if(.., |(index, _)| *index <= applied) {
                 let _ = reply.send(Ok(()));
             }
-            let role = (self.peer.raw.raft.state, self.peer.term());
+            let role = (self.peer.raw.raft.state, self.peer.term(), self.peer.leader_id());
             if role != self.role {
                 self.role_changed(role);
             }
@@ -343,8 +344,12 @@ impl RaftThread {
     }
 
     /// Leadership moved: proposals made here may never be applied; their callers retry.
-    fn role_changed(&mut self, (role, term): (StateRole, u64)) {
-        tracing::info!(?role, term, leader = self.peer.leader_id(), "coordinator role changed");
+    fn role_changed(&mut self, (role, term, leader): (StateRole, u64, u64)) {
+        if (role, term) == (self.role.0, self.role.1) {
+            tracing::info!(term, leader, "coordinator leader known");
+            return;
+        }
+        tracing::info!(?role, term, leader, "coordinator role changed");
         if role != StateRole::Leader {
             for (_, (reply, _)) in self.proposals.drain() {
                 let _ = reply.send(Err(CoordinatorError::Dropped("leadership changed".into())));
@@ -537,7 +542,12 @@ impl Duties {
             return None;
         }
         let added = planner::added_replicas(&active.assignment, &assignment);
-        let reason = format!("rebalance: predicted imbalance {before:.2} -> {after:.2}, {added} replicas added");
+        let rates: Vec<f64> = nodes.iter().map(|n| self.node_rate.get(n).copied().unwrap_or(0.0)).collect();
+        let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+        let measured = if mean > 0.0 { rates.iter().cloned().fold(0.0, f64::max) / mean } else { 1.0 };
+        let reason = format!(
+            "rebalance: measured imbalance {measured:.2}; predicted {before:.2} -> {after:.2}, {added} replicas added"
+        );
         Some(Command::ProposeEpoch { base, assignment, reason })
     }
 

@@ -194,16 +194,30 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn status(&self, request: Request<CoordinatorStatusRequest>) -> Result<Response<CoordinatorStatus>, Status> {
-        // The leader has the load figures; a follower asks it, and answers itself if it cannot.
-        if let Ok(Some(mut leader)) = self.leader_client(request.metadata())
-            && let Ok(answer) = leader.status(forwarded(CoordinatorStatusRequest {})).await
-        {
-            return Ok(answer);
+        // The leader answers after a ReadIndex round (current, with its load figures); a
+        // follower asks the leader, and answers from what it has applied when no leader
+        // answers in time (during an election, say).
+        match self.leader_client(request.metadata()) {
+            Ok(None) => {
+                if let Ok(view) = self.handle.read().await {
+                    return Ok(Response::new(status(&view)));
+                }
+            }
+            Ok(Some(mut leader)) => {
+                let mut forward = forwarded(CoordinatorStatusRequest {});
+                forward.set_timeout(FORWARD_STATUS_TIMEOUT);
+                if let Ok(Ok(answer)) = tokio::time::timeout(FORWARD_STATUS_TIMEOUT, leader.status(forward)).await {
+                    return Ok(answer);
+                }
+            }
+            Err(_) => {}
         }
-        let view = self.handle.read().await?;
-        Ok(Response::new(status(&view)))
+        Ok(Response::new(status(&self.view())))
     }
 }
+
+/// How long a follower waits for the leader's status before answering from its own state.
+const FORWARD_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn status(view: &View) -> CoordinatorStatus {
     CoordinatorStatus {

@@ -129,7 +129,8 @@ impl UpCluster {
         let mut full = vec!["up", "--http", "127.0.0.1:0"];
         full.extend_from_slice(args);
         let (child, ready) = spawn_ready(&full, env);
-        let coordinators = if ready.contains("coordinators") { address_of(&ready, "coordinators") } else { String::new() };
+        let coordinators =
+            if ready.contains("coordinators") { address_of(&ready, "coordinators") } else { String::new() };
         UpCluster {
             child,
             addr: address_of(&ready, "grpc"),

@@ -1,0 +1,336 @@
+//! The coordinator group as real processes on loopback: `switchyard coordinator` members, expert
+//! nodes that register with them, and a router that follows their placement. Leaders and
+//! expert nodes are SIGKILLed under load; the group restarts from disk; a skewed workload is
+//! rebalanced. Every request must still complete with the single-process engine's tokens.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A free loopback port (bound, then released for a child to take).
+fn free_address() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+/// Processes started by a test, killed when it ends.
+#[derive(Default)]
+struct Procs(Vec<(String, Child)>);
+
+impl Procs {
+    fn start(&mut self, name: &str, args: &[&str]) -> String {
+        let (child, ready) = spawn_ready(args, &[]);
+        self.0.push((name.to_string(), child));
+        ready
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, c)| c.id()).unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    fn kill(&mut self, name: &str) {
+        let i = self.0.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut child) = self.0.remove(i);
+        signal(child.id(), libc::SIGKILL);
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A three-member group on fixed ports with its data in `dir`.
+struct Group {
+    addresses: Vec<String>,
+    peers: String,
+}
+
+impl Group {
+    fn new() -> Self {
+        let addresses: Vec<String> = (0..3).map(|_| free_address()).collect();
+        let peers = addresses.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        Group { addresses, peers }
+    }
+
+    fn list(&self) -> String {
+        self.addresses.join(",")
+    }
+
+    fn start_member(&self, procs: &mut Procs, id: usize, dir: &Path, extra: &[&str]) {
+        let data = dir.join(format!("coordinator-{id}"));
+        let mut args = vec![
+            "coordinator",
+            "--id",
+            ["1", "2", "3"][id - 1],
+            "--listen",
+            &self.addresses[id - 1],
+            "--peers",
+            &self.peers,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        procs.start(&format!("coordinator-{id}"), &args);
+    }
+
+    fn start(&self, procs: &mut Procs, dir: &Path, extra: &[&str]) {
+        for id in 1..=3 {
+            self.start_member(procs, id, dir, extra);
+        }
+    }
+
+    /// `cluster status --coordinators` from the members in `only` (all when empty), or `None`
+    /// if none answers.
+    fn status_from(&self, only: &[usize]) -> Option<Value> {
+        let list: Vec<&str> =
+            (1..=3).filter(|i| only.is_empty() || only.contains(i)).map(|i| self.addresses[i - 1].as_str()).collect();
+        let out = switchyard(&["cluster", "status", "--coordinators", &list.join(","), "--json"]);
+        out.status.success().then(|| serde_json::from_slice::<Value>(&out.stdout).unwrap()["coordinator"].clone())
+    }
+
+    /// Waits until the active epoch satisfies `cond`; returns the status.
+    fn wait_for(&self, timeout: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let ok = wait_until(timeout, || {
+            last = self.status_from(&[]).unwrap_or(Value::Null);
+            !last.is_null() && cond(&last)
+        });
+        assert!(ok, "timed out waiting for {what}: {last:#}");
+        last
+    }
+}
+
+fn active_epoch(status: &Value) -> Option<&Value> {
+    status["epochs"].as_array()?.iter().find(|e| e["state"] == "active")
+}
+
+/// Nodes (ids) the active epoch places experts on.
+fn placed_nodes(status: &Value) -> Vec<u64> {
+    let mut nodes: Vec<u64> = active_epoch(status)
+        .map(|e| {
+            e["experts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x[2].as_array().unwrap().clone())
+                .collect::<Vec<Value>>()
+        })
+        .unwrap_or_default()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
+}
+
+fn node_state(status: &Value, id: u64) -> String {
+    status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["state"].as_str().unwrap().to_string()
+}
+
+/// The prompt of fixture case `case` of the Mixtral fixture.
+fn prompt(case: usize) -> String {
+    expected("mixtral")["cases"][case]["prompt"].as_str().unwrap().to_string()
+}
+
+fn generate_args(prompt: &str, max_tokens: usize) -> Vec<String> {
+    ["generate", "--prompt", prompt, "--max-tokens", &max_tokens.to_string(), "--logprobs", "3", "--json"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Starts `generate --router` for each prompt; returns the running clients.
+fn start_clients(router: &str, prompts: &[String], max_tokens: usize) -> Vec<Child> {
+    prompts
+        .iter()
+        .map(|prompt| {
+            let mut args = generate_args(prompt, max_tokens);
+            args.extend(["--router".into(), router.into()]);
+            Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                .args(&args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Waits for the clients and checks each answer is the single-process engine's on `model`,
+/// byte for byte (tokens, log-probabilities, top-3).
+fn check_clients(clients: Vec<Child>, model: &str, prompts: &[String], max_tokens: usize) {
+    for (client, prompt) in clients.into_iter().zip(prompts) {
+        let out = client.wait_with_output().unwrap();
+        assert!(out.status.success(), "a request failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut local = generate_args(prompt, max_tokens);
+        local.extend(["--model".into(), model.to_string()]);
+        let local = stdout_of(&local.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), local, "{prompt:?} differs from the single process");
+    }
+}
+
+#[test]
+fn a_killed_leader_is_replaced_within_two_seconds_without_losing_the_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = Procs::default();
+    let group = Group::new();
+    group.start(&mut procs, dir.path(), &["--min-nodes", "2"]);
+    let model = fixture("mixtral");
+    let env_delay = [("SWITCHYARD_FAULT_DISPATCH_DELAY_MS", "3")];
+    for i in 0..2 {
+        let (child, _) = spawn_ready(&["expert-node", "--model", &model, "--coordinators", &group.list()], &env_delay);
+        procs.0.push((format!("node-{i}"), child));
+    }
+    let ready = procs.start("router", &["router", "--model", &model, "--coordinators", &group.list()]);
+    let router = address_of(&ready, "grpc");
+    let before = group.wait_for(Duration::from_secs(20), "an active epoch on 2 nodes", |s| placed_nodes(s).len() == 2);
+
+    let prompts: Vec<String> = (0..3).map(prompt).collect();
+    let clients = start_clients(&router, &prompts, 80);
+    std::thread::sleep(Duration::from_millis(300)); // the requests are mid-generation
+    let leader = before["leader"].as_u64().unwrap() as usize;
+    let killed = Instant::now();
+    procs.kill(&format!("coordinator-{leader}"));
+    let survivors: Vec<usize> = (1..=3).filter(|&i| i != leader).collect();
+    let mut after = Value::Null;
+    let elected = wait_until(Duration::from_secs(5), || {
+        after = group.status_from(&survivors).unwrap_or(Value::Null);
+        after["leader"].as_u64().is_some_and(|l| l != 0 && l as usize != leader)
+    });
+    let took = killed.elapsed();
+    assert!(elected, "no new leader: {after:#}");
+    assert!(took < Duration::from_secs(2), "a new leader took {took:?}");
+    // Nothing committed is lost: the same nodes and the same active epoch.
+    assert_eq!(active_epoch(&after), active_epoch(&before));
+    assert_eq!(after["nodes"], before["nodes"]);
+    check_clients(clients, &model, &prompts, 80);
+
+    // The new leader takes decisions: drain a node, and its experts move to the other one.
+    let drained = before["nodes"][0]["id"].as_u64().unwrap();
+    let out = stdout_of(&["cluster", "drain", &drained.to_string(), "--coordinators", &group.list()]);
+    assert!(out.contains(&format!("draining expert node {drained}")), "{out}");
+    let status = group.wait_for(Duration::from_secs(10), "the drained node's experts to move", |s| {
+        !placed_nodes(s).contains(&drained) && s["pending_epoch"].is_null()
+    });
+    assert_eq!(node_state(&status, drained), "draining");
+    let clients = start_clients(&router, &prompts[..1], 20);
+    check_clients(clients, &model, &prompts[..1], 20);
+}
+
+#[test]
+fn the_group_restarts_from_disk_with_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = Procs::default();
+    let group = Group::new();
+    let extra = ["--node-timeout-ms", "5000"];
+    group.start(&mut procs, dir.path(), &extra);
+    let model = fixture("mixtral");
+    procs.start("node-0", &["expert-node", "--model", &model, "--coordinators", &group.list()]);
+    let before = group.wait_for(Duration::from_secs(20), "an active epoch", |s| active_epoch(s).is_some());
+
+    for id in 1..=3 {
+        procs.kill(&format!("coordinator-{id}"));
+    }
+    group.start(&mut procs, dir.path(), &extra);
+    let after =
+        group.wait_for(Duration::from_secs(10), "a leader after the restart", |s| s["leader"].as_u64() != Some(0));
+    assert_eq!(after["epochs"], before["epochs"]);
+    assert_eq!(after["nodes"], before["nodes"]);
+    assert_eq!(after["members"], before["members"]);
+    assert!(after["commit_index"].as_u64() >= before["commit_index"].as_u64());
+    assert!(alive(procs.pid("node-0")));
+}
+
+#[test]
+fn a_killed_expert_node_is_replaced_and_every_request_completes() {
+    // One replica per expert: the dead node's experts exist nowhere until the coordinators
+    // re-place them, so the requests must wait for the new epoch rather than fail.
+    let model = fixture("mixtral");
+    let cluster = UpCluster::start_with(
+        &["--model", &model, "--expert-nodes", "3", "--replicas", "1"],
+        &[("SWITCHYARD_FAULT_DISPATCH_DELAY_MS", "3")],
+    );
+    let status = cluster.status();
+    let victim = status["nodes"][0]["pid"].as_u64().unwrap() as u32;
+    let victim_address = status["nodes"][0]["address"].as_str().unwrap().to_string();
+    let prompts: Vec<String> = (0..3).map(prompt).collect();
+    let clients = start_clients(&cluster.addr, &prompts, 100);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(clients.len() == 3);
+    let killed = Instant::now();
+    signal(victim, libc::SIGKILL);
+    let mut replaced = Value::Null;
+    let ok = wait_until(Duration::from_secs(10), || {
+        replaced = cluster.coordinator_status();
+        let dead = replaced["nodes"].as_array().unwrap().iter().find(|n| n["address"] == victim_address.as_str());
+        dead.is_some_and(|n| n["state"] == "dead")
+            && replaced["pending_epoch"].is_null()
+            && !placed_nodes(&replaced).contains(&dead.unwrap()["id"].as_u64().unwrap())
+    });
+    let took = killed.elapsed();
+    assert!(ok, "the dead node's experts were not re-placed: {replaced:#}");
+    assert!(took < Duration::from_secs(3), "re-placement took {took:?}");
+    check_clients(clients, &model, &prompts, 100);
+    cluster.stop();
+}
+
+#[test]
+fn the_balancer_replicates_hot_experts_and_evens_the_load() {
+    // The embedded code model: trained routing is skewed, as real models' is.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/switchyard-code-moe");
+    let model = model.to_str().unwrap();
+    let cluster = UpCluster::start_with(
+        &["--model", model, "--expert-nodes", "4", "--replicas", "1", "--balance-interval-ms", "1000"],
+        &[],
+    );
+    // A skewed workload: the same prompt over and over routes to the same few experts.
+    let hot = vec!["import numpy as np".to_string(); 4];
+    let load = || {
+        for c in start_clients(&cluster.addr, &hot, 40) {
+            c.wait_with_output().unwrap();
+        }
+    };
+    let mut status = Value::Null;
+    let rebalanced = wait_until(Duration::from_secs(60), || {
+        load();
+        status = cluster.coordinator_status();
+        active_epoch(&status).unwrap()["reason"].as_str().unwrap().starts_with("rebalance")
+    });
+    assert!(rebalanced, "no rebalance: {status:#}");
+    // The decision records the load the leader measured when it took it.
+    let reason = active_epoch(&status).unwrap()["reason"].as_str().unwrap().to_string();
+    let before: f64 = reason
+        .strip_prefix("rebalance: measured imbalance ")
+        .and_then(|r| r.split(';').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no measured imbalance in {reason:?}"));
+    assert!(before > 1.25, "the workload was not skewed: measured imbalance {before:.2}");
+    let experts = active_epoch(&status).unwrap()["experts"].as_array().unwrap();
+    let replicated = experts.iter().filter(|x| x[2].as_array().unwrap().len() > 1).count();
+    assert!(replicated > 0, "no expert gained a replica: {status:#}");
+    // Under the new epoch the busiest node carries less of the load (a full window of it).
+    let mut after = f64::MAX;
+    wait_until(Duration::from_secs(20), || {
+        load();
+        let s = cluster.coordinator_status();
+        let busy = s["nodes"].as_array().unwrap().iter().all(|n| n["rows_per_second"].as_f64().unwrap() > 0.0);
+        if busy && s["pending_epoch"].is_null() {
+            after = after.min(s["imbalance"].as_f64().unwrap());
+        }
+        after < before
+    });
+    assert!(after < before, "measured imbalance {before:.2} before the rebalance, {after:.2} after");
+    // ... and the answers are still the single process's.
+    check_clients(start_clients(&cluster.addr, &hot[..1], 20), model, &hot[..1], 20);
+    cluster.stop();
+}
