@@ -48,6 +48,9 @@ pub struct Args {
 enum BenchCommand {
     /// Concurrent streaming clients against a running server's OpenAI API.
     Serve(crate::bench_serve::Args),
+    /// The coordinators under load: failover time after a SIGKILLed expert node, and node
+    /// load before and after balancing a skewed workload.
+    Cluster(crate::bench_cluster::Args),
 }
 
 struct Row {
@@ -60,8 +63,10 @@ struct Row {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(BenchCommand::Serve(serve)) = args.command {
-        return crate::bench_serve::run(serve);
+    match args.command {
+        Some(BenchCommand::Serve(serve)) => return crate::bench_serve::run(serve),
+        Some(BenchCommand::Cluster(cluster)) => return crate::bench_cluster::run(cluster),
+        None => {}
     }
     let dir = match &args.model {
         Some(dir) => dir.clone(),

@@ -8,12 +8,14 @@
 //! - [`cluster`]: `switchyard cluster status` and `drain`: the router's and the coordinators' views.
 //! - [`bench`]: `switchyard bench`, throughput against the memory-bandwidth floor and the
 //!   single process.
+//! - [`bench_cluster`]: `switchyard bench cluster`, failover and balancing under load.
 //! - [`bench_serve`]: `switchyard bench serve`, concurrent clients against the OpenAI API.
 //! - [`launch`]: child processes, signals and the async runtime.
 //! - [`telemetry`]: logs, and span export over OTLP.
 //! - [`progress`]: progress bars for long work (loading, benchmarks).
 
 mod bench;
+mod bench_cluster;
 mod bench_serve;
 mod cluster;
 mod generate;

@@ -55,7 +55,7 @@ def test_up_without_a_model_serves_the_embedded_code_model_and_stops_cleanly(tmp
     server = Server(["up", "--expert-nodes", "2", "--http", "127.0.0.1:0", "--data-dir", str(tmp_path)])
     try:
         children = children_of(server.proc.pid)
-        assert len(children) == 3, "a router and two expert nodes"
+        assert len(children) == 6, "a router, two expert nodes and three coordinators"
         client = server.client()
         model = client.models.list().data[0].id
         assert model == "switchyard-code-moe"
@@ -77,4 +77,7 @@ def test_up_without_a_model_serves_the_embedded_code_model_and_stops_cleanly(tmp
         server.stop()
     assert server.proc.returncode == 0
     assert not [p for p in children if alive(p)], "children outlived `up`"
-    assert sorted(f.name for f in (tmp_path / "logs").iterdir()) == ["expert-node-0.log", "expert-node-1.log", "router.log"]
+    logs = sorted(f.name for f in (tmp_path / "logs").iterdir())
+    assert logs == [*(f"coordinator-{i}.log" for i in (1, 2, 3)), "expert-node-0.log", "expert-node-1.log", "router.log"]
+    # The raft state outlives the cluster, in the data directory.
+    assert all((tmp_path / f"coordinator-{i}" / "snapshot").exists() for i in (1, 2, 3))
