@@ -40,6 +40,23 @@ enum Command {
         #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',', required = true)]
         coordinators: Vec<String>,
     },
+    /// Add a coordinator to the raft group (start it first with `--join`); it catches up
+    /// from a snapshot.
+    AddCoordinator {
+        /// The new member, `ID=HOST:PORT`.
+        member: String,
+        /// The running group (`host:port`, comma-separated).
+        #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',', required = true)]
+        coordinators: Vec<String>,
+    },
+    /// Remove a coordinator from the raft group.
+    RemoveCoordinator {
+        /// The member's raft id.
+        id: u64,
+        /// The running group (`host:port`, comma-separated).
+        #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',', required = true)]
+        coordinators: Vec<String>,
+    },
 }
 
 #[derive(Serialize, Default)]
@@ -140,7 +157,33 @@ pub fn run(args: Args) -> Result<()> {
             println!("draining expert node {id}: its experts move to other nodes in the next epoch");
             Ok(())
         }
+        Command::AddCoordinator { member, coordinators } => {
+            let (id, address) = member
+                .split_once('=')
+                .and_then(|(id, a)| Some((id.parse::<u64>().ok().filter(|&id| id > 0)?, a.to_string())))
+                .with_context(|| format!("{member:?} is not ID=HOST:PORT"))?;
+            change_members(&coordinators, [(id, address)].into(), Vec::new())?;
+            println!("coordinator {id} added");
+            Ok(())
+        }
+        Command::RemoveCoordinator { id, coordinators } => {
+            change_members(&coordinators, Default::default(), vec![id])?;
+            println!("coordinator {id} removed");
+            Ok(())
+        }
     }
+}
+
+fn change_members(
+    coordinators: &[String],
+    add: std::collections::HashMap<u64, String>,
+    remove: Vec<u64>,
+) -> Result<()> {
+    let rt = crate::launch::runtime()?;
+    let _in_runtime = rt.enter();
+    let client = switchyard_coordinator::client::Client::new(coordinators).map_err(anyhow::Error::msg)?;
+    rt.block_on(client.change_members(add, remove))
+        .map_err(|s| anyhow::anyhow!("the membership change failed: {}", s.message()))
 }
 
 fn status(router: Option<String>, coordinators: Vec<String>, json: bool) -> Result<()> {

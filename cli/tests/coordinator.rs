@@ -334,3 +334,65 @@ fn the_balancer_replicates_hot_experts_and_evens_the_load() {
     check_clients(start_clients(&cluster.addr, &hot[..1], 20), model, &hot[..1], 20);
     cluster.stop();
 }
+
+#[test]
+fn a_coordinator_joins_and_another_leaves_while_the_group_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = Procs::default();
+    let group = Group::new();
+    group.start(&mut procs, dir.path(), &[]);
+    let model = fixture("mixtral");
+    procs.start("node-0", &["expert-node", "--model", &model, "--coordinators", &group.list()]);
+    let before = group.wait_for(Duration::from_secs(20), "an active epoch", |s| active_epoch(s).is_some());
+
+    // Member 4 starts with no configuration and is added to the running group.
+    let fourth = free_address();
+    let peers = format!("{},4={fourth}", group.peers);
+    let data = dir.path().join("coordinator-4");
+    procs.start(
+        "coordinator-4",
+        &[
+            "coordinator",
+            "--id",
+            "4",
+            "--join",
+            "--listen",
+            &fourth,
+            "--peers",
+            &peers,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    let out = stdout_of(&["cluster", "add-coordinator", &format!("4={fourth}"), "--coordinators", &group.list()]);
+    assert!(out.contains("coordinator 4 added"), "{out}");
+    let ids =
+        |s: &Value| s["members"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect::<Vec<_>>();
+    let status = group.wait_for(Duration::from_secs(10), "four members", |s| ids(s) == [1, 2, 3, 4]);
+    // The new member has the group's state (it caught up from a snapshot).
+    let mut from_fourth = Value::Null;
+    let caught_up = wait_until(Duration::from_secs(10), || {
+        let out = switchyard(&["cluster", "status", "--coordinators", &fourth, "--json"]);
+        from_fourth =
+            serde_json::from_slice::<Value>(&out.stdout).map(|v| v["coordinator"].clone()).unwrap_or_default();
+        from_fourth["epochs"] == before["epochs"] && ids(&from_fourth) == [1, 2, 3, 4]
+    });
+    assert!(caught_up, "member 4 did not catch up: {from_fourth:#}");
+
+    // A follower leaves; the three left keep deciding.
+    let leader = status["leader"].as_u64().unwrap();
+    let leaving = (1..=3).find(|&i| i != leader).unwrap();
+    let list = format!("{},{fourth}", group.list());
+    let out = stdout_of(&["cluster", "remove-coordinator", &leaving.to_string(), "--coordinators", &list]);
+    assert!(out.contains(&format!("coordinator {leaving} removed")), "{out}");
+    procs.kill(&format!("coordinator-{leaving}"));
+    let node = before["nodes"][0]["id"].as_u64().unwrap().to_string();
+    stdout_of(&["cluster", "drain", &node, "--coordinators", &list]);
+    let mut last = Value::Null;
+    let decided = wait_until(Duration::from_secs(10), || {
+        let out = switchyard(&["cluster", "status", "--coordinators", &list, "--json"]);
+        last = serde_json::from_slice::<Value>(&out.stdout).map(|v| v["coordinator"].clone()).unwrap_or_default();
+        last["nodes"][0]["state"] == "draining" && ids(&last).len() == 3 && !ids(&last).contains(&leaving)
+    });
+    assert!(decided, "the group of three did not take the drain: {last:#}");
+}

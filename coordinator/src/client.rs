@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use switchyard_proto::v1::coordinator_client::CoordinatorClient;
 use switchyard_proto::v1::{
-    CoordinatorStatus, CoordinatorStatusRequest, DrainNodeRequest, LoadReport, NodeHeartbeat, Placement,
-    RegisterNodeRequest, WatchPlacementRequest,
+    ChangeMembersRequest, CoordinatorStatus, CoordinatorStatusRequest, DrainNodeRequest, LoadReport, NodeHeartbeat,
+    Placement, RegisterNodeRequest, WatchPlacementRequest,
 };
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
@@ -129,6 +129,20 @@ impl Client {
             async move { c.drain_node(DrainNodeRequest { node }).await }
         });
         Ok(answer.await?.node_id)
+    }
+
+    /// Adds coordinators (id → address) and removes others, in one configuration change.
+    pub async fn change_members(
+        &self,
+        add: std::collections::HashMap<u64, String>,
+        remove: Vec<u64>,
+    ) -> Result<(), Status> {
+        self.call(10, |mut c| {
+            let request = ChangeMembersRequest { add: add.clone(), remove: remove.clone() };
+            async move { c.change_members(request).await }
+        })
+        .await?;
+        Ok(())
     }
 
     /// Watches the placement: the receiver holds the newest one seen (`None` until the first
