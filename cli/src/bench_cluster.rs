@@ -48,6 +48,10 @@ pub struct Args {
     /// Zipf exponent of the balance workload's prompt choice.
     #[arg(long, default_value_t = 1.2)]
     zipf: f64,
+    /// The coordinators' rebalancing threshold (max/mean predicted node load) in the balance
+    /// measurement.
+    #[arg(long, default_value_t = 1.1)]
+    imbalance_threshold: f64,
 }
 
 type Http = HttpClient<HttpConnector, Full<Bytes>>;
@@ -68,6 +72,8 @@ const PROMPTS: [&str; 8] = [
 struct Up {
     child: tokio::process::Child,
     http: String,
+    /// The served model's name.
+    model: String,
     router: String,
     coordinators: Client,
 }
@@ -100,9 +106,15 @@ impl Up {
             Ok(words[i + 1].to_string())
         };
         let coordinators: Vec<String> = word("coordinators")?.split(',').map(String::from).collect();
+        let http = format!("http://{}", word("http")?);
+        let client: Http = HttpClient::builder(TokioExecutor::new()).build_http();
+        let models = client.get(format!("{http}/v1/models").parse()?).await?.into_body().collect().await?.to_bytes();
+        let models: serde_json::Value = serde_json::from_slice(&models)?;
+        let model = models["data"][0]["id"].as_str().context("the server lists no model")?.to_string();
         Ok(Up {
             child,
-            http: format!("http://{}", word("http")?),
+            http,
+            model,
             router: word("grpc")?,
             coordinators: Client::new(&coordinators).map_err(anyhow::Error::msg)?,
         })
@@ -138,20 +150,29 @@ impl Load {
             .map(|c| {
                 let (http, url, stop, ok, failed) =
                     (http.clone(), format!("{}/v1/completions", up.http), stop.clone(), ok.clone(), failed.clone());
-                let (weights, max_tokens) = (weights.clone(), args.max_tokens);
+                let (weights, max_tokens, model) = (weights.clone(), args.max_tokens, up.model.clone());
                 tokio::spawn(async move {
                     let mut rng = switchyard_model::sampling::Rng::new(c as u64 + 1);
                     while !stop.load(Ordering::Relaxed) {
                         let prompt = PROMPTS[pick(&weights, rng.next_f64())];
                         let body =
-                            json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
+                            json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
                         let req = hyper::Request::post(&url)
                             .header("content-type", "application/json")
                             .body(Full::new(Bytes::from(body.to_string())))
                             .expect("a valid request");
                         let done = match http.request(req).await {
                             Ok(resp) if resp.status().is_success() => resp.into_body().collect().await.is_ok(),
-                            _ => false,
+                            Ok(resp) => {
+                                let status = resp.status();
+                                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                tracing::warn!("request failed: {status} {}", String::from_utf8_lossy(&body));
+                                false
+                            }
+                            Err(e) => {
+                                tracing::warn!("request failed: {e}");
+                                false
+                            }
                         };
                         if done { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
                     }
@@ -231,7 +252,10 @@ struct BalanceRow {
 }
 
 async fn balance(args: &Args) -> Result<BalanceRow> {
-    let up = Up::start(args, &["--replicas", "1", "--balance-interval-ms", "1000"]).await?;
+    let threshold = args.imbalance_threshold.to_string();
+    let up =
+        Up::start(args, &["--replicas", "1", "--balance-interval-ms", "1000", "--imbalance-threshold", &threshold])
+            .await?;
     let start = Instant::now();
     let load = Load::start(&up, args, Some(args.zipf));
     let reason = loop {
@@ -276,8 +300,6 @@ pub fn run(args: Args) -> Result<()> {
         rows.push(rt.block_on(failover(&args, r))?);
     }
     progress.update(args.replicas.len(), steps);
-    let balanced = rt.block_on(balance(&args))?;
-    progress.finish();
     println!("Failover: one of {} expert nodes SIGKILLed under {} clients", args.expert_nodes, args.clients);
     println!("| replicas | kill -> new epoch active | requests ok | requests failed |");
     println!("|---:|---:|---:|---:|");
@@ -285,6 +307,8 @@ pub fn run(args: Args) -> Result<()> {
         println!("| {} | {:.2} s | {} | {} |", r.replicas, r.to_epoch.as_secs_f64(), r.ok, r.failed);
     }
     println!();
+    let balanced = rt.block_on(balance(&args))?;
+    progress.finish();
     println!(
         "Balance: Zipf({}) over {} prompts, {} clients, 1 replica to start",
         args.zipf,

@@ -40,6 +40,10 @@ pub struct Args {
     /// Passed to the coordinators: how often the balancer looks at the load, in milliseconds.
     #[arg(long, env = "SWITCHYARD_BALANCE_INTERVAL_MS", default_value_t = 2000)]
     balance_interval_ms: u64,
+    /// Passed to the coordinators: rebalance when the busiest node's predicted load passes
+    /// the mean by this factor.
+    #[arg(long, env = "SWITCHYARD_IMBALANCE_THRESHOLD", default_value_t = 1.25)]
+    imbalance_threshold: f64,
     /// Address of the router's gRPC API (port 0: any free port).
     #[arg(long, env = "SWITCHYARD_GRPC", default_value = "127.0.0.1:0")]
     grpc: SocketAddr,
@@ -150,6 +154,8 @@ async fn start_coordinators(
             args.node_timeout_ms.to_string(),
             "--balance-interval-ms".into(),
             args.balance_interval_ms.to_string(),
+            "--imbalance-threshold".into(),
+            args.imbalance_threshold.to_string(),
         ];
         a.extend_from_slice(extra);
         procs.push(Proc::spawn(&format!("coordinator-{}", i + 1), &a, out)?);
