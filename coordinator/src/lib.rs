@@ -111,7 +111,7 @@ impl Config {
 /// A started coordinator member.
 pub struct Coordinator {
     pub handle: Handle,
-    raft_thread: std::thread::JoinHandle<()>,
+    raft_thread: node::Thread,
 }
 
 impl Coordinator {
@@ -140,19 +140,35 @@ impl Coordinator {
         Ok(Coordinator { handle, raft_thread })
     }
 
-    /// Serves the `Coordinator` service on `listener` until `shutdown` resolves.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+    /// Serves the `Coordinator` service on `listener` until `shutdown` resolves, or until the
+    /// raft thread fails (a storage error), which is returned.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), CoordinatorError> {
         let service = CoordinatorServer::new(CoordinatorService::new(self.handle.clone()))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
+        let node::Thread { join, failed } = self.raft_thread;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<CoordinatorError>();
+        let until = async move {
+            tokio::select! {
+                _ = shutdown => {}
+                Ok(e) = failed => drop(stop.send(e)),
+            }
+        };
         let served = tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(listener), shutdown)
+            .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(listener), until)
             .await
             .map_err(std::io::Error::other);
         self.handle.send(node::Msg::Stop).ok();
-        let _ = tokio::task::spawn_blocking(move || self.raft_thread.join()).await;
-        served
+        let _ = tokio::task::spawn_blocking(move || join.join()).await;
+        if let Ok(e) = stopped.await {
+            return Err(e);
+        }
+        Ok(served?)
     }
 }
 
@@ -164,5 +180,5 @@ pub async fn run(
 ) -> Result<(), CoordinatorError> {
     let address = listener.local_addr()?.to_string();
     let coordinator = Coordinator::start(&config, &address)?;
-    Ok(coordinator.serve(listener, shutdown).await?)
+    coordinator.serve(listener, shutdown).await
 }

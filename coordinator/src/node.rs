@@ -187,11 +187,17 @@ impl Handle {
 }
 
 /// Starts the raft thread over `peer`; its outgoing raft messages go to `outbox`.
+/// The raft thread itself: joined at shutdown; `failed` resolves if it stops on an error.
+pub struct Thread {
+    pub join: std::thread::JoinHandle<()>,
+    pub failed: oneshot::Receiver<CoordinatorError>,
+}
+
 pub fn start(
     peer: Peer,
     policy: Policy,
     outbox: mpsc::UnboundedSender<Vec<Message>>,
-) -> std::io::Result<(Handle, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<(Handle, Thread)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (publish, view) = watch::channel(Arc::new(View::default()));
     let mut thread = RaftThread {
@@ -205,12 +211,15 @@ pub fn start(
         next_read: 0,
         role: (StateRole::Follower, 0, 0),
     };
+    let (failed_tx, failed) = oneshot::channel();
     let join = std::thread::Builder::new().name(format!("raft-{}", thread.peer.id())).spawn(move || {
         if let Err(e) = thread.run(rx) {
+            // Storage that cannot be written must not go on acknowledging raft messages.
             tracing::error!("the raft loop stopped: {e}");
+            let _ = failed_tx.send(e);
         }
     })?;
-    Ok((Handle { tx, view }, join))
+    Ok((Handle { tx, view }, Thread { join, failed }))
 }
 
 type Reply = oneshot::Sender<Result<Outcome, CoordinatorError>>;

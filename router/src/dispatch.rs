@@ -97,17 +97,33 @@ impl RemoteExperts {
         let serving: Vec<Option<Vec<u32>>> = nodes.iter().map(|n| n.serving_experts(layer as u32)).collect();
         let mut load = vec![0usize; nodes.len()];
         let mut plan: BTreeMap<usize, Vec<Assignment>> = BTreeMap::new();
+        // Busiest experts first (longest-processing-time order), so the big shares spread and
+        // the small ones fill the gaps.
+        let mut by_expert: Vec<(u32, Vec<Assignment>)> = by_expert.into_iter().collect();
+        by_expert.sort_by_key(|(expert, routes)| (std::cmp::Reverse(routes.len()), *expert));
+        let reachable = serving.iter().filter(|s| s.is_some()).count().max(1);
+        let fair_share = todo.len().div_ceil(reachable);
         for (expert, routes) in by_expert {
-            let candidates = (0..nodes.len()).filter(|&n| {
-                serving[n].as_ref().is_some_and(|held| held.contains(&expert)) && !excluded.contains(&(expert, n))
-            });
+            let mut candidates: Vec<usize> = (0..nodes.len())
+                .filter(|&n| {
+                    serving[n].as_ref().is_some_and(|held| held.contains(&expert)) && !excluded.contains(&(expert, n))
+                })
+                .collect();
+            if candidates.is_empty() {
+                return Err(self.unavailable(nodes, layer, expert));
+            }
             // Rotate ties by expert so equal replicas share the experts.
             let rotate = |n: usize| (n + nodes.len() - expert as usize % nodes.len()) % nodes.len();
-            let Some(best) = candidates.min_by_key(|&n| (load[n], rotate(n))) else {
-                return Err(self.unavailable(nodes, layer, expert));
-            };
-            load[best] += routes.len();
-            plan.entry(best).or_default().extend(routes);
+            candidates.sort_by_key(|&n| (load[n], rotate(n)));
+            // A hot expert with more rows than a node's fair share of the layer is split over
+            // its replicas; the rest go whole to the least loaded one.
+            let parts =
+                if routes.len() > fair_share { candidates.len().min(routes.len().div_ceil(fair_share)) } else { 1 };
+            let per_part = routes.len().div_ceil(parts);
+            for (&n, chunk) in candidates.iter().zip(routes.chunks(per_part)) {
+                load[n] += chunk.len();
+                plan.entry(n).or_default().extend_from_slice(chunk);
+            }
         }
         Ok(plan)
     }
