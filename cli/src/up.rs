@@ -134,6 +134,12 @@ async fn start_coordinators(
         addresses.push(probe.local_addr()?.to_string());
     }
     let peers: Vec<String> = addresses.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
+    // Only the members may step the raft group: they share a token made up here.
+    let token = {
+        use std::hash::{BuildHasher, RandomState};
+        let (a, b) = (RandomState::new().hash_one(std::process::id()), RandomState::new().hash_one(data_dir));
+        format!("{a:016x}{b:016x}")
+    };
     let mut procs = Vec::new();
     for (i, address) in addresses.iter().enumerate() {
         let mut a = vec![
@@ -156,6 +162,8 @@ async fn start_coordinators(
             args.balance_interval_ms.to_string(),
             "--imbalance-threshold".into(),
             args.imbalance_threshold.to_string(),
+            "--raft-token".into(),
+            token.clone(),
         ];
         a.extend_from_slice(extra);
         procs.push(Proc::spawn(&format!("coordinator-{}", i + 1), &a, out)?);

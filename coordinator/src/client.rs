@@ -16,9 +16,10 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::convert::newest_epoch;
+use crate::convert::{active, newest_epoch};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(300);
 /// Between rounds over all members, when none answered.
 const RETRY_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -43,7 +44,13 @@ impl Client {
             .iter()
             .map(|a| {
                 Endpoint::from_shared(format!("http://{a}"))
-                    .map(|e| e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).connect_lazy())
+                    .map(|e| {
+                        e.connect_timeout(Duration::from_secs(1))
+                            .tcp_nodelay(true)
+                            .http2_keep_alive_interval(Duration::from_secs(1))
+                            .keep_alive_timeout(Duration::from_secs(2))
+                            .connect_lazy()
+                    })
                     .map_err(|e| format!("invalid coordinator address {a:?}: {e}"))
             })
             .collect::<Result<_, _>>()?;
@@ -106,8 +113,17 @@ impl Client {
     }
 
     /// Returns whether the coordinator still knows the node (false: it must register again).
+    /// Each member gets a short time to answer: a heartbeat stuck on a dead member must not
+    /// outlast the node timeout.
     pub async fn heartbeat(&self, request: NodeHeartbeat) -> Result<bool, Status> {
-        Ok(self.call(1, |mut c| async move { c.heartbeat(request).await }).await?.known)
+        let answer = self.call(1, |mut c| async move {
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(HEARTBEAT_TIMEOUT);
+            tokio::time::timeout(HEARTBEAT_TIMEOUT, c.heartbeat(request))
+                .await
+                .unwrap_or_else(|_| Err(Status::unavailable("heartbeat timed out")))
+        });
+        Ok(answer.await?.known)
     }
 
     pub async fn report_load(&self, request: LoadReport) -> Result<(), Status> {
@@ -160,10 +176,11 @@ impl Client {
                     Ok(stream) => {
                         let mut stream = stream.into_inner();
                         while let Ok(Some(placement)) = stream.message().await {
-                            let newer = tx
-                                .borrow()
-                                .as_ref()
-                                .is_none_or(|p: &Arc<Placement>| newest_epoch(&placement) >= newest_epoch(p));
+                            // Never back to an older view (a lagging member's): compare the newest
+                            // and the active epoch.
+                            let version = |p: &Placement| (newest_epoch(p), active(p).map_or(0, |(e, _)| e));
+                            let newer =
+                                tx.borrow().as_ref().is_none_or(|p: &Arc<Placement>| version(&placement) >= version(p));
                             if newer {
                                 tx.send_replace(Some(Arc::new(placement)));
                             }

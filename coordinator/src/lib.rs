@@ -76,6 +76,10 @@ pub struct Config {
     /// Rebalance when the busiest node's predicted load passes the mean by this factor.
     #[arg(long, env = "SWITCHYARD_IMBALANCE_THRESHOLD", default_value_t = 1.25)]
     pub imbalance_threshold: f64,
+    /// A secret the members share: raft traffic must carry it, so only members can step the
+    /// raft group (set it on every member; `switchyard up` makes one up).
+    #[arg(long, env = "SWITCHYARD_RAFT_TOKEN", hide_env_values = true)]
+    pub raft_token: Option<String>,
 }
 
 impl Config {
@@ -112,6 +116,7 @@ impl Config {
 pub struct Coordinator {
     pub handle: Handle,
     raft_thread: node::Thread,
+    raft_token: Option<String>,
 }
 
 impl Coordinator {
@@ -136,8 +141,8 @@ impl Coordinator {
         );
         let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel();
         let (handle, raft_thread) = node::start(peer, config.policy(), outbox)?;
-        tokio::spawn(transport::run(inbox, handle.clone()));
-        Ok(Coordinator { handle, raft_thread })
+        tokio::spawn(transport::run(inbox, handle.clone(), config.raft_token.clone()));
+        Ok(Coordinator { handle, raft_thread, raft_token: config.raft_token.clone() })
     }
 
     /// Serves the `Coordinator` service on `listener` until `shutdown` resolves, or until the
@@ -147,7 +152,7 @@ impl Coordinator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), CoordinatorError> {
-        let service = CoordinatorServer::new(CoordinatorService::new(self.handle.clone()))
+        let service = CoordinatorServer::new(CoordinatorService::new(self.handle.clone(), self.raft_token.clone()))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         let node::Thread { join, failed } = self.raft_thread;
@@ -155,7 +160,7 @@ impl Coordinator {
         let until = async move {
             tokio::select! {
                 _ = shutdown => {}
-                Ok(e) = failed => drop(stop.send(e)),
+                e = failed => drop(stop.send(e.unwrap_or(CoordinatorError::ShuttingDown))),
             }
         };
         let served = tonic::transport::Server::builder()

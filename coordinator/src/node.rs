@@ -26,6 +26,11 @@ use crate::state::{ClusterState, Command, EpochState, NodeState, Outcome};
 /// The raft tick: elections take [`crate::peer::ELECTION_TICKS`] to 2× that many ticks.
 pub const TICK: Duration = Duration::from_millis(50);
 
+/// How long a new leader waits before it counts expert nodes' silence, and before it retires an
+/// epoch on the routers' word (it has not heard their reports yet).
+const LEADER_GRACE: Duration = Duration::from_secs(3);
+const ROUTER_REPORT_GRACE: Duration = Duration::from_millis(1500);
+
 /// How long a proposal or a read may wait for its answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -213,11 +218,21 @@ pub fn start(
     };
     let (failed_tx, failed) = oneshot::channel();
     let join = std::thread::Builder::new().name(format!("raft-{}", thread.peer.id())).spawn(move || {
-        if let Err(e) = thread.run(rx) {
-            // Storage that cannot be written must not go on acknowledging raft messages.
-            tracing::error!("the raft loop stopped: {e}");
-            let _ = failed_tx.send(e);
-        }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| thread.run(rx)));
+        let error = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                CoordinatorError::Rejected(format!("the raft loop panicked: {}", what.unwrap_or_default()))
+            }
+        };
+        // Storage that cannot be written must not go on acknowledging raft messages.
+        tracing::error!("the raft loop stopped: {error}");
+        let _ = failed_tx.send(error);
     })?;
     Ok((Handle { tx, view }, Thread { join, failed }))
 }
@@ -304,6 +319,15 @@ impl RaftThread {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Raft(m) => {
+                let known = self.peer.state.members.contains_key(&m.from) || self.peer.voters().contains(&m.from);
+                if m.to != self.peer.id() || !known {
+                    tracing::warn!(
+                        from = m.from,
+                        to = m.to,
+                        "raft message for another member or from a stranger dropped"
+                    );
+                    return;
+                }
                 if let Err(e) = self.peer.raw.step(m) {
                     tracing::debug!("raft message dropped: {e}");
                 }
@@ -444,8 +468,10 @@ impl Duties {
         let now = Instant::now();
         self.in_flight = None;
         self.leader_since = now;
-        // Every node gets a full timeout to find the new leader before it counts as silent.
-        self.last_seen = state.nodes.keys().map(|&n| (n, now)).collect();
+        // Every node gets a grace to find the new leader before it counts as silent: its
+        // heartbeats may be stuck on a connection to the old leader for a call timeout.
+        let grace = now + LEADER_GRACE;
+        self.last_seen = state.nodes.keys().map(|&n| (n, grace)).collect();
         self.loaded.clear();
         self.activated_at = state.active().map(|(e, _)| (e, now));
         self.window_start = now;
@@ -471,16 +497,26 @@ impl Duties {
         if self.in_flight.is_some() {
             return None;
         }
-        // A node silent too long is dead.
-        for (&node, record) in &state.nodes {
-            if record.state == NodeState::Dead {
-                continue;
-            }
-            let seen = *self.last_seen.entry(node).or_insert(now);
-            if now - seen > self.policy.node_timeout {
-                let reason = format!("no heartbeat for {} ms", (now - seen).as_millis());
+        // A node silent too long is dead, unless most nodes are silent at once: then it is
+        // more likely this leader that cannot hear them, and declaring them all dead would stop
+        // the cluster.
+        let live: Vec<NodeId> =
+            state.nodes.iter().filter(|(_, r)| r.state != NodeState::Dead).map(|(&n, _)| n).collect();
+        let silent: Vec<(NodeId, Duration)> = live
+            .iter()
+            .map(|&n| (n, now.saturating_duration_since(*self.last_seen.entry(n).or_insert(now))))
+            .filter(|(_, quiet)| *quiet > self.policy.node_timeout)
+            .collect();
+        if let Some(&(node, quiet)) = silent.first() {
+            if silent.len() * 2 <= live.len() || live.len() == 1 {
+                let reason = format!("no heartbeat for {} ms", quiet.as_millis());
                 return Some(Command::DeclareDead { node, reason });
             }
+            tracing::warn!(
+                silent = silent.len(),
+                nodes = live.len(),
+                "most expert nodes are silent; declaring none dead"
+            );
         }
         let newest = state.newest();
         let gone = |a: &Assignment| {
@@ -508,13 +544,25 @@ impl Duties {
                 }
                 let placed: std::collections::BTreeSet<NodeId> =
                     active.assignment.values().flatten().copied().collect();
-                if let Some(joined) = state.nodes_in(NodeState::Joining).find(|n| !placed.contains(n)) {
-                    return self.replan(state, format!("node {joined} joined"), None, self.policy.max_moves);
+                // A joining node the planner cannot use (too small, say) must not block the
+                // duties below: fall through when the plan gives it nothing.
+                let retiring = state.epoch_in(EpochState::Retiring).is_some();
+                if let Some(joined) = state.nodes_in(NodeState::Joining).find(|n| !placed.contains(n))
+                    && !retiring
+                    && let Some(command) =
+                        self.replan(state, format!("node {joined} joined"), None, self.policy.max_moves)
+                {
+                    return Some(command);
                 }
             }
         }
         if let Some((retiring, _)) = state.epoch_in(EpochState::Retiring) {
             let (active, _) = state.active()?;
+            // Routers report every 500 ms: a new leader first hears from them before it
+            // decides they have all moved on.
+            if now - self.leader_since < ROUTER_REPORT_GRACE {
+                return None;
+            }
             let fresh = |at: Instant| now - at < self.policy.balance_interval * 2;
             let moved_on = self.routers.values().filter(|(_, at)| fresh(*at)).all(|(e, _)| *e >= active);
             let overdue = self.activated_at.is_none_or(|(e, at)| e != active || now - at > self.policy.retire_after);
@@ -522,7 +570,7 @@ impl Duties {
                 return Some(Command::RetireEpochs { below: retiring + 1 });
             }
         }
-        if std::mem::take(&mut self.balance_due) {
+        if std::mem::take(&mut self.balance_due) && state.epoch_in(EpochState::Retiring).is_none() {
             let command = self.balance(state);
             for load in self.expert_load.values_mut() {
                 *load *= 0.5;

@@ -106,7 +106,11 @@ impl Peer {
         };
         config.validate()?;
         let raw = RawNode::new(&config, storage, logger)?;
-        Ok(Peer { raw, state, applied, next_seq: 0 })
+        // Proposal numbers start from the clock, so a restarted member never answers a new
+        // caller with the outcome of a proposal it made before the restart.
+        let next_seq =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        Ok(Peer { raw, state, applied, next_seq })
     }
 
     pub fn id(&self) -> u64 {
@@ -175,6 +179,11 @@ impl Peer {
         }
         if changes.is_empty() {
             return Err(CoordinatorError::Config("a membership change must add or remove a member".into()));
+        }
+        let mut after: Vec<u64> = self.voters().into_iter().filter(|v| !remove.contains(v)).collect();
+        after.extend(add.keys().filter(|id| !after.contains(id)).collect::<Vec<_>>());
+        if after.is_empty() {
+            return Err(CoordinatorError::Config("the change would remove every coordinator".into()));
         }
         let mut cc = ConfChangeV2::default();
         cc.set_changes(changes.into());
@@ -269,12 +278,31 @@ impl Peer {
                     }
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    // A change raft refuses (one that would leave no voter, say) is skipped on
+                    // every member alike, rather than stopping them all.
                     let cs = if entry.get_entry_type() == EntryType::EntryConfChange {
-                        let cc = ConfChange::parse_from_bytes(&entry.data).map_err(raft::Error::from)?;
-                        self.raw.apply_conf_change(&cc)?
+                        let applied = ConfChange::parse_from_bytes(&entry.data)
+                            .map_err(raft::Error::from)
+                            .and_then(|cc| self.raw.apply_conf_change(&cc));
+                        match applied {
+                            Ok(cs) => cs,
+                            Err(e) => {
+                                tracing::error!(index = entry.index, "membership change not applied: {e}");
+                                continue;
+                            }
+                        }
                     } else {
-                        let cc = ConfChangeV2::parse_from_bytes(&entry.data).map_err(raft::Error::from)?;
-                        let cs = self.raw.apply_conf_change(&cc)?;
+                        let Ok(cc) = ConfChangeV2::parse_from_bytes(&entry.data) else {
+                            tracing::error!(index = entry.index, "undecodable membership change skipped");
+                            continue;
+                        };
+                        let cs = match self.raw.apply_conf_change(&cc) {
+                            Ok(cs) => cs,
+                            Err(e) => {
+                                tracing::error!(index = entry.index, "membership change not applied: {e}");
+                                continue;
+                            }
+                        };
                         let removed: Vec<u64> = cc
                             .get_changes()
                             .iter()

@@ -27,15 +27,19 @@ use crate::state::{Command, Outcome};
 /// Marks a call a follower forwarded, so it is forwarded at most once.
 const FORWARDED: &str = "switchyard-forwarded";
 
+/// The metadata key carrying the members' shared raft token.
+pub const RAFT_TOKEN: &str = "switchyard-raft-token";
+
 pub struct CoordinatorService {
     handle: Handle,
+    raft_token: Option<String>,
     /// A channel to the leader, by address.
     leader: Mutex<Option<(String, Channel)>>,
 }
 
 impl CoordinatorService {
-    pub fn new(handle: Handle) -> Self {
-        CoordinatorService { handle, leader: Mutex::new(None) }
+    pub fn new(handle: Handle, raft_token: Option<String>) -> Self {
+        CoordinatorService { handle, raft_token, leader: Mutex::new(None) }
     }
 
     fn view(&self) -> Arc<View> {
@@ -79,6 +83,12 @@ type PlacementStream = Pin<Box<dyn Stream<Item = Result<Placement, Status>> + Se
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        if let Some(token) = &self.raft_token {
+            let given = request.metadata().get(RAFT_TOKEN).and_then(|v| v.to_str().ok());
+            if given != Some(token.as_str()) {
+                return Err(Status::permission_denied("raft traffic needs the members' raft token"));
+            }
+        }
         for bytes in request.into_inner().messages {
             let message = decode_message(&bytes)
                 .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;

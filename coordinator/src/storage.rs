@@ -84,6 +84,8 @@ impl DiskStorage {
         for frame in frames {
             let entry: Entry = parse(&log_path, &frame)?;
             if entry.index <= s.snapshot.get_metadata().index {
+                // A rewrite that went back below the snapshot: what followed it is gone too.
+                s.entries.clear();
                 continue;
             }
             s.append_in_memory(std::slice::from_ref(&entry))?;
@@ -198,10 +200,8 @@ impl DiskStorage {
         self.hard_state.term = self.hard_state.term.max(meta.term);
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
         self.conf_state = meta.get_conf_state().clone();
-        self.entries.retain(|e| e.index > meta.index);
-        if self.entries.first().is_some_and(|e| e.index != meta.index + 1) {
-            self.entries.clear();
-        }
+        // The leader sends what follows; a local tail may have diverged from it.
+        self.entries.clear();
         self.snapshot = snapshot;
         self.write_snapshot()?;
         self.rewrite_log()
@@ -455,6 +455,26 @@ mod tests {
             s.entries(2, 4, None, GetEntriesContext::empty(false)),
             Err(raft::Error::Store(StorageError::Compacted))
         ));
+    }
+
+    #[test]
+    fn a_crash_between_snapshot_and_log_rewrite_does_not_revive_overwritten_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = DiskStorage::open(dir.path(), &[1]).unwrap();
+        s.append(&(1..=10).map(|i| entry(i, 1, "old")).collect::<Vec<_>>()).unwrap();
+        s.append(&[entry(5, 2, "new"), entry(6, 2, "new")]).unwrap();
+        // The snapshot at 6 is written; the crash comes before the log is rewritten.
+        s.snapshot = {
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = 6;
+            snap.mut_metadata().term = 2;
+            snap.mut_metadata().set_conf_state(s.conf_state.clone());
+            snap
+        };
+        s.write_snapshot().unwrap();
+        drop(s);
+        let (s, _) = DiskStorage::open(dir.path(), &[1]).unwrap();
+        assert_eq!(s.last_index().unwrap(), 6, "entries 7..10 of term 1 were overwritten at 5 and must stay gone");
     }
 
     #[test]

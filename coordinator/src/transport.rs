@@ -19,7 +19,7 @@ const QUEUE: usize = 256;
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Sends what arrives on `outbox` to its members, until the raft thread drops its sender.
-pub async fn run(mut outbox: mpsc::UnboundedReceiver<Vec<Message>>, handle: Handle) {
+pub async fn run(mut outbox: mpsc::UnboundedReceiver<Vec<Message>>, handle: Handle, token: Option<String>) {
     let mut peers: HashMap<u64, (String, mpsc::Sender<Vec<Message>>)> = HashMap::new();
     while let Some(messages) = outbox.recv().await {
         let mut by_peer: HashMap<u64, Vec<Message>> = HashMap::new();
@@ -36,7 +36,7 @@ pub async fn run(mut outbox: mpsc::UnboundedReceiver<Vec<Message>>, handle: Hand
                 Some((a, tx)) if *a == address && !tx.is_closed() => tx.clone(),
                 _ => {
                     let (tx, rx) = mpsc::channel(QUEUE);
-                    tokio::spawn(send_to(to, address.clone(), rx, handle.clone()));
+                    tokio::spawn(send_to(to, address.clone(), rx, handle.clone(), token.clone()));
                     peers.insert(to, (address, tx.clone()));
                     tx
                 }
@@ -48,7 +48,20 @@ pub async fn run(mut outbox: mpsc::UnboundedReceiver<Vec<Message>>, handle: Hand
     }
 }
 
-async fn send_to(to: u64, address: String, mut batches: mpsc::Receiver<Vec<Message>>, handle: Handle) {
+async fn send_to(
+    to: u64,
+    address: String,
+    mut batches: mpsc::Receiver<Vec<Message>>,
+    handle: Handle,
+    token: Option<String>,
+) {
+    let token = match token.map(|t| t.parse::<tonic::metadata::MetadataValue<_>>()).transpose() {
+        Ok(t) => t,
+        Err(_) => {
+            tracing::error!("the raft token is not a valid header value");
+            return;
+        }
+    };
     let endpoint = match Endpoint::from_shared(format!("http://{address}")) {
         Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).timeout(SEND_TIMEOUT),
         Err(e) => {
@@ -61,7 +74,11 @@ async fn send_to(to: u64, address: String, mut batches: mpsc::Receiver<Vec<Messa
         .max_encoding_message_size(64 << 20);
     while let Some(batch) = batches.recv().await {
         let snapshots = batch.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).count();
-        let request = RaftBatch { messages: batch.iter().map(|m| encode_message(m).into()).collect() };
+        let mut request =
+            tonic::Request::new(RaftBatch { messages: batch.iter().map(|m| encode_message(m).into()).collect() });
+        if let Some(token) = &token {
+            request.metadata_mut().insert(crate::service::RAFT_TOKEN, token.clone());
+        }
         let delivered = match client.raft(request).await {
             Ok(_) => true,
             Err(status) => {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use switchyard_coordinator::client::Client;
 use switchyard_coordinator::convert::{held_by, newest_epoch};
-use switchyard_proto::v1::{ModelShape, NodeHeartbeat, RegisterNodeRequest};
+use switchyard_proto::v1::{EpochState, ModelShape, NodeHeartbeat, Placement, RegisterNodeRequest};
 
 use crate::store::ExpertStore;
 
@@ -60,7 +60,7 @@ pub async fn run(client: Client, store: Arc<ExpertStore>, address: String, budge
                         return;
                     }
                     let Some(placement) = placements.borrow_and_update().clone() else { continue };
-                    let target: BTreeSet<(u32, u32)> = held_by(&placement, id);
+                    let target = target(&placement, id, &store);
                     let epoch = newest_epoch(&placement);
                     let store = store.clone();
                     let placed = tokio::task::spawn_blocking(move || store.place(&target)).await;
@@ -86,6 +86,43 @@ pub async fn run(client: Client, store: Arc<ExpertStore>, address: String, budge
             tracing::error!("cannot drop the experts: {e}");
         }
     }
+}
+
+/// What the node must hold: every expert any live epoch gives it. When that union does not fit
+/// the memory budget (each epoch does, on its own), the retiring epoch's replicas go first, then
+/// the active one's: the newest epoch is what the coordinators wait for.
+fn target(placement: &Placement, id: u64, store: &ExpertStore) -> BTreeSet<(u32, u32)> {
+    let fits = |set: &BTreeSet<(u32, u32)>| store.fits(set.len());
+    let all = held_by(placement, id);
+    if fits(&all) {
+        return all;
+    }
+    let from = |states: &[EpochState]| -> BTreeSet<(u32, u32)> {
+        placement
+            .epochs
+            .iter()
+            .filter(|e| states.contains(&e.state()))
+            .flat_map(|e| e.experts.iter())
+            .filter(|x| x.nodes.contains(&id))
+            .map(|x| (x.layer, x.expert))
+            .collect()
+    };
+    let current = from(&[EpochState::Active, EpochState::Pending]);
+    tracing::warn!(node = id, "the live epochs' experts exceed the memory budget; freeing the retiring epoch's first");
+    if fits(&current) { current } else { newest(placement, id) }
+}
+
+/// The experts the newest epoch gives node `id`.
+fn newest(placement: &Placement, id: u64) -> BTreeSet<(u32, u32)> {
+    let n = newest_epoch(placement);
+    placement
+        .epochs
+        .iter()
+        .filter(|e| e.number == n)
+        .flat_map(|e| e.experts.iter())
+        .filter(|x| x.nodes.contains(&id))
+        .map(|x| (x.layer, x.expert))
+        .collect()
 }
 
 /// Sends heartbeats until the coordinator no longer knows node `id`.

@@ -169,6 +169,11 @@ impl ExpertStore {
         self.held.read().expect("held lock").bytes
     }
 
+    /// Whether `experts` experts fit the memory budget.
+    pub fn fits(&self, experts: usize) -> bool {
+        self.budget.is_none_or(|b| experts * self.expert_bytes <= b)
+    }
+
     pub fn expert_bytes(&self) -> usize {
         self.expert_bytes
     }

@@ -349,7 +349,8 @@ impl Cluster {
     async fn apply(&self, placement: &switchyard_proto::v1::Placement, spec: &ModelSpec) {
         use switchyard_coordinator::convert::{active, addresses};
         let Some((epoch, assignment)) = active(placement) else { return };
-        if epoch == self.epoch() {
+        // Never back to an older epoch (a lagging coordinator's view).
+        if epoch <= self.epoch() {
             return;
         }
         let addresses = addresses(placement);
@@ -500,6 +501,10 @@ async fn supervise(node: Arc<Node>, spec: ModelSpec, mut first: Option<mpsc::Sen
                 let broken = stream.broken.clone();
                 {
                     let mut link = node.link.lock().expect("link lock");
+                    // Let go of a node the placement dropped while this connection was made.
+                    if node.retired.load(Ordering::Relaxed) {
+                        return;
+                    }
                     if link.last_error.is_some() {
                         tracing::info!(node = %node.address, "expert node reachable again");
                     }
