@@ -250,7 +250,7 @@ fn cluster_decode(
     tracing::info!("starting {n} expert nodes");
     let (mut procs, addresses) = rt.block_on(crate::up::start_nodes(
         dir,
-        &sets,
+        crate::up::Placement::Fixed(&sets),
         &["--threads".into(), threads],
         &crate::launch::Output { quiet: true, log_dir: None },
     ))?;

@@ -89,25 +89,38 @@ pub fn spread(num_experts: usize, nodes: usize, replicas: usize) -> Vec<ExpertSe
         .collect()
 }
 
-/// Starts `nodes` expert nodes (with `extra` flags) holding `spread`'s shares; returns them
-/// and their addresses.
+/// How each expert node started by [`start_nodes`] learns its experts.
+pub enum Placement<'a> {
+    /// `--experts`: one fixed share per node.
+    Fixed(&'a [ExpertSet]),
+    /// `--coordinators`: this many nodes register with the coordinators at these addresses.
+    Coordinated { nodes: usize, coordinators: &'a [String] },
+}
+
+/// Starts expert nodes (with `extra` flags) placed by `placement`; returns them and their
+/// addresses once all serve.
 pub async fn start_nodes(
     model: &std::path::Path,
-    sets: &[ExpertSet],
+    placement: Placement<'_>,
     extra: &[String],
     out: &Output,
 ) -> Result<(Vec<Proc>, Vec<String>)> {
+    let flags: Vec<[String; 2]> = match placement {
+        Placement::Fixed(sets) => sets.iter().map(|set| ["--experts".into(), set.to_string()]).collect(),
+        Placement::Coordinated { nodes, coordinators } => {
+            vec![["--coordinators".into(), coordinators.join(",")]; nodes]
+        }
+    };
     let mut procs = Vec::new();
-    for (i, set) in sets.iter().enumerate() {
+    for (i, flag) in flags.iter().enumerate() {
         let mut args = vec![
             "expert-node".to_string(),
             "--model".into(),
             model.display().to_string(),
             "--listen".into(),
             "127.0.0.1:0".into(),
-            "--experts".into(),
-            set.to_string(),
         ];
+        args.extend_from_slice(flag);
         args.extend_from_slice(extra);
         procs.push(Proc::spawn(&format!("expert-node-{i}"), &args, out)?);
     }
@@ -174,34 +187,6 @@ async fn start_coordinators(
     Ok((procs, addresses))
 }
 
-/// Starts `count` expert nodes that register with `coordinators`.
-async fn start_registering_nodes(
-    model: &Path,
-    count: usize,
-    coordinators: &[String],
-    extra: &[String],
-    out: &Output,
-) -> Result<Vec<Proc>> {
-    let mut procs = Vec::new();
-    for i in 0..count {
-        let mut args = vec![
-            "expert-node".to_string(),
-            "--model".into(),
-            model.display().to_string(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--coordinators".into(),
-            coordinators.join(","),
-        ];
-        args.extend_from_slice(extra);
-        procs.push(Proc::spawn(&format!("expert-node-{i}"), &args, out)?);
-    }
-    for p in &mut procs {
-        p.ready(START_TIMEOUT).await?;
-    }
-    Ok(procs)
-}
-
 pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
     if args.expert_nodes == 0 {
         bail!("--expert-nodes must be at least 1");
@@ -259,10 +244,11 @@ fn run_cluster(
                 children.extend(procs);
                 progress.update(args.coordinators, steps);
                 coordinators = addresses;
-                children.extend(start_registering_nodes(model, args.expert_nodes, &coordinators, &extra, out).await?);
+                let placement = Placement::Coordinated { nodes: args.expert_nodes, coordinators: &coordinators };
+                children.extend(start_nodes(model, placement, &extra, out).await?.0);
                 vec!["--coordinators".to_string(), coordinators.join(",")]
             } else {
-                let (nodes, addresses) = start_nodes(model, sets, &extra, out).await?;
+                let (nodes, addresses) = start_nodes(model, Placement::Fixed(sets), &extra, out).await?;
                 children.extend(nodes);
                 vec!["--expert-nodes".to_string(), addresses.join(",")]
             };

@@ -3,11 +3,13 @@
 //! any shared expert) and dispatches each MoE layer's token activations to the expert nodes
 //! that hold the experts the gate chose, adding their partial sums to the residual.
 //!
-//! Start-up is [`Router::start`] (reach the expert nodes, check they cover every expert, load
-//! the dense weights), then [`Router::serve`] on a bound listener until `shutdown` resolves.
+//! Start-up is [`Router::start`] (reach the expert nodes — from `--expert-nodes`, or by
+//! following the coordinators' placement — check they cover every expert, load the dense
+//! weights), then [`Router::serve`] on a bound listener until `shutdown` resolves.
 //!
 //! # Layout
-//! - [`cluster`]: links to the expert nodes: one dispatch stream each, reconnecting.
+//! - [`cluster`]: links to the expert nodes: one dispatch stream each, reconnecting; following
+//!   the coordinators' placement epochs and reporting load to them.
 //! - [`dispatch`]: [`RemoteExperts`], the expert backend with replica choice and failover.
 //! - [`scheduler`]: the engine thread, batching running and newly admitted sequences per step.
 //! - [`service`]: the gRPC `Router` service (`Generate`, `ClusterStatus`).
