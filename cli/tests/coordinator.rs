@@ -396,3 +396,39 @@ fn a_coordinator_joins_and_another_leaves_while_the_group_serves() {
     });
     assert!(decided, "the group of three did not take the drain: {last:#}");
 }
+
+#[test]
+fn a_node_declared_dead_while_frozen_comes_back_under_a_new_id() {
+    let model = fixture("mixtral");
+    let cluster = UpCluster::start_with(&["--model", &model, "--expert-nodes", "3"], &[]);
+    let status = cluster.status();
+    let frozen = status["nodes"][0]["pid"].as_u64().unwrap() as u32;
+    let address = status["nodes"][0]["address"].as_str().unwrap().to_string();
+    let before = cluster.coordinator_status();
+    let old_id = before["nodes"].as_array().unwrap().iter().find(|n| n["address"] == address.as_str()).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+
+    // Frozen past the node timeout: declared dead, its experts re-placed on the others.
+    signal(frozen, libc::SIGSTOP);
+    let mut last = Value::Null;
+    let replaced = wait_until(Duration::from_secs(10), || {
+        last = cluster.coordinator_status();
+        node_state(&last, old_id) == "dead" && last["pending_epoch"].is_null() && !placed_nodes(&last).contains(&old_id)
+    });
+    signal(frozen, libc::SIGCONT);
+    assert!(replaced, "the frozen node was not replaced: {last:#}");
+
+    // Thawed, it learns it was declared dead, drops its experts, registers again and is given
+    // a share under a new id.
+    let rejoined = wait_until(Duration::from_secs(15), || {
+        last = cluster.coordinator_status();
+        let again =
+            last["nodes"].as_array().unwrap().iter().find(|n| n["address"] == address.as_str() && n["id"] != old_id);
+        again.is_some_and(|n| n["state"] == "serving" && placed_nodes(&last).contains(&n["id"].as_u64().unwrap()))
+    });
+    assert!(rejoined, "the node did not come back: {last:#}");
+    let prompts: Vec<String> = (0..2).map(prompt).collect();
+    check_clients(start_clients(&cluster.addr, &prompts, 30), &model, &prompts, 30);
+    cluster.stop();
+}

@@ -31,6 +31,9 @@ pub const TICK: Duration = Duration::from_millis(50);
 const LEADER_GRACE: Duration = Duration::from_secs(3);
 const ROUTER_REPORT_GRACE: Duration = Duration::from_millis(1500);
 
+/// How long a pending epoch may wait for a node to load its experts.
+const PENDING_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a proposal or a read may wait for its answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -442,6 +445,8 @@ struct Duties {
     load_changed: bool,
     /// A load window closed since the balancer last looked.
     balance_due: bool,
+    /// The pending epoch, and since when this leader has seen it pending.
+    pending_since: Option<(u64, Instant)>,
 }
 
 impl Duties {
@@ -461,6 +466,7 @@ impl Duties {
             node_rate: BTreeMap::new(),
             load_changed: false,
             balance_due: false,
+            pending_since: None,
         }
     }
 
@@ -527,8 +533,21 @@ impl Duties {
                 let reason = format!("node {node} is {} (replacing pending epoch {epoch})", node_state(state, node));
                 return self.replan(state, reason, None, 0);
             }
-            let waiting = pending.assignment.values().flatten().any(|n| self.loaded.get(n).is_none_or(|&l| l < epoch));
-            return (!waiting).then_some(Command::ActivateEpoch { epoch });
+            let since = match self.pending_since {
+                Some((e, at)) if e == epoch => at,
+                _ => self.pending_since.insert((epoch, now)).1,
+            };
+            let waiting = pending.assignment.values().flatten().find(|n| self.loaded.get(n).is_none_or(|&l| l < epoch));
+            return match waiting {
+                None => Some(Command::ActivateEpoch { epoch }),
+                // A node that heartbeats but cannot load its experts would hold the epoch back
+                // for good: it is taken out, and the epoch re-planned without it.
+                Some(&node) if now - since > PENDING_TIMEOUT => Some(Command::DeclareDead {
+                    node,
+                    reason: format!("did not load epoch {epoch} within {} s", PENDING_TIMEOUT.as_secs()),
+                }),
+                Some(_) => None,
+            };
         }
         match newest {
             None => {
