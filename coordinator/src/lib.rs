@@ -17,7 +17,7 @@
 //! - [`service`]: the gRPC `Coordinator` service.
 //! - [`client`]: the client expert nodes, routers and the CLI use (finds the leader).
 //! - [`convert`]: state ⇄ protobuf.
-//! - [`error`]: [`CoordinatorError`].
+//! - [`error`]: the error type, [`CoordinatorError`].
 
 pub mod client;
 pub mod convert;

@@ -214,8 +214,7 @@ impl DiskStorage {
             return Ok(());
         }
         let term = self.term(applied)?;
-        let mut snapshot = Snapshot::default();
-        snapshot.data = data.into();
+        let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
         let meta = snapshot.mut_metadata();
         meta.index = applied;
         meta.term = term;
@@ -410,11 +409,7 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &str) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.as_bytes().to_vec().into();
-        e
+        Entry { index, term, data: data.as_bytes().to_vec().into(), ..Default::default() }
     }
 
     #[test]
@@ -425,10 +420,7 @@ mod tests {
         s.append(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")]).unwrap();
         // A new leader overwrites the tail.
         s.append(&[entry(3, 2, "c2"), entry(4, 2, "d")]).unwrap();
-        let mut hs = HardState::default();
-        hs.term = 2;
-        hs.vote = 1;
-        hs.commit = 3;
+        let hs = HardState { term: 2, vote: 1, commit: 3, ..Default::default() };
         s.set_hard_state(hs.clone()).unwrap();
         drop(s);
 

@@ -11,6 +11,9 @@ use switchyard_coordinator::peer::{self, Peer, ProposalId, SNAPSHOT_EVERY};
 use switchyard_coordinator::state::{ClusterState, Command, ModelShape, Outcome};
 use tempfile::TempDir;
 
+/// A proposal of a member and its outcome once applied.
+type Applied = (ProposalId, Result<Outcome, String>);
+
 /// A tiny xorshift64*, so lossy runs are the same every time.
 struct Rng(u64);
 
@@ -52,7 +55,7 @@ struct Network {
     snapshots_delivered: u64,
     /// What each member's Ready handling produced, for the tests to inspect.
     reads: BTreeMap<u64, Vec<ReadState>>,
-    applied: BTreeMap<u64, Vec<(ProposalId, Result<Outcome, String>)>>,
+    applied: BTreeMap<u64, Vec<Applied>>,
     logger: slog::Logger,
 }
 
