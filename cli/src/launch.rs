@@ -27,8 +27,15 @@ pub struct Proc {
 impl Proc {
     /// Starts `switchyard <args>` as child `name`, its output going where `out` says.
     pub fn spawn(name: &str, args: &[String], out: &Output) -> Result<Self> {
+        Self::spawn_with_env(name, args, &[], out)
+    }
+
+    /// [`Proc::spawn`] with environment variables added (for secrets, which the command line
+    /// would show to every local user).
+    pub fn spawn_with_env(name: &str, args: &[String], env: &[(&str, &str)], out: &Output) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the switchyard binary")?;
         let mut cmd = Command::new(exe);
+        cmd.envs(env.iter().copied());
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.

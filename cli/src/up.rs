@@ -175,11 +175,10 @@ async fn start_coordinators(
             args.balance_interval_ms.to_string(),
             "--imbalance-threshold".into(),
             args.imbalance_threshold.to_string(),
-            "--raft-token".into(),
-            token.clone(),
         ];
         a.extend_from_slice(extra);
-        procs.push(Proc::spawn(&format!("coordinator-{}", i + 1), &a, out)?);
+        let env = [("SWITCHYARD_RAFT_TOKEN", token.as_str())];
+        procs.push(Proc::spawn_with_env(&format!("coordinator-{}", i + 1), &a, &env, out)?);
     }
     for p in &mut procs {
         p.ready(START_TIMEOUT).await?;

@@ -76,6 +76,11 @@ pub struct Config {
     /// Rebalance when the busiest node's predicted load passes the mean by this factor.
     #[arg(long, env = "SWITCHYARD_IMBALANCE_THRESHOLD", default_value_t = 1.25)]
     pub imbalance_threshold: f64,
+    /// An expert node that has not loaded a pending epoch's experts within this many seconds
+    /// is declared dead, and the epoch re-planned without it. Allow for loading the largest
+    /// share from disk.
+    #[arg(long, env = "SWITCHYARD_LOAD_TIMEOUT_SECS", default_value_t = 120)]
+    pub load_timeout_secs: u64,
     /// A secret the members share: raft traffic must carry it, so only members can step the
     /// raft group (set it on every member; `switchyard up` makes one up).
     #[arg(long, env = "SWITCHYARD_RAFT_TOKEN", hide_env_values = true)]
@@ -107,6 +112,7 @@ impl Config {
             min_replicas: self.replicas.max(1),
             balance_interval: Duration::from_millis(self.balance_interval_ms.max(100)),
             imbalance_threshold: self.imbalance_threshold,
+            pending_timeout: Duration::from_secs(self.load_timeout_secs),
             ..Policy::default()
         }
     }

@@ -31,9 +31,6 @@ pub const TICK: Duration = Duration::from_millis(50);
 const LEADER_GRACE: Duration = Duration::from_secs(3);
 const ROUTER_REPORT_GRACE: Duration = Duration::from_millis(1500);
 
-/// How long a pending epoch may wait for a node to load its experts.
-const PENDING_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long a proposal or a read may wait for its answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -57,6 +54,9 @@ pub struct Policy {
     /// A retiring epoch is freed at the latest this long after its successor activated, even if
     /// some router never reported moving on.
     pub retire_after: Duration,
+    /// A node that has not loaded a pending epoch this long after this leader saw it pending
+    /// is declared dead (it heartbeats but cannot load).
+    pub pending_timeout: Duration,
 }
 
 impl Default for Policy {
@@ -70,6 +70,7 @@ impl Default for Policy {
             balance_min_tokens: 500.0,
             max_moves: 16,
             retire_after: Duration::from_secs(10),
+            pending_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -479,6 +480,7 @@ impl Duties {
         let grace = now + LEADER_GRACE;
         self.last_seen = state.nodes.keys().map(|&n| (n, grace)).collect();
         self.loaded.clear();
+        self.pending_since = None;
         self.activated_at = state.active().map(|(e, _)| (e, now));
         self.window_start = now;
         self.window_rows.clear();
@@ -503,9 +505,9 @@ impl Duties {
         if self.in_flight.is_some() {
             return None;
         }
-        // A node silent too long is dead, unless most nodes are silent at once: then it is
-        // more likely this leader that cannot hear them, and declaring them all dead would stop
-        // the cluster.
+        // A node silent too long is dead, unless every node is silent at once: then it is more
+        // likely this leader that cannot hear them, and declaring them all dead would stop the
+        // cluster.
         let live: Vec<NodeId> =
             state.nodes.iter().filter(|(_, r)| r.state != NodeState::Dead).map(|(&n, _)| n).collect();
         let silent: Vec<(NodeId, Duration)> = live
@@ -542,9 +544,9 @@ impl Duties {
                 None => Some(Command::ActivateEpoch { epoch }),
                 // A node that heartbeats but cannot load its experts would hold the epoch back
                 // for good: it is taken out, and the epoch re-planned without it.
-                Some(&node) if now - since > PENDING_TIMEOUT => Some(Command::DeclareDead {
+                Some(&node) if now - since > self.policy.pending_timeout => Some(Command::DeclareDead {
                     node,
-                    reason: format!("did not load epoch {epoch} within {} s", PENDING_TIMEOUT.as_secs()),
+                    reason: format!("did not load epoch {epoch} within {} s", self.policy.pending_timeout.as_secs()),
                 }),
                 Some(_) => None,
             };

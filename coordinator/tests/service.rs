@@ -22,6 +22,7 @@ fn config(dir: &std::path::Path) -> Config {
         node_timeout_ms: 1000,
         balance_interval_ms: 2000,
         imbalance_threshold: 1.25,
+        load_timeout_secs: 120,
         raft_token: Some("members-only".into()),
     }
 }
