@@ -244,6 +244,43 @@ async fn failover(args: &Args, replicas: usize) -> Result<FailoverRow> {
     Ok(FailoverRow { replicas, to_epoch, ok, failed })
 }
 
+struct LeaderRow {
+    to_leader: Duration,
+    ok: u64,
+    failed: u64,
+}
+
+/// SIGKILLs the coordinators' leader under load; times the election of a new one.
+async fn leader_failover(args: &Args) -> Result<LeaderRow> {
+    let up = Up::start(args, &[]).await?;
+    let load = Load::start(&up, args, None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = up.status().await?;
+    let (leader, pid) = (before.leader_id, before.pid);
+    if leader == 0 || before.id != leader {
+        bail!("no leader answered the status (answered by {}, leader {leader})", before.id);
+    }
+    let killed = Instant::now();
+    // SAFETY: kill(2) on a coordinator `up` started for this benchmark.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let to_leader = loop {
+        if let Ok(status) = up.status().await
+            && status.leader_id != 0
+            && status.leader_id != leader
+        {
+            break killed.elapsed();
+        }
+        if killed.elapsed() > Duration::from_secs(30) {
+            bail!("no new leader within 30 s of the kill");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok, failed) = load.finish().await;
+    up.stop().await;
+    Ok(LeaderRow { to_leader, ok, failed })
+}
+
 struct BalanceRow {
     before: f64,
     after: f64,
@@ -293,7 +330,7 @@ async fn balance(args: &Args) -> Result<BalanceRow> {
 pub fn run(args: Args) -> Result<()> {
     let rt = crate::launch::runtime()?;
     let progress = Progress::new("measuring");
-    let steps = args.replicas.len() + 1;
+    let steps = args.replicas.len() + 2;
     let mut rows = Vec::new();
     for (i, &r) in args.replicas.iter().enumerate() {
         progress.update(i, steps);
@@ -306,6 +343,13 @@ pub fn run(args: Args) -> Result<()> {
     for r in &rows {
         println!("| {} | {:.2} s | {} | {} |", r.replicas, r.to_epoch.as_secs_f64(), r.ok, r.failed);
     }
+    let leader = rt.block_on(leader_failover(&args))?;
+    progress.update(args.replicas.len() + 1, steps);
+    println!();
+    println!("Leader failover: the coordinators' leader SIGKILLed under {} clients", args.clients);
+    println!("| kill -> new leader | requests ok | requests failed |");
+    println!("|---:|---:|---:|");
+    println!("| {:.2} s | {} | {} |", leader.to_leader.as_secs_f64(), leader.ok, leader.failed);
     println!();
     let balanced = rt.block_on(balance(&args))?;
     progress.finish();

@@ -69,8 +69,9 @@ struct Report {
 
 #[derive(Serialize)]
 struct CoordinatorView {
-    /// The member that answered (the leader, when one is known).
+    /// The member that answered (the leader, when one is known), and its process id.
     answered_by: u64,
+    pid: u32,
     leader: u64,
     term: u64,
     commit_index: u64,
@@ -226,6 +227,7 @@ fn coordinator_view(s: switchyard_proto::v1::CoordinatorStatus) -> CoordinatorVi
     let active = placement.epochs.iter().find(|e| epoch_state_name(e.state) == "active");
     CoordinatorView {
         answered_by: s.id,
+        pid: s.pid,
         leader: s.leader_id,
         term: s.term,
         commit_index: s.commit_index,

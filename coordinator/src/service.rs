@@ -244,5 +244,6 @@ fn status(view: &View) -> CoordinatorStatus {
         placement: Some(convert::placement(&view.state)),
         load: view.node_load.iter().map(|(&node_id, &rows_per_second)| NodeLoad { node_id, rows_per_second }).collect(),
         imbalance: view.imbalance(),
+        pid: std::process::id(),
     }
 }
