@@ -57,8 +57,9 @@ pub struct Config {
     /// Where the raft log, hard state and snapshots live.
     #[arg(long, env = "SWITCHYARD_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// Start with no configuration and wait to be added to a running group
-    /// (`ChangeMembers`); the leader then sends a snapshot.
+    /// Start with no configuration and wait to be added to a running group (`switchyard
+    /// cluster add-coordinator`); the leader then sends a snapshot. `--peers` must name the
+    /// running members, so this one can answer them.
     #[arg(long, env = "SWITCHYARD_JOIN")]
     pub join: bool,
     /// The first placement waits until this many expert nodes have registered.
