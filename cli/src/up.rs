@@ -291,6 +291,8 @@ fn run_cluster(
                     }
                     greet(model, &addr, args.expert_nodes, args.coordinators);
                     tracing::info!(nodes = args.expert_nodes, coordinators = args.coordinators, "cluster up");
+                    let _announcer = (!coordinators.is_empty())
+                        .then(|| AbortOnDrop(tokio::spawn(announce_epochs(coordinators.clone()))));
                     watch(&mut children).await
                 }
                 Err(e) => Err(e),
@@ -330,6 +332,35 @@ fn greet(model: &Path, ready: &str, nodes: usize, coordinators: usize) {
     eprintln!("  curl -s http://{http}/v1/completions -H 'content-type: application/json' -d '{body}'");
     eprintln!();
     eprintln!("Ctrl-C stops the cluster.");
+}
+
+/// Prints each placement epoch as it becomes active, with why it was made (a node died, a
+/// rebalance...), so the terminal shows the coordinators at work.
+async fn announce_epochs(coordinators: Vec<String>) {
+    use switchyard_coordinator::convert::{active, epoch_state_name};
+    let Ok(client) = switchyard_coordinator::client::Client::new(&coordinators) else { return };
+    let mut placements = client.watch();
+    let mut shown = 0;
+    while placements.changed().await.is_ok() {
+        let Some(p) = placements.borrow_and_update().clone() else { continue };
+        let Some((epoch, assignment)) = active(&p) else { continue };
+        if epoch <= shown {
+            continue;
+        }
+        shown = epoch;
+        let reason = p.epochs.iter().find(|e| epoch_state_name(e.state) == "active").map_or("", |e| e.reason.as_str());
+        let nodes: std::collections::BTreeSet<u64> = assignment.values().flatten().copied().collect();
+        eprintln!("[placement] epoch {epoch} active on {} expert nodes: {reason}", nodes.len());
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Runs until Ctrl-C/SIGTERM (Ok) or until the router exits on its own (an error). An expert
