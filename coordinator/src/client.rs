@@ -175,7 +175,15 @@ impl Client {
                 match c.watch_placement(WatchPlacementRequest {}).await {
                     Ok(stream) => {
                         let mut stream = stream.into_inner();
-                        while let Ok(Some(placement)) = stream.message().await {
+                        loop {
+                            // Stop following as soon as nobody watches.
+                            let placement = tokio::select! {
+                                _ = tx.closed() => return,
+                                next = stream.message() => match next {
+                                    Ok(Some(placement)) => placement,
+                                    _ => break,
+                                },
+                            };
                             // Never back to an older view (a lagging member's): compare the newest
                             // and the active epoch.
                             let version = |p: &Placement| (newest_epoch(p), active(p).map_or(0, |(e, _)| e));

@@ -159,9 +159,11 @@ impl Coordinator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), CoordinatorError> {
-        let service = CoordinatorServer::new(CoordinatorService::new(self.handle.clone(), self.raft_token.clone()))
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+        let (stop_watches, stopping) = tokio::sync::watch::channel(false);
+        let service =
+            CoordinatorServer::new(CoordinatorService::new(self.handle.clone(), self.raft_token.clone(), stopping))
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20);
         let node::Thread { join, failed } = self.raft_thread;
         let (stop, stopped) = tokio::sync::oneshot::channel::<CoordinatorError>();
         let until = async move {
@@ -169,6 +171,9 @@ impl Coordinator {
                 _ = shutdown => {}
                 e = failed => drop(stop.send(e.unwrap_or(CoordinatorError::ShuttingDown))),
             }
+            // Placement watchers' streams never end on their own: end them, so the graceful
+            // shutdown does not wait for every router and node to hang up.
+            let _ = stop_watches.send(true);
         };
         let served = tonic::transport::Server::builder()
             .add_service(service)

@@ -33,13 +33,15 @@ pub const RAFT_TOKEN: &str = "switchyard-raft-token";
 pub struct CoordinatorService {
     handle: Handle,
     raft_token: Option<String>,
+    /// Turns true when the coordinator shuts down: watch streams end so the server can stop.
+    stopping: tokio::sync::watch::Receiver<bool>,
     /// A channel to the leader, by address.
     leader: Mutex<Option<(String, Channel)>>,
 }
 
 impl CoordinatorService {
-    pub fn new(handle: Handle, raft_token: Option<String>) -> Self {
-        CoordinatorService { handle, raft_token, leader: Mutex::new(None) }
+    pub fn new(handle: Handle, raft_token: Option<String>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        CoordinatorService { handle, raft_token, stopping, leader: Mutex::new(None) }
     }
 
     fn view(&self) -> Arc<View> {
@@ -155,6 +157,7 @@ impl Coordinator for CoordinatorService {
         _request: Request<WatchPlacementRequest>,
     ) -> Result<Response<PlacementStream>, Status> {
         let mut views = self.handle.view.clone();
+        let mut stopping = self.stopping.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut last: Option<Placement> = None;
@@ -166,8 +169,10 @@ impl Coordinator for CoordinatorService {
                     }
                     last = Some(placement);
                 }
-                if views.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = views.changed() => if changed.is_err() { return },
+                    _ = stopping.wait_for(|&s| s) => return,
+                    _ = tx.closed() => return,
                 }
             }
         });
