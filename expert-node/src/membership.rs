@@ -146,3 +146,45 @@ async fn heartbeat(client: Client, id: u64, loaded: Arc<AtomicU64>, store: Arc<E
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_proto::v1::{Epoch, ExpertReplicas};
+
+    fn epoch(number: u64, state: EpochState, experts: &[(u32, u32)]) -> Epoch {
+        Epoch {
+            number,
+            state: state as i32,
+            experts: experts.iter().map(|&(layer, expert)| ExpertReplicas { layer, expert, nodes: vec![7] }).collect(),
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn live_epochs_over_the_budget_free_the_retiring_replicas_first_then_the_active_ones() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral");
+        let one = ExpertStore::open(&dir, None).unwrap().expert_bytes();
+        let store = ExpertStore::open(&dir, Some(2 * one)).unwrap();
+        let set = |xs: &[(u32, u32)]| xs.iter().copied().collect::<BTreeSet<_>>();
+
+        // Retiring {0,1} and active {2,3}: four experts for a budget of two.
+        let mut p = Placement {
+            epochs: vec![
+                epoch(1, EpochState::Retiring, &[(0, 0), (0, 1)]),
+                epoch(2, EpochState::Active, &[(0, 2), (0, 3)]),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(target(&p, 7, &store), set(&[(0, 2), (0, 3)]));
+        // Active {2,3} and pending {4,5}: the pending epoch is what the coordinators wait for.
+        p.epochs =
+            vec![epoch(2, EpochState::Active, &[(0, 2), (0, 3)]), epoch(3, EpochState::Pending, &[(0, 4), (0, 5)])];
+        assert_eq!(target(&p, 7, &store), set(&[(0, 4), (0, 5)]));
+        // Within the budget, the union of every live epoch.
+        p.epochs = vec![epoch(2, EpochState::Active, &[(0, 2)]), epoch(3, EpochState::Pending, &[(0, 3)])];
+        assert_eq!(target(&p, 7, &store), set(&[(0, 2), (0, 3)]));
+        // Another node's experts are not ours.
+        assert!(target(&p, 8, &store).is_empty());
+    }
+}
