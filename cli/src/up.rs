@@ -291,8 +291,11 @@ fn run_cluster(
                     }
                     greet(model, &addr, args.expert_nodes, args.coordinators);
                     tracing::info!(nodes = args.expert_nodes, coordinators = args.coordinators, "cluster up");
-                    let _announcer = (!coordinators.is_empty())
-                        .then(|| AbortOnDrop(tokio::spawn(announce_epochs(coordinators.clone()))));
+                    // Dropped (so aborted) when the cluster stops.
+                    let mut announcer = tokio::task::JoinSet::new();
+                    if !coordinators.is_empty() {
+                        announcer.spawn(announce_epochs(coordinators.clone()));
+                    }
                     watch(&mut children).await
                 }
                 Err(e) => Err(e),
@@ -351,15 +354,6 @@ async fn announce_epochs(coordinators: Vec<String>) {
         let reason = p.epochs.iter().find(|e| epoch_state_name(e.state) == "active").map_or("", |e| e.reason.as_str());
         let nodes: std::collections::BTreeSet<u64> = assignment.values().flatten().copied().collect();
         eprintln!("[placement] epoch {epoch} active on {} expert nodes: {reason}", nodes.len());
-    }
-}
-
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

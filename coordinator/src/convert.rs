@@ -94,10 +94,11 @@ pub fn newest_epoch(p: &v1::Placement) -> u64 {
     p.epochs.iter().map(|e| e.number).max().unwrap_or(0)
 }
 
-/// Every expert any listed epoch gives `node`: what it must hold.
-pub fn held_by(p: &v1::Placement, node: NodeId) -> BTreeSet<ExpertKey> {
+/// Every expert the epochs that `epochs` accepts give `node` (all of them: what it must hold).
+pub fn held_by(p: &v1::Placement, node: NodeId, epochs: impl Fn(&v1::Epoch) -> bool) -> BTreeSet<ExpertKey> {
     p.epochs
         .iter()
+        .filter(|e| epochs(e))
         .flat_map(|e| e.experts.iter())
         .filter(|x| x.nodes.contains(&node))
         .map(|x| (x.layer, x.expert))

@@ -138,15 +138,13 @@ impl View {
 
     /// max / mean of the measured load over nodes that serve.
     pub fn imbalance(&self) -> f64 {
-        let loads: Vec<f64> = self
-            .state
-            .nodes
-            .iter()
-            .filter(|(_, r)| r.state == NodeState::Serving)
-            .map(|(id, _)| self.node_load.get(id).copied().unwrap_or(0.0))
-            .collect();
-        let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
-        if mean <= 0.0 { 1.0 } else { loads.iter().cloned().fold(0.0, f64::max) / mean }
+        planner::max_over_mean(
+            self.state
+                .nodes
+                .iter()
+                .filter(|(_, r)| r.state == NodeState::Serving)
+                .map(|(id, _)| self.node_load.get(id).copied().unwrap_or(0.0)),
+        )
     }
 }
 
@@ -620,9 +618,7 @@ impl Duties {
             return None;
         }
         let added = planner::added_replicas(&active.assignment, &assignment);
-        let rates: Vec<f64> = nodes.iter().map(|n| self.node_rate.get(n).copied().unwrap_or(0.0)).collect();
-        let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
-        let measured = if mean > 0.0 { rates.iter().cloned().fold(0.0, f64::max) / mean } else { 1.0 };
+        let measured = planner::max_over_mean(nodes.iter().map(|n| self.node_rate.get(n).copied().unwrap_or(0.0)));
         let reason = format!(
             "rebalance: measured imbalance {measured:.2}; predicted {before:.2} -> {after:.2}, {added} replicas added"
         );

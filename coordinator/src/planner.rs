@@ -122,13 +122,18 @@ pub fn node_loads(assignment: &Assignment, load: &BTreeMap<ExpertKey, f64>, node
 
 /// max / mean of [`node_loads`] (1.0 when even; 1.0 when the total is 0 or there are no nodes).
 pub fn imbalance(assignment: &Assignment, load: &BTreeMap<ExpertKey, f64>, nodes: &[NodeId]) -> f64 {
-    let loads = node_loads(assignment, load, nodes);
-    let total: f64 = loads.values().sum();
-    if loads.is_empty() || total <= 0.0 {
-        return 1.0;
+    max_over_mean(node_loads(assignment, load, nodes).into_values())
+}
+
+/// max / mean of `loads` (1.0 when there are none or they sum to 0).
+pub fn max_over_mean(loads: impl IntoIterator<Item = f64>) -> f64 {
+    let (mut n, mut total, mut max) = (0usize, 0.0f64, 0.0f64);
+    for x in loads {
+        n += 1;
+        total += x;
+        max = max.max(x);
     }
-    let max = loads.values().copied().fold(0.0, f64::max);
-    max / (total / loads.len() as f64)
+    if n == 0 || total <= 0.0 { 1.0 } else { max / (total / n as f64) }
 }
 
 /// How many (expert, node) replicas `new` has that `old` did not (experts to load somewhere).

@@ -106,18 +106,17 @@ impl ExpertNode {
     /// NOT_SERVING first, then open streams drain.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
         let delay = Duration::from_millis(self.config.fault_dispatch_delay_ms);
-        let _membership = if self.config.coordinators.is_empty() {
-            None
-        } else {
+        // A JoinSet aborts its tasks when dropped: membership ends with the server.
+        let mut membership = tokio::task::JoinSet::new();
+        if !self.config.coordinators.is_empty() {
             let client = switchyard_coordinator::client::Client::new(&self.config.coordinators)
                 .map_err(std::io::Error::other)?;
             let address = match &self.config.advertise {
                 Some(a) => a.clone(),
                 None => listener.local_addr()?.to_string(),
             };
-            let task = membership::run(client, self.store.clone(), address, self.config.memory_budget);
-            Some(AbortOnDrop(tokio::spawn(task)))
-        };
+            membership.spawn(membership::run(client, self.store.clone(), address, self.config.memory_budget));
+        }
         let compute = Compute::start(self.store.clone(), self.config.threads, delay)?;
         let serving = Arc::new(AtomicBool::new(true));
         let (stop, stopping) = tokio::sync::watch::channel(false);
@@ -158,13 +157,4 @@ pub async fn run(
         .await
         .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
     Ok(node.serve(listener, shutdown).await?)
-}
-
-/// Aborts the task when dropped (the membership task ends with the server).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

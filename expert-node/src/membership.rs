@@ -92,37 +92,17 @@ pub async fn run(client: Client, store: Arc<ExpertStore>, address: String, budge
 /// the memory budget (each epoch does, on its own), the retiring epoch's replicas go first, then
 /// the active one's: the newest epoch is what the coordinators wait for.
 fn target(placement: &Placement, id: u64, store: &ExpertStore) -> BTreeSet<(u32, u32)> {
-    let fits = |set: &BTreeSet<(u32, u32)>| store.fits(set.len());
-    let all = held_by(placement, id);
-    if fits(&all) {
+    let all = held_by(placement, id, |_| true);
+    if store.fits(all.len()) {
         return all;
     }
-    let from = |states: &[EpochState]| -> BTreeSet<(u32, u32)> {
-        placement
-            .epochs
-            .iter()
-            .filter(|e| states.contains(&e.state()))
-            .flat_map(|e| e.experts.iter())
-            .filter(|x| x.nodes.contains(&id))
-            .map(|x| (x.layer, x.expert))
-            .collect()
-    };
-    let current = from(&[EpochState::Active, EpochState::Pending]);
     tracing::warn!(node = id, "the live epochs' experts exceed the memory budget; freeing the retiring epoch's first");
-    if fits(&current) { current } else { newest(placement, id) }
-}
-
-/// The experts the newest epoch gives node `id`.
-fn newest(placement: &Placement, id: u64) -> BTreeSet<(u32, u32)> {
-    let n = newest_epoch(placement);
-    placement
-        .epochs
-        .iter()
-        .filter(|e| e.number == n)
-        .flat_map(|e| e.experts.iter())
-        .filter(|x| x.nodes.contains(&id))
-        .map(|x| (x.layer, x.expert))
-        .collect()
+    let current = held_by(placement, id, |e| e.state() != EpochState::Retiring);
+    if store.fits(current.len()) {
+        return current;
+    }
+    let newest = newest_epoch(placement);
+    held_by(placement, id, |e| e.number == newest)
 }
 
 /// Sends heartbeats until the coordinator no longer knows node `id`.

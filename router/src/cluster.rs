@@ -59,6 +59,8 @@ pub struct Node {
     generations: AtomicU64,
     dispatches: AtomicU64,
     round_trip_micros: AtomicU64,
+    /// Rows answered since the last load report to the coordinators.
+    unreported_rows: AtomicU64,
 }
 
 /// A snapshot of one node for `ClusterStatus`.
@@ -83,6 +85,7 @@ impl Node {
             generations: AtomicU64::new(0),
             dispatches: AtomicU64::new(0),
             round_trip_micros: AtomicU64::new(0),
+            unreported_rows: AtomicU64::new(0),
         }
     }
 
@@ -118,6 +121,7 @@ impl Node {
     ) -> Result<DispatchResponse, Status> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         req.id = id;
+        let rows = req.activations.as_ref().and_then(|t| t.shape.first()).copied().unwrap_or(0);
         let (tx, rx) = oneshot::channel();
         let requests = {
             let link = self.link.lock().expect("link lock");
@@ -148,6 +152,7 @@ impl Node {
         };
         if answer.is_ok() {
             self.dispatches.fetch_add(1, Ordering::Relaxed);
+            self.unreported_rows.fetch_add(rows, Ordering::Relaxed);
             self.round_trip_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
         answer
@@ -199,11 +204,11 @@ fn fail_pending(pending: &Pending, address: &str, why: &str) {
     }
 }
 
-/// Tokens routed per expert and rows sent per node since the last load report.
+/// Tokens routed per expert since the last load report (rows per node are counted on each
+/// [`Node`]).
 #[derive(Default)]
 pub struct LoadCounters {
     experts: Mutex<BTreeMap<(u32, u32), u64>>,
-    rows: Mutex<BTreeMap<String, u64>>,
 }
 
 impl LoadCounters {
@@ -214,15 +219,8 @@ impl LoadCounters {
         }
     }
 
-    pub fn node_rows(&self, address: &str, rows: u64) {
-        *self.rows.lock().expect("load lock").entry(address.to_string()).or_default() += rows;
-    }
-
-    fn take(&self) -> (BTreeMap<(u32, u32), u64>, BTreeMap<String, u64>) {
-        (
-            std::mem::take(&mut *self.experts.lock().expect("load lock")),
-            std::mem::take(&mut *self.rows.lock().expect("load lock")),
-        )
+    fn take(&self) -> BTreeMap<(u32, u32), u64> {
+        std::mem::take(&mut *self.experts.lock().expect("load lock"))
     }
 }
 
@@ -354,18 +352,21 @@ impl Cluster {
             return;
         }
         let addresses = addresses(placement);
-        let mut holds: BTreeMap<u64, Vec<ExpertId>> = BTreeMap::new();
+        // By address: a node that registered again (a new id, same address) is one link.
+        let mut holds: BTreeMap<&str, (u64, Vec<ExpertId>)> = BTreeMap::new();
         for (&(layer, expert), nodes) in &assignment {
             for n in nodes {
-                holds.entry(*n).or_default().push(ExpertId { layer, expert });
+                let Some(address) = addresses.get(n) else { continue };
+                let (id, experts) = holds.entry(address.as_str()).or_default();
+                *id = (*id).max(*n);
+                experts.push(ExpertId { layer, expert });
             }
         }
         let current = self.nodes();
         let mut next = Vec::new();
         let mut added = Vec::new();
-        for id in holds.keys() {
-            let Some(address) = addresses.get(id) else { continue };
-            let node = match current.iter().find(|n| n.address == *address) {
+        for (&address, (id, _)) in &holds {
+            let node = match current.iter().find(|n| n.address == address) {
                 Some(n) => n.clone(),
                 None => {
                     let node = Arc::new(Node::new(address));
@@ -381,8 +382,8 @@ impl Cluster {
         while added.iter().any(|n| !n.is_up()) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        for node in &next {
-            node.link.lock().expect("link lock").holds = holds[&node.id.load(Ordering::Relaxed)].clone();
+        for (node, (_, experts)) in next.iter().zip(holds.into_values()) {
+            node.link.lock().expect("link lock").holds = experts;
         }
         for gone in current.iter().filter(|n| !next.iter().any(|m| Arc::ptr_eq(n, m))) {
             gone.retired.store(true, Ordering::Relaxed);
@@ -391,9 +392,10 @@ impl Cluster {
                 stream.broken.notify_one();
             }
         }
+        let nodes = next.len();
         *self.nodes.write().expect("nodes lock") = Arc::new(next);
         self.epoch.send_replace(epoch);
-        tracing::info!(epoch, nodes = holds.len(), "placement epoch switched");
+        tracing::info!(epoch, nodes, "placement epoch switched");
     }
 
     fn check_coverage(&self, spec: &ModelSpec) -> Result<(), RouterError> {
@@ -478,15 +480,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn check_model(status: &NodeStatus, spec: &ModelSpec) -> Result<(), String> {
-    let ours = (spec.arch.model_type(), spec.num_layers as u32, spec.num_experts as u32, spec.hidden_size as u32);
     let theirs = (status.model_type.as_str(), status.num_layers, status.num_experts, status.hidden_size);
-    if ours != theirs {
-        return Err(format!(
-            "serves a different model ({} with {} layers, {} experts, hidden {}; the router has {} with {} layers, {} experts, hidden {})",
+    model_mismatch(theirs, spec).map_or(Ok(()), |m| Err(format!("serves a different model ({m})")))
+}
+
+/// How a model described as `(model_type, layers, experts, hidden)` differs from the router's,
+/// if it does.
+fn model_mismatch(theirs: (&str, u32, u32, u32), spec: &ModelSpec) -> Option<String> {
+    let ours = (spec.arch.model_type(), spec.num_layers as u32, spec.num_experts as u32, spec.hidden_size as u32);
+    (ours != theirs).then(|| {
+        format!(
+            "{} with {} layers, {} experts, hidden {}; the router has {} with {} layers, {} experts, hidden {}",
             theirs.0, theirs.1, theirs.2, theirs.3, ours.0, ours.1, ours.2, ours.3
-        ));
-    }
-    Ok(())
+        )
+    })
 }
 
 /// Keeps `node` connected: connects, reports the first status on `first`, then waits for the
@@ -537,15 +544,11 @@ async fn supervise(node: Arc<Node>, spec: ModelSpec, mut first: Option<mpsc::Sen
 /// The coordinators' model must be the router's.
 fn check_shape(placement: &switchyard_proto::v1::Placement, spec: &ModelSpec) -> Result<(), RouterError> {
     let Some(model) = &placement.model else { return Ok(()) };
-    let ours = (spec.arch.model_type(), spec.num_layers as u32, spec.num_experts as u32, spec.hidden_size as u32);
     let theirs = (model.model_type.as_str(), model.num_layers, model.num_experts, model.hidden_size);
-    if ours != theirs {
-        return Err(RouterError::Config(format!(
-            "the coordinators place a different model ({} with {} layers, {} experts, hidden {}) than the router's {} with {} layers, {} experts, hidden {}",
-            theirs.0, theirs.1, theirs.2, theirs.3, ours.0, ours.1, ours.2, ours.3
-        )));
+    match model_mismatch(theirs, spec) {
+        Some(m) => Err(RouterError::Config(format!("the coordinators place a different model ({m})"))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Reports routed tokens per expert and rows per node to the coordinators, with the epoch the
@@ -557,7 +560,7 @@ async fn report_load(cluster: Weak<Cluster>, client: switchyard_coordinator::cli
     loop {
         tick.tick().await;
         let Some(cluster) = cluster.upgrade() else { return };
-        let (experts, rows) = cluster.load.take();
+        let experts = cluster.load.take();
         let nodes = cluster.nodes();
         let report = LoadReport {
             router: router.clone(),
@@ -566,11 +569,10 @@ async fn report_load(cluster: Weak<Cluster>, client: switchyard_coordinator::cli
                 .into_iter()
                 .map(|((layer, expert), tokens)| ExpertLoad { layer, expert, tokens })
                 .collect(),
-            node_rows: rows
-                .into_iter()
-                .filter_map(|(address, rows)| {
-                    nodes.iter().find(|n| n.address == address).map(|n| (n.id.load(Ordering::Relaxed), rows))
-                })
+            node_rows: nodes
+                .iter()
+                .map(|n| (n.id.load(Ordering::Relaxed), n.unreported_rows.swap(0, Ordering::Relaxed)))
+                .filter(|&(_, rows)| rows > 0)
                 .collect(),
         };
         drop(cluster);

@@ -222,9 +222,6 @@ impl RemoteExperts {
                             slowest_compute = slowest_compute.max(resp.compute_micros);
                             match tensor::to_f32(Some(&t), "partial sums", hidden) {
                                 Ok((values, r)) if r == share.tokens.len() => {
-                                    if self.cluster.coordinated {
-                                        self.cluster.load.node_rows(&node.address, r as u64);
-                                    }
                                     partials.push((n, share, values));
                                     continue;
                                 }
