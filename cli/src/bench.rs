@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use switchyard_kernels::cpu::{self, Precision};
 use switchyard_model::moe::Experts;
 use switchyard_model::random::{RandomShape, write_random_checkpoint};
@@ -42,6 +42,19 @@ pub struct Args {
     /// loopback, comma-separated counts), against the single process.
     #[arg(long, value_delimiter = ',')]
     expert_nodes: Vec<usize>,
+    /// Where the model runs: `cpu`, or `cuda:N` (a build with `--features cuda`): the table
+    /// is then against the GPU's HBM roofline.
+    #[arg(long, default_value = "cpu")]
+    device: switchyard_kernels::Device,
+    /// The random checkpoint written when no --model is given: `small` (Mixtral layout,
+    /// hidden 1024, 8 layers) or `gpt-oss-20b` (its shapes in the Mixtral layout, 42 GB).
+    #[arg(long, default_value = "small")]
+    shape: String,
+    /// With `--device cuda:N`: a Python with torch and transformers; runs
+    /// tools/bench_transformers.py on the same checkpoint and GPU after switchyard, and adds
+    /// its figures to the table.
+    #[arg(long)]
+    transformers: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -68,19 +81,39 @@ pub fn run(args: Args) -> Result<()> {
         Some(BenchCommand::Cluster(cluster)) => return crate::bench_cluster::run(cluster),
         None => {}
     }
+    let device = args.device.ensure_available()?;
     let dir = match &args.model {
         Some(dir) => dir.clone(),
         None => {
-            let dir = args.cache_dir.clone();
+            let (shape, dir) = match args.shape.as_str() {
+                "small" => (RandomShape::bench(), args.cache_dir.clone()),
+                "gpt-oss-20b" => (RandomShape::gpt_oss_20b(), args.cache_dir.join("gpt-oss-20b")),
+                other => bail!("unknown --shape `{other}`: expected `small` or `gpt-oss-20b`"),
+            };
             if !dir.join("model.safetensors").exists() {
                 let p = Progress::new("writing");
                 tracing::info!("writing random benchmark checkpoint to {}", dir.display());
-                write_random_checkpoint(&dir, &RandomShape::bench(), 0, &mut |d, t| p.update(d, t))?;
+                write_random_checkpoint(&dir, &shape, 0, &mut |d, t| p.update(d, t))?;
                 p.finish();
             }
             dir
         }
     };
+    if device != switchyard_kernels::Device::Cpu {
+        #[cfg(feature = "cuda")]
+        return crate::bench_gpu::run(&crate::bench_gpu::Plan {
+            dir: &dir,
+            device,
+            prefill_tokens: args.prefill_tokens,
+            batches: &args.batch,
+            context: args.context,
+            steps: args.steps,
+            transformers: args.transformers.as_deref(),
+        });
+    }
+    if args.transformers.is_some() {
+        bail!("--transformers compares on a GPU: pass --device cuda:N");
+    }
     let p = Progress::new("loading");
     let mut model = Model::load_with(&dir, &|_, _| true, &mut |d, t| p.update(d, t))
         .with_context(|| format!("cannot load {}", dir.display()))?;

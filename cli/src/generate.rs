@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use switchyard_kernels::cpu::Precision;
 use switchyard_model::engine::TopLogprob;
+use switchyard_model::kv_cache::{KvPool, blocks_for};
 use switchyard_model::{Engine, FinishReason, GenerateRequest, SamplingParams};
 use switchyard_proto::v1;
 
@@ -57,7 +58,8 @@ pub struct Args {
     /// BF16 dot-product unit: faster prefill, log-probabilities within ~1e-2 instead of ~1e-5.
     #[arg(long)]
     bf16_prefill: bool,
-    /// Compute device (`cpu`; `cuda:N` needs a CUDA build).
+    /// Compute device: `cpu`, or `cuda:N` (a build with `--features cuda`): the whole model,
+    /// its experts and the KV cache in that GPU's memory.
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -98,7 +100,7 @@ fn sampling(args: &Args) -> SamplingParams {
 }
 
 fn local(args: &Args) -> Result<Output> {
-    args.device.parse::<switchyard_kernels::Device>()?.ensure_available()?;
+    let device = args.device.parse::<switchyard_kernels::Device>()?.ensure_available()?;
     let model = args.model.as_ref().expect("clap requires --model without --router");
     if !model.is_dir() {
         bail!("model directory {} does not exist", model.display());
@@ -123,6 +125,15 @@ fn local(args: &Args) -> Result<Output> {
         top_logprobs: args.logprobs,
         ignore_eos: args.ignore_eos,
     };
+    engine.validate(&req)?;
+    if device != switchyard_kernels::Device::Cpu {
+        // A KV arena just large enough for this request.
+        let spec = &engine.model.spec;
+        let kv_bytes = blocks_for(Engine::kv_tokens(&req)) * KvPool::block_floats(spec) * 4;
+        let progress = Progress::new(&format!("copying to {device}"));
+        engine.to_device(device, kv_bytes, &mut |d, t| progress.update(d, t))?;
+        progress.finish();
+    }
     let generation = engine.generate(&req)?;
 
     let tokenizer = engine.tokenizer.as_ref();

@@ -16,6 +16,8 @@
 
 mod bench;
 mod bench_cluster;
+#[cfg(feature = "cuda")]
+mod bench_gpu;
 mod bench_serve;
 mod cluster;
 mod generate;

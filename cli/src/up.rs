@@ -76,6 +76,10 @@ pub struct Args {
     /// Passed to the router: requests waiting for a slot at most.
     #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 1024)]
     max_queue: usize,
+    /// Passed to the router and every expert node: `cuda:N` keeps the dense layers, the KV
+    /// cache and the experts in that GPU's memory (a build with `--features cuda`).
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
+    device: switchyard_kernels::Device,
 }
 
 /// How long a child may take to load and serve.
@@ -190,6 +194,7 @@ pub fn run(args: Args, otlp_endpoint: Option<String>) -> Result<()> {
     if args.expert_nodes == 0 {
         bail!("--expert-nodes must be at least 1");
     }
+    args.device.ensure_available()?;
     let replicas = args.replicas.unwrap_or(if args.coordinators > 0 { 2 } else { 1 });
     if replicas == 0 || (args.coordinators == 0 && replicas > args.expert_nodes) {
         bail!("--replicas must be between 1 and --expert-nodes ({}), got {replicas}", args.expert_nodes);
@@ -233,6 +238,7 @@ fn run_cluster(
         if let Some(b) = &args.memory_budget {
             extra.extend(["--memory-budget".to_string(), b.clone()]);
         }
+        extra.extend(["--device".to_string(), args.device.to_string()]);
         let otlp: Vec<String> = otlp_endpoint.iter().flat_map(|e| ["--otlp-endpoint".to_string(), e.clone()]).collect();
         extra.extend(otlp.iter().cloned());
         let mut children = Vec::new();
@@ -268,6 +274,8 @@ fn run_cluster(
                 args.max_queue.to_string(),
                 "--kv-cache-memory".into(),
                 args.kv_cache_memory.clone(),
+                "--device".into(),
+                args.device.to_string(),
             ];
             let mut router_args = router_args;
             router_args.extend(placement);

@@ -29,6 +29,8 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
     #[error("the expert node is shutting down")]
     ShuttingDown,
+    #[error("--device: {0}")]
+    Device(String),
 }
 
 impl From<NodeError> for tonic::Status {
@@ -45,6 +47,7 @@ impl From<NodeError> for tonic::Status {
             | NodeError::Placement(_)
             | NodeError::OverBudget { .. }
             | NodeError::EmptyPlacement
+            | NodeError::Device(_)
             | NodeError::Io(_) => tonic::Status::internal(message),
         }
     }

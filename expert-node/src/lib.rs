@@ -62,6 +62,10 @@ pub struct Config {
     /// Compute threads (default: one per core).
     #[arg(long, env = "SWITCHYARD_THREADS")]
     pub threads: Option<usize>,
+    /// Where the experts live and run: `cpu` (RAM), or `cuda:N` (that GPU's memory; a build
+    /// with `--features cuda`).
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
+    pub device: switchyard_kernels::Device,
     /// Fault injection for tests: sleep this long before every dispatch.
     #[arg(long, env = "SWITCHYARD_FAULT_DISPATCH_DELAY_MS", default_value_t = 0, hide = true)]
     pub fault_dispatch_delay_ms: u64,
@@ -78,7 +82,7 @@ impl ExpertNode {
     pub fn load(config: Config, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, NodeError> {
         let store = match &config.experts {
             Some(set) => {
-                let store = ExpertStore::load(&config.model, set, config.memory_budget, progress)?;
+                let store = ExpertStore::load(&config.model, set, config.memory_budget, config.device, progress)?;
                 tracing::info!(
                     experts = store.held().len(),
                     bytes = store.bytes(),
@@ -89,7 +93,7 @@ impl ExpertNode {
                 store
             }
             None => {
-                let store = ExpertStore::open(&config.model, config.memory_budget)?;
+                let store = ExpertStore::open(&config.model, config.memory_budget)?.on_device(config.device)?;
                 progress(1, 1);
                 tracing::info!("expert node opened {}; the coordinators place its experts", config.model.display());
                 store

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use rayon::prelude::*;
+use switchyard_kernels::Device;
 use switchyard_model::layers::Exec;
 use switchyard_model::loader::load_experts;
 use switchyard_model::moe::Expert;
@@ -26,12 +27,18 @@ pub struct ExpertStore {
     expert_bytes: usize,
     /// Swapped whole when the placement changes; dispatches read it.
     held: RwLock<Held>,
+    /// The GPU holding the experts (`--device cuda:N`); `None`: RAM.
+    #[cfg(feature = "cuda")]
+    gpu: Option<std::sync::Arc<switchyard_kernels::cuda::Gpu>>,
 }
 
 struct Held {
     layers: Vec<Vec<Option<Expert>>>,
     ids: Vec<ExpertId>,
     bytes: usize,
+    /// The same experts in device memory, where the store has a GPU.
+    #[cfg(feature = "cuda")]
+    device: Option<switchyard_model::gpu::GpuExperts>,
 }
 
 impl Held {
@@ -48,7 +55,13 @@ impl Held {
             })
             .collect();
         let bytes = layers.iter().flatten().flatten().map(Expert::size_in_bytes).sum();
-        Held { layers, ids, bytes }
+        Held {
+            layers,
+            ids,
+            bytes,
+            #[cfg(feature = "cuda")]
+            device: None,
+        }
     }
 }
 
@@ -60,9 +73,10 @@ impl ExpertStore {
         dir: &Path,
         set: &ExpertSet,
         budget: Option<usize>,
+        device: Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self, NodeError> {
-        let store = ExpertStore::open(dir, budget)?;
+        let store = ExpertStore::open(dir, budget)?.on_device(device)?;
         set.validate(store.spec.num_layers, store.spec.num_experts).map_err(NodeError::Placement)?;
         let weights = load_experts(dir, &|l, e| set.contains(l, e), progress)?;
         let held = Held::new(weights.layers);
@@ -70,9 +84,36 @@ impl ExpertStore {
             return Err(NodeError::EmptyPlacement);
         }
         store.check_budget(held.bytes, held.ids.len())?;
-        page_in(&held, &store.spec, &store.exec);
+        let held = store.resident(held)?;
         *store.held.write().expect("held lock") = held;
         Ok(store)
+    }
+
+    /// Keeps the experts on `device` from now on (`cpu`: in RAM, the default).
+    pub fn on_device(self, device: Device) -> Result<Self, NodeError> {
+        match device.ensure_available().map_err(|e| NodeError::Device(e.to_string()))? {
+            Device::Cpu => Ok(self),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let gpu = switchyard_kernels::cuda::Gpu::open(n).map_err(|e| NodeError::Device(e.to_string()))?;
+                Ok(ExpertStore { gpu: Some(gpu), ..self })
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => unreachable!("ensure_available refuses CUDA in a build without it"),
+        }
+    }
+
+    /// Makes freshly loaded experts ready to serve: copied to the GPU where the store has
+    /// one, otherwise read once so the first dispatch does not page them in.
+    fn resident(&self, held: Held) -> Result<Held, NodeError> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            let layers: Vec<&[Option<Expert>]> = held.layers.iter().map(Vec::as_slice).collect();
+            let device = switchyard_model::gpu::GpuExperts::upload(gpu, &layers, self.exec.precision)?;
+            return Ok(Held { device: Some(device), ..held });
+        }
+        page_in(&held, &self.spec, &self.exec);
+        Ok(held)
     }
 
     /// A store holding no expert yet; the coordinator's placement fills it ([`Self::place`]).
@@ -91,6 +132,8 @@ impl ExpertStore {
             budget,
             expert_bytes,
             held: RwLock::new(Held::new(empty)),
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
@@ -129,11 +172,17 @@ impl ExpertStore {
         } else {
             let weights = load_experts(&self.dir, &|l, e| missing.contains(&(l as u32, e as u32)), &mut |_, _| {})?;
             let loaded = Held::new(weights.layers);
-            page_in(&loaded, &self.spec, &self.exec);
+            #[cfg(feature = "cuda")]
+            let on_gpu = self.gpu.is_some();
+            #[cfg(not(feature = "cuda"))]
+            let on_gpu = false;
+            if !on_gpu {
+                page_in(&loaded, &self.spec, &self.exec);
+            }
             Some(loaded)
         };
-        let mut held = self.held.write().expect("held lock");
-        let mut layers = std::mem::take(&mut held.layers);
+        // The new set is assembled beside the old one (which keeps serving), then swapped in.
+        let mut layers: Vec<Vec<Option<Expert>>> = self.held.read().expect("held lock").layers.clone();
         for (l, experts) in layers.iter_mut().enumerate() {
             let mut fresh = loaded.as_mut().map(|h| std::mem::take(&mut h.layers[l]));
             if experts.is_empty() {
@@ -147,7 +196,12 @@ impl ExpertStore {
                 }
             }
         }
-        *held = Held::new(layers);
+        #[cfg(feature = "cuda")]
+        let next = if self.gpu.is_some() { self.resident(Held::new(layers))? } else { Held::new(layers) };
+        #[cfg(not(feature = "cuda"))]
+        let next = Held::new(layers);
+        let mut held = self.held.write().expect("held lock");
+        *held = next;
         tracing::info!(experts = held.ids.len(), bytes = held.bytes, "placement applied");
         Ok(())
     }
@@ -219,6 +273,12 @@ impl ExpertStore {
                 return Err(NodeError::NotHeld { id, layer, expert, epoch: req.epoch });
             }
             assignments.push(Assignment { token, expert, weight });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(device) = &held.device {
+            use switchyard_model::moe::Experts;
+            let out = device.run(layer as usize, &x, hidden, &assignments)?;
+            return Ok(tensor::from_f32(&out, hidden));
         }
         let out = run_experts(experts, &x, hidden, &assignments, &self.exec).expect("every routed expert is held");
         Ok(tensor::from_f32(&out, hidden))

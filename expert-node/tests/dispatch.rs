@@ -31,6 +31,7 @@ fn config(experts: &str, budget: Option<usize>) -> Config {
         advertise: None,
         memory_budget: budget,
         threads: Some(1),
+        device: switchyard_kernels::Device::Cpu,
         fault_dispatch_delay_ms: 0,
     }
 }

@@ -18,6 +18,16 @@ impl Device {
     pub fn ensure_available(self) -> Result<Self, KernelError> {
         match self {
             Device::Cpu => Ok(self),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let count = crate::cuda::device_count()?;
+                if n < count {
+                    Ok(self)
+                } else {
+                    Err(KernelError::NoCuda(format!("{self} does not exist: this machine has {count} CUDA devices")))
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(KernelError::NotCompiledWithCuda(self.to_string())),
         }
     }
@@ -58,6 +68,8 @@ mod tests {
         assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
         assert!("tpu".parse::<Device>().is_err());
         assert!("cuda:x".parse::<Device>().is_err());
+        #[cfg(not(feature = "cuda"))]
         assert!(Device::Cuda(0).ensure_available().is_err());
+        assert!(Device::Cuda(4096).ensure_available().is_err());
     }
 }

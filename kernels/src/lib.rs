@@ -8,9 +8,12 @@
 //! - [`dtype`]: the weight dtypes and [`Weights`], a typed borrowed matrix.
 //! - [`device`]: [`Device`] parsing (`cpu`, `cuda:N`) and what this build supports.
 //! - [`cpu`]: the CPU backend: linear layers, norms, RoPE, attention, routing, activations.
+//! - `cuda` (feature `cuda`): the CUDA backend: device memory, cuBLAS, NVRTC-compiled kernels.
 //! - [`error`]: the error type, [`KernelError`].
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;

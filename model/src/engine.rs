@@ -125,6 +125,21 @@ impl Engine {
         Self::with_model(dir, model, Some(experts))
     }
 
+    /// Moves the model to `device` (its weights, the experts it holds, and a KV arena of
+    /// `kv_bytes` that every sequence then reserves from). `cpu` changes nothing.
+    pub fn to_device(
+        &mut self,
+        device: switchyard_kernels::Device,
+        kv_bytes: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
+        self.model.to_device(device, kv_bytes, progress)?;
+        if let Some(pool) = self.model.device_kv_pool() {
+            self.kv_pool = Some(pool);
+        }
+        Ok(())
+    }
+
     fn with_model(dir: &Path, model: Model, experts: Option<Box<dyn Experts>>) -> Result<Self> {
         let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
         let eos_token_ids = tokenizer::eos_token_ids(dir, tokenizer.as_ref(), &model.spec.eos_token_ids)?;
@@ -237,6 +252,12 @@ impl Engine {
             return Ok(vec![None; seqs.len()]);
         }
 
+        // Where every token picked this step is greedy with no alternatives reported, the
+        // device may pick it and return two numbers instead of a row of logits.
+        let greedy = feeds
+            .iter()
+            .zip(seqs.iter())
+            .all(|(feed, s)| feed.is_none() || (s.request.sampling.is_greedy() && s.request.top_logprobs == 0));
         let mut chunks = Vec::new();
         for (feed, s) in feeds.iter().zip(seqs.iter_mut()) {
             let Some(range) = feed.clone() else { continue };
@@ -248,24 +269,34 @@ impl Engine {
             };
             chunks.push(Chunk { tokens, cache });
         }
-        let logits = match &self.experts {
-            Some(experts) => self.model.forward_with(&mut chunks, experts.as_ref())?,
-            None => self.model.forward(&mut chunks)?,
+        let experts = self.experts.as_deref();
+        let picks = if greedy { self.model.forward_greedy(&mut chunks, experts)? } else { None };
+        let logits = match (&picks, experts) {
+            (Some(_), _) => Vec::new(),
+            (None, Some(experts)) => self.model.forward_with(&mut chunks, experts)?,
+            (None, None) => self.model.forward(&mut chunks)?,
         };
         drop(chunks);
 
         let mut logits = logits.into_iter();
+        let mut picks = picks.map(Vec::into_iter);
         let mut out = vec![None; seqs.len()];
         for ((feed, s), slot) in feeds.into_iter().zip(seqs.iter_mut()).zip(&mut out) {
             let Some(range) = feed else { continue };
-            let logits = logits.next().expect("one logits row per chunk");
+            let scores = match &mut picks {
+                Some(p) => Err(p.next().expect("one pick per chunk")),
+                None => Ok(logits.next().expect("one logits row per chunk")),
+            };
             if !s.is_decoding() {
                 s.fed = range.end;
                 if !s.is_decoding() {
                     continue;
                 }
             }
-            let tok = self.pick(&logits, &mut s.sampler, s.request.top_logprobs);
+            let tok = match scores {
+                Ok(logits) => self.pick(&logits, &mut s.sampler, s.request.top_logprobs),
+                Err((id, logprob)) => GeneratedToken { id, logprob, top_logprobs: Vec::new() },
+            };
             s.tokens.push(tok.clone());
             if !s.request.ignore_eos && self.eos_token_ids.contains(&tok.id) {
                 s.finish_reason = Some(FinishReason::Stop);

@@ -38,8 +38,16 @@ pub enum ModelError {
     Dispatch { layer: usize, reason: String },
     #[error("the request needs {blocks} KV-cache blocks; {available} of {capacity} are free")]
     KvCacheFull { blocks: usize, available: usize, capacity: usize },
+    #[error("device: {0}")]
+    Device(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl From<switchyard_kernels::KernelError> for ModelError {
+    fn from(e: switchyard_kernels::KernelError) -> Self {
+        ModelError::Device(e.to_string())
+    }
+}

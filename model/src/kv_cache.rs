@@ -26,18 +26,24 @@ struct PoolState {
     available: usize,
     /// Returned blocks, kept for reuse.
     free: Vec<Box<[f32]>>,
+    /// Device pools: the arena indices of blocks not taken.
+    free_ids: Vec<u32>,
 }
 
 /// A fixed number of equal blocks shared by every sequence of an engine.
+///
+/// A host pool hands out blocks of memory; a device pool (the CUDA backend's) hands out
+/// indices into a block arena in device memory, which the GPU forward pass writes and reads.
 pub struct KvPool {
     capacity: usize,
     block_floats: usize,
+    on_device: bool,
     state: Mutex<PoolState>,
 }
 
 impl KvPool {
     /// Floats of one block of `spec`'s model: keys and values of every layer and KV head.
-    fn block_floats(spec: &ModelSpec) -> usize {
+    pub fn block_floats(spec: &ModelSpec) -> usize {
         spec.num_layers * spec.num_kv_heads * 2 * BLOCK_TOKENS * spec.head_dim
     }
 
@@ -47,8 +53,28 @@ impl KvPool {
         Arc::new(KvPool {
             capacity,
             block_floats,
-            state: Mutex::new(PoolState { available: capacity, free: Vec::new() }),
+            on_device: false,
+            state: Mutex::new(PoolState { available: capacity, free: Vec::new(), free_ids: Vec::new() }),
         })
+    }
+
+    /// A pool of the `capacity` blocks of a device arena, handed out as indices.
+    pub fn for_device_arena(spec: &ModelSpec, capacity: usize) -> Arc<Self> {
+        Arc::new(KvPool {
+            capacity,
+            block_floats: Self::block_floats(spec),
+            on_device: true,
+            state: Mutex::new(PoolState {
+                available: capacity,
+                free: Vec::new(),
+                free_ids: (0..capacity as u32).rev().collect(),
+            }),
+        })
+    }
+
+    /// Whether blocks live in a device arena.
+    pub fn on_device(&self) -> bool {
+        self.on_device
     }
 
     /// A pool of as many blocks as fit in `bytes`.
@@ -85,10 +111,15 @@ impl KvPool {
         reused.unwrap_or_else(|| vec![0.0f32; self.block_floats].into_boxed_slice())
     }
 
-    fn give_back(&self, blocks: Vec<Box<[f32]>>, reserved: usize) {
+    fn take_id(&self) -> u32 {
+        self.state.lock().expect("kv pool lock").free_ids.pop().expect("a reserved block is always free")
+    }
+
+    fn give_back(&self, blocks: Vec<Box<[f32]>>, ids: Vec<u32>, reserved: usize) {
         let mut s = self.state.lock().expect("kv pool lock");
         s.available += reserved;
         s.free.extend(blocks);
+        s.free_ids.extend(ids);
     }
 }
 
@@ -96,6 +127,8 @@ impl KvPool {
 pub struct SeqCache {
     pool: Arc<KvPool>,
     blocks: Vec<Box<[f32]>>,
+    /// Arena indices of the blocks taken from a device pool.
+    ids: Vec<u32>,
     /// Blocks reserved in the pool (taken or not yet).
     reserved: usize,
     len: usize,
@@ -116,7 +149,8 @@ impl SeqCache {
         let n = blocks_for(tokens);
         pool.reserve(n).then(|| SeqCache {
             pool: pool.clone(),
-            blocks: Vec::with_capacity(n),
+            blocks: Vec::new(),
+            ids: Vec::new(),
             reserved: n,
             len: 0,
             kv_heads: spec.num_kv_heads,
@@ -193,6 +227,22 @@ impl SeqCache {
         (gather(0), gather(1))
     }
 
+    /// Whether this cache's blocks live in a device arena.
+    pub fn on_device(&self) -> bool {
+        self.pool.on_device
+    }
+
+    /// The arena indices of the device blocks holding positions `0 .. end`, taking blocks
+    /// from the pool as needed.
+    pub fn device_blocks(&mut self, end: usize) -> &[u32] {
+        assert!(self.pool.on_device, "device_blocks on a host KV cache");
+        assert!(blocks_for(end) <= self.reserved, "KV cache: {end} positions exceed the {} reserved", self.capacity());
+        while self.ids.len() < blocks_for(end) {
+            self.ids.push(self.pool.take_id());
+        }
+        &self.ids
+    }
+
     /// Marks `n` new positions as cached once every layer has appended them.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
@@ -200,13 +250,13 @@ impl SeqCache {
 
     /// Bytes of the blocks this sequence holds.
     pub fn size_in_bytes(&self) -> usize {
-        self.blocks.len() * self.pool.block_bytes()
+        (self.blocks.len() + self.ids.len()) * self.pool.block_bytes()
     }
 }
 
 impl Drop for SeqCache {
     fn drop(&mut self) {
-        self.pool.give_back(std::mem::take(&mut self.blocks), self.reserved);
+        self.pool.give_back(std::mem::take(&mut self.blocks), std::mem::take(&mut self.ids), self.reserved);
     }
 }
 

@@ -16,6 +16,7 @@
 //! - [`moe`]: the gate ([`moe::route`]) and the experts ([`moe::run_experts`]), kept apart.
 //! - [`kv_cache`]: the paged KV cache (fixed-size blocks from a pool).
 //! - [`model`]: [`Model`], the batched forward pass.
+//! - `gpu` (feature `cuda`): the forward pass and the experts in CUDA device memory.
 //! - [`sampling`]: greedy / temperature / top-k / top-p with a seeded generator.
 //! - [`engine`]: [`Engine`], generation for one or many prompts.
 //! - [`units`]: byte counts such as `8GiB` on the command line.
@@ -27,6 +28,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;

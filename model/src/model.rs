@@ -36,9 +36,12 @@ pub struct Model {
     pub layers: Vec<Layer>,
     pub norm: Vec<f32>,
     pub lm_head: Linear,
-    rope: Rope,
+    pub(crate) rope: Rope,
     /// Weight bytes streamed since last taken.
     pub exec: Exec,
+    /// The weights' copy on a CUDA device, which then runs every forward pass.
+    #[cfg(feature = "cuda")]
+    pub gpu: Option<crate::gpu::GpuModel>,
 }
 
 /// New tokens of one sequence for a forward pass.
@@ -79,7 +82,17 @@ impl Model {
             "loaded checkpoint {}",
             dir.display()
         );
-        Ok(Model { spec, embed, layers, norm, lm_head, rope, exec: Exec::default() })
+        Ok(Model {
+            spec,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            exec: Exec::default(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        })
     }
 
     /// The experts this process holds, as an [`Experts`] backend.
@@ -95,21 +108,89 @@ impl Model {
         LocalExperts { layers, exec: &self.exec }
     }
 
+    /// Copies the weights, and the experts held here, to `device` with a KV arena of
+    /// `kv_bytes`; every forward pass then runs there. `cpu` is a no-op.
+    pub fn to_device(
+        &mut self,
+        device: switchyard_kernels::Device,
+        kv_bytes: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
+        use switchyard_kernels::Device;
+        match device.ensure_available()? {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let gpu = switchyard_kernels::cuda::Gpu::open(n)?;
+                self.gpu = Some(crate::gpu::GpuModel::upload(self, &gpu, kv_bytes, progress)?);
+                Ok(())
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                let _ = (kv_bytes, progress);
+                unreachable!("ensure_available refuses CUDA in a build without it")
+            }
+        }
+    }
+
+    /// The KV pool sequences must reserve from when the model runs on a device.
+    pub fn device_kv_pool(&self) -> Option<std::sync::Arc<crate::kv_cache::KvPool>> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Some(g.kv_pool().clone());
+        }
+        None
+    }
+
     /// Runs `chunks` through the model with the experts loaded here (see
     /// [`Model::forward_with`]).
     pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.forward_with(chunks, &self.local_experts())
+        if self.check(chunks)? == 0 {
+            return Ok(vec![Vec::new(); chunks.len()]);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.forward(self, chunks, None);
+        }
+        self.forward_cpu(chunks, &self.local_experts())
     }
 
     /// Runs `chunks` through the model, appending to their caches, and returns the logits of
     /// each chunk's last token. MoE layers' experts run on `experts`.
     pub fn forward_with(&self, chunks: &mut [Chunk<'_>], experts: &dyn Experts) -> Result<Vec<Vec<f32>>> {
-        let s = &self.spec;
-        let h = s.hidden_size;
-        let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        if total == 0 {
+        if self.check(chunks)? == 0 {
             return Ok(vec![Vec::new(); chunks.len()]);
         }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.forward(self, chunks, Some(experts));
+        }
+        self.forward_cpu(chunks, experts)
+    }
+
+    /// The forward pass with the greedy pick made where the logits are: per chunk, the most
+    /// likely next token and its log-probability. `None` where that is not cheaper than
+    /// returning the logits (on the CPU); the caller then uses [`Model::forward_with`].
+    pub fn forward_greedy(
+        &self,
+        chunks: &mut [Chunk<'_>],
+        experts: Option<&dyn Experts>,
+    ) -> Result<Option<Vec<(u32, f32)>>> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            if self.check(chunks)? == 0 {
+                return Ok(Some(Vec::new()));
+            }
+            return g.forward_greedy(self, chunks, experts).map(Some);
+        }
+        let _ = (chunks, experts);
+        Ok(None)
+    }
+
+    /// Checks every chunk against the vocabulary, its cache and the context; returns the
+    /// number of tokens.
+    fn check(&self, chunks: &[Chunk<'_>]) -> Result<usize> {
+        let s = &self.spec;
         for c in chunks.iter() {
             if let Some(&id) = c.tokens.iter().find(|&&t| t as usize >= s.vocab_size) {
                 return Err(ModelError::TokenOutOfRange { id, vocab_size: s.vocab_size });
@@ -128,6 +209,13 @@ impl Model {
                 });
             }
         }
+        Ok(chunks.iter().map(|c| c.tokens.len()).sum())
+    }
+
+    fn forward_cpu(&self, chunks: &mut [Chunk<'_>], experts: &dyn Experts) -> Result<Vec<Vec<f32>>> {
+        let s = &self.spec;
+        let h = s.hidden_size;
+        let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let mut x = vec![0.0f32; total * h];
         let embed = self.embed.weights();
         for (row, &t) in x.chunks_exact_mut(h).zip(chunks.iter().flat_map(|c| c.tokens)) {

@@ -17,6 +17,7 @@ pub struct RandomShape {
     pub num_layers: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    pub head_dim: usize,
     pub num_experts: usize,
     pub experts_per_token: usize,
     pub expert_intermediate_size: usize,
@@ -32,10 +33,28 @@ impl RandomShape {
             num_layers: 8,
             num_heads: 16,
             num_kv_heads: 4,
+            head_dim: 64,
             num_experts: 32,
             experts_per_token: 4,
             expert_intermediate_size: 512,
             max_position_embeddings: 4096,
+        }
+    }
+
+    /// gpt-oss-20b's shapes in the Mixtral layout: 24 layers, hidden 2880, 32 experts top-4
+    /// of width 2880, 64 query and 8 KV heads of 64, vocabulary 201088; 41.8 GB in bf16.
+    pub fn gpt_oss_20b() -> Self {
+        RandomShape {
+            vocab_size: 201_088,
+            hidden_size: 2880,
+            num_layers: 24,
+            num_heads: 64,
+            num_kv_heads: 8,
+            head_dim: 64,
+            num_experts: 32,
+            experts_per_token: 4,
+            expert_intermediate_size: 2880,
+            max_position_embeddings: 131_072,
         }
     }
 
@@ -48,7 +67,7 @@ impl RandomShape {
             "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.hidden_size / self.num_heads,
+            "head_dim": self.head_dim,
             "intermediate_size": self.expert_intermediate_size,
             "num_local_experts": self.num_experts,
             "num_experts_per_tok": self.experts_per_token,
@@ -74,7 +93,7 @@ pub fn write_random_checkpoint(
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
     let mut rng = Rng::new(seed);
     let s = shape;
-    let head_dim = s.hidden_size / s.num_heads;
+    let head_dim = s.head_dim;
     let mut tensors = Vec::new();
     let mat = |name: String, rows: usize, cols: usize, rng: &mut Rng| {
         let scale = 1.0 / (cols as f32).sqrt();

@@ -23,6 +23,11 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Whether every pick is the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+
     /// Rejects values no sampler can honour, naming the field.
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -87,7 +92,7 @@ impl Sampler {
     /// Picks the next token from raw `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        if p.temperature == 0.0 || p.top_k == 1 {
+        if p.is_greedy() {
             return argmax(logits);
         }
         let mut order: Vec<usize> = (0..logits.len()).collect();

@@ -4,14 +4,71 @@
 //!
 //! `SWITCHYARD_FIXTURES=DIR` points the same tests at another fixture set (for example
 //! held-out fixtures made with `--seed 1`).
+//!
+//! Every test runs twice with the same body: on the CPU, and (`..._on_cuda`) on `cuda:0`
+//! with the weights, experts and KV cache in GPU memory. The CUDA variants need a build with
+//! `--features cuda` and a GPU; elsewhere they print why they skipped.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
+use switchyard_kernels::Device;
 use switchyard_model::{Chunk, Engine, FinishReason, GenerateRequest, Model, SamplingParams, SeqCache};
 
 const TOLERANCE: f32 = 1e-3;
+/// The device KV arena of a test engine (the fixtures are tiny).
+const KV_BYTES: usize = 64 << 20;
+
+/// `cuda:0` where this build and machine can run it; otherwise prints why not.
+fn cuda() -> Option<Device> {
+    match Device::Cuda(0).ensure_available() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            println!("skipped: {e}");
+            None
+        }
+    }
+}
+
+/// One test body per device: `$cpu` on the CPU, `$cuda` on `cuda:0` (skipped without one).
+macro_rules! on_each_device {
+    ($(#[$doc:meta])* $cpu:ident, $cuda:ident, |$device:ident| $body:block) => {
+        $(#[$doc])*
+        #[test]
+        fn $cpu() -> Result<()> {
+            let $device = Device::Cpu;
+            $body
+        }
+
+        $(#[$doc])*
+        #[test]
+        fn $cuda() -> Result<()> {
+            let Some($device) = cuda() else { return Ok(()) };
+            $body
+        }
+    };
+}
+
+fn load_engine(dir: &Path, device: Device) -> Result<Engine> {
+    let mut engine = Engine::load(dir, &mut |_, _| {})?;
+    engine.to_device(device, KV_BYTES, &mut |_, _| {})?;
+    Ok(engine)
+}
+
+fn load_model(dir: &Path, device: Device) -> Result<Model> {
+    let mut model = Model::load(dir)?;
+    model.to_device(device, KV_BYTES, &mut |_, _| {})?;
+    Ok(model)
+}
+
+/// A cache for a whole context, from the device arena where the model has one.
+fn new_cache(model: &Model) -> SeqCache {
+    match model.device_kv_pool() {
+        Some(pool) => SeqCache::reserve(&pool, &model.spec, model.spec.max_context).expect("room in the arena"),
+        None => SeqCache::new(&model.spec),
+    }
+}
 
 #[derive(Deserialize)]
 struct Expected {
@@ -40,14 +97,14 @@ fn load_expected(dir: &Path) -> Result<Expected> {
     Ok(serde_json::from_str(&text)?)
 }
 
-fn check_arch(name: &str) -> Result<()> {
-    check_dir(name, &fixtures_dir().join(name))
+fn check_arch(name: &str, device: Device) -> Result<()> {
+    check_dir(name, &fixtures_dir().join(name), device)
 }
 
-fn check_dir(name: &str, dir: &Path) -> Result<()> {
+fn check_dir(name: &str, dir: &Path, device: Device) -> Result<()> {
     let dir = dir.to_path_buf();
     let expected = load_expected(&dir)?;
-    let engine = Engine::load(&dir, &mut |_, _| {})?;
+    let engine = load_engine(&dir, device)?;
     assert_eq!(engine.model.spec.arch.model_type(), expected.model_type);
     let tokenizer = engine.tokenizer()?;
     for (c, case) in expected.cases.iter().enumerate() {
@@ -85,45 +142,45 @@ fn check_dir(name: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn mixtral_matches_transformers() -> Result<()> {
-    check_arch("mixtral")
-}
+on_each_device!(mixtral_matches_transformers, mixtral_matches_transformers_on_cuda, |device| {
+    check_arch("mixtral", device)
+});
 
-#[test]
-fn qwen2_moe_matches_transformers() -> Result<()> {
-    check_arch("qwen2_moe")
-}
+on_each_device!(qwen2_moe_matches_transformers, qwen2_moe_matches_transformers_on_cuda, |device| {
+    check_arch("qwen2_moe", device)
+});
 
-#[test]
-fn qwen3_moe_matches_transformers() -> Result<()> {
-    check_arch("qwen3_moe")
-}
+on_each_device!(qwen3_moe_matches_transformers, qwen3_moe_matches_transformers_on_cuda, |device| {
+    check_arch("qwen3_moe", device)
+});
 
-#[test]
-fn olmoe_matches_transformers() -> Result<()> {
-    check_arch("olmoe")
-}
+on_each_device!(olmoe_matches_transformers, olmoe_matches_transformers_on_cuda, |device| {
+    check_arch("olmoe", device)
+});
 
-#[test]
-fn gpt_oss_matches_transformers() -> Result<()> {
-    check_arch("gpt_oss")
-}
+on_each_device!(gpt_oss_matches_transformers, gpt_oss_matches_transformers_on_cuda, |device| {
+    check_arch("gpt_oss", device)
+});
 
-/// Batched decoding (several sequences per step) gives each sequence what it gets alone.
-/// The embedded default model (models/, trained by tools/train_code_model.py).
-#[test]
-fn embedded_code_model_matches_transformers() -> Result<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/switchyard-code-moe");
-    check_dir("switchyard-code-moe", &dir)
-}
+on_each_device!(
+    /// The embedded default model (models/, trained by tools/train_code_model.py).
+    embedded_code_model_matches_transformers,
+    embedded_code_model_matches_transformers_on_cuda,
+    |device| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/switchyard-code-moe");
+        check_dir("switchyard-code-moe", &dir, device)
+    }
+);
 
-#[test]
-fn batched_generation_equals_one_at_a_time() -> Result<()> {
+on_each_device!(
+    /// Batched decoding (several sequences per step) gives each sequence what it gets alone.
+    batched_generation_equals_one_at_a_time,
+    batched_generation_equals_one_at_a_time_on_cuda,
+    |device| {
     for name in ["mixtral", "gpt_oss", "qwen2_moe"] {
         let dir = fixtures_dir().join(name);
         let expected = load_expected(&dir)?;
-        let engine = Engine::load(&dir, &mut |_, _| {})?;
+        let engine = load_engine(&dir, device)?;
         let reqs: Vec<GenerateRequest> = expected
             .cases
             .iter()
@@ -146,45 +203,53 @@ fn batched_generation_equals_one_at_a_time() -> Result<()> {
         }
     }
     Ok(())
-}
+});
 
-/// Prefill followed by token-by-token decode gives the logits of a full recompute over the
-/// same tokens. (qwen2_moe's fixture uses dynamic NTK RoPE, whose frequencies depend on how
-/// far a forward pass reaches, so there a recompute legitimately differs; it is left out.)
-#[test]
-fn prefill_then_decode_equals_full_recompute() -> Result<()> {
+on_each_device!(
+    /// Prefill followed by token-by-token decode gives the logits of a full recompute over the
+    /// same tokens. (qwen2_moe's fixture uses dynamic NTK RoPE, whose frequencies depend on
+    /// how far a forward pass reaches, so there a recompute legitimately differs; it is left
+    /// out.)
+    prefill_then_decode_equals_full_recompute,
+    prefill_then_decode_equals_full_recompute_on_cuda,
+    |device| {
     for name in ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"] {
         let dir = fixtures_dir().join(name);
         let expected = load_expected(&dir)?;
-        let model = Model::load(&dir)?;
+        let model = load_model(&dir, device)?;
         let case = &expected.cases[2];
         let all: Vec<u32> = case.prompt_ids.iter().chain(&case.tokens).copied().collect();
         let split = case.prompt_ids.len();
-        let mut cache = SeqCache::new(&model.spec);
+        let mut cache = new_cache(&model);
         model.forward(&mut [Chunk { tokens: &all[..split], cache: &mut cache }])?;
         let mut incremental = Vec::new();
         for t in &all[split..] {
             incremental = model.forward(&mut [Chunk { tokens: std::slice::from_ref(t), cache: &mut cache }])?.remove(0);
         }
-        let mut fresh = SeqCache::new(&model.spec);
+        let mut fresh = new_cache(&model);
         let full = model.forward(&mut [Chunk { tokens: &all, cache: &mut fresh }])?.remove(0);
         let max_diff = incremental.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(max_diff < 1e-3, "{name}: incremental vs full logits differ by {max_diff}");
     }
     Ok(())
-}
+});
 
-/// The opt-in BF16 prefill rounds activations of prompt-sized products to bf16: it must stay
-/// close to the exact result (same greedy token, log-probabilities within 2e-2).
-#[test]
-fn bf16_prefill_stays_close_to_exact() -> Result<()> {
+on_each_device!(
+    /// The opt-in BF16 products round activations of prompt-sized products to bf16 (the
+    /// CPU's BF16 dot-product unit; cuBLAS's bf16 tensor-core GEMM on a GPU): they must
+    /// stay close to the exact result (same greedy token, log-probabilities within 2e-2:
+    /// bf16 keeps 8 significant bits, a relative error of 2^-9 per rounded activation,
+    /// which over these products and layers stays an order below that bound).
+    bf16_prefill_stays_close_to_exact,
+    bf16_prefill_stays_close_to_exact_on_cuda,
+    |device| {
     use switchyard_kernels::cpu::Precision;
     for name in ["mixtral", "gpt_oss", "qwen3_moe"] {
-        let mut model = Model::load(&fixtures_dir().join(name))?;
+        let mut model = load_model(&fixtures_dir().join(name), device)?;
         let tokens: Vec<u32> = (0..120u32).map(|i| (i * 37 + 11) % 500 + 3).collect();
         let mut run = |precision| -> Result<Vec<f32>> {
             model.exec.precision = precision;
-            let mut cache = SeqCache::new(&model.spec);
+            let mut cache = new_cache(&model);
             let logits = model.forward(&mut [Chunk { tokens: &tokens, cache: &mut cache }])?.remove(0);
             Ok(switchyard_kernels::cpu::routing::log_softmax(&logits))
         };
@@ -196,4 +261,4 @@ fn bf16_prefill_stays_close_to_exact() -> Result<()> {
         assert!(diff < 2e-2, "{name}: bf16 prefill log-probabilities differ by {diff}");
     }
     Ok(())
-}
+});

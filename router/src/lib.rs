@@ -96,6 +96,10 @@ pub struct Config {
     /// The model name the HTTP API answers to (default: the checkpoint directory's name).
     #[arg(long, env = "SWITCHYARD_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// Where the dense layers and the KV cache live: `cpu`, or `cuda:N` (that GPU's memory,
+    /// `--kv-cache-memory` of it for the cache; a build with `--features cuda`).
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
+    pub device: switchyard_kernels::Device,
 }
 
 /// A started router, ready to serve.
@@ -126,9 +130,14 @@ impl Router {
         );
         let dir = config.model.clone();
         let mut progress = progress;
-        let engine = tokio::task::spawn_blocking(move || Engine::load_dense(&dir, Box::new(experts), &mut *progress))
-            .await
-            .map_err(std::io::Error::other)??;
+        let (device, kv_bytes) = (config.device, config.kv_cache_memory);
+        let mut engine = tokio::task::spawn_blocking(move || -> Result<Engine, RouterError> {
+            let mut engine = Engine::load_dense(&dir, Box::new(experts), &mut *progress)?;
+            engine.to_device(device, kv_bytes, &mut |_, _| {})?;
+            Ok(engine)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         tracing::info!(
             model_type = spec.arch.model_type(),
             nodes = cluster.nodes().len(),
@@ -136,8 +145,10 @@ impl Router {
             "router ready for {}",
             config.model.display()
         );
-        let mut engine = engine;
-        let pool = switchyard_model::kv_cache::KvPool::with_bytes(&engine.model.spec, config.kv_cache_memory);
+        let pool = match engine.model.device_kv_pool() {
+            Some(pool) => pool,
+            None => switchyard_model::kv_cache::KvPool::with_bytes(&engine.model.spec, config.kv_cache_memory),
+        };
         if pool.capacity() == 0 {
             return Err(RouterError::Config(format!(
                 "--kv-cache-memory {} bytes holds no block ({} bytes each)",
