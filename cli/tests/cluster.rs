@@ -64,6 +64,37 @@ fn three_expert_nodes_reproduce_the_single_process_engine_for_every_architecture
     }
 }
 
+/// With `--device cuda:0` the router keeps its dense layers and KV cache, and every node its
+/// experts, in GPU memory (here all on one GPU; the dispatches still cross gRPC): the answers
+/// are transformers' greedy tokens and log-probabilities. Skipped, with the reason, where
+/// `cuda:0` cannot run.
+#[test]
+fn a_cluster_on_the_gpu_reproduces_transformers() {
+    let probe = switchyard(&["generate", "--model", &fixture("mixtral"), "--prompt-ids", "1", "--device", "cuda:0"]);
+    if !probe.status.success() {
+        println!("skipped: {}", String::from_utf8_lossy(&probe.stderr).trim());
+        return;
+    }
+    for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"] {
+        let model = fixture(arch);
+        let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "2", "--device", "cuda:0"], &[]);
+        for case in [0, 2] {
+            let got: Value =
+                serde_json::from_str(&run(&with(&generate_args(arch, case, 20), &["--router", &cluster.addr])))
+                    .unwrap();
+            let want = &expected(arch)["cases"][case];
+            let tokens = got["tokens"].as_array().unwrap();
+            let ids: Vec<Value> = tokens.iter().map(|t| t["id"].clone()).collect();
+            assert_eq!(&Value::from(ids), &want["tokens"], "{arch} case {case}");
+            for (t, lp) in tokens.iter().zip(want["logprobs"].as_array().unwrap()) {
+                let diff = (t["logprob"].as_f64().unwrap() - lp.as_f64().unwrap()).abs();
+                assert!(diff < 1e-3, "{arch} case {case}: logprob off by {diff}");
+            }
+        }
+        cluster.stop();
+    }
+}
+
 #[test]
 fn requests_survive_a_sigkilled_expert_node_when_experts_have_replicas() {
     let model = fixture("mixtral");
