@@ -101,6 +101,13 @@ impl Sequence {
     }
 }
 
+/// What a forward pass returned for one sequence: its last position's logits, or the greedy
+/// pick already made on the device.
+enum Scores {
+    Logits(Vec<f32>),
+    Picked((u32, f32)),
+}
+
 pub struct Engine {
     pub model: Model,
     pub tokenizer: Option<Tokenizer>,
@@ -284,8 +291,8 @@ impl Engine {
         for ((feed, s), slot) in feeds.into_iter().zip(seqs.iter_mut()).zip(&mut out) {
             let Some(range) = feed else { continue };
             let scores = match &mut picks {
-                Some(p) => Err(p.next().expect("one pick per chunk")),
-                None => Ok(logits.next().expect("one logits row per chunk")),
+                Some(p) => Scores::Picked(p.next().expect("one pick per chunk")),
+                None => Scores::Logits(logits.next().expect("one logits row per chunk")),
             };
             if !s.is_decoding() {
                 s.fed = range.end;
@@ -294,8 +301,8 @@ impl Engine {
                 }
             }
             let tok = match scores {
-                Ok(logits) => self.pick(&logits, &mut s.sampler, s.request.top_logprobs),
-                Err((id, logprob)) => GeneratedToken { id, logprob, top_logprobs: Vec::new() },
+                Scores::Logits(logits) => self.pick(&logits, &mut s.sampler, s.request.top_logprobs),
+                Scores::Picked((id, logprob)) => GeneratedToken { id, logprob, top_logprobs: Vec::new() },
             };
             s.tokens.push(tok.clone());
             if !s.request.ignore_eos && self.eos_token_ids.contains(&tok.id) {
