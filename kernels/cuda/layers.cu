@@ -76,10 +76,13 @@ extern "C" __global__ void gather_rows(const float* x, const int* idx, float* ou
     for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
 }
 
-// Per row of `V` logits: the arg max (ties to the lower id) and log Σ exp. One block per row.
-extern "C" __global__ void argmax_logsumexp(const float* logits, int V, int* ids, float* lse) {
+// Per row of `V` logits: the greedy token (arg max, ties to the lower id) and its
+// log-probability, -log Σ exp(x - max), summed in double as the CPU's log_softmax is. One
+// block per row.
+extern "C" __global__ void greedy_pick(const float* logits, int V, int* ids, float* logprobs) {
     __shared__ float best_v[WARP];
     __shared__ int best_i[WARP];
+    __shared__ double partial[WARP];
     const float* row = logits + (long)blockIdx.x * V;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
@@ -101,12 +104,16 @@ extern "C" __global__ void argmax_logsumexp(const float* logits, int V, int* ids
         if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
     }
     // Every thread now holds the row's max in bv.
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(row[i] - bv);
-    s = block_sum(s);
+    double s = 0.0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += exp((double)row[i] - (double)bv);
+    for (int o = WARP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) partial[warp] = s;
+    __syncthreads();
+    s = lane < warps ? partial[lane] : 0.0;
+    for (int o = WARP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (threadIdx.x == 0) {
-        ids[blockIdx.x] = bi;
-        lse[blockIdx.x] = bv + logf(s);
+        ids[blockIdx.x] = bi < V ? bi : 0;  // no finite maximum in the row: id 0, as on the CPU
+        logprobs[blockIdx.x] = (float)(-log(s));
     }
 }
 

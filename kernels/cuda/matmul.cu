@@ -99,25 +99,26 @@ __device__ __forceinline__ void column_tile(const float* __restrict__ x, const t
     }
 }
 
-// grid (ceil(N / COLS_PER_BLOCK), ceil(M / TILE_ROWS)), block COLS_PER_BLOCK warps.
+// grid (ceil(M / TILE_ROWS), ceil(N / COLS_PER_BLOCK)), block COLS_PER_BLOCK warps. Row
+// tiles go on x, whose limit is 2^31 - 1 (y stops at 65535).
 template <class P>
 __device__ void linear(const float* x, const typename P::T* w, const float* bias, float* out, int M, int N, int K,
                        int vec) {
-    const int n = blockIdx.x * COLS_PER_BLOCK + threadIdx.x / WARP;
-    const int row0 = blockIdx.y * TILE_ROWS;
+    const int n = blockIdx.y * COLS_PER_BLOCK + threadIdx.x / WARP;
+    const int row0 = blockIdx.x * TILE_ROWS;
     if (n >= N || row0 >= M) return;
     column_tile<P>(x, w, bias, out, row0, min(TILE_ROWS, M - row0), n, N, K, vec != 0);
 }
 
 // The grouped form. `x` holds the rows of every expert, grouped by expert; `tiles[3t ..]` is
 // (expert slot, first row, rows) of tile t; `weights[e]` and `biases[e]` are the device
-// addresses of slot e's matrix and bias (0: no bias). grid (ceil(N / COLS_PER_BLOCK), tiles).
+// addresses of slot e's matrix and bias (0: no bias). grid (tiles, ceil(N / COLS_PER_BLOCK)).
 template <class P>
 __device__ void grouped_linear(const float* x, const u64* weights, const u64* biases, const int* tiles, float* out,
                                int N, int K, int vec) {
-    const int n = blockIdx.x * COLS_PER_BLOCK + threadIdx.x / WARP;
+    const int n = blockIdx.y * COLS_PER_BLOCK + threadIdx.x / WARP;
     if (n >= N) return;
-    const int* t = tiles + 3 * blockIdx.y;
+    const int* t = tiles + 3 * blockIdx.x;
     const typename P::T* w = (const typename P::T*)weights[t[0]];
     const float* b = (const float*)biases[t[0]];
     column_tile<P>(x, w, b, out, t[1], t[2], n, N, K, vec != 0);

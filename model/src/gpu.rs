@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use switchyard_kernels::DType;
 use switchyard_kernels::cpu::Precision;
 use switchyard_kernels::cuda::{self, CacheShape, Gpu, GpuMatrix, GroupedWeights, TokenTables};
 
@@ -187,11 +188,11 @@ impl GpuExperts {
             weights.extend(entries.iter().map(|e| e.1));
             start.push(src.len() as i32);
         }
-        // Experts with many rows go through cuBLAS where the precision allows it.
-        let big = |e: usize| {
-            exec.precision == Precision::Bf16Products
-                && counts[e] >= switchyard_kernels::cpu::matmul::BF16_PRODUCT_MIN_ROWS
-        };
+        // Experts with many rows go through cuBLAS where the precision allows it and cuBLAS
+        // takes the weights (bf16 or f32, in every projection: they share one tile list).
+        let cublas = exec.precision == Precision::Bf16Products
+            && l.tables.iter().all(|t| matches!(t.dtype, DType::BF16 | DType::F32));
+        let big = |e: usize| cublas && counts[e] >= switchyard_kernels::cpu::matmul::BF16_PRODUCT_MIN_ROWS;
         for (slot, _) in l.slots.iter().zip(&counts).filter(|(_, c)| **c > 0) {
             exec.add(slot.as_ref().map_or(0, GpuExpert::size_in_bytes));
         }
@@ -211,7 +212,7 @@ impl GpuExperts {
                 if big(e) {
                     let lin = l.slots[e].as_ref().expect("counted experts are held").projection(p);
                     if !gpu.expert_gemm(input, &lin.w, lin.bias.as_ref(), row0, c, &mut out, exec.precision)? {
-                        unreachable!("bf16 products are only chosen for bf16 or f32 weights");
+                        unreachable!("cuBLAS is only chosen for bf16 or f32 weights");
                     }
                 }
                 row0 += c;
@@ -424,15 +425,10 @@ impl GpuModel {
         let gpu = &*self.gpu;
         let (n, v) = (chunks.len(), model.spec.vocab_size);
         let mut ids = gpu.alloc::<i32>(n)?;
-        let mut lse = gpu.alloc::<f32>(n)?;
-        gpu.argmax_logsumexp(&logits, n, v, &mut ids, &mut lse)?;
-        let (ids, lse) = (gpu.download(&ids, n)?, gpu.download(&lse, n)?);
-        // The winners' logits, as one-wide rows of the logits.
-        let idx: Vec<i32> = ids.iter().enumerate().map(|(r, &id)| (r * v) as i32 + id).collect();
-        let mut picked = gpu.alloc::<f32>(n)?;
-        gpu.gather_rows(&logits, &gpu.upload(&idx)?, n, 1, &mut picked)?;
-        let picked = gpu.download(&picked, n)?;
-        Ok(ids.iter().zip(lse).zip(picked).map(|((&id, lse), l)| (id as u32, l - lse)).collect())
+        let mut logprobs = gpu.alloc::<f32>(n)?;
+        gpu.greedy_pick(&logits, n, v, &mut ids, &mut logprobs)?;
+        let (ids, logprobs) = (gpu.download(&ids, n)?, gpu.download(&logprobs, n)?);
+        Ok(ids.into_iter().zip(logprobs).map(|(id, lp)| (id as u32, lp)).collect())
     }
 
     /// Runs the chunks through every layer, appending to their caches, and returns the

@@ -330,12 +330,13 @@ impl Gpu {
             DType::F32 => "linear_f32",
         });
         let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(COLS_PER_BLOCK), m.div_ceil(TILE_ROWS) as u32, 1),
+            grid_dim: (m.div_ceil(TILE_ROWS) as u32, (n as u32).div_ceil(COLS_PER_BLOCK), 1),
             block_dim: (32 * COLS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
         let (wp, bp) = (w.ptr(s), bias.map_or(0, |b| ptr(b, s)));
         let vec = i32::from(vectorizable(w.dtype, k));
+        debug_assert!(vec == 0 || (wp % 16 == 0 && xp % 16 == 0), "16-byte packs need aligned rows");
         let (m, n, k) = (m as i32, n as i32, k as i32);
         let mut b = s.launch_builder(f);
         b.arg(&xp).arg(&wp).arg(&bp).arg(&op).arg(&m).arg(&n).arg(&k).arg(&vec);
@@ -410,7 +411,7 @@ impl Gpu {
             DType::F32 => "grouped_linear_f32",
         });
         let cfg = LaunchConfig {
-            grid_dim: ((w.rows as u32).div_ceil(COLS_PER_BLOCK), n_tiles as u32, 1),
+            grid_dim: (n_tiles as u32, (w.rows as u32).div_ceil(COLS_PER_BLOCK), 1),
             block_dim: (32 * COLS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -760,21 +761,22 @@ impl Gpu {
 
     // ---- sampling ----
 
-    /// Per row of `v` logits: the greedy token (ties to the lower id) and log Σ exp.
-    pub fn argmax_logsumexp(
+    /// Per row of `v` logits: the greedy token (ties to the lower id) and its
+    /// log-probability.
+    pub fn greedy_pick(
         &self,
         logits: &CudaSlice<f32>,
         rows: usize,
         v: usize,
         ids: &mut CudaSlice<i32>,
-        lse: &mut CudaSlice<f32>,
+        logprobs: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let s = &self.stream;
-        let (lp, ip, sp, vi) = (ptr(logits, s), ptr(ids, s), ptr(lse, s), v as i32);
-        let mut b = s.launch_builder(self.function("argmax_logsumexp"));
-        b.arg(&lp).arg(&vi).arg(&ip).arg(&sp);
-        // SAFETY: logits hold rows × v values, ids and lse rows.
-        unsafe { b.launch(Self::rows_cfg(rows, 1024)) }.map_err(cuda_err("argmax_logsumexp"))?;
+        let (lp, ip, pp, vi) = (ptr(logits, s), ptr(ids, s), ptr(logprobs, s), v as i32);
+        let mut b = s.launch_builder(self.function("greedy_pick"));
+        b.arg(&lp).arg(&vi).arg(&ip).arg(&pp);
+        // SAFETY: logits hold rows × v values, ids and logprobs rows.
+        unsafe { b.launch(Self::rows_cfg(rows, 1024)) }.map_err(cuda_err("greedy_pick"))?;
         Ok(())
     }
 }

@@ -45,7 +45,7 @@ pub const SOURCES: &[Source] = &[
             "clamped_swiglu",
             "scale_rows_sigmoid",
             "gather_rows",
-            "argmax_logsumexp",
+            "greedy_pick",
             "read_sum",
         ],
     },
