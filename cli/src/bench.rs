@@ -150,10 +150,9 @@ pub fn run(args: Args) -> Result<()> {
     model.exec.precision = Precision::F32;
     let contexts: Vec<Vec<Vec<u32>>> =
         args.batch.iter().map(|&b| (0..b).map(|_| random_tokens(args.context)).collect()).collect();
-    let local = model.local_experts();
     let mut single = Vec::new();
     for ctx in &contexts {
-        let (seconds, bytes) = decode(&model, &local, ctx, args.steps)?;
+        let (seconds, bytes) = decode(&model, None, ctx, args.steps)?;
         single.push(seconds);
         rows.push(Row {
             phase: "decode",
@@ -164,7 +163,6 @@ pub fn run(args: Args) -> Result<()> {
             steps: args.steps,
         });
     }
-    drop(local);
     let mut cluster_rows = Vec::new();
     for &n in &args.expert_nodes {
         cluster_rows.extend(cluster_decode(&dir, &model, n, &contexts, &single, args.steps)?);
@@ -232,20 +230,36 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Times `steps` decode steps of a batch that starts from `contexts`, with the experts on
-/// `experts`. Returns seconds and weight bytes read (by this process).
-fn decode(model: &Model, experts: &dyn Experts, contexts: &[Vec<u32>], steps: usize) -> Result<(f64, usize)> {
-    let mut caches: Vec<SeqCache> = contexts.iter().map(|_| SeqCache::new(&model.spec)).collect();
+/// `experts` (`None`: the model's own, on its device). Returns seconds and weight bytes read
+/// (by this process).
+pub(crate) fn decode(
+    model: &Model,
+    experts: Option<&dyn Experts>,
+    contexts: &[Vec<u32>],
+    steps: usize,
+) -> Result<(f64, usize)> {
+    let mut caches: Vec<SeqCache> =
+        contexts.iter().map(|c| new_cache(model, c.len() + steps + 2)).collect::<Result<_>>()?;
+    // Greedy: picked on the device where the model is on one, else from the logits.
+    let greedy = |chunks: &mut [Chunk<'_>]| -> Result<Vec<u32>> {
+        if let Some(picks) = model.forward_greedy(chunks, experts)? {
+            return Ok(picks.into_iter().map(|(id, _)| id).collect());
+        }
+        let logits = match experts {
+            Some(experts) => model.forward_with(chunks, experts)?,
+            None => model.forward(chunks)?,
+        };
+        Ok(logits.iter().map(|l| argmax(l)).collect())
+    };
     let mut next: Vec<u32> = Vec::with_capacity(contexts.len());
     for (cache, ctx) in caches.iter_mut().zip(contexts) {
-        let logits = model.forward_with(&mut [Chunk { tokens: ctx, cache }], experts)?;
-        next.push(argmax(&logits[0]));
+        next.extend(greedy(&mut [Chunk { tokens: ctx, cache }])?);
     }
     let mut step = |next: &mut Vec<u32>| -> Result<()> {
         let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
         let mut chunks: Vec<Chunk<'_>> =
             caches.iter_mut().zip(&ids).map(|(cache, id)| Chunk { tokens: id, cache }).collect();
-        let logits = model.forward_with(&mut chunks, experts)?;
-        *next = logits.iter().map(|l| argmax(l)).collect();
+        *next = greedy(&mut chunks)?;
         Ok(())
     };
     step(&mut next)?; // warm-up
@@ -255,6 +269,14 @@ fn decode(model: &Model, experts: &dyn Experts, contexts: &[Vec<u32>], steps: us
         step(&mut next)?;
     }
     Ok((start.elapsed().as_secs_f64(), model.exec.take()))
+}
+
+/// A cache for `tokens` positions: from the device's KV arena where the model is on one.
+pub(crate) fn new_cache(model: &Model, tokens: usize) -> Result<SeqCache> {
+    match model.device_kv_pool() {
+        Some(pool) => SeqCache::reserve(&pool, &model.spec, tokens).context("the device KV arena is too small"),
+        None => Ok(SeqCache::new(&model.spec)),
+    }
 }
 
 struct ClusterRow {
@@ -293,7 +315,7 @@ fn cluster_decode(
         let mut out = Vec::new();
         for (ctx, &base) in contexts.iter().zip(single) {
             let before = remote.stats.snapshot();
-            let (seconds, _) = decode(model, &remote, ctx, steps)?;
+            let (seconds, _) = decode(model, Some(&remote), ctx, steps)?;
             let (layers, micros, compute) = remote.stats.snapshot().since(&before);
             out.push(ClusterRow {
                 nodes: n,

@@ -13,7 +13,7 @@ use switchyard_kernels::Device;
 use switchyard_kernels::cpu::Precision;
 use switchyard_model::kv_cache::{KvPool, blocks_for};
 use switchyard_model::sampling::Rng;
-use switchyard_model::{Chunk, Model, SeqCache};
+use switchyard_model::{Chunk, Model};
 
 use crate::progress::Progress;
 
@@ -45,9 +45,6 @@ struct Peer {
     tokens_per_s: f64,
 }
 
-/// Sequences prefilled per forward pass while setting up a decode batch.
-const SETUP_SEQS: usize = 16;
-
 pub fn run(plan: &Plan<'_>) -> Result<()> {
     let Device::Cuda(ordinal) = plan.device else { bail!("the GPU benchmark needs --device cuda:N") };
     let p = Progress::new("loading");
@@ -65,7 +62,6 @@ pub fn run(plan: &Plan<'_>) -> Result<()> {
     let p = Progress::new(&format!("copying to {}", plan.device));
     model.to_device(plan.device, kv_bytes, &mut |d, t| p.update(d, t))?;
     p.finish();
-    let pool = model.device_kv_pool().expect("the model is on the device");
     let gpu = model.gpu.as_ref().expect("the model is on the device").gpu().clone();
     let bandwidth = gpu.read_bandwidth(4 << 30, 10)?;
     let mut rng = Rng::new(1);
@@ -75,7 +71,7 @@ pub fn run(plan: &Plan<'_>) -> Result<()> {
     let mut rows = Vec::new();
     let prompt = random_tokens(plan.prefill_tokens);
     for timed in [false, true] {
-        let mut cache = SeqCache::reserve(&pool, &spec, prompt.len()).context("KV arena too small")?;
+        let mut cache = crate::bench::new_cache(&model, prompt.len())?;
         model.exec.take();
         let start = Instant::now();
         model.forward_greedy(&mut [Chunk { tokens: &prompt, cache: &mut cache }], None)?;
@@ -93,46 +89,20 @@ pub fn run(plan: &Plan<'_>) -> Result<()> {
     }
     for &batch in plan.batches {
         tracing::info!(batch, "decode");
-        let mut caches: Vec<SeqCache> = (0..batch)
-            .map(|_| SeqCache::reserve(&pool, &spec, plan.context + plan.steps + 2).context("KV arena too small"))
-            .collect::<Result<_>>()?;
         let contexts: Vec<Vec<u32>> = (0..batch).map(|_| random_tokens(plan.context)).collect();
-        let mut next = Vec::with_capacity(batch);
-        for (caches, contexts) in caches.chunks_mut(SETUP_SEQS).zip(contexts.chunks(SETUP_SEQS)) {
-            let mut chunks: Vec<Chunk<'_>> =
-                caches.iter_mut().zip(contexts).map(|(cache, tokens)| Chunk { tokens, cache }).collect();
-            let picks = model.forward_greedy(&mut chunks, None)?.expect("on the device");
-            next.extend(picks.into_iter().map(|(id, _)| id));
-        }
-        let mut step = |next: &mut Vec<u32>| -> Result<()> {
-            let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let mut chunks: Vec<Chunk<'_>> =
-                caches.iter_mut().zip(&ids).map(|(cache, id)| Chunk { tokens: id, cache }).collect();
-            let picks = model.forward_greedy(&mut chunks, None)?.expect("on the device");
-            *next = picks.into_iter().map(|(id, _)| id).collect();
-            Ok(())
-        };
-        step(&mut next)?; // warm-up
-        model.exec.take();
-        let start = Instant::now();
-        for _ in 0..plan.steps {
-            step(&mut next)?;
-        }
-        let seconds = start.elapsed().as_secs_f64();
-        let bytes = model.exec.take() as f64 / plan.steps as f64;
-        let per_step = seconds / plan.steps as f64;
+        let (seconds, bytes) = crate::bench::decode(&model, None, &contexts, plan.steps)?;
+        let bytes = bytes as f64 / plan.steps as f64;
         rows.push(Row {
             phase: "decode",
             batch,
             tokens_per_s: (batch * plan.steps) as f64 / seconds,
             bytes_per_step: bytes,
-            of_roofline: bytes / bandwidth / per_step,
+            of_roofline: bytes / bandwidth / (seconds / plan.steps as f64),
         });
     }
     let name = gpu.name().to_string();
     let weight_bytes = model.weight_bytes();
     // Free the device before transformers loads the same checkpoint.
-    drop(pool);
     drop(gpu);
     drop(model);
 

@@ -103,6 +103,13 @@ impl ExpertStore {
         }
     }
 
+    fn on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.gpu.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
     /// Makes freshly loaded experts ready to serve: copied to the GPU where the store has
     /// one, otherwise read once so the first dispatch does not page them in.
     fn resident(&self, held: Held) -> Result<Held, NodeError> {
@@ -172,11 +179,7 @@ impl ExpertStore {
         } else {
             let weights = load_experts(&self.dir, &|l, e| missing.contains(&(l as u32, e as u32)), &mut |_, _| {})?;
             let loaded = Held::new(weights.layers);
-            #[cfg(feature = "cuda")]
-            let on_gpu = self.gpu.is_some();
-            #[cfg(not(feature = "cuda"))]
-            let on_gpu = false;
-            if !on_gpu {
+            if !self.on_gpu() {
                 page_in(&loaded, &self.spec, &self.exec);
             }
             Some(loaded)
@@ -196,10 +199,8 @@ impl ExpertStore {
                 }
             }
         }
-        #[cfg(feature = "cuda")]
-        let next = if self.gpu.is_some() { self.resident(Held::new(layers))? } else { Held::new(layers) };
-        #[cfg(not(feature = "cuda"))]
-        let next = Held::new(layers);
+        // On a GPU the whole new set is uploaded (the loaded experts were not paged in).
+        let next = if self.on_gpu() { self.resident(Held::new(layers))? } else { Held::new(layers) };
         let mut held = self.held.write().expect("held lock");
         *held = next;
         tracing::info!(experts = held.ids.len(), bytes = held.bytes, "placement applied");

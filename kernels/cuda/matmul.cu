@@ -10,33 +10,25 @@
 #define TILE_ROWS 8
 #define COLS_PER_BLOCK 8  // one per warp
 
-struct PBf16 {
+// 16-bit weights (bf16 or f16, by their widening `C::f32`): eight to a pack.
+template <class C>
+struct PHalf {
     typedef u16 T;
     enum { PACK = 8 };
     static __device__ __forceinline__ void unpack(uint4 r, float* o) {
         u32 w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            o[2 * i] = __uint_as_float(w[i] << 16);
-            o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+            o[2 * i] = C::f32((u16)(w[i] & 0xffffu));
+            o[2 * i + 1] = C::f32((u16)(w[i] >> 16));
         }
     }
-    static __device__ __forceinline__ float ld(const u16* p, long i) { return bf16_to_f32(p[i]); }
+    static __device__ __forceinline__ float ld(const u16* p, long i) { return C::f32(p[i]); }
 };
-
-struct PF16 {
-    typedef u16 T;
-    enum { PACK = 8 };
-    static __device__ __forceinline__ void unpack(uint4 r, float* o) {
-        u32 w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            o[2 * i] = f16_to_f32((u16)(w[i] & 0xffffu));
-            o[2 * i + 1] = f16_to_f32((u16)(w[i] >> 16));
-        }
-    }
-    static __device__ __forceinline__ float ld(const u16* p, long i) { return f16_to_f32(p[i]); }
-};
+struct Bf16 { static __device__ __forceinline__ float f32(u16 b) { return bf16_to_f32(b); } };
+struct F16 { static __device__ __forceinline__ float f32(u16 h) { return f16_to_f32(h); } };
+typedef PHalf<Bf16> PBf16;
+typedef PHalf<F16> PF16;
 
 struct PF32 {
     typedef float T;

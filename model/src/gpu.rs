@@ -20,7 +20,7 @@ use crate::layers::{Exec, Linear, SwiGluMlp};
 use crate::model::{Chunk, FeedForward, Model};
 use crate::moe::{Assignment, Expert, Experts};
 
-pub use cudarc::driver::CudaSlice;
+use switchyard_kernels::cuda::CudaSlice;
 
 /// A linear layer on the device.
 pub struct GpuLinear {
