@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use switchyard_kernels::cpu::{self, Precision};
+use switchyard_model::kv_cache::blocks_for;
 use switchyard_model::moe::Experts;
 use switchyard_model::random::{RandomShape, write_random_checkpoint};
-use switchyard_model::sampling::{Rng, argmax};
+use switchyard_model::sampling::Rng;
 use switchyard_model::{Chunk, Model, SeqCache};
 use switchyard_router::{Cluster, RemoteExperts};
 
@@ -115,7 +116,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--transformers compares on a GPU: pass --device cuda:N");
     }
     let p = Progress::new("loading");
-    let mut model = Model::load_with(&dir, &|_, _| true, &mut |d, t| p.update(d, t))
+    let mut model = Model::load_with(&dir, device, &|_, _| true, &mut |d, t| p.update(d, t))
         .with_context(|| format!("cannot load {}", dir.display()))?;
     p.finish();
     let bandwidth = cpu::bandwidth::read_bandwidth(1 << 30, 5);
@@ -131,10 +132,10 @@ pub fn run(args: Args) -> Result<()> {
     for (precision, phase) in [(Precision::F32, "prefill f32"), (Precision::Bf16Products, "prefill bf16")] {
         model.exec.precision = precision;
         for timed in [false, true] {
-            let mut cache = SeqCache::new(&model.spec);
+            let mut cache = new_caches(&model, &[prompt.len()])?.remove(0);
             model.exec.take();
             let start = Instant::now();
-            model.forward(&mut [Chunk { tokens: &prompt, cache: &mut cache }])?;
+            model.greedy(&mut [Chunk { tokens: &prompt, cache: &mut cache }], None)?;
             if timed {
                 rows.push(Row {
                     phase,
@@ -238,18 +239,11 @@ pub(crate) fn decode(
     contexts: &[Vec<u32>],
     steps: usize,
 ) -> Result<(f64, usize)> {
-    let mut caches: Vec<SeqCache> =
-        contexts.iter().map(|c| new_cache(model, c.len() + steps + 2)).collect::<Result<_>>()?;
-    // Greedy: picked on the device where the model is on one, else from the logits.
+    let lengths: Vec<usize> = contexts.iter().map(|c| c.len() + steps + 2).collect();
+    let mut caches = new_caches(model, &lengths)?;
+    // Greedy, picked where the logits are.
     let greedy = |chunks: &mut [Chunk<'_>]| -> Result<Vec<u32>> {
-        if let Some(picks) = model.forward_greedy(chunks, experts)? {
-            return Ok(picks.into_iter().map(|(id, _)| id).collect());
-        }
-        let logits = match experts {
-            Some(experts) => model.forward_with(chunks, experts)?,
-            None => model.forward(chunks)?,
-        };
-        Ok(logits.iter().map(|l| argmax(l)).collect())
+        Ok(model.greedy(chunks, experts)?.into_iter().map(|(id, _)| id).collect())
     };
     let mut next: Vec<u32> = Vec::with_capacity(contexts.len());
     for (cache, ctx) in caches.iter_mut().zip(contexts) {
@@ -271,12 +265,11 @@ pub(crate) fn decode(
     Ok((start.elapsed().as_secs_f64(), model.exec.take()))
 }
 
-/// A cache for `tokens` positions: from the device's KV arena where the model is on one.
-pub(crate) fn new_cache(model: &Model, tokens: usize) -> Result<SeqCache> {
-    match model.device_kv_pool() {
-        Some(pool) => SeqCache::reserve(&pool, &model.spec, tokens).context("the device KV arena is too small"),
-        None => Ok(SeqCache::new(&model.spec)),
-    }
+/// One cache per length (positions), from one KV pool on the model's device that holds
+/// them all.
+pub(crate) fn new_caches(model: &Model, lengths: &[usize]) -> Result<Vec<SeqCache>> {
+    let pool = model.kv_pool(lengths.iter().map(|&n| blocks_for(n)).sum())?;
+    lengths.iter().map(|&n| SeqCache::reserve(&pool, n).context("the KV pool holds every sequence")).collect()
 }
 
 struct ClusterRow {

@@ -11,7 +11,6 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use switchyard_kernels::Device;
 use switchyard_kernels::cpu::Precision;
-use switchyard_model::kv_cache::{KvPool, blocks_for};
 use switchyard_model::sampling::Rng;
 use switchyard_model::{Chunk, Model};
 
@@ -47,23 +46,15 @@ struct Peer {
 
 pub fn run(plan: &Plan<'_>) -> Result<()> {
     let Device::Cuda(ordinal) = plan.device else { bail!("the GPU benchmark needs --device cuda:N") };
-    let p = Progress::new("loading");
-    let mut model = Model::load_with(plan.dir, &|_, _| true, &mut |d, t| p.update(d, t))
+    let p = Progress::new(&format!("loading onto {}", plan.device));
+    let mut model = Model::load_with(plan.dir, plan.device, &|_, _| true, &mut |d, t| p.update(d, t))
         .with_context(|| format!("cannot load {}", plan.dir.display()))?;
     p.finish();
     // bf16 weights against bf16-rounded activations on the tensor cores from 32 rows on, as
     // transformers runs a bf16 checkpoint.
     model.exec.precision = Precision::Bf16Products;
     let spec = model.spec.clone();
-    let max_batch = plan.batches.iter().copied().max().unwrap_or(1);
-    let seq_blocks = blocks_for(plan.context + plan.steps + 2);
-    let kv_blocks = (max_batch * seq_blocks).max(blocks_for(plan.prefill_tokens)) + 1;
-    let kv_bytes = kv_blocks * KvPool::block_floats(&spec) * 4;
-    let p = Progress::new(&format!("copying to {}", plan.device));
-    model.to_device(plan.device, kv_bytes, &mut |d, t| p.update(d, t))?;
-    p.finish();
-    let gpu = model.gpu.as_ref().expect("the model is on the device").gpu().clone();
-    let bandwidth = gpu.read_bandwidth(4 << 30, 10)?;
+    let bandwidth = model.exec.ops().read_bandwidth(4 << 30, 10)?;
     let mut rng = Rng::new(1);
     let mut random_tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % spec.vocab_size as u64) as u32).collect() };
@@ -71,10 +62,10 @@ pub fn run(plan: &Plan<'_>) -> Result<()> {
     let mut rows = Vec::new();
     let prompt = random_tokens(plan.prefill_tokens);
     for timed in [false, true] {
-        let mut cache = crate::bench::new_cache(&model, prompt.len())?;
+        let mut cache = crate::bench::new_caches(&model, &[prompt.len()])?.remove(0);
         model.exec.take();
         let start = Instant::now();
-        model.forward_greedy(&mut [Chunk { tokens: &prompt, cache: &mut cache }], None)?;
+        model.greedy(&mut [Chunk { tokens: &prompt, cache: &mut cache }], None)?;
         let seconds = start.elapsed().as_secs_f64();
         if timed {
             let bytes = model.exec.take() as f64;
@@ -100,10 +91,9 @@ pub fn run(plan: &Plan<'_>) -> Result<()> {
             of_roofline: bytes / bandwidth / (seconds / plan.steps as f64),
         });
     }
-    let name = gpu.name().to_string();
+    let name = model.exec.ops().describe();
     let weight_bytes = model.weight_bytes();
     // Free the device before transformers loads the same checkpoint.
-    drop(gpu);
     drop(model);
 
     let peers = match plan.transformers {
@@ -121,7 +111,7 @@ pub fn run(plan: &Plan<'_>) -> Result<()> {
         spec.expert_intermediate_size,
         weight_bytes as f64 / 1e9
     );
-    println!("device: {} ({name}), measured read bandwidth {:.0} GB/s", plan.device, bandwidth / 1e9);
+    println!("device: {name}, measured read bandwidth {:.0} GB/s", bandwidth / 1e9);
     println!();
     println!(
         "| phase   | batch | switchyard tok/s | weights read/step | of roofline | transformers tok/s | vs transformers |"

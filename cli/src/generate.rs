@@ -10,7 +10,7 @@ use serde::Serialize;
 use switchyard_kernels::cpu::Precision;
 use switchyard_model::engine::TopLogprob;
 use switchyard_model::kv_cache::{KvPool, blocks_for};
-use switchyard_model::{Engine, FinishReason, GenerateRequest, SamplingParams};
+use switchyard_model::{Engine, EngineOptions, FinishReason, GenerateRequest, SamplingParams};
 use switchyard_proto::v1;
 
 use crate::progress::Progress;
@@ -105,13 +105,14 @@ fn local(args: &Args) -> Result<Output> {
     if !model.is_dir() {
         bail!("model directory {} does not exist", model.display());
     }
-    let progress = Progress::new("loading");
-    let mut engine = Engine::load(model, &mut |d, t| progress.update(d, t))
+    let precision = if args.bf16_prefill { Precision::Bf16Products } else { Precision::F32 };
+    let progress = Progress::new(&format!("loading onto {device}"));
+    // One KV block for now: the cache is sized to the request once it is tokenized.
+    let block = KvPool::block_floats(&switchyard_model::ModelSpec::from_dir(model)?) * 4;
+    let options = EngineOptions { device, kv_bytes: Some(block), precision };
+    let mut engine = Engine::load(model, &options, &mut |d, t| progress.update(d, t))
         .with_context(|| format!("cannot load {}", model.display()))?;
     progress.finish();
-    if args.bf16_prefill {
-        engine.model.exec.precision = Precision::Bf16Products;
-    }
 
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) => engine.tokenizer()?.encode(text)?,
@@ -126,14 +127,9 @@ fn local(args: &Args) -> Result<Output> {
         ignore_eos: args.ignore_eos,
     };
     engine.validate(&req)?;
-    if device != switchyard_kernels::Device::Cpu {
-        // A KV arena just large enough for this request.
-        let spec = &engine.model.spec;
-        let kv_bytes = blocks_for(Engine::kv_tokens(&req)) * KvPool::block_floats(spec) * 4;
-        let progress = Progress::new(&format!("copying to {device}"));
-        engine.to_device(device, kv_bytes, &mut |d, t| progress.update(d, t))?;
-        progress.finish();
-    }
+    // A KV cache just large enough for this request.
+    let spec = &engine.model.spec;
+    engine.set_kv_bytes(blocks_for(Engine::kv_tokens(&req)) * KvPool::block_floats(spec) * 4)?;
     let generation = engine.generate(&req)?;
 
     let tokenizer = engine.tokenizer.as_ref();

@@ -66,15 +66,10 @@ fn three_expert_nodes_reproduce_the_single_process_engine_for_every_architecture
 
 /// With `--device cuda:0` the router keeps its dense layers and KV cache, and every node its
 /// experts, in GPU memory (here all on one GPU; the dispatches still cross gRPC): the answers
-/// are transformers' greedy tokens and log-probabilities. Skipped, with the reason, where
-/// `cuda:0` cannot run.
+/// are transformers' greedy tokens and log-probabilities.
 #[test]
+#[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
 fn a_cluster_on_the_gpu_reproduces_transformers() {
-    let probe = switchyard(&["generate", "--model", &fixture("mixtral"), "--prompt-ids", "1", "--device", "cuda:0"]);
-    if !probe.status.success() {
-        println!("skipped: {}", String::from_utf8_lossy(&probe.stderr).trim());
-        return;
-    }
     for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"] {
         let model = fixture(arch);
         let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "2", "--device", "cuda:0"], &[]);
@@ -213,4 +208,75 @@ fn the_router_rejects_bad_requests_with_invalid_argument() {
         stderr_of_failure(&["generate", "--router", &cluster.addr, "--prompt-ids", "1", "--max-tokens", "100000"]);
     assert!(err.contains("InvalidArgument") && err.contains("context"), "{err}");
     cluster.stop();
+}
+
+#[test]
+fn a_dispatch_a_node_has_no_memory_for_is_retried_on_another_replica() {
+    // Two nodes hold every expert; node a answers its third dispatch as a device out of
+    // memory would (an injected fault).
+    let model = fixture("mixtral");
+    let mut procs = Procs::default();
+    let node = |procs: &mut Procs, name: &str, env: &[(&str, &str)]| {
+        let ready = procs.start(name, &["expert-node", "--model", &model, "--experts", "all"], env);
+        address_of(&ready, "expert-node")
+    };
+    let a = node(&mut procs, "a", &[("SWITCHYARD_FAULT_OOM_AT_DISPATCH", "3")]);
+    let b = node(&mut procs, "b", &[]);
+    let nodes = format!("{a},{b}");
+    let ready =
+        procs.start("router", &["router", "--model", &model, "--expert-nodes", &nodes, "--http", "127.0.0.1:0"], &[]);
+    let (grpc, http) = (address_of(&ready, "grpc"), address_of(&ready, "http"));
+
+    let args = with(&generate_args("mixtral", 1, 20), &["--ignore-eos"]);
+    let want = run(&with(&args, &["--model", &model]));
+    let got = run(&with(&args, &["--router", &grpc]));
+    assert_eq!(got, want, "the request must complete on the other replica with the same answer");
+    // The fault fired and its share went to the replica; node a keeps serving.
+    let (_, metrics) = http_get(&http, "/metrics");
+    assert!(
+        metrics.contains(r#"switchyard:expert_dispatch_retries_total{code="resource_exhausted"} 1"#),
+        "one dispatch retried after RESOURCE_EXHAUSTED:\n{metrics}"
+    );
+    let status: Value = serde_json::from_str(&stdout_of(&["cluster", "status", "--router", &grpc, "--json"])).unwrap();
+    assert!(status["nodes"].as_array().unwrap().iter().all(|n| n["state"] == "serving"), "{status}");
+}
+
+#[test]
+fn a_router_whose_engine_thread_panics_stops_serving_and_says_why() {
+    let model = fixture("mixtral");
+    let cluster = UpCluster::start(
+        &["--model", &model, "--expert-nodes", "1"],
+        &[("SWITCHYARD_FAULT_ENGINE_PANIC_AT_STEP", "5")],
+    );
+    let http = cluster.http.trim_start_matches("http://").trim_end_matches("/v1").to_string();
+    assert_eq!(http_get(&http, "/health").0, "HTTP/1.1 200 OK");
+    assert_eq!(grpc_health(&cluster.addr), tonic_health::pb::health_check_response::ServingStatus::Serving);
+
+    // The request in the engine when it panics fails with the reason, not a hang.
+    let args = with(&generate_args("mixtral", 0, 20), &["--router", &cluster.addr]);
+    let err = stderr_of_failure(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("Unavailable") && err.contains("injected fault at step 5"), "{err}");
+    // The router now says it does not serve, on HTTP and gRPC health, and refuses new work.
+    let (status, body) = http_get(&http, "/health");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.contains("engine failed") && body.contains("injected fault at step 5"), "{body}");
+    assert!(wait_until(Duration::from_secs(5), || {
+        grpc_health(&cluster.addr) == tonic_health::pb::health_check_response::ServingStatus::NotServing
+    }));
+    let err = stderr_of_failure(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("Unavailable") && err.contains("engine failed"), "{err}");
+    cluster.stop();
+}
+
+/// The router's standard gRPC health (`grpc.health.v1`) for its `Router` service.
+fn grpc_health(address: &str) -> tonic_health::pb::health_check_response::ServingStatus {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap();
+        let mut client = HealthClient::new(channel.connect().await.expect("the router answers"));
+        let request = HealthCheckRequest { service: "switchyard.v1.Router".into() };
+        client.check(request).await.expect("a health answer").into_inner().status()
+    })
 }

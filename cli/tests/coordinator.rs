@@ -17,38 +17,6 @@ fn free_address() -> String {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
 }
 
-/// Processes started by a test, killed when it ends.
-#[derive(Default)]
-struct Procs(Vec<(String, Child)>);
-
-impl Procs {
-    fn start(&mut self, name: &str, args: &[&str]) -> String {
-        let (child, ready) = spawn_ready(args, &[]);
-        self.0.push((name.to_string(), child));
-        ready
-    }
-
-    fn pid(&self, name: &str) -> u32 {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, c)| c.id()).unwrap_or_else(|| panic!("no process {name}"))
-    }
-
-    fn kill(&mut self, name: &str) {
-        let i = self.0.iter().position(|(n, _)| n == name).unwrap();
-        let (_, mut child) = self.0.remove(i);
-        signal(child.id(), libc::SIGKILL);
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            signal(child.id(), libc::SIGKILL);
-            let _ = child.wait();
-        }
-    }
-}
-
 /// A three-member group on fixed ports with its data in `dir`.
 struct Group {
     addresses: Vec<String>,
@@ -80,7 +48,7 @@ impl Group {
             data.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        procs.start(&format!("coordinator-{id}"), &args);
+        procs.start(&format!("coordinator-{id}"), &args, &[]);
     }
 
     fn start(&self, procs: &mut Procs, dir: &Path, extra: &[&str]) {
@@ -191,7 +159,7 @@ fn a_killed_leader_is_replaced_within_two_seconds_without_losing_the_placement()
         let (child, _) = spawn_ready(&["expert-node", "--model", &model, "--coordinators", &group.list()], &env_delay);
         procs.0.push((format!("node-{i}"), child));
     }
-    let ready = procs.start("router", &["router", "--model", &model, "--coordinators", &group.list()]);
+    let ready = procs.start("router", &["router", "--model", &model, "--coordinators", &group.list()], &[]);
     let router = address_of(&ready, "grpc");
     let before = group.wait_for(Duration::from_secs(20), "an active epoch on 2 nodes", |s| placed_nodes(s).len() == 2);
 
@@ -235,7 +203,7 @@ fn the_group_restarts_from_disk_with_the_same_state() {
     let extra = ["--node-timeout-ms", "5000"];
     group.start(&mut procs, dir.path(), &extra);
     let model = fixture("mixtral");
-    procs.start("node-0", &["expert-node", "--model", &model, "--coordinators", &group.list()]);
+    procs.start("node-0", &["expert-node", "--model", &model, "--coordinators", &group.list()], &[]);
     let before = group.wait_for(Duration::from_secs(20), "an active epoch", |s| active_epoch(s).is_some());
 
     for id in 1..=3 {
@@ -342,7 +310,7 @@ fn a_coordinator_joins_and_another_leaves_while_the_group_serves() {
     let group = Group::new();
     group.start(&mut procs, dir.path(), &[]);
     let model = fixture("mixtral");
-    procs.start("node-0", &["expert-node", "--model", &model, "--coordinators", &group.list()]);
+    procs.start("node-0", &["expert-node", "--model", &model, "--coordinators", &group.list()], &[]);
     let before = group.wait_for(Duration::from_secs(20), "an active epoch", |s| active_epoch(s).is_some());
 
     // Member 4 starts with no configuration and is added to the running group.
@@ -363,6 +331,7 @@ fn a_coordinator_joins_and_another_leaves_while_the_group_serves() {
             "--data-dir",
             data.to_str().unwrap(),
         ],
+        &[],
     );
     let out = stdout_of(&["cluster", "add-coordinator", &format!("4={fourth}"), "--coordinators", &group.list()]);
     assert!(out.contains("coordinator 4 added"), "{out}");
@@ -431,4 +400,62 @@ fn a_node_declared_dead_while_frozen_comes_back_under_a_new_id() {
     let prompts: Vec<String> = (0..2).map(prompt).collect();
     check_clients(start_clients(&cluster.addr, &prompts, 30), &model, &prompts, 30);
     cluster.stop();
+}
+
+/// An expert node's own health (its `Health` RPC).
+fn node_health(address: &str) -> switchyard_proto::v1::ServingState {
+    use switchyard_proto::v1::HealthRequest;
+    use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut client = ExpertServiceClient::connect(format!("http://{address}")).await.expect("the node answers");
+        client.health(HealthRequest {}).await.expect("a health answer").into_inner().state()
+    })
+}
+
+#[test]
+fn a_node_whose_compute_thread_panics_stops_serving_and_its_experts_are_replaced() {
+    // Every expert on two of three nodes; node 0's compute thread panics at its 60th dispatch
+    // (an injected fault), while three requests are mid-generation.
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = Procs::default();
+    let group = Group::new();
+    group.start(&mut procs, dir.path(), &["--min-nodes", "3", "--replicas", "2"]);
+    let model = fixture("mixtral");
+    let slow = ("SWITCHYARD_FAULT_DISPATCH_DELAY_MS", "3");
+    let mut addresses = Vec::new();
+    for i in 0..3 {
+        let env: &[(&str, &str)] = if i == 0 { &[slow, ("SWITCHYARD_FAULT_PANIC_AT_DISPATCH", "60")] } else { &[slow] };
+        let args = ["expert-node", "--model", &model, "--coordinators", &group.list()];
+        addresses.push(address_of(&procs.start(&format!("node-{i}"), &args, env), "expert-node"));
+    }
+    let ready = procs.start("router", &["router", "--model", &model, "--coordinators", &group.list()], &[]);
+    let router = address_of(&ready, "grpc");
+    let status = group.wait_for(Duration::from_secs(20), "an active epoch on 3 nodes", |s| placed_nodes(s).len() == 3);
+    let failing =
+        status["nodes"].as_array().unwrap().iter().find(|n| n["address"] == addresses[0].as_str()).unwrap()["id"]
+            .as_u64()
+            .unwrap();
+    use switchyard_proto::v1::ServingState;
+    assert_eq!(node_health(&addresses[0]), ServingState::Serving);
+
+    let prompts: Vec<String> = (0..3).map(prompt).collect();
+    let mut clients = start_clients(&router, &prompts, 80);
+    assert!(
+        wait_until(Duration::from_secs(30), || node_health(&addresses[0]) == ServingState::NotServing),
+        "the node whose compute thread panicked still says SERVING"
+    );
+    assert!(
+        clients.iter_mut().all(|c| c.try_wait().unwrap().is_none()),
+        "the requests finished before the fault; the test proves nothing"
+    );
+    // Its heartbeats stopped: the coordinators declare it dead and re-place its experts.
+    group.wait_for(Duration::from_secs(10), "the failed node's experts to be re-placed", |s| {
+        node_state(s, failing) == "dead" && !placed_nodes(s).contains(&failing) && s["pending_epoch"].is_null()
+    });
+    check_clients(clients, &model, &prompts, 80);
+    // The other nodes serve on.
+    assert_eq!(node_health(&addresses[1]), ServingState::Serving);
+    let clients = start_clients(&router, &prompts[..1], 20);
+    check_clients(clients, &model, &prompts[..1], 20);
 }

@@ -3,13 +3,16 @@
 //! per-token partial sums (the weighted sum over the experts it holds), so a token crosses
 //! the wire once per node, however many of its experts live here.
 //!
-//! Start-up is [`ExpertNode::load`] (maps and pages in the placed experts, checks the memory
-//! budget), then [`ExpertNode::serve`] on a bound listener until `shutdown` resolves.
+//! Start-up is [`ExpertNode::load`] (reads the placed experts onto the node's device, checks
+//! the memory budget), then [`ExpertNode::serve`] on a bound listener until `shutdown`
+//! resolves.
 //!
 //! # Layout
 //! - [`placement`]: [`ExpertSet`], the `--experts` spec.
-//! - [`store`]: [`store::ExpertStore`], the held experts; checks and computes one dispatch.
-//! - [`compute`]: the compute thread that runs dispatches off the async runtime.
+//! - [`store`]: [`store::Catalog`] (the model, checks placements, reads experts) and
+//!   [`store::ExpertStore`] (the held experts; installs a placement, computes one dispatch).
+//! - [`compute`]: the supervised compute thread that owns the store and runs its jobs off the
+//!   async runtime; the node's [`compute::Health`].
 //! - [`membership`]: registering with the coordinators and following their placement.
 //! - [`service`]: the gRPC `ExpertService` (dispatch stream, health, status).
 //! - [`error`]: [`NodeError`] and its mapping to gRPC statuses.
@@ -24,7 +27,6 @@ pub mod store;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use switchyard_proto::v1::expert_service_server::ExpertServiceServer;
@@ -33,9 +35,9 @@ use tokio::net::TcpListener;
 pub use error::NodeError;
 pub use placement::ExpertSet;
 
-use crate::compute::Compute;
+use crate::compute::{Compute, Faults, Health};
 use crate::service::NodeService;
-use crate::store::ExpertStore;
+use crate::store::{Catalog, ExpertStore, Held};
 
 /// How an expert node is configured (`switchyard expert-node`).
 #[derive(clap::Args, Clone, Debug)]
@@ -66,50 +68,96 @@ pub struct Config {
     /// with `--features cuda`).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     pub device: switchyard_kernels::Device,
-    /// Fault injection for tests: sleep this long before every dispatch.
+    #[command(flatten)]
+    pub faults: FaultFlags,
+}
+
+/// Faults a test injects into a node (hidden flags): see [`Faults`].
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct FaultFlags {
+    /// Sleep this long before every dispatch.
     #[arg(long, env = "SWITCHYARD_FAULT_DISPATCH_DELAY_MS", default_value_t = 0, hide = true)]
     pub fault_dispatch_delay_ms: u64,
+    /// The compute thread panics on this dispatch (1 = the first).
+    #[arg(long, env = "SWITCHYARD_FAULT_PANIC_AT_DISPATCH", hide = true)]
+    pub fault_panic_at_dispatch: Option<u64>,
+    /// This dispatch (1 = the first) fails as a device out of memory would.
+    #[arg(long, env = "SWITCHYARD_FAULT_OOM_AT_DISPATCH", hide = true)]
+    pub fault_oom_at_dispatch: Option<u64>,
+}
+
+impl FaultFlags {
+    fn faults(&self) -> Faults {
+        Faults {
+            dispatch_delay: Duration::from_millis(self.fault_dispatch_delay_ms),
+            panic_at_dispatch: self.fault_panic_at_dispatch,
+            oom_at_dispatch: self.fault_oom_at_dispatch,
+        }
+    }
 }
 
 /// A loaded expert node, ready to serve.
 pub struct ExpertNode {
     config: Config,
-    store: Arc<ExpertStore>,
+    store: ExpertStore,
+    held: tokio::sync::watch::Receiver<Held>,
 }
 
 impl ExpertNode {
-    /// Loads the placed experts (blocking; reports `progress(layers_done, layers_total)`).
+    /// Loads the placed experts onto the node's device (blocking; reports
+    /// `progress(layers_done, layers_total)`).
     pub fn load(config: Config, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, NodeError> {
-        let store = match &config.experts {
+        let catalog = Arc::new(Catalog::open(&config.model, config.memory_budget)?);
+        let (mut store, held) = ExpertStore::new(catalog.clone(), config.device)?;
+        match &config.experts {
             Some(set) => {
-                let store = ExpertStore::load(&config.model, set, config.memory_budget, config.device, progress)?;
+                let spec = catalog.spec();
+                set.validate(spec.num_layers, spec.num_experts).map_err(NodeError::Placement)?;
+                let target: std::collections::BTreeSet<(u32, u32)> = spec
+                    .layer_mlps
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| **m == switchyard_model::config::LayerMlp::Moe)
+                    .flat_map(|(l, _)| (0..spec.num_experts).map(move |e| (l, e)))
+                    .filter(|&(l, e)| set.contains(l, e))
+                    .map(|(l, e)| (l as u32, e as u32))
+                    .collect();
+                if target.is_empty() {
+                    return Err(NodeError::EmptyPlacement);
+                }
+                catalog.check(&target)?;
+                store.install(&target, catalog.read(&target)?)?;
+                progress(1, 1);
+                let now = held.borrow().clone();
                 tracing::info!(
-                    experts = store.held().len(),
-                    bytes = store.bytes(),
+                    experts = now.ids.len(),
+                    bytes = now.bytes,
                     spec = %set,
+                    device = %store.backend().describe(),
                     "expert node loaded {}",
                     config.model.display()
                 );
-                store
             }
             None => {
-                let store = ExpertStore::open(&config.model, config.memory_budget)?.on_device(config.device)?;
                 progress(1, 1);
                 tracing::info!("expert node opened {}; the coordinators place its experts", config.model.display());
-                store
             }
-        };
-        Ok(ExpertNode { config, store: Arc::new(store) })
+        }
+        Ok(ExpertNode { config, store, held })
     }
 
-    pub fn store(&self) -> &ExpertStore {
-        &self.store
+    /// What the node holds now.
+    pub fn held(&self) -> Held {
+        self.held.borrow().clone()
     }
 
     /// Serves `ExpertService` on `listener` until `shutdown` resolves; health turns
     /// NOT_SERVING first, then open streams drain.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
-        let delay = Duration::from_millis(self.config.fault_dispatch_delay_ms);
+        let health = Arc::new(Health::default());
+        let hidden = self.store.catalog().spec().hidden_size;
+        let compute =
+            Compute::start(self.store, self.held, self.config.threads, self.config.faults.faults(), health.clone())?;
         // A JoinSet aborts its tasks when dropped: membership ends with the server.
         let mut membership = tokio::task::JoinSet::new();
         if !self.config.coordinators.is_empty() {
@@ -119,24 +167,16 @@ impl ExpertNode {
                 Some(a) => a.clone(),
                 None => listener.local_addr()?.to_string(),
             };
-            membership.spawn(membership::run(client, self.store.clone(), address, self.config.memory_budget));
+            membership.spawn(membership::run(client, compute.clone(), address));
         }
-        let compute = Compute::start(self.store.clone(), self.config.threads, delay)?;
-        let serving = Arc::new(AtomicBool::new(true));
         let (stop, stopping) = tokio::sync::watch::channel(false);
-        let limit = switchyard_proto::max_dispatch_message_bytes(self.store.spec().hidden_size);
-        let service = NodeService {
-            store: self.store.clone(),
-            compute,
-            serving: serving.clone(),
-            memory_budget: self.config.memory_budget,
-            stopping,
-        };
+        let limit = switchyard_proto::max_dispatch_message_bytes(hidden);
+        let service = NodeService { compute, stopping };
         let server =
             ExpertServiceServer::new(service).max_decoding_message_size(limit).max_encoding_message_size(limit);
         let shutdown = async move {
             shutdown.await;
-            serving.store(false, Ordering::Relaxed);
+            health.stop();
             // Dispatch streams end after their in-flight work, so the drain can finish.
             let _ = stop.send(true);
             tracing::info!("expert node shutting down");

@@ -1,7 +1,9 @@
 //! Membership in a coordinated cluster: the node registers with the coordinator group, sends
 //! heartbeats (with the newest epoch it has fully loaded) and follows the placement, loading
 //! the experts any live epoch gives it before confirming and dropping the ones no epoch
-//! names any more. A node the coordinator declared dead registers again under a new id.
+//! names any more. A node the coordinator declared dead registers again under a new id; a
+//! node whose compute thread failed stops its heartbeats for good, so the coordinators
+//! declare it dead and re-place its experts.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -12,17 +14,27 @@ use switchyard_coordinator::client::Client;
 use switchyard_coordinator::convert::{held_by, newest_epoch};
 use switchyard_proto::v1::{EpochState, ModelShape, NodeHeartbeat, Placement, RegisterNodeRequest};
 
-use crate::store::ExpertStore;
+use crate::compute::Compute;
+use crate::store::Catalog;
 
 /// Between heartbeats; the coordinator declares a node dead after several missed ones.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Why the heartbeats stopped.
+enum Silence {
+    /// The coordinators no longer know the node: register again.
+    DeclaredDead,
+    /// The node failed: stay silent.
+    Failed,
+}
+
 /// Registers `address` with the coordinators and keeps the store on the placement, until
-/// the task is dropped.
-pub async fn run(client: Client, store: Arc<ExpertStore>, address: String, budget: Option<usize>) {
-    let spec = store.spec();
+/// the task is dropped or the node fails.
+pub async fn run(client: Client, compute: Compute, address: String) {
+    let catalog = compute.catalog().clone();
+    let spec = catalog.spec();
     let model = ModelShape {
-        model_type: store.model_type().to_string(),
+        model_type: catalog.model_type().to_string(),
         num_layers: spec.num_layers as u32,
         moe_layers: spec
             .layer_mlps
@@ -33,10 +45,10 @@ pub async fn run(client: Client, store: Arc<ExpertStore>, address: String, budge
             .collect(),
         num_experts: spec.num_experts as u32,
         hidden_size: spec.hidden_size as u32,
-        expert_bytes: store.expert_bytes() as u64,
+        expert_bytes: catalog.expert_bytes() as u64,
     };
-    let request =
-        RegisterNodeRequest { address: address.clone(), memory_budget: budget.unwrap_or(0) as u64, model: Some(model) };
+    let budget = catalog.budget().unwrap_or(0) as u64;
+    let request = RegisterNodeRequest { address: address.clone(), memory_budget: budget, model: Some(model) };
     let mut placements = client.watch();
     loop {
         let id = loop {
@@ -50,39 +62,35 @@ pub async fn run(client: Client, store: Arc<ExpertStore>, address: String, budge
         };
         tracing::info!(node = id, %address, "registered with the coordinators");
         let loaded = Arc::new(AtomicU64::new(0));
-        let mut heartbeats = tokio::spawn(heartbeat(client.clone(), id, loaded.clone(), store.clone()));
+        let mut heartbeats = tokio::spawn(heartbeat(client.clone(), id, loaded.clone(), compute.clone()));
         placements.mark_changed();
-        loop {
+        let silence = loop {
             tokio::select! {
-                _ = &mut heartbeats => break, // declared dead: register again
+                silence = &mut heartbeats => break silence.unwrap_or(Silence::Failed),
                 changed = placements.changed() => {
                     if changed.is_err() {
                         return;
                     }
                     let Some(placement) = placements.borrow_and_update().clone() else { continue };
-                    let target = target(&placement, id, &store);
+                    let target = target(&placement, id, &catalog);
                     let epoch = newest_epoch(&placement);
-                    let store = store.clone();
-                    let placed = tokio::task::spawn_blocking(move || store.place(&target)).await;
-                    match placed {
-                        Ok(Ok(())) => {
+                    match compute.place(target).await {
+                        Ok(()) => {
                             loaded.fetch_max(epoch, Ordering::Relaxed);
                             tracing::debug!(node = id, epoch, "placement loaded");
                         }
-                        Ok(Err(e)) => tracing::error!(node = id, epoch, "cannot load the placement: {e}"),
-                        Err(e) => tracing::error!(node = id, epoch, "placement task failed: {e}"),
+                        Err(e) => tracing::error!(node = id, epoch, "cannot load the placement: {e}"),
                     }
                 }
             }
-        }
+        };
         heartbeats.abort();
+        if let Silence::Failed = silence {
+            tracing::error!(node = id, "the node failed; heartbeats stopped so the coordinators re-place its experts");
+            return;
+        }
         // What a dead node held is re-placed elsewhere; it starts over empty.
-        if let Err(e) = tokio::task::spawn_blocking({
-            let store = store.clone();
-            move || store.place(&BTreeSet::new())
-        })
-        .await
-        {
+        if let Err(e) = compute.place(BTreeSet::new()).await {
             tracing::error!("cannot drop the experts: {e}");
         }
     }
@@ -91,36 +99,39 @@ pub async fn run(client: Client, store: Arc<ExpertStore>, address: String, budge
 /// What the node must hold: every expert any live epoch gives it. When that union does not fit
 /// the memory budget (each epoch does, on its own), the retiring epoch's replicas go first, then
 /// the active one's: the newest epoch is what the coordinators wait for.
-fn target(placement: &Placement, id: u64, store: &ExpertStore) -> BTreeSet<(u32, u32)> {
+fn target(placement: &Placement, id: u64, catalog: &Catalog) -> BTreeSet<(u32, u32)> {
     let all = held_by(placement, id, |_| true);
-    if store.fits(all.len()) {
+    if catalog.fits(all.len()) {
         return all;
     }
     tracing::warn!(node = id, "the live epochs' experts exceed the memory budget; freeing the retiring epoch's first");
     let current = held_by(placement, id, |e| e.state() != EpochState::Retiring);
-    if store.fits(current.len()) {
+    if catalog.fits(current.len()) {
         return current;
     }
     let newest = newest_epoch(placement);
     held_by(placement, id, |e| e.number == newest)
 }
 
-/// Sends heartbeats until the coordinator no longer knows node `id`.
-async fn heartbeat(client: Client, id: u64, loaded: Arc<AtomicU64>, store: Arc<ExpertStore>) {
+/// Sends heartbeats until the coordinator no longer knows node `id`, or the node fails.
+async fn heartbeat(client: Client, id: u64, loaded: Arc<AtomicU64>, compute: Compute) -> Silence {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if compute.health.is_failed() {
+            return Silence::Failed;
+        }
         let beat = NodeHeartbeat {
             node_id: id,
             loaded_epoch: loaded.load(Ordering::Relaxed),
-            held_bytes: store.bytes() as u64,
+            held_bytes: compute.held.borrow().bytes as u64,
         };
         match client.heartbeat(beat).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(node = id, "the coordinators declared this node dead; registering again");
-                return;
+                return Silence::DeclaredDead;
             }
             Err(status) => tracing::debug!(node = id, "heartbeat not delivered: {}", status.message()),
         }
@@ -144,8 +155,8 @@ mod tests {
     #[test]
     fn live_epochs_over_the_budget_free_the_retiring_replicas_first_then_the_active_ones() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral");
-        let one = ExpertStore::open(&dir, None).unwrap().expert_bytes();
-        let store = ExpertStore::open(&dir, Some(2 * one)).unwrap();
+        let one = Catalog::open(&dir, None).unwrap().expert_bytes();
+        let store = Catalog::open(&dir, Some(2 * one)).unwrap();
         let set = |xs: &[(u32, u32)]| xs.iter().copied().collect::<BTreeSet<_>>();
 
         // Retiring {0,1} and active {2,3}: four experts for a budget of two.

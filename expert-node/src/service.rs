@@ -1,13 +1,12 @@
 //! The gRPC `ExpertService`: a dispatch stream per router, health and status.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use switchyard_proto::v1::expert_service_server::ExpertService;
 use switchyard_proto::v1::{
-    DispatchError, DispatchRequest, DispatchResponse, HealthRequest, HealthResponse, NodeStatus, ServingState,
-    StatusRequest, dispatch_response,
+    DispatchError, DispatchRequest, DispatchResponse, HealthRequest, HealthResponse, NodeStatus, StatusRequest,
+    dispatch_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -16,13 +15,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::compute::Compute;
-use crate::store::ExpertStore;
 
 pub struct NodeService {
-    pub store: Arc<ExpertStore>,
     pub compute: Compute,
-    pub serving: Arc<AtomicBool>,
-    pub memory_budget: Option<usize>,
     /// Turns true when the node starts shutting down.
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -122,31 +117,27 @@ impl ExpertService for NodeService {
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
-        Ok(Response::new(HealthResponse { state: self.state() as i32 }))
+        Ok(Response::new(HealthResponse { state: self.compute.health.serving_state() as i32 }))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
-        let spec = self.store.spec();
+        let catalog = self.compute.catalog();
+        let spec = catalog.spec();
         let stats = &self.compute.stats;
+        let held = self.compute.held.borrow().clone();
         Ok(Response::new(NodeStatus {
-            state: self.state() as i32,
-            model_type: self.store.model_type().to_string(),
+            state: self.compute.health.serving_state() as i32,
+            model_type: catalog.model_type().to_string(),
             num_layers: spec.num_layers as u32,
             num_experts: spec.num_experts as u32,
             hidden_size: spec.hidden_size as u32,
-            experts: self.store.held().to_vec(),
-            expert_bytes: self.store.bytes() as u64,
-            memory_budget: self.memory_budget.unwrap_or(0) as u64,
+            experts: held.ids,
+            expert_bytes: held.bytes as u64,
+            memory_budget: catalog.budget().unwrap_or(0) as u64,
             dispatches: stats.dispatches.load(Ordering::Relaxed),
             routed_tokens: stats.routed_tokens.load(Ordering::Relaxed),
             epoch: stats.epoch.load(Ordering::Relaxed),
             pid: std::process::id(),
         }))
-    }
-}
-
-impl NodeService {
-    fn state(&self) -> ServingState {
-        if self.serving.load(Ordering::Relaxed) { ServingState::Serving } else { ServingState::NotServing }
     }
 }

@@ -1,210 +1,48 @@
-//! [`ExpertStore`]: the experts placed on this node, and the checks and compute of one
-//! dispatch. Synchronous; it runs on the compute thread.
+//! The experts placed on this node.
+//!
+//! - [`Catalog`]: what the node knows of its model without holding anything (the spec, the
+//!   checkpoint, the bytes of one expert, the memory budget). Shared, read-only. It checks a
+//!   placement and reads the experts it adds from the checkpoint into host memory.
+//! - [`ExpertStore`]: the experts held, on the node's backend. It has one owner, the compute
+//!   thread, which installs placements and runs dispatches one after another; everyone else
+//!   reads the [`Held`] snapshot it publishes after each change.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::Arc;
 
 use rayon::prelude::*;
-use switchyard_kernels::Device;
+use switchyard_kernels::{Backend, Device};
+use switchyard_model::ModelSpec;
+use switchyard_model::config::LayerMlp;
 use switchyard_model::layers::Exec;
-use switchyard_model::loader::load_experts;
-use switchyard_model::moe::Expert;
-use switchyard_model::moe::{Assignment, run_experts};
-use switchyard_model::{Arch, ModelSpec};
+use switchyard_model::loader::{ExpertWeights, load_experts};
+use switchyard_model::moe::{Assignment, Expert, ExpertLayer};
 use switchyard_proto::tensor;
 use switchyard_proto::v1::{DispatchRequest, ExpertId, Tensor};
+use tokio::sync::watch;
 
 use crate::error::NodeError;
-use crate::placement::ExpertSet;
 
-pub struct ExpertStore {
+/// The node's model, as far as placing experts needs it.
+pub struct Catalog {
     dir: PathBuf,
     spec: ModelSpec,
-    exec: Exec,
     budget: Option<usize>,
     /// Bytes of one expert's weights.
     expert_bytes: usize,
-    /// Swapped whole when the placement changes; dispatches read it.
-    held: RwLock<Held>,
-    /// The GPU holding the experts (`--device cuda:N`); `None`: RAM.
-    #[cfg(feature = "cuda")]
-    gpu: Option<std::sync::Arc<switchyard_kernels::cuda::Gpu>>,
 }
 
-struct Held {
-    layers: Vec<Vec<Option<Expert>>>,
-    ids: Vec<ExpertId>,
-    bytes: usize,
-    /// The same experts in device memory, where the store has a GPU.
-    #[cfg(feature = "cuda")]
-    device: Option<switchyard_model::gpu::GpuExperts>,
-}
-
-impl Held {
-    fn new(layers: Vec<Vec<Option<Expert>>>) -> Self {
-        let ids = layers
-            .iter()
-            .enumerate()
-            .flat_map(|(l, experts)| {
-                experts
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, x)| x.is_some())
-                    .map(move |(e, _)| ExpertId { layer: l as u32, expert: e as u32 })
-            })
-            .collect();
-        let bytes = layers.iter().flatten().flatten().map(Expert::size_in_bytes).sum();
-        Held {
-            layers,
-            ids,
-            bytes,
-            #[cfg(feature = "cuda")]
-            device: None,
-        }
-    }
-}
-
-impl ExpertStore {
-    /// Maps the experts of `set` from the checkpoint in `dir`, refuses the placement if they
-    /// exceed `budget` bytes, then reads them into memory so the first dispatch does not page
-    /// them in.
-    pub fn load(
-        dir: &Path,
-        set: &ExpertSet,
-        budget: Option<usize>,
-        device: Device,
-        progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Self, NodeError> {
-        let store = ExpertStore::open(dir, budget)?.on_device(device)?;
-        set.validate(store.spec.num_layers, store.spec.num_experts).map_err(NodeError::Placement)?;
-        let weights = load_experts(dir, &|l, e| set.contains(l, e), progress)?;
-        let held = Held::new(weights.layers);
-        if held.ids.is_empty() {
-            return Err(NodeError::EmptyPlacement);
-        }
-        store.check_budget(held.bytes, held.ids.len())?;
-        let held = store.resident(held)?;
-        *store.held.write().expect("held lock") = held;
-        Ok(store)
-    }
-
-    /// Keeps the experts on `device` from now on (`cpu`: in RAM, the default).
-    pub fn on_device(self, device: Device) -> Result<Self, NodeError> {
-        match device.ensure_available().map_err(|e| NodeError::Device(e.to_string()))? {
-            Device::Cpu => Ok(self),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => {
-                let gpu = switchyard_kernels::cuda::Gpu::open(n).map_err(|e| NodeError::Device(e.to_string()))?;
-                Ok(ExpertStore { gpu: Some(gpu), ..self })
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => unreachable!("ensure_available refuses CUDA in a build without it"),
-        }
-    }
-
-    fn on_gpu(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        return self.gpu.is_some();
-        #[cfg(not(feature = "cuda"))]
-        false
-    }
-
-    /// Makes freshly loaded experts ready to serve: copied to the GPU where the store has
-    /// one, otherwise read once so the first dispatch does not page them in.
-    fn resident(&self, held: Held) -> Result<Held, NodeError> {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            let layers: Vec<&[Option<Expert>]> = held.layers.iter().map(Vec::as_slice).collect();
-            let device = switchyard_model::gpu::GpuExperts::upload(gpu, &layers, self.exec.precision)?;
-            return Ok(Held { device: Some(device), ..held });
-        }
-        page_in(&held, &self.spec, &self.exec);
-        Ok(held)
-    }
-
-    /// A store holding no expert yet; the coordinator's placement fills it ([`Self::place`]).
+impl Catalog {
+    /// Reads `dir`'s config and measures one expert.
     pub fn open(dir: &Path, budget: Option<usize>) -> Result<Self, NodeError> {
         let spec = ModelSpec::from_dir(dir)?;
-        let first = spec.layer_mlps.iter().position(|m| *m == switchyard_model::config::LayerMlp::Moe);
+        let first = spec.layer_mlps.iter().position(|m| *m == LayerMlp::Moe);
         let expert_bytes = match first {
             Some(layer) => load_experts(dir, &|l, e| l == layer && e == 0, &mut |_, _| {})?.bytes(),
             None => 0,
         };
-        let empty = spec.layer_mlps.iter().map(|_| Vec::new()).collect();
-        Ok(ExpertStore {
-            dir: dir.to_path_buf(),
-            spec,
-            exec: Exec::default(),
-            budget,
-            expert_bytes,
-            held: RwLock::new(Held::new(empty)),
-            #[cfg(feature = "cuda")]
-            gpu: None,
-        })
-    }
-
-    fn check_budget(&self, needed: usize, experts: usize) -> Result<(), NodeError> {
-        match self.budget {
-            Some(budget) if needed > budget => Err(NodeError::OverBudget { needed, budget, experts }),
-            _ => Ok(()),
-        }
-    }
-
-    /// Makes the held experts exactly `target`: loads (and pages in) the ones missing, then
-    /// swaps them in and drops the ones no longer placed here. Blocking; dispatches keep
-    /// running on the old set until the swap.
-    pub fn place(&self, target: &BTreeSet<(u32, u32)>) -> Result<(), NodeError> {
-        for &(layer, expert) in target {
-            if layer as usize >= self.spec.num_layers
-                || expert as usize >= self.spec.num_experts
-                || self.spec.layer_mlps[layer as usize] != switchyard_model::config::LayerMlp::Moe
-            {
-                return Err(NodeError::Placement(format!(
-                    "layer {layer} expert {expert} is not an expert of this model"
-                )));
-            }
-        }
-        self.check_budget(target.len() * self.expert_bytes, target.len())?;
-        let missing: BTreeSet<(u32, u32)> = {
-            let held = self.held.read().expect("held lock");
-            target
-                .iter()
-                .filter(|&&(l, e)| held.layers[l as usize].get(e as usize).is_none_or(Option::is_none))
-                .copied()
-                .collect()
-        };
-        let mut loaded = if missing.is_empty() {
-            None
-        } else {
-            let weights = load_experts(&self.dir, &|l, e| missing.contains(&(l as u32, e as u32)), &mut |_, _| {})?;
-            let loaded = Held::new(weights.layers);
-            if !self.on_gpu() {
-                page_in(&loaded, &self.spec, &self.exec);
-            }
-            Some(loaded)
-        };
-        // The new set is assembled beside the old one (which keeps serving), then swapped in.
-        let mut layers: Vec<Vec<Option<Expert>>> = self.held.read().expect("held lock").layers.clone();
-        for (l, experts) in layers.iter_mut().enumerate() {
-            let mut fresh = loaded.as_mut().map(|h| std::mem::take(&mut h.layers[l]));
-            if experts.is_empty() {
-                experts.resize_with(fresh.as_ref().map_or(0, Vec::len), || None);
-            }
-            for (e, slot) in experts.iter_mut().enumerate() {
-                if !target.contains(&(l as u32, e as u32)) {
-                    *slot = None;
-                } else if slot.is_none() {
-                    *slot = fresh.as_mut().and_then(|f| f.get_mut(e)).and_then(Option::take);
-                }
-            }
-        }
-        // On a GPU the whole new set is uploaded (the loaded experts were not paged in).
-        let next = if self.on_gpu() { self.resident(Held::new(layers))? } else { Held::new(layers) };
-        let mut held = self.held.write().expect("held lock");
-        *held = next;
-        tracing::info!(experts = held.ids.len(), bytes = held.bytes, "placement applied");
-        Ok(())
+        Ok(Catalog { dir: dir.to_path_buf(), spec, budget, expert_bytes })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -212,16 +50,15 @@ impl ExpertStore {
     }
 
     pub fn model_type(&self) -> &'static str {
-        let arch: Arch = self.spec().arch;
-        arch.model_type()
+        self.spec.arch.model_type()
     }
 
-    pub fn held(&self) -> Vec<ExpertId> {
-        self.held.read().expect("held lock").ids.clone()
+    pub fn expert_bytes(&self) -> usize {
+        self.expert_bytes
     }
 
-    pub fn bytes(&self) -> usize {
-        self.held.read().expect("held lock").bytes
+    pub fn budget(&self) -> Option<usize> {
+        self.budget
     }
 
     /// Whether `experts` experts fit the memory budget.
@@ -229,21 +66,162 @@ impl ExpertStore {
         self.budget.is_none_or(|b| experts * self.expert_bytes <= b)
     }
 
-    pub fn expert_bytes(&self) -> usize {
-        self.expert_bytes
+    /// Checks every (layer, expert) of `target` is an expert of the model and the set fits the
+    /// memory budget.
+    pub fn check(&self, target: &BTreeSet<(u32, u32)>) -> Result<(), NodeError> {
+        let s = &self.spec;
+        for &(layer, expert) in target {
+            if layer as usize >= s.num_layers
+                || expert as usize >= s.num_experts
+                || s.layer_mlps[layer as usize] != LayerMlp::Moe
+            {
+                return Err(NodeError::Placement(format!(
+                    "layer {layer} expert {expert} is not an expert of this model"
+                )));
+            }
+        }
+        let needed = target.len() * self.expert_bytes;
+        match self.budget {
+            Some(budget) if needed > budget => Err(NodeError::OverBudget { needed, budget, experts: target.len() }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the experts `wanted` from the checkpoint into host memory (every page touched, so
+    /// the first dispatch does not wait on the disk). Blocking.
+    pub fn read(&self, wanted: &BTreeSet<(u32, u32)>) -> Result<ExpertWeights, NodeError> {
+        let weights = load_experts(&self.dir, &|l, e| wanted.contains(&(l as u32, e as u32)), &mut |_, _| {})?;
+        weights.layers.par_iter().flatten().flatten().for_each(page_in);
+        Ok(weights)
+    }
+}
+
+/// Reads one byte of every page of an expert's host weights.
+fn page_in(expert: &Expert) {
+    let weights: Vec<&switchyard_kernels::Weight> = match expert {
+        Expert::SwiGlu { gate, up, down } => vec![gate, up, down],
+        Expert::Interleaved { gate_up, down } => vec![gate_up, down],
+    };
+    for bytes in weights.iter().filter_map(|w| w.host_bytes()) {
+        std::hint::black_box(bytes.iter().step_by(4096).fold(0u8, |a, &b| a ^ b));
+    }
+}
+
+/// What the node holds: published by the store after every change.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Held {
+    pub ids: Vec<ExpertId>,
+    pub bytes: usize,
+}
+
+impl Held {
+    /// The held (layer, expert) pairs.
+    pub fn set(&self) -> BTreeSet<(u32, u32)> {
+        self.ids.iter().map(|x| (x.layer, x.expert)).collect()
+    }
+}
+
+/// The experts held, on the node's backend. Owned by the compute thread.
+pub struct ExpertStore {
+    catalog: Arc<Catalog>,
+    exec: Exec,
+    /// Per layer; `None` for dense layers.
+    layers: Vec<Option<ExpertLayer>>,
+    published: watch::Sender<Held>,
+}
+
+impl ExpertStore {
+    /// An empty store on `device`, and the receiver of its [`Held`] snapshots.
+    pub fn new(catalog: Arc<Catalog>, device: Device) -> Result<(Self, watch::Receiver<Held>), NodeError> {
+        let backend = switchyard_kernels::open(device)?;
+        let spec = catalog.spec();
+        let layers = spec
+            .layer_mlps
+            .iter()
+            .map(|m| match m {
+                LayerMlp::Dense => Ok(None),
+                LayerMlp::Moe => Ok(Some(ExpertLayer::new(
+                    &*backend,
+                    spec.activation,
+                    (0..spec.num_experts).map(|_| None).collect(),
+                )?)),
+            })
+            .collect::<Result<Vec<_>, NodeError>>()?;
+        let (published, held) = watch::channel(Held::default());
+        let exec = Exec::new(backend, switchyard_kernels::cpu::Precision::F32);
+        Ok((ExpertStore { catalog, exec, layers, published }, held))
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.exec.ops()
+    }
+
+    /// Makes the held experts exactly `target`: frees what it drops, then copies the experts
+    /// it adds (read into `loaded` beforehand) to the device one by one, and publishes the new
+    /// set. On an error part-way the store holds a subset of `target` (what it kept and what
+    /// was copied), published as such.
+    pub fn install(&mut self, target: &BTreeSet<(u32, u32)>, mut loaded: ExpertWeights) -> Result<(), NodeError> {
+        self.catalog.check(target)?;
+        let backend = self.exec.backend.clone();
+        let mut result = Ok(());
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let Some(layer) = layer else { continue };
+            let mut changes = Vec::new();
+            // Frees first, so the device never holds the dropped and the added together.
+            for e in layer.held().collect::<Vec<_>>() {
+                if !target.contains(&(l as u32, e as u32)) {
+                    changes.push((e, None));
+                }
+            }
+            for e in 0..layer.len() {
+                if result.is_err() || !target.contains(&(l as u32, e as u32)) || layer.is_held(e) {
+                    continue;
+                }
+                let host = loaded.layers.get_mut(l).and_then(|x| x.get_mut(e)).and_then(Option::take);
+                let Some(host) = host else {
+                    result =
+                        Err(NodeError::Placement(format!("layer {l} expert {e} was not read from the checkpoint")));
+                    continue;
+                };
+                match host.upload(&*backend) {
+                    Ok(expert) => changes.push((e, Some(expert))),
+                    Err(err) => result = Err(err.into()),
+                }
+            }
+            if let Err(e) = layer.update(&*backend, changes) {
+                result = result.and(Err(e.into()));
+            }
+        }
+        self.publish();
+        result
+    }
+
+    fn publish(&self) {
+        let mut held = Held::default();
+        for (l, layer) in self.layers.iter().enumerate() {
+            if let Some(layer) = layer {
+                held.ids.extend(layer.held().map(|e| ExpertId { layer: l as u32, expert: e as u32 }));
+                held.bytes += layer.size_in_bytes();
+            }
+        }
+        tracing::info!(experts = held.ids.len(), bytes = held.bytes, "placement applied");
+        self.published.send_replace(held);
     }
 
     /// Checks `req` and returns, per activation row, the weighted sum of the outputs of the
     /// experts routed to it.
     pub fn dispatch(&self, req: &DispatchRequest) -> Result<Tensor, NodeError> {
-        let spec = self.spec();
+        let spec = self.catalog.spec();
         let (id, layer) = (req.id, req.layer);
-        let held = self.held.read().expect("held lock");
-        let experts =
-            held.layers.get(layer as usize).ok_or(NodeError::UnknownLayer { id, layer, layers: spec.num_layers })?;
-        if spec.layer_mlps[layer as usize] != switchyard_model::config::LayerMlp::Moe {
-            return Err(NodeError::DenseLayer { id, layer });
-        }
+        let experts = match self.layers.get(layer as usize) {
+            None => return Err(NodeError::UnknownLayer { id, layer, layers: spec.num_layers }),
+            Some(None) => return Err(NodeError::DenseLayer { id, layer }),
+            Some(Some(experts)) => experts,
+        };
         let hidden = spec.hidden_size;
         let (x, rows) = tensor::to_f32(req.activations.as_ref(), "activations", hidden)
             .map_err(|source| NodeError::BadTensor { id, source })?;
@@ -270,26 +248,21 @@ impl ExpertStore {
                 let message = format!("route weight {weight} of token row {token} is not finite");
                 return Err(NodeError::BadRoutes { id, message });
             }
-            if experts.get(expert as usize).is_none_or(Option::is_none) {
+            if !experts.is_held(expert as usize) {
                 return Err(NodeError::NotHeld { id, layer, expert, epoch: req.epoch });
             }
             assignments.push(Assignment { token, expert, weight });
         }
-        #[cfg(feature = "cuda")]
-        if let Some(device) = &held.device {
-            use switchyard_model::moe::Experts;
-            let out = device.run(layer as usize, &x, hidden, &assignments)?;
-            return Ok(tensor::from_f32(&out, hidden));
-        }
-        let out = run_experts(experts, &x, hidden, &assignments, &self.exec).expect("every routed expert is held");
-        Ok(tensor::from_f32(&out, hidden))
+        let ops = self.exec.ops();
+        let x = match ops.device() {
+            Device::Cpu => switchyard_kernels::Tensor::host(rows, hidden, x)?,
+            Device::Cuda(_) => ops.upload(&x, rows, hidden)?,
+        };
+        let y = experts.run(&self.exec, layer as usize, &x, &assignments)?;
+        let out = match y.as_host() {
+            Some(host) => tensor::from_f32(host, hidden),
+            None => tensor::from_f32(&ops.download(&y)?, hidden),
+        };
+        Ok(out)
     }
-}
-
-/// Runs every expert of `held` once over a zero row: reads all of their weights.
-fn page_in(held: &Held, spec: &ModelSpec, exec: &Exec) {
-    let zeros = vec![0.0f32; spec.hidden_size];
-    held.layers.par_iter().flatten().flatten().for_each(|x| {
-        x.forward(&zeros, 1, exec);
-    });
 }

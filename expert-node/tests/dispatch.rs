@@ -32,7 +32,7 @@ fn config(experts: &str, budget: Option<usize>) -> Config {
         memory_budget: budget,
         threads: Some(1),
         device: switchyard_kernels::Device::Cpu,
-        fault_dispatch_delay_ms: 0,
+        faults: Default::default(),
     }
 }
 
@@ -107,7 +107,8 @@ async fn partial_sums_equal_the_in_process_experts_and_bad_dispatches_are_reject
     let model = tokio::task::spawn_blocking(|| Model::load(&mixtral())).await??;
     let assignments: Vec<Assignment> =
         routes.iter().map(|&(token, expert, weight)| Assignment { token, expert, weight }).collect();
-    let want = model.local_experts().run(1, &activations(3), 64, &assignments)?;
+    let x = switchyard_kernels::Tensor::host(3, 64, activations(3))?;
+    let want = model.experts().run(&model.exec, 1, &x, &assignments)?.into_host().expect("host memory");
     assert_eq!(got, want, "partial sums must be the in-process experts' bit for bit");
 
     // Each bad dispatch is refused with a status naming the problem; the stream stays open.
@@ -165,7 +166,7 @@ async fn partial_sums_equal_the_in_process_experts_and_bad_dispatches_are_reject
 
 #[test]
 fn placements_over_the_memory_budget_or_outside_the_model_are_refused() {
-    let whole = ExpertNode::load(config("all", None), &mut |_, _| {}).unwrap().store().bytes();
+    let whole = ExpertNode::load(config("all", None), &mut |_, _| {}).unwrap().held().bytes;
     match ExpertNode::load(config("all", Some(whole - 1)), &mut |_, _| {}) {
         Err(e @ NodeError::OverBudget { .. }) => {
             assert!(e.to_string().contains(&format!("needs {whole} bytes")), "{e}");
@@ -175,7 +176,7 @@ fn placements_over_the_memory_budget_or_outside_the_model_are_refused() {
     }
     // Half the experts fit in half the budget.
     let half = ExpertNode::load(config("0-3", Some(whole / 2)), &mut |_, _| {}).unwrap();
-    assert_eq!(half.store().bytes(), whole / 2);
+    assert_eq!(half.held().bytes, whole / 2);
     let err = ExpertNode::load(config("0-8", None), &mut |_, _| {}).err().unwrap().to_string();
     assert!(err.contains("expert 8 is out of range"), "{err}");
 }

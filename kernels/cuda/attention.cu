@@ -33,8 +33,9 @@ extern "C" __global__ void kv_write(const float* k, const float* v, float* cache
 }
 
 // Causal attention of each new token's query heads over its sequence's positions
-// `lo ..= pos` (lo = pos + 1 - window with a sliding window, else 0), with grouped-query
-// heads, and gpt-oss's per-head sink logit in the softmax denominator.
+// `lo ..= pos` (lo = pos + 1 - window with a sliding window, window >= 0; no window when
+// negative), with grouped-query heads, and gpt-oss's per-head sink logit in the softmax
+// denominator. A query that sees no position and has no sink gets zeros, as on the CPU.
 // grid (tokens, heads), block ATTN_WARPS warps; each warp takes every ATTN_WARPS-th position
 // with an online softmax, and the warps' partial results are merged at the end.
 extern "C" __global__ void paged_attention(const float* q, float* out, const float* cache, const int* pos,
@@ -48,7 +49,7 @@ extern "C" __global__ void paged_attention(const float* q, float* out, const flo
     const int g = h / (n_heads / s.n_kv_heads);
     const int* table = tables + table_at[t];
     const int p_end = pos[t];
-    const int lo = window > 0 ? max(0, p_end + 1 - window) : 0;
+    const int lo = window >= 0 ? max(0, p_end + 1 - window) : 0;
 
     const float* qh = q + ((long)t * n_heads + h) * hd;
     float qv[DIMS_PER_LANE], acc[DIMS_PER_LANE];
@@ -96,6 +97,6 @@ extern "C" __global__ void paged_attention(const float* q, float* out, const flo
         float v = 0.0f;
         for (int w = 0; w < ATTN_WARPS; ++w)
             if (part_l[w] > 0.0f) v += part_acc[w][d] * expf(part_m[w] - mm);
-        oh[d] = v / denom;
+        oh[d] = denom > 0.0f ? v / denom : 0.0f;
     }
 }

@@ -69,8 +69,8 @@ extern "C" __global__ void scale_rows_sigmoid(float* y, const float* g, int H, l
     GRID_STRIDE(i, rows * H) y[i] *= sigmoid(g[i / H]);
 }
 
-// out[r, :] = x[idx[r], :]; grid: output rows.
-extern "C" __global__ void gather_rows(const float* x, const int* idx, float* out, int H) {
+// out[r, :] = x[idx[r], :]; grid: output rows. The caller checks every index on the host.
+extern "C" __global__ void gather_rows(const float* x, const u32* idx, float* out, int H) {
     const float* src = x + (long)idx[blockIdx.x] * H;
     float* dst = out + (long)blockIdx.x * H;
     for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
@@ -79,7 +79,7 @@ extern "C" __global__ void gather_rows(const float* x, const int* idx, float* ou
 // Per row of `V` logits: the greedy token (arg max, ties to the lower id) and its
 // log-probability, -log Σ exp(x - max), summed in double as the CPU's log_softmax is. One
 // block per row.
-extern "C" __global__ void greedy_pick(const float* logits, int V, int* ids, float* logprobs) {
+extern "C" __global__ void greedy_pick(const float* logits, int V, u32* ids, float* logprobs) {
     __shared__ float best_v[WARP];
     __shared__ int best_i[WARP];
     __shared__ double partial[WARP];
@@ -112,7 +112,7 @@ extern "C" __global__ void greedy_pick(const float* logits, int V, int* ids, flo
     s = lane < warps ? partial[lane] : 0.0;
     for (int o = WARP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (threadIdx.x == 0) {
-        ids[blockIdx.x] = bi < V ? bi : 0;  // no finite maximum in the row: id 0, as on the CPU
+        ids[blockIdx.x] = bi < V ? (u32)bi : 0u;  // no finite maximum in the row: id 0, as on the CPU
         logprobs[blockIdx.x] = (float)(-log(s));
     }
 }

@@ -18,7 +18,7 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i) {
 //   mode 0: softmax over all experts, then top-k (weights renormalised over the k if
 //           `renormalize`): Mixtral, Qwen, OLMoE.
 //   mode 1: top-k of the logits, then softmax over the k: gpt-oss.
-extern "C" __global__ void topk_gate(const float* logits, int* ids, float* weights, int tokens, int E, int k,
+extern "C" __global__ void topk_gate(const float* logits, u32* ids, float* weights, int tokens, int E, int k,
                                      int mode, int renormalize) {
     const int lane = threadIdx.x % WARP;
     const int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
@@ -66,7 +66,7 @@ extern "C" __global__ void topk_gate(const float* logits, int* ids, float* weigh
             if (j * WARP + lane == bi) v[j] = NEG_INF;
         if (r == 0) first = bv;
         if (lane == r) picked_v = bv;
-        if (lane == 0) ids[(long)t * k + r] = bi;
+        if (lane == 0) ids[(long)t * k + r] = (u32)bi;
         sum += mode == 0 ? bv : expf(bv - first);
     }
     if (lane < k) {
@@ -78,14 +78,16 @@ extern "C" __global__ void topk_gate(const float* logits, int* ids, float* weigh
 }
 
 // out[t, :] = Σ_j w[j] · y[src[j], :] over the entries j = start[t] .. start[t + 1] of token
-// t, in the order given (expert order, as the CPU path adds them). grid: tokens.
-extern "C" __global__ void combine_rows(const float* y, const int* start, const int* src, const float* w, float* out,
+// t, in the order given (expert order), from 0. The product and the sum are rounded
+// separately (no fused multiply-add), as the CPU backend computes them, so both backends
+// give the same bits. The caller checks the lists on the host. grid: tokens.
+extern "C" __global__ void combine_rows(const float* y, const u32* start, const u32* src, const float* w, float* out,
                                         int H) {
     const int t = blockIdx.x;
-    const int a = start[t], b = start[t + 1];
+    const u32 a = start[t], b = start[t + 1];
     for (int c = threadIdx.x; c < H; c += blockDim.x) {
         float acc = 0.0f;
-        for (int j = a; j < b; ++j) acc += y[(long)src[j] * H + c] * w[j];
+        for (u32 j = a; j < b; ++j) acc = __fadd_rn(acc, __fmul_rn(y[(long)src[j] * H + c], w[j]));
         out[(long)t * H + c] = acc;
     }
 }

@@ -28,7 +28,7 @@ impl Device {
                 }
             }
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(KernelError::NotCompiledWithCuda(self.to_string())),
+            Device::Cuda(_) => Err(KernelError::NotCompiledWithCuda { device: self.to_string() }),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
-use switchyard_kernels::{DType, Weights};
+use switchyard_kernels::{DType, HostBytes, Weight, Weights};
 
 use crate::error::{ModelError, Result};
 
@@ -30,6 +30,12 @@ impl Backing {
                 unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 8) }
             }
         }
+    }
+}
+
+impl AsRef<[u8]> for Backing {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
     }
 }
 
@@ -111,6 +117,24 @@ impl Tensor {
 
     pub fn to_f32_vec(&self) -> Vec<f32> {
         self.weights().to_f32_vec()
+    }
+
+    /// The bytes, shared with the mapped file (no copy).
+    pub fn host_bytes(&self) -> HostBytes {
+        HostBytes::new(self.backing.clone(), self.offset..self.offset + self.size_in_bytes())
+            .expect("a tensor's bytes lie inside its file")
+    }
+
+    /// This matrix (`[out, in]`) and an optional `bias` (`[out]`) as a host [`Weight`].
+    pub fn to_weight(&self, bias: Option<&Tensor>) -> Result<Weight> {
+        let &[rows, cols] = self.shape.as_slice() else {
+            return Err(ModelError::ShapeMismatch {
+                tensor: self.name.to_string(),
+                expected: vec![0, 0],
+                got: self.shape.clone(),
+            });
+        };
+        Ok(Weight::host(self.dtype.into(), rows, cols, self.host_bytes(), bias.map(Tensor::to_f32_vec))?)
     }
 
     /// Checks the shape, naming the tensor when it differs.

@@ -73,15 +73,9 @@ pub struct RopeSpec {
     pub scaling: RopeScaling,
 }
 
-/// How the gate turns logits into (expert, weight) pairs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Routing {
-    /// Softmax over all experts, keep the top k, optionally renormalise them
-    /// (Mixtral, Qwen-MoE, OLMoE).
-    SoftmaxTopK { renormalize: bool },
-    /// Top k logits, then softmax over those k (gpt-oss).
-    TopKSoftmax,
-}
+/// How the gate turns logits into (expert, weight) pairs: the kernels' [`Gate`], which runs
+/// it on every backend.
+pub use switchyard_kernels::backend::Gate as Routing;
 
 /// The expert MLP's activation.
 #[derive(Clone, Copy, Debug, PartialEq)]

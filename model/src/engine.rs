@@ -4,12 +4,14 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
 use serde::Serialize;
+use switchyard_kernels::Device;
+use switchyard_kernels::cpu::Precision;
 use switchyard_kernels::cpu::routing::{log_softmax, top_k};
 
 use crate::error::{ModelError, Result};
-use std::sync::Arc;
-
 use crate::kv_cache::{KvPool, SeqCache, blocks_for};
 use crate::model::{Chunk, Model};
 use crate::moe::Experts;
@@ -108,49 +110,79 @@ enum Scores {
     Picked((u32, f32)),
 }
 
+/// Where and how an [`Engine`] runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineOptions {
+    /// Where the weights, the KV cache and the forward pass live.
+    pub device: Device,
+    /// Bytes of the KV cache every sequence reserves from; `None`: one whole context.
+    pub kv_bytes: Option<usize>,
+    pub precision: Precision,
+}
+
 pub struct Engine {
     pub model: Model,
     pub tokenizer: Option<Tokenizer>,
     pub eos_token_ids: Vec<u32>,
     /// Where the MoE layers' experts run; `None`: the experts loaded in `model`.
     pub experts: Option<Box<dyn Experts>>,
-    /// The KV blocks sequences share; `None`: each sequence gets its own, sized to the context.
-    pub kv_pool: Option<Arc<KvPool>>,
+    /// The KV blocks sequences share, on the model's device.
+    pub kv_pool: Arc<KvPool>,
 }
 
 impl Engine {
     /// Loads the model, tokenizer and generation config in `dir`.
-    pub fn load(dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
-        let model = Model::load_with(dir, &|_, _| true, progress)?;
-        Self::with_model(dir, model, None)
+    pub fn load(dir: &Path, options: &EngineOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let model = Model::load_with(dir, options.device, &|_, _| true, progress)?;
+        Self::with_model(dir, model, None, options)
     }
 
     /// Loads everything in `dir` but the experts, which run on `experts` (a router's
     /// dispatcher to expert nodes).
-    pub fn load_dense(dir: &Path, experts: Box<dyn Experts>, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
-        let model = Model::load_with(dir, &|_, _| false, progress)?;
-        Self::with_model(dir, model, Some(experts))
-    }
-
-    /// Moves the model to `device` (its weights, the experts it holds, and a KV arena of
-    /// `kv_bytes` that every sequence then reserves from). `cpu` changes nothing.
-    pub fn to_device(
-        &mut self,
-        device: switchyard_kernels::Device,
-        kv_bytes: usize,
+    pub fn load_dense(
+        dir: &Path,
+        experts: Box<dyn Experts>,
+        options: &EngineOptions,
         progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<()> {
-        self.model.to_device(device, kv_bytes, progress)?;
-        if let Some(pool) = self.model.device_kv_pool() {
-            self.kv_pool = Some(pool);
-        }
-        Ok(())
+    ) -> Result<Self> {
+        let model = Model::load_with(dir, options.device, &|_, _| false, progress)?;
+        Self::with_model(dir, model, Some(experts), options)
     }
 
-    fn with_model(dir: &Path, model: Model, experts: Option<Box<dyn Experts>>) -> Result<Self> {
+    fn with_model(
+        dir: &Path,
+        mut model: Model,
+        experts: Option<Box<dyn Experts>>,
+        options: &EngineOptions,
+    ) -> Result<Self> {
+        model.exec.precision = options.precision;
         let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
         let eos_token_ids = tokenizer::eos_token_ids(dir, tokenizer.as_ref(), &model.spec.eos_token_ids)?;
-        Ok(Engine { model, tokenizer, eos_token_ids, experts, kv_pool: None })
+        let kv_pool = Self::pool(&model, options.kv_bytes)?;
+        Ok(Engine { model, tokenizer, eos_token_ids, experts, kv_pool })
+    }
+
+    fn pool(model: &Model, kv_bytes: Option<usize>) -> Result<Arc<KvPool>> {
+        let spec = &model.spec;
+        let pool = match kv_bytes {
+            Some(bytes) => KvPool::with_bytes(model.exec.ops(), spec, bytes)?,
+            None => model.kv_pool(blocks_for(spec.max_context))?,
+        };
+        if pool.capacity() == 0 {
+            return Err(ModelError::InvalidRequest(format!(
+                "a KV cache of {} bytes holds no block ({} bytes each)",
+                kv_bytes.unwrap_or(0),
+                pool.block_bytes()
+            )));
+        }
+        tracing::info!(blocks = pool.capacity(), block_bytes = pool.block_bytes(), device = %pool.device(), "KV cache");
+        Ok(pool)
+    }
+
+    /// Replaces the KV cache with one of `bytes` (sequences already started keep theirs).
+    pub fn set_kv_bytes(&mut self, bytes: usize) -> Result<()> {
+        self.kv_pool = Self::pool(&self.model, Some(bytes))?;
+        Ok(())
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
@@ -195,18 +227,13 @@ impl Engine {
     /// KV blocks in the shared pool (an error if the pool has not enough available now).
     pub fn start(&self, req: GenerateRequest) -> Result<Sequence> {
         self.validate(&req)?;
-        let spec = &self.model.spec;
-        let cache = match &self.kv_pool {
-            None => SeqCache::new(spec),
-            Some(pool) => {
-                let tokens = Self::kv_tokens(&req);
-                SeqCache::reserve(pool, spec, tokens).ok_or_else(|| ModelError::KvCacheFull {
-                    blocks: blocks_for(tokens),
-                    available: pool.available(),
-                    capacity: pool.capacity(),
-                })?
-            }
-        };
+        let pool = &self.kv_pool;
+        let tokens = Self::kv_tokens(&req);
+        let cache = SeqCache::reserve(pool, tokens).ok_or_else(|| ModelError::KvCacheFull {
+            blocks: blocks_for(tokens),
+            available: pool.available(),
+            capacity: pool.capacity(),
+        })?;
         Ok(Sequence {
             cache,
             sampler: Sampler::new(req.sampling.clone()),
@@ -277,16 +304,15 @@ impl Engine {
             chunks.push(Chunk { tokens, cache });
         }
         let experts = self.experts.as_deref();
-        let picks = if greedy { self.model.forward_greedy(&mut chunks, experts)? } else { None };
-        let logits = match (&picks, experts) {
-            (Some(_), _) => Vec::new(),
-            (None, Some(experts)) => self.model.forward_with(&mut chunks, experts)?,
-            (None, None) => self.model.forward(&mut chunks)?,
+        let (picks, logits) = if greedy {
+            (Some(self.model.greedy(&mut chunks, experts)?.into_iter()), Vec::new())
+        } else {
+            (None, self.model.logits(&mut chunks, experts)?)
         };
         drop(chunks);
 
         let mut logits = logits.into_iter();
-        let mut picks = picks.map(Vec::into_iter);
+        let mut picks = picks;
         let mut out = vec![None; seqs.len()];
         for ((feed, s), slot) in feeds.into_iter().zip(seqs.iter_mut()).zip(&mut out) {
             let Some(range) = feed else { continue };

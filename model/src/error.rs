@@ -38,16 +38,33 @@ pub enum ModelError {
     Dispatch { layer: usize, reason: String },
     #[error("the request needs {blocks} KV-cache blocks; {available} of {capacity} are free")]
     KvCacheFull { blocks: usize, available: usize, capacity: usize },
-    #[error("device: {0}")]
-    Device(String),
+    #[error(transparent)]
+    Kernel(#[from] switchyard_kernels::KernelError),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
-impl From<switchyard_kernels::KernelError> for ModelError {
-    fn from(e: switchyard_kernels::KernelError) -> Self {
-        ModelError::Device(e.to_string())
+impl ModelError {
+    /// Whether the device ran out of memory (the same work may fit elsewhere).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, ModelError::Kernel(k) if k.is_out_of_memory())
     }
+
+    /// Whether the device failed in a way that makes everything it computes suspect; the
+    /// process must stop serving.
+    pub fn is_device_fault(&self) -> bool {
+        matches!(self, ModelError::Kernel(k) if k.is_device_fault())
+    }
+}
+
+/// The message of a panic caught with `catch_unwind` (engine and compute threads log it as the
+/// cause of their failure).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

@@ -1,22 +1,42 @@
-//! The dense building blocks: linear layers, attention projections and the SwiGLU MLP.
+//! The dense building blocks, on whatever backend the model runs on: [`Exec`] (the backend,
+//! the product precision and a count of the weight bytes read), the SwiGLU [`Mlp`] and the
+//! attention block's weights.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use switchyard_kernels::cpu::{self, Precision, activation};
+use switchyard_kernels::cpu::Precision;
+use switchyard_kernels::{Backend, CpuBackend, Tensor, Weight};
 
-use crate::checkpoint::Tensor;
+use crate::error::Result;
 
-/// How a forward pass executes: the product [`Precision`], and a count of the weight bytes it
-/// streams (the benchmark's bandwidth floor).
-#[derive(Default, Debug)]
+/// How a forward pass executes: on which [`Backend`], at which product [`Precision`], and a
+/// count of the weight bytes it streams (the benchmark's bandwidth floor).
 pub struct Exec {
+    pub backend: Arc<dyn Backend>,
     pub precision: Precision,
     streamed: AtomicUsize,
 }
 
 impl Exec {
-    pub fn new(precision: Precision) -> Self {
-        Exec { precision, streamed: AtomicUsize::new(0) }
+    pub fn new(backend: Arc<dyn Backend>, precision: Precision) -> Self {
+        Exec { backend, precision, streamed: AtomicUsize::new(0) }
+    }
+
+    /// Host memory, exact (`f32`) products.
+    pub fn cpu() -> Self {
+        Self::new(Arc::new(CpuBackend), Precision::F32)
+    }
+
+    /// The backend's operations.
+    pub fn ops(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// `x · Wᵀ (+ bias)`, counting the weight's bytes.
+    pub fn linear(&self, x: &Tensor, w: &Weight) -> Result<Tensor> {
+        self.add(w.size_in_bytes());
+        Ok(self.backend.linear(x, w, self.precision)?)
     }
 
     pub fn add(&self, bytes: usize) {
@@ -29,60 +49,26 @@ impl Exec {
     }
 }
 
-/// `y = x · Wᵀ + b` with `W` `[out, in]` in its checkpoint dtype.
+impl std::fmt::Debug for Exec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Exec({}, {:?})", self.backend.describe(), self.precision)
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))` (dense layers and shared experts).
 #[derive(Clone, Debug)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Vec<f32>>,
+pub struct Mlp {
+    pub gate: Weight,
+    pub up: Weight,
+    pub down: Weight,
 }
 
-impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias: bias.map(|b| b.to_f32_vec()) }
-    }
-
-    pub fn out_features(&self) -> usize {
-        self.weight.shape()[0]
-    }
-
-    pub fn in_features(&self) -> usize {
-        self.weight.shape()[1]
-    }
-
-    /// `m` rows of `x` → a new `[m, out]` buffer.
-    pub fn forward(&self, x: &[f32], m: usize, exec: &Exec) -> Vec<f32> {
-        let mut out = vec![0.0; m * self.out_features()];
-        self.forward_into(x, m, &mut out, exec);
-        out
-    }
-
-    pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32], exec: &Exec) {
-        let (n, k) = (self.out_features(), self.in_features());
-        exec.add(self.weight.size_in_bytes());
-        cpu::linear_with(x, self.weight.weights(), self.bias.as_deref(), out, [m, n, k], exec.precision);
-    }
-
-    pub fn size_in_bytes(&self) -> usize {
-        self.weight.size_in_bytes()
-    }
-}
-
-/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))` (dense layers, Qwen2-MoE's shared expert,
-/// and the experts of every architecture but gpt-oss).
-#[derive(Clone, Debug)]
-pub struct SwiGluMlp {
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
-}
-
-impl SwiGluMlp {
-    pub fn forward(&self, x: &[f32], m: usize, exec: &Exec) -> Vec<f32> {
-        let gate = self.gate.forward(x, m, exec);
-        let up = self.up.forward(x, m, exec);
-        let mut act = vec![0.0; gate.len()];
-        activation::swiglu(&gate, &up, &mut act);
-        self.down.forward(&act, m, exec)
+impl Mlp {
+    pub fn forward(&self, exec: &Exec, x: &Tensor) -> Result<Tensor> {
+        let gate = exec.linear(x, &self.gate)?;
+        let up = exec.linear(x, &self.up)?;
+        let act = exec.ops().swiglu(&gate, &up)?;
+        exec.linear(&act, &self.down)
     }
 
     pub fn size_in_bytes(&self) -> usize {
@@ -91,14 +77,22 @@ impl SwiGluMlp {
 }
 
 /// The attention block's weights.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct AttentionWeights {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub q_norm: Option<Vec<f32>>,
-    pub k_norm: Option<Vec<f32>>,
-    pub sinks: Option<Vec<f32>>,
+    pub q: Weight,
+    pub k: Weight,
+    pub v: Weight,
+    pub o: Weight,
+    /// Per head (`head_dim` wide) or over the whole projection.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// One logit per query head (gpt-oss).
+    pub sinks: Option<Tensor>,
     pub sliding_window: Option<usize>,
+}
+
+impl AttentionWeights {
+    pub fn size_in_bytes(&self) -> usize {
+        self.q.size_in_bytes() + self.k.size_in_bytes() + self.v.size_in_bytes() + self.o.size_in_bytes()
+    }
 }

@@ -12,11 +12,12 @@
 //! - [`tokenizer`]: `tokenizer.json` and the end-of-sequence ids.
 //! - [`chat`]: chat templates rendered as transformers renders them.
 //! - [`rope`]: rotary tables (default, linear, dynamic NTK, YaRN).
-//! - [`layers`]: linear layers, SwiGLU MLP, attention weights.
-//! - [`moe`]: the gate ([`moe::route`]) and the experts ([`moe::run_experts`]), kept apart.
-//! - [`kv_cache`]: the paged KV cache (fixed-size blocks from a pool).
-//! - [`model`]: [`Model`], the batched forward pass.
-//! - `gpu` (feature `cuda`): the forward pass and the experts in CUDA device memory.
+//! - [`layers`]: [`layers::Exec`] (backend, precision, bytes read), the SwiGLU MLP, attention
+//!   weights.
+//! - [`moe`]: the gate ([`moe::route`]) and the experts ([`moe::ExpertLayer`]), kept apart.
+//! - [`kv_cache`]: the paged KV cache (fixed-size blocks of one arena per pool).
+//! - [`model`]: [`Model`], the batched forward pass, written once over the kernels'
+//!   [`Backend`](switchyard_kernels::Backend): the same code runs on the CPU and on a GPU.
 //! - [`sampling`]: greedy / temperature / top-k / top-p with a seeded generator.
 //! - [`engine`]: [`Engine`], generation for one or many prompts.
 //! - [`units`]: byte counts such as `8GiB` on the command line.
@@ -28,8 +29,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
-#[cfg(feature = "cuda")]
-pub mod gpu;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;
@@ -43,7 +42,7 @@ pub mod units;
 
 pub use checkpoint::{Checkpoint, Tensor};
 pub use config::{Arch, ModelSpec};
-pub use engine::{Engine, FinishReason, GenerateRequest, GeneratedToken, Generation, Sequence};
+pub use engine::{Engine, EngineOptions, FinishReason, GenerateRequest, GeneratedToken, Generation, Sequence};
 pub use error::{ModelError, Result};
 pub use kv_cache::SeqCache;
 pub use model::{Chunk, Model};

@@ -1,22 +1,27 @@
-//! Maps each architecture's Hugging Face tensor names onto [`Model`] weights.
+//! Maps each architecture's Hugging Face tensor names onto [`Model`](crate::Model) weights,
+//! placing each on the model's backend as it is read (on the CPU the weights stay views into
+//! the memory-mapped files).
 //!
 //! Expert weights come in the layouts the Hub ships: one tensor per expert
 //! (`mlp.experts.N.gate_proj`, Mixtral's `block_sparse_moe.experts.N.w1`) or fused 3-D
 //! tensors (`mlp.experts.gate_up_proj` `[E, 2I, H]`; gpt-oss `[E, H, 2I]` interleaved,
 //! stored input-major and transposed here once).
 
-use crate::checkpoint::{Checkpoint, Tensor};
+use switchyard_kernels::{Backend, CpuBackend, Tensor, Weight};
+
+use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Arch, ExpertActivation, LayerMlp, ModelSpec, QkNorm};
 use crate::error::{ModelError, Result};
-use crate::layers::{AttentionWeights, Linear, SwiGluMlp};
+use crate::layers::{AttentionWeights, Mlp};
 use crate::model::{FeedForward, Layer};
-use crate::moe::{Expert, MoeBlock, SharedExpert};
+use crate::moe::{Expert, ExpertLayer, MoeBlock, SharedExpert};
 
 /// Which experts a process loads: all of them (single process) or a placement's share.
 pub type ExpertFilter<'a> = &'a dyn Fn(usize, usize) -> bool;
 
-/// Experts without any dense weight: what an expert node holds. `layers[l][e]` is `None`
-/// where not kept; dense layers have no entries.
+/// Experts without any dense weight, in host memory: what an expert node reads from the
+/// checkpoint before placing them on its device. `layers[l][e]` is `None` where not kept;
+/// dense layers have no entries.
 pub struct ExpertWeights {
     pub spec: ModelSpec,
     pub layers: Vec<Vec<Option<Expert>>>,
@@ -42,12 +47,12 @@ pub fn load_experts(
     }
     let spec = ModelSpec::from_dir(dir)?;
     let ckpt = Checkpoint::open(dir)?;
-    let names = Names { ckpt: &ckpt, spec: &spec };
+    let names = Names { ckpt: &ckpt, spec: &spec, backend: &CpuBackend };
     let mut layers = Vec::with_capacity(spec.num_layers);
     for l in 0..spec.num_layers {
         layers.push(match spec.layer_mlps[l] {
             LayerMlp::Dense => Vec::new(),
-            LayerMlp::Moe => names.experts(l, &names.moe_prefix(l), keep)?,
+            LayerMlp::Moe => names.experts(&names.moe_prefix(l), &|x| keep(l, x))?,
         });
         progress(l + 1, spec.num_layers);
     }
@@ -57,35 +62,43 @@ pub fn load_experts(
 pub(crate) struct Names<'a> {
     pub ckpt: &'a Checkpoint,
     pub spec: &'a ModelSpec,
+    /// Where the weights go as they are read.
+    pub backend: &'a dyn Backend,
 }
 
 impl Names<'_> {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<checkpoint::Tensor> {
         self.ckpt.get(name)?.expect_shape(shape)
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        Ok(self.tensor(name, &[len])?.to_f32_vec())
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        let v = self.tensor(name, &[len])?.to_f32_vec();
+        Ok(self.backend.upload(&v, 1, len)?)
     }
 
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    fn weight(&self, w: &checkpoint::Tensor, bias: Option<&checkpoint::Tensor>) -> Result<Weight> {
+        Ok(self.backend.upload_weight(&w.to_weight(bias)?)?)
+    }
+
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Weight> {
         let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
         let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?) } else { None };
-        Ok(Linear::new(w, b))
+        self.weight(&w, b.as_ref())
     }
 
-    pub fn embed(&self) -> Result<Tensor> {
-        self.tensor("model.embed_tokens.weight", &[self.spec.vocab_size, self.spec.hidden_size])
+    pub fn embed(&self) -> Result<Weight> {
+        let t = self.tensor("model.embed_tokens.weight", &[self.spec.vocab_size, self.spec.hidden_size])?;
+        self.weight(&t, None)
     }
 
-    pub fn final_norm(&self) -> Result<Vec<f32>> {
+    pub fn final_norm(&self) -> Result<Tensor> {
         self.vector("model.norm.weight", self.spec.hidden_size)
     }
 
-    pub fn lm_head(&self) -> Result<Linear> {
+    pub fn lm_head(&self) -> Result<Weight> {
         let s = self.spec;
         if s.tie_word_embeddings && !self.ckpt.contains("lm_head.weight") {
-            return Ok(Linear::new(self.embed()?, None));
+            return self.embed();
         }
         self.linear("lm_head", s.vocab_size, s.hidden_size, false)
     }
@@ -131,9 +144,9 @@ impl Names<'_> {
         })
     }
 
-    fn mlp(&self, p: &str, width: usize) -> Result<SwiGluMlp> {
+    fn mlp(&self, p: &str, width: usize) -> Result<Mlp> {
         let h = self.spec.hidden_size;
-        Ok(SwiGluMlp {
+        Ok(Mlp {
             gate: self.linear(&format!("{p}.gate_proj"), width, h, false)?,
             up: self.linear(&format!("{p}.up_proj"), width, h, false)?,
             down: self.linear(&format!("{p}.down_proj"), h, width, false)?,
@@ -155,7 +168,8 @@ impl Names<'_> {
             Arch::GptOss => self.linear(&format!("{p}.router"), e, h, s.router_bias)?,
             _ => self.linear(&format!("{p}.gate"), e, h, false)?,
         };
-        let experts = self.experts(l, &p, keep)?;
+        let keep_layer = |x: usize| keep(l, x);
+        let experts = self.experts(&p, &keep_layer)?;
         let shared = match s.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
                 mlp: self.mlp(&format!("{p}.shared_expert"), width)?,
@@ -163,18 +177,25 @@ impl Names<'_> {
             }),
             None => None,
         };
-        Ok(MoeBlock { gate, routing: s.routing, top_k: s.experts_per_token, experts, shared })
+        Ok(MoeBlock {
+            gate,
+            routing: s.routing,
+            top_k: s.experts_per_token,
+            experts: ExpertLayer::new(self.backend, s.activation, experts)?,
+            shared,
+        })
     }
 
-    fn experts(&self, l: usize, p: &str, keep: ExpertFilter<'_>) -> Result<Vec<Option<Expert>>> {
-        (0..self.spec.num_experts).map(|x| if keep(l, x) { self.expert(p, x).map(Some) } else { Ok(None) }).collect()
+    /// The experts of the MoE layer at `p` that `keep(expert)` accepts.
+    fn experts(&self, p: &str, keep: &dyn Fn(usize) -> bool) -> Result<Vec<Option<Expert>>> {
+        (0..self.spec.num_experts).map(|x| if keep(x) { self.expert(p, x).map(Some) } else { Ok(None) }).collect()
     }
 
     fn expert(&self, p: &str, x: usize) -> Result<Expert> {
         let s = self.spec;
         let (h, i, e) = (s.hidden_size, s.expert_intermediate_size, s.num_experts);
         let fused = format!("{p}.experts.gate_up_proj");
-        if let ExpertActivation::ClampedSwiGlu { alpha, limit } = s.activation {
+        if let ExpertActivation::ClampedSwiGlu { .. } = s.activation {
             // gpt-oss: [E, H, 2I] and [E, I, H], input-major.
             let gate_up = self.tensor(&fused, &[e, h, 2 * i])?.index(x).transposed();
             let gate_up_bias = self.tensor(&format!("{fused}_bias"), &[e, 2 * i])?.index(x);
@@ -182,31 +203,29 @@ impl Names<'_> {
             let down = self.tensor(&down_name, &[e, i, h])?.index(x).transposed();
             let down_bias = self.tensor(&format!("{down_name}_bias"), &[e, h])?.index(x);
             return Ok(Expert::Interleaved {
-                gate_up: Linear::new(gate_up, Some(gate_up_bias)),
-                down: Linear::new(down, Some(down_bias)),
-                alpha,
-                limit,
+                gate_up: self.weight(&gate_up, Some(&gate_up_bias))?,
+                down: self.weight(&down, Some(&down_bias))?,
             });
         }
         for (g, u, d) in [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")] {
             let ep = format!("{p}.experts.{x}");
             if self.ckpt.contains(&format!("{ep}.{g}.weight")) {
-                return Ok(Expert::SwiGlu(SwiGluMlp {
+                return Ok(Expert::SwiGlu {
                     gate: self.linear(&format!("{ep}.{g}"), i, h, false)?,
                     up: self.linear(&format!("{ep}.{u}"), i, h, false)?,
                     down: self.linear(&format!("{ep}.{d}"), h, i, false)?,
-                }));
+                });
             }
         }
         if self.ckpt.contains(&fused) {
             // transformers 5 fused layout: [E, 2I, H] (gate rows, then up rows) and [E, H, I].
             let gate_up = self.tensor(&fused, &[e, 2 * i, h])?.index(x);
             let down = self.tensor(&format!("{p}.experts.down_proj"), &[e, h, i])?.index(x);
-            return Ok(Expert::SwiGlu(SwiGluMlp {
-                gate: Linear::new(gate_up.rows(0, i), None),
-                up: Linear::new(gate_up.rows(i, 2 * i), None),
-                down: Linear::new(down, None),
-            }));
+            return Ok(Expert::SwiGlu {
+                gate: self.weight(&gate_up.rows(0, i), None)?,
+                up: self.weight(&gate_up.rows(i, 2 * i), None)?,
+                down: self.weight(&down, None)?,
+            });
         }
         Err(ModelError::MissingTensor(format!("{p}.experts.{x}.gate_proj.weight (or {fused})")))
     }

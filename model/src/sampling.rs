@@ -125,16 +125,7 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value; the first one on ties.
-pub fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+pub use switchyard_kernels::cpu::routing::argmax;
 
 #[cfg(test)]
 mod tests {

@@ -14,9 +14,9 @@ fn fixture(arch: &str) -> PathBuf {
 
 fn logits(dir: &Path) -> Result<Vec<f32>> {
     let model = Model::load(dir)?;
-    let mut cache = SeqCache::new(&model.spec);
     let tokens = [0u32, 17, 300, 42, 99, 7, 250, 18, 3];
-    Ok(model.forward(&mut [Chunk { tokens: &tokens, cache: &mut cache }])?.remove(0))
+    let mut cache = SeqCache::reserve(&model.kv_pool(1)?, tokens.len()).expect("a pool of its own");
+    Ok(model.logits(&mut [Chunk { tokens: &tokens, cache: &mut cache }], None)?.remove(0))
 }
 
 /// Copies the non-weight files of a fixture and writes its tensors (converted by `map`) as

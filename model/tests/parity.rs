@@ -7,31 +7,23 @@
 //!
 //! Every test runs twice with the same body: on the CPU, and (`..._on_cuda`) on `cuda:0`
 //! with the weights, experts and KV cache in GPU memory. The CUDA variants need a build with
-//! `--features cuda` and a GPU; elsewhere they print why they skipped.
+//! `--features cuda` and a GPU: they are `#[ignore]`d, so the test runner reports them as
+//! skipped; on a GPU machine `cargo nextest run --features switchyard/cuda --run-ignored only`
+//! runs them.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use switchyard_kernels::Device;
-use switchyard_model::{Chunk, Engine, FinishReason, GenerateRequest, Model, SamplingParams, SeqCache};
+use switchyard_model::{Chunk, Engine, EngineOptions, FinishReason, GenerateRequest, Model, SamplingParams, SeqCache};
 
 const TOLERANCE: f32 = 1e-3;
 /// The device KV arena of a test engine (the fixtures are tiny).
 const KV_BYTES: usize = 64 << 20;
 
-/// `cuda:0` where this build and machine can run it; otherwise prints why not.
-fn cuda() -> Option<Device> {
-    match Device::Cuda(0).ensure_available() {
-        Ok(d) => Some(d),
-        Err(e) => {
-            println!("skipped: {e}");
-            None
-        }
-    }
-}
-
-/// One test body per device: `$cpu` on the CPU, `$cuda` on `cuda:0` (skipped without one).
+/// One test body per device: `$cpu` on the CPU, `$cuda` on `cuda:0` (ignored unless asked
+/// for: it needs a GPU).
 macro_rules! on_each_device {
     ($(#[$doc:meta])* $cpu:ident, $cuda:ident, |$device:ident| $body:block) => {
         $(#[$doc])*
@@ -43,31 +35,31 @@ macro_rules! on_each_device {
 
         $(#[$doc])*
         #[test]
+        #[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
         fn $cuda() -> Result<()> {
-            let Some($device) = cuda() else { return Ok(()) };
+            let $device = Device::Cuda(0);
             $body
         }
     };
 }
 
 fn load_engine(dir: &Path, device: Device) -> Result<Engine> {
-    let mut engine = Engine::load(dir, &mut |_, _| {})?;
-    engine.to_device(device, KV_BYTES, &mut |_, _| {})?;
-    Ok(engine)
+    let options = EngineOptions { device, kv_bytes: Some(KV_BYTES), ..Default::default() };
+    Ok(Engine::load(dir, &options, &mut |_, _| {})?)
 }
 
 fn load_model(dir: &Path, device: Device) -> Result<Model> {
-    let mut model = Model::load(dir)?;
-    model.to_device(device, KV_BYTES, &mut |_, _| {})?;
-    Ok(model)
+    Ok(Model::load_with(dir, device, &|_, _| true, &mut |_, _| {})?)
 }
 
-/// A cache for a whole context, from the device arena where the model has one.
-fn new_cache(model: &Model) -> SeqCache {
-    match model.device_kv_pool() {
-        Some(pool) => SeqCache::reserve(&pool, &model.spec, model.spec.max_context).expect("room in the arena"),
-        None => SeqCache::new(&model.spec),
-    }
+/// A pool for two whole contexts on the model's device.
+fn new_pool(model: &Model) -> Result<std::sync::Arc<switchyard_model::kv_cache::KvPool>> {
+    Ok(model.kv_pool(2 * switchyard_model::kv_cache::blocks_for(model.spec.max_context))?)
+}
+
+/// A cache for a whole context.
+fn new_cache(pool: &std::sync::Arc<switchyard_model::kv_cache::KvPool>, model: &Model) -> SeqCache {
+    SeqCache::reserve(pool, model.spec.max_context).expect("room in the pool")
 }
 
 #[derive(Deserialize)]
@@ -217,17 +209,19 @@ on_each_device!(
         let dir = fixtures_dir().join(name);
         let expected = load_expected(&dir)?;
         let model = load_model(&dir, device)?;
+        let pool = new_pool(&model)?;
         let case = &expected.cases[2];
         let all: Vec<u32> = case.prompt_ids.iter().chain(&case.tokens).copied().collect();
         let split = case.prompt_ids.len();
-        let mut cache = new_cache(&model);
-        model.forward(&mut [Chunk { tokens: &all[..split], cache: &mut cache }])?;
+        let mut cache = new_cache(&pool, &model);
+        model.logits(&mut [Chunk { tokens: &all[..split], cache: &mut cache }], None)?;
         let mut incremental = Vec::new();
         for t in &all[split..] {
-            incremental = model.forward(&mut [Chunk { tokens: std::slice::from_ref(t), cache: &mut cache }])?.remove(0);
+            incremental =
+                model.logits(&mut [Chunk { tokens: std::slice::from_ref(t), cache: &mut cache }], None)?.remove(0);
         }
-        let mut fresh = new_cache(&model);
-        let full = model.forward(&mut [Chunk { tokens: &all, cache: &mut fresh }])?.remove(0);
+        let mut fresh = new_cache(&pool, &model);
+        let full = model.logits(&mut [Chunk { tokens: &all, cache: &mut fresh }], None)?.remove(0);
         let max_diff = incremental.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(max_diff < 1e-3, "{name}: incremental vs full logits differ by {max_diff}");
     }
@@ -246,11 +240,12 @@ on_each_device!(
     use switchyard_kernels::cpu::Precision;
     for name in ["mixtral", "gpt_oss", "qwen3_moe"] {
         let mut model = load_model(&fixtures_dir().join(name), device)?;
+        let pool = new_pool(&model)?;
         let tokens: Vec<u32> = (0..120u32).map(|i| (i * 37 + 11) % 500 + 3).collect();
         let mut run = |precision| -> Result<Vec<f32>> {
             model.exec.precision = precision;
-            let mut cache = new_cache(&model);
-            let logits = model.forward(&mut [Chunk { tokens: &tokens, cache: &mut cache }])?.remove(0);
+            let mut cache = new_cache(&pool, &model);
+            let logits = model.logits(&mut [Chunk { tokens: &tokens, cache: &mut cache }], None)?.remove(0);
             Ok(switchyard_kernels::cpu::routing::log_softmax(&logits))
         };
         let exact = run(Precision::F32)?;

@@ -432,6 +432,10 @@ async fn connect_once(node: &Node, spec: &ModelSpec) -> Result<(Stream, NodeStat
         .map_err(|s| format!("status request failed: {}", s.message()))?
         .into_inner();
     check_model(&status, spec)?;
+    if status.state() != switchyard_proto::v1::ServingState::Serving {
+        // Shutting down, or its compute thread failed: it would only refuse the work.
+        return Err("the node reports NOT_SERVING".to_string());
+    }
     let (requests, rx) = mpsc::channel(64);
     let mut responses = client
         .dispatch(ReceiverStream::new(rx))

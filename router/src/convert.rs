@@ -13,14 +13,17 @@ pub enum Prompt {
     Ids(Vec<u32>),
 }
 
+/// The one mapping of [`ServeError`] to gRPC statuses.
 impl From<ServeError> for tonic::Status {
     fn from(e: ServeError) -> Self {
         let message = e.to_string();
         match e {
-            ServeError::Invalid(_) => tonic::Status::invalid_argument(message),
-            ServeError::Overloaded(_) => tonic::Status::resource_exhausted(message),
-            ServeError::Unavailable(_) => tonic::Status::unavailable(message),
-            ServeError::Internal(_) => tonic::Status::internal(message),
+            ServeError::Invalid(_) | ServeError::KvCacheTooSmall { .. } => tonic::Status::invalid_argument(message),
+            ServeError::QueueFull { .. } => tonic::Status::resource_exhausted(message),
+            ServeError::ShuttingDown | ServeError::ExpertsUnavailable(_) | ServeError::EngineFailed { .. } => {
+                tonic::Status::unavailable(message)
+            }
+            ServeError::StepFailed(_) | ServeError::Internal(_) => tonic::Status::internal(message),
         }
     }
 }

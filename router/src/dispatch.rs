@@ -1,14 +1,17 @@
 //! [`RemoteExperts`]: the [`Experts`] backend that runs a MoE layer's experts on expert
 //! nodes. Per layer it picks a replica for every routed expert (spreading rows over the
 //! replicas), sends each node one dispatch with the rows that need any of its experts, and
-//! adds the partial sums. A node that errors, times out or vanishes gets its share re-sent to
-//! another replica; only when an expert has no reachable replica does the layer fail.
+//! adds the partial sums. A node that times out, vanishes, no longer holds an expert or runs
+//! out of device memory gets its share re-sent to another replica; only an invalid dispatch,
+//! or an expert without a reachable replica, fails the layer.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use switchyard_kernels::Tensor;
+use switchyard_model::layers::Exec;
 use switchyard_model::moe::{Assignment, Experts};
 use switchyard_model::{ModelError, Result};
 use switchyard_proto::tensor;
@@ -237,19 +240,23 @@ impl RemoteExperts {
                     },
                     Err(status) => status,
                 };
+                ::metrics::counter!(crate::metric_names::DISPATCH_RETRIES, "code" => code_name(failure.code()))
+                    .increment(1);
                 match failure.code() {
-                    // The node no longer holds an expert: try another replica of it.
-                    Code::NotFound => tracing::warn!(node = %node.address, layer, "{}", failure.message()),
-                    // Gone, hung or shutting down: the node is out until it reconnects.
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                        node.fail(stream, failure.message())
-                    }
-                    _ => {
+                    // The dispatch itself is wrong: every replica would refuse it.
+                    Code::InvalidArgument => {
                         return Err(ModelError::Dispatch {
                             layer,
                             reason: format!("expert node {}: {}", node.address, failure.message()),
                         });
                     }
+                    // Gone, hung, failed or shutting down: the node is out until it reconnects.
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                        node.fail(stream, failure.message())
+                    }
+                    // This node cannot do this share (it no longer holds an expert, its device
+                    // is out of memory, or an error of its own): another replica may.
+                    _ => tracing::warn!(node = %node.address, layer, "{}", failure.message()),
                 }
                 excluded.extend(share.routes.iter().map(|a| (a.expert, n)));
                 todo.extend(share.routes);
@@ -294,8 +301,35 @@ fn share(routes: Vec<Assignment>) -> Share {
     Share { tokens, routes }
 }
 
+/// A status code as a metric label.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::NotFound => "not_found",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        _ => "other",
+    }
+}
+
 impl Experts for RemoteExperts {
-    fn run(&self, layer: usize, x: &[f32], hidden: usize, assignments: &[Assignment]) -> Result<Vec<f32>> {
-        self.runtime.block_on(self.run_layer(layer, x, hidden, assignments))
+    fn run(&self, exec: &Exec, layer: usize, x: &Tensor, assignments: &[Assignment]) -> Result<Tensor> {
+        let ops = exec.ops();
+        let hidden = x.cols();
+        let downloaded;
+        let host = match x.as_host() {
+            Some(host) => host,
+            None => {
+                downloaded = ops.download(x)?;
+                &downloaded
+            }
+        };
+        let out = self.runtime.block_on(self.run_layer(layer, host, hidden, assignments))?;
+        Ok(match ops.device() {
+            switchyard_kernels::Device::Cpu => Tensor::host(x.rows(), hidden, out)?,
+            switchyard_kernels::Device::Cuda(_) => ops.upload(&out, x.rows(), hidden)?,
+        })
     }
 }

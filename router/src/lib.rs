@@ -11,7 +11,8 @@
 //! - [`cluster`]: links to the expert nodes: one dispatch stream each, reconnecting; following
 //!   the coordinators' placement epochs and reporting load to them.
 //! - [`dispatch`]: [`RemoteExperts`], the expert backend with replica choice and failover.
-//! - [`scheduler`]: the engine thread, batching running and newly admitted sequences per step.
+//! - [`scheduler`]: the supervised engine thread, batching running and newly admitted
+//!   sequences per step; [`scheduler::ServeError`], why a request failed.
 //! - [`service`]: the gRPC `Router` service (`Generate`, `ClusterStatus`).
 //! - [`http`]: the OpenAI-compatible HTTP API.
 //! - [`trace`]: joining a caller's trace (W3C trace context).
@@ -38,7 +39,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use switchyard_model::chat::ChatTemplate;
-use switchyard_model::{Engine, ModelSpec};
+use switchyard_model::{Engine, EngineOptions, ModelSpec};
 use switchyard_proto::v1::router_server::RouterServer;
 use tokio::net::TcpListener;
 
@@ -46,7 +47,7 @@ pub use cluster::Cluster;
 pub use dispatch::RemoteExperts;
 pub use error::RouterError;
 
-use crate::scheduler::Scheduler;
+use crate::scheduler::{EngineFaults, Scheduler};
 use crate::service::RouterService;
 
 /// The placement epoch of a placement given on the command line (the coordinator numbers
@@ -100,6 +101,9 @@ pub struct Config {
     /// `--kv-cache-memory` of it for the cache; a build with `--features cuda`).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     pub device: switchyard_kernels::Device,
+    /// Fault injection for tests: the engine thread panics in this step (1 = the first).
+    #[arg(long, env = "SWITCHYARD_FAULT_ENGINE_PANIC_AT_STEP", hide = true)]
+    pub fault_engine_panic_at_step: Option<u64>,
 }
 
 /// A started router, ready to serve.
@@ -114,6 +118,13 @@ impl Router {
     /// runtime.
     pub async fn start(config: Config, progress: Box<dyn FnMut(usize, usize) + Send>) -> Result<Self, RouterError> {
         let spec = ModelSpec::from_dir(&config.model)?;
+        let block_bytes = switchyard_model::kv_cache::KvPool::block_floats(&spec) * 4;
+        if config.kv_cache_memory < block_bytes {
+            return Err(RouterError::Config(format!(
+                "--kv-cache-memory {} bytes holds no KV-cache block ({block_bytes} bytes each)",
+                config.kv_cache_memory
+            )));
+        }
         let tenants = config.tenants.as_deref().map(tenants::Tenants::load).transpose()?;
         let wait = Duration::from_secs(config.node_wait_secs);
         let cluster = if config.coordinators.is_empty() {
@@ -130,11 +141,10 @@ impl Router {
         );
         let dir = config.model.clone();
         let mut progress = progress;
-        let (device, kv_bytes) = (config.device, config.kv_cache_memory);
-        let mut engine = tokio::task::spawn_blocking(move || -> Result<Engine, RouterError> {
-            let mut engine = Engine::load_dense(&dir, Box::new(experts), &mut *progress)?;
-            engine.to_device(device, kv_bytes, &mut |_, _| {})?;
-            Ok(engine)
+        let options =
+            EngineOptions { device: config.device, kv_bytes: Some(config.kv_cache_memory), ..Default::default() };
+        let engine = tokio::task::spawn_blocking(move || -> Result<Engine, RouterError> {
+            Ok(Engine::load_dense(&dir, Box::new(experts), &options, &mut *progress)?)
         })
         .await
         .map_err(std::io::Error::other)??;
@@ -145,22 +155,10 @@ impl Router {
             "router ready for {}",
             config.model.display()
         );
-        let pool = match engine.model.device_kv_pool() {
-            Some(pool) => pool,
-            None => switchyard_model::kv_cache::KvPool::with_bytes(&engine.model.spec, config.kv_cache_memory),
-        };
-        if pool.capacity() == 0 {
-            return Err(RouterError::Config(format!(
-                "--kv-cache-memory {} bytes holds no block ({} bytes each)",
-                config.kv_cache_memory,
-                pool.block_bytes()
-            )));
-        }
-        tracing::info!(blocks = pool.capacity(), block_bytes = pool.block_bytes(), "KV cache");
-        engine.kv_pool = Some(pool);
         let tokenizer = engine.tokenizer.clone();
         let max_context = engine.model.spec.max_context;
-        let scheduler = Scheduler::start(engine, config.max_batch, config.max_queue)?;
+        let faults = EngineFaults { panic_at_step: config.fault_engine_panic_at_step };
+        let scheduler = Scheduler::start(engine, config.max_batch, config.max_queue, faults)?;
         let http = Arc::new(http::HttpState {
             scheduler: scheduler.clone(),
             tokenizer: tokenizer.clone(),
@@ -205,7 +203,20 @@ impl Router {
             let app = http::app(self.http.clone());
             tokio::spawn(http::serve(listener, app, until(stopped.clone())))
         });
+        // gRPC health (grpc.health.v1): SERVING until the engine fails or shutdown begins.
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<RouterServer<RouterService>>().await;
+        let engine = self.service.scheduler.health.clone();
+        let mut stopping = stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = engine.failed() => {}
+                _ = stopping.wait_for(|&s| s) => {}
+            }
+            reporter.set_not_serving::<RouterServer<RouterService>>().await;
+        });
         tonic::transport::Server::builder()
+            .add_service(health)
             .add_service(RouterServer::new(self.service))
             .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(grpc), until(stopped))
             .await

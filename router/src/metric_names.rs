@@ -18,6 +18,8 @@ pub const E2E_LATENCY: &str = "switchyard:e2e_request_latency_seconds";
 pub const QUEUE_TIME: &str = "switchyard:request_queue_time_seconds";
 pub const DISPATCH_LATENCY: &str = "switchyard:expert_node_dispatch_latency_seconds";
 pub const ROUTED_TOKENS: &str = "switchyard:expert_routed_tokens_total";
+/// Dispatch shares re-sent to another replica, by the status that made the router retry.
+pub const DISPATCH_RETRIES: &str = "switchyard:expert_dispatch_retries_total";
 pub const TENANT_REQUESTS: &str = "switchyard:tenant_requests_total";
 pub const TENANT_PROMPT_TOKENS: &str = "switchyard:tenant_prompt_tokens_total";
 pub const TENANT_GENERATION_TOKENS: &str = "switchyard:tenant_generation_tokens_total";

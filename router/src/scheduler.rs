@@ -2,9 +2,15 @@
 //! running sequences' next tokens together with the next chunks of newly admitted prompts;
 //! requests join at the next step and leave as soon as they finish or their client goes.
 //! The gRPC side holds a [`Scheduler`] handle and reads each request's events from a channel.
+//!
+//! The engine thread is supervised: a panic or a device fault in a step is caught and logged
+//! with its cause, every request it holds fails with [`ServeError::EngineFailed`], and
+//! [`EngineHealth`] turns the router NOT_SERVING (gRPC health and HTTP `/health`) instead of
+//! leaving a thread dead behind a healthy-looking server.
 
-use std::sync::Arc;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
@@ -26,20 +32,71 @@ pub enum Event {
     Finished(FinishReason),
 }
 
-/// Why a request was refused or failed; each front end maps it to its own status.
+/// Why a request was refused or failed. Each front end maps it to its own status in one
+/// place: `convert.rs` (gRPC) and `http/error.rs` (HTTP).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ServeError {
-    /// The request itself is wrong (names the field or value).
-    #[error("{0}")]
-    Invalid(String),
-    /// Too much queued; retry later.
-    #[error("{0}")]
-    Overloaded(String),
-    /// The cluster cannot serve it now (no reachable replica, shutting down).
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
+    /// The request does not fit the model (an empty or too long prompt, a token outside the
+    /// vocabulary, a sampling value out of range); the message names the value.
+    #[error(transparent)]
+    Invalid(Arc<ModelError>),
+    /// Prompt + `max_tokens` can never fit the KV cache, however long the request waits.
+    #[error(
+        "prompt + max_tokens need {need} KV-cache blocks of {BLOCK_TOKENS} tokens but the whole cache has \
+         {capacity}; lower max_tokens or raise --kv-cache-memory"
+    )]
+    KvCacheTooSmall { need: usize, capacity: usize },
+    /// Too many requests are waiting; retry later.
+    #[error("the router's request queue is full ({waiting} waiting); retry later")]
+    QueueFull { waiting: usize },
+    /// The router is shutting down, or stopped mid-generation.
+    #[error("the router is shutting down")]
+    ShuttingDown,
+    /// An expert has no reachable replica now (the cluster may recover).
+    #[error(transparent)]
+    ExpertsUnavailable(Arc<ModelError>),
+    /// The engine thread failed; this router no longer serves.
+    #[error("the router's engine failed and no longer serves: {reason}")]
+    EngineFailed { reason: String },
+    /// A forward pass failed (a dispatch or device error).
+    #[error("generation failed: {0}")]
+    StepFailed(Arc<ModelError>),
+    /// The engine and a front end disagree (a bug in the router).
+    #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Whether the engine thread still runs; set once, when it fails.
+#[derive(Debug)]
+pub struct EngineHealth {
+    failed: OnceLock<String>,
+    changed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for EngineHealth {
+    fn default() -> Self {
+        EngineHealth { failed: OnceLock::new(), changed: tokio::sync::watch::channel(false).0 }
+    }
+}
+
+impl EngineHealth {
+    /// Why the engine failed, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    /// Waits until the engine fails.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.changed.subscribe();
+        let _ = rx.wait_for(|&f| f).await;
+        self.failure().unwrap_or_default().to_string()
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!("the router stops serving: {reason}");
+        let _ = self.failed.set(reason);
+        self.changed.send_replace(true);
+    }
 }
 
 pub type Events = mpsc::UnboundedSender<Result<Event, ServeError>>;
@@ -75,46 +132,58 @@ pub struct Load {
     pub running: AtomicU32,
 }
 
+/// Faults a test injects into the engine thread (hidden router flags).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineFaults {
+    /// Panic in this step (1 = the first).
+    pub panic_at_step: Option<u64>,
+}
+
 #[derive(Clone)]
 pub struct Scheduler {
     submissions: mpsc::UnboundedSender<(Submission, Instant)>,
     pub load: Arc<Load>,
+    pub health: Arc<EngineHealth>,
     max_queue: usize,
 }
 
 impl Scheduler {
     /// Starts the engine thread; at most `max_batch` sequences run at once and at most
     /// `max_queue` wait.
-    pub fn start(engine: Engine, max_batch: usize, max_queue: usize) -> std::io::Result<Self> {
+    pub fn start(engine: Engine, max_batch: usize, max_queue: usize, faults: EngineFaults) -> std::io::Result<Self> {
         let (submissions, rx) = mpsc::unbounded_channel::<(Submission, Instant)>();
         let load = Arc::new(Load::default());
-        let counters = load.clone();
-        std::thread::Builder::new().name("router-engine".into()).spawn(move || {
-            let engine_loop = EngineLoop {
-                engine,
-                max_batch: max_batch.max(1),
-                load: counters,
-                running: Vec::new(),
-                waiting: Vec::new(),
-            };
-            engine_loop.run(rx)
-        })?;
-        Ok(Scheduler { submissions, load, max_queue: max_queue.max(1) })
+        let health = Arc::new(EngineHealth::default());
+        let engine_loop = EngineLoop {
+            engine,
+            max_batch: max_batch.max(1),
+            load: load.clone(),
+            health: health.clone(),
+            faults,
+            steps: 0,
+            running: Vec::new(),
+            waiting: Vec::new(),
+        };
+        std::thread::Builder::new().name("router-engine".into()).spawn(move || engine_loop.run(rx))?;
+        Ok(Scheduler { submissions, load, health, max_queue: max_queue.max(1) })
     }
 
     /// Queues `s`, or refuses it when the queue is full or the engine has stopped.
     pub fn submit(&self, s: Submission) -> Result<(), ServeError> {
+        if let Some(reason) = self.health.failure() {
+            return Err(ServeError::EngineFailed { reason: reason.to_string() });
+        }
         // Counted before sending: the engine thread may admit it (and count it out) at once.
         if self.load.queued.fetch_add(1, Ordering::Relaxed) as usize >= self.max_queue {
             self.load.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(ServeError::Overloaded(format!(
-                "the router's request queue is full ({} waiting); retry later",
-                self.max_queue
-            )));
+            return Err(ServeError::QueueFull { waiting: self.max_queue });
         }
         self.submissions.send((s, Instant::now())).map_err(|_| {
             self.load.queued.fetch_sub(1, Ordering::Relaxed);
-            ServeError::Unavailable("the router is shutting down".into())
+            match self.health.failure() {
+                Some(reason) => ServeError::EngineFailed { reason: reason.to_string() },
+                None => ServeError::ShuttingDown,
+            }
         })?;
         gauge!(names::WAITING).set(self.load.queued.load(Ordering::Relaxed) as f64);
         Ok(())
@@ -125,18 +194,48 @@ struct EngineLoop {
     engine: Engine,
     max_batch: usize,
     load: Arc<Load>,
+    health: Arc<EngineHealth>,
+    faults: EngineFaults,
+    /// Steps run so far.
+    steps: u64,
     running: Vec<Running>,
     /// Submitted, not yet admitted, oldest first.
     waiting: Vec<(Submission, Instant)>,
 }
 
 impl EngineLoop {
+    /// Serves until every handle is gone; if the loop panics or the device faults, fails what
+    /// it holds and marks the engine failed.
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<(Submission, Instant)>) {
+        let reason = match catch_unwind(AssertUnwindSafe(|| self.serve(&mut rx))) {
+            Ok(Ok(())) => return,
+            Ok(Err(fault)) => format!("device fault in a step: {fault}"),
+            Err(panic) => format!("a panic in the engine thread: {}", switchyard_model::error::panic_message(&*panic)),
+        };
+        self.health.fail(reason.clone());
+        rx.close();
+        let err = ServeError::EngineFailed { reason };
+        for r in self.running.drain(..) {
+            let _ = r.events.send(Err(err.clone()));
+        }
+        while let Ok(s) = rx.try_recv() {
+            self.waiting.push(s);
+        }
+        for (s, _) in self.waiting.drain(..) {
+            let _ = s.events.send(Err(err.clone()));
+        }
+        self.load.queued.store(0, Ordering::Relaxed);
+        self.publish();
+    }
+
+    /// The loop: admit, step, repeat. Returns when every handle is gone, or with the error
+    /// of a step that faulted the device.
+    fn serve(&mut self, rx: &mut mpsc::UnboundedReceiver<(Submission, Instant)>) -> Result<(), String> {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.blocking_recv() {
                     Some(s) => self.waiting.push(s),
-                    None => return,
+                    None => return Ok(()),
                 }
             }
             while let Ok(s) = rx.try_recv() {
@@ -153,31 +252,27 @@ impl EngineLoop {
                 if let Err(e) = self.engine.validate(&self.waiting[i].0.request) {
                     let (s, _) = self.waiting.remove(i);
                     self.load.queued.fetch_sub(1, Ordering::Relaxed);
-                    let _ = s.events.send(Err(ServeError::Invalid(e.to_string())));
+                    let _ = s.events.send(Err(ServeError::Invalid(Arc::new(e))));
                     continue;
                 }
-                if let Some(pool) = &self.engine.kv_pool {
-                    let need = blocks_for(Engine::kv_tokens(&self.waiting[i].0.request));
-                    if need > pool.capacity() {
-                        let (s, _) = self.waiting.remove(i);
-                        self.load.queued.fetch_sub(1, Ordering::Relaxed);
-                        let _ = s.events.send(Err(ServeError::Invalid(format!(
-                            "prompt + max_tokens need {need} KV-cache blocks of {BLOCK_TOKENS} tokens but the whole cache \
-                             has {}; lower max_tokens or raise --kv-cache-memory",
-                            pool.capacity()
-                        ))));
-                        continue;
-                    }
-                    if need > pool.available() {
-                        break; // waits until running sequences give blocks back
-                    }
+                let pool = &self.engine.kv_pool;
+                let need = blocks_for(Engine::kv_tokens(&self.waiting[i].0.request));
+                if need > pool.capacity() {
+                    let (s, _) = self.waiting.remove(i);
+                    self.load.queued.fetch_sub(1, Ordering::Relaxed);
+                    let capacity = pool.capacity();
+                    let _ = s.events.send(Err(ServeError::KvCacheTooSmall { need, capacity }));
+                    continue;
+                }
+                if need > pool.available() {
+                    break; // waits until running sequences give blocks back
                 }
                 let next = self.waiting.remove(i);
                 self.admit(next);
             }
             self.publish();
             if !self.running.is_empty() {
-                self.step();
+                self.step()?;
                 self.publish();
             }
         }
@@ -200,10 +295,9 @@ impl EngineLoop {
         self.load.running.store(self.running.len() as u32, Ordering::Relaxed);
         gauge!(names::RUNNING).set(self.running.len() as f64);
         gauge!(names::WAITING).set(self.load.queued.load(Ordering::Relaxed) as f64);
-        if let Some(pool) = &self.engine.kv_pool {
-            let used = pool.capacity() - pool.available();
-            gauge!(names::KV_CACHE_USAGE).set(used as f64 / pool.capacity().max(1) as f64);
-        }
+        let pool = &self.engine.kv_pool;
+        let used = pool.capacity() - pool.available();
+        gauge!(names::KV_CACHE_USAGE).set(used as f64 / pool.capacity().max(1) as f64);
     }
 
     fn admit(&mut self, (s, submitted): (Submission, Instant)) {
@@ -225,12 +319,18 @@ impl EngineLoop {
                 }
             }
             Err(e) => {
-                let _ = s.events.send(Err(ServeError::Invalid(e.to_string())));
+                let _ = s.events.send(Err(ServeError::Invalid(Arc::new(e))));
             }
         }
     }
 
-    fn step(&mut self) {
+    /// Runs one engine step and reports its tokens; `Err` with the cause if the device
+    /// faulted (the caller stops the engine).
+    fn step(&mut self) -> Result<(), String> {
+        self.steps += 1;
+        if self.faults.panic_at_step == Some(self.steps) {
+            panic!("injected fault at step {}", self.steps);
+        }
         // A step serves every running request; it is traced under the oldest one.
         let step = tracing::info_span!(parent: &self.running[0].span, "engine_step", batch = self.running.len());
         let _entered = step.enter();
@@ -260,14 +360,18 @@ impl EngineLoop {
                 // The step left every sequence as it was, but without the experts it needs
                 // it cannot go on: fail the affected requests rather than leave them hanging.
                 tracing::error!(error = %e, requests = self.running.len(), "step failed");
-                let err = match &e {
-                    ModelError::ExpertUnavailable { .. } => ServeError::Unavailable(e.to_string()),
-                    _ => ServeError::Internal(e.to_string()),
+                if e.is_device_fault() {
+                    return Err(e.to_string());
+                }
+                let err = match e {
+                    ModelError::ExpertUnavailable { .. } => ServeError::ExpertsUnavailable(Arc::new(e)),
+                    e => ServeError::StepFailed(Arc::new(e)),
                 };
                 for r in self.running.drain(..) {
                     let _ = r.events.send(Err(err.clone()));
                 }
             }
         }
+        Ok(())
     }
 }

@@ -105,6 +105,50 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Processes started by a test, killed when it ends.
+#[derive(Default)]
+pub struct Procs(pub Vec<(String, Child)>);
+
+impl Procs {
+    /// Starts `switchyard args` (with `env`) as `name`; returns its ready line.
+    pub fn start(&mut self, name: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+        let (child, ready) = spawn_ready(args, env);
+        self.0.push((name.to_string(), child));
+        ready
+    }
+
+    pub fn pid(&self, name: &str) -> u32 {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, c)| c.id()).unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    pub fn kill(&mut self, name: &str) {
+        let i = self.0.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut child) = self.0.remove(i);
+        signal(child.id(), libc::SIGKILL);
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `GET path` on `address` (`host:port`) over HTTP/1.1: the status line and the body.
+pub fn http_get(address: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+}
+
 /// A cluster started with `switchyard up`.
 pub struct UpCluster {
     pub child: Child,

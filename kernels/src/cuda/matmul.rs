@@ -1,249 +1,344 @@
 //! Products (`matmul.cu` and cuBLAS): linear layers, and the grouped form over a layer's
 //! experts.
 
+use std::sync::{Arc, PoisonError};
+
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::{Arg, Gpu, GpuMatrix, Result, grid_1d, ptr};
+use super::{Arg, Gpu, GpuMatrix, blas_error, count, grid, grid_1d, int, ptr};
+use crate::Format;
 use crate::cpu::Precision;
 use crate::cpu::matmul::BF16_PRODUCT_MIN_ROWS;
-use crate::{DType, KernelError};
+use crate::error::{KernelError, Result};
 
 /// Rows one product tile covers (`TILE_ROWS` in `matmul.cu`).
-pub const TILE_ROWS: usize = 8;
+const TILE_ROWS: usize = 8;
 /// Output columns per block of the product kernels (`COLS_PER_BLOCK`).
-const COLS_PER_BLOCK: u32 = 8;
+const COLS_PER_BLOCK: usize = 8;
 
-/// The per-expert matrices of one projection of a MoE layer, addressed by slot, for the
-/// grouped product: a device table of matrix addresses (and of bias addresses, 0 for none).
-pub struct GroupedWeights {
-    pub dtype: DType,
-    pub rows: usize,
-    pub cols: usize,
+/// One expert's matrix and optional bias, as [`Gpu::group`] takes them.
+pub(crate) type Projection = (Arc<GpuMatrix>, Option<Arc<CudaSlice<f32>>>);
+
+/// One projection of a MoE layer's experts, addressed by slot, for the grouped product: the
+/// device tables of the slots' matrix and bias addresses (0 for a slot without an expert or
+/// a bias), and the matrices and biases themselves, which it keeps alive so the addresses
+/// cannot dangle.
+pub(crate) struct GroupedWeights {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    ordinal: usize,
+    slots: Vec<Option<Projection>>,
     weights: CudaSlice<u64>,
     biases: CudaSlice<u64>,
 }
 
-/// One expert's matrix and optional bias, as [`Gpu::group`] takes them.
-pub type Projection<'a> = (&'a GpuMatrix, Option<&'a CudaSlice<f32>>);
-
-/// The product kernel for weights of `dtype`, dense or `grouped`.
-fn kernel(grouped: bool, dtype: DType) -> &'static str {
-    match (grouped, dtype) {
-        (false, DType::BF16) => "linear_bf16",
-        (false, DType::F16) => "linear_f16",
-        (false, DType::F32) => "linear_f32",
-        (true, DType::BF16) => "grouped_linear_bf16",
-        (true, DType::F16) => "grouped_linear_f16",
-        (true, DType::F32) => "grouped_linear_f32",
+/// The product kernel for weights of `format`, dense or `grouped`.
+fn kernel(grouped: bool, format: Format) -> &'static str {
+    match (grouped, format) {
+        (false, Format::BF16) => "linear_bf16",
+        (false, Format::F16) => "linear_f16",
+        (false, Format::F32) => "linear_f32",
+        (true, Format::BF16) => "grouped_linear_bf16",
+        (true, Format::F16) => "grouped_linear_f16",
+        (true, Format::F32) => "grouped_linear_f32",
     }
 }
 
-/// Blocks of [`COLS_PER_BLOCK`] warps: `row_blocks` on x (limit 2^31 - 1), column blocks on y.
-fn product_cfg(row_blocks: usize, n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (row_blocks as u32, (n as u32).div_ceil(COLS_PER_BLOCK), 1),
-        block_dim: (32 * COLS_PER_BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
+/// Blocks of [`COLS_PER_BLOCK`] warps: `row_blocks` on x, the `n` output columns on y.
+fn product_cfg(op: &'static str, row_blocks: usize, n: usize) -> Result<LaunchConfig> {
+    grid(op, row_blocks, n.div_ceil(COLS_PER_BLOCK), 32 * COLS_PER_BLOCK as u32)
+}
+
+/// Whether the product kernels may read rows of `k` weights in 16-byte packs: `k` fills
+/// whole packs and the matrix and activations start 16-byte aligned (device allocations
+/// are 256-byte aligned, so rows then are too).
+fn vectorizable(format: Format, k: usize, addresses: &[u64]) -> bool {
+    k.is_multiple_of(16 / format.dtype().size_in_bytes()) && addresses.iter().all(|a| a % 16 == 0)
+}
+
+/// The shape of one product: `m` rows of `k` in, `n` out.
+#[derive(Clone, Copy)]
+struct Dims {
+    m: usize,
+    n: usize,
+    k: usize,
 }
 
 impl Gpu {
-    /// The address table of one projection over a layer's expert slots (`None`: a slot with
-    /// no expert, which no tile may name). Every matrix must share one dtype and shape.
-    pub fn group(&self, slots: &[Option<Projection<'_>>]) -> Result<Option<GroupedWeights>> {
-        let Some((first, _)) = slots.iter().flatten().next() else { return Ok(None) };
-        let (dtype, rows, cols) = (first.dtype, first.rows, first.cols);
-        let mut weights = Vec::with_capacity(slots.len());
-        let mut biases = Vec::with_capacity(slots.len());
-        for slot in slots {
-            match slot {
-                Some((m, b)) => {
-                    if (m.dtype, m.rows, m.cols) != (dtype, rows, cols) {
-                        return Err(KernelError::Cuda(format!(
-                            "experts of one layer differ: {} {}x{} beside {} {rows}x{cols}",
-                            m.dtype.name(),
-                            m.rows,
-                            m.cols,
-                            dtype.name()
-                        )));
-                    }
-                    weights.push(m.ptr(&self.stream));
-                    biases.push(b.map_or(0, |b| ptr(b, &self.stream)));
-                }
-                None => {
-                    weights.push(0);
-                    biases.push(0);
-                }
-            }
-        }
-        Ok(Some(GroupedWeights { dtype, rows, cols, weights: self.upload(&weights)?, biases: self.upload(&biases)? }))
-    }
-
-    /// `out[m, n] = x[m, k] · Wᵀ (+ bias)` for `w` `[n, k]`.
-    pub fn linear(
+    /// `x[m, k] · Wᵀ (+ bias)` for `w` `[n, k]`: `[m, n]`, on the kernel below
+    /// [`BF16_PRODUCT_MIN_ROWS`] rows and on cuBLAS from there where the format and
+    /// `precision` allow (see the module doc).
+    pub(crate) fn linear(
         &self,
         x: &CudaSlice<f32>,
+        m: usize,
         w: &GpuMatrix,
         bias: Option<&CudaSlice<f32>>,
-        m: usize,
-        out: &mut CudaSlice<f32>,
         precision: Precision,
-    ) -> Result<()> {
-        let (n, k) = (w.rows, w.cols);
-        if m == 0 || n == 0 {
-            return Ok(());
+    ) -> Result<CudaSlice<f32>> {
+        let op = "linear";
+        let d = Dims { m, n: w.rows, k: w.cols };
+        self.check_matrix(op, w)?;
+        self.check(op, "x", x, count(op, &[m, d.k])?)?;
+        if let Some(b) = bias {
+            self.check(op, "bias", b, d.n)?;
         }
-        debug_assert!(x.len() >= m * k && out.len() >= m * n);
+        let len = count(op, &[m, d.n])?;
+        if len == 0 {
+            return self.zeros(op, 0);
+        }
+        // SAFETY: one of the branches below writes every element.
+        let out = unsafe { self.alloc::<f32>(op, len)? };
         let s = &self.stream;
-        let (xp, wp, op) = (ptr(x, s), w.ptr(s), ptr(out, s));
-        let bp = bias.map_or(0, |b| ptr(b, s));
-        if m >= BF16_PRODUCT_MIN_ROWS && self.gemm(xp, w, op, m, precision)? {
-            return if bias.is_some() { self.add_bias(op, bp, m, n) } else { Ok(()) };
+        let (xp, outp, bp) = (ptr(x, s), ptr(&out, s), bias.map_or(0, |b| ptr(b, s)));
+        // SAFETY: x holds m × k values, `w` n × k, bias n and out m × n (checked above), all
+        // on this device.
+        unsafe {
+            if m >= BF16_PRODUCT_MIN_ROWS && self.gemm(op, xp, w, outp, m, precision)? {
+                if bias.is_some() {
+                    self.add_bias(op, outp, bp, d)?;
+                }
+            } else {
+                self.column_kernel(op, xp, w, bp, outp, d)?;
+            }
         }
-        let vec = vectorizable(w.dtype, k);
-        debug_assert!(!vec || (wp % 16 == 0 && xp % 16 == 0), "16-byte packs need aligned rows");
-        let args = [
-            Arg::Ptr(xp),
-            Arg::Ptr(wp),
-            Arg::Ptr(bp),
-            Arg::Ptr(op),
-            Arg::I32(m as i32),
-            Arg::I32(n as i32),
-            Arg::I32(k as i32),
-            Arg::I32(vec.into()),
-        ];
-        // SAFETY: the kernel reads m×k, n×k and n values and writes m×n, all within the buffers.
-        unsafe { self.launch(kernel(false, w.dtype), product_cfg(m.div_ceil(TILE_ROWS), n), &args) }
+        Ok(out)
     }
 
-    /// `out = x · Wᵀ` through cuBLAS, when the dtype and precision allow; `false` otherwise.
-    /// Column-major cuBLAS computes `outᵀ[n, m] = W[n, k] · xᵀ[k, m]`, the row-major `out`.
-    fn gemm(&self, x: u64, w: &GpuMatrix, out: u64, m: usize, precision: Precision) -> Result<bool> {
+    /// The warp-per-column kernel over `d.m` rows.
+    ///
+    /// # Safety
+    /// `x` addresses `d.m × d.k` values, `bias` (0: none) `d.n`, `out` `d.m × d.n`, and `w` is
+    /// checked, `[d.n, d.k]`, all on this device.
+    unsafe fn column_kernel(
+        &self,
+        op: &'static str,
+        x: u64,
+        w: &GpuMatrix,
+        bias: u64,
+        out: u64,
+        d: Dims,
+    ) -> Result<()> {
+        let wp = w.ptr(&self.stream);
+        let vec = vectorizable(w.format, d.k, &[x, wp]);
+        let args = [
+            Arg::Ptr(x),
+            Arg::Ptr(wp),
+            Arg::Ptr(bias),
+            Arg::Ptr(out),
+            Arg::I32(int(op, "rows", d.m)?),
+            Arg::I32(int(op, "output features", d.n)?),
+            Arg::I32(int(op, "input features", d.k)?),
+            Arg::I32(vec.into()),
+        ];
+        let cfg = product_cfg(op, d.m.div_ceil(TILE_ROWS), d.n)?;
+        // SAFETY: the kernel reads m × k, n × k and n values and writes m × n (the caller's
+        // contract); packs are only used where `vectorizable` found them aligned.
+        unsafe { self.launch(kernel(false, w.format), cfg, &args) }
+    }
+
+    /// `out = x · Wᵀ` for `m` rows through cuBLAS, when the format and precision allow;
+    /// `false` (nothing written) otherwise. Column-major cuBLAS computes
+    /// `outᵀ[n, m] = W[n, k] · xᵀ[k, m]`, the row-major `out`.
+    ///
+    /// # Safety
+    /// `x` addresses `m × w.cols` values and `out` `m × w.rows`, on this device; `w` is
+    /// checked.
+    unsafe fn gemm(
+        &self,
+        op: &'static str,
+        x: u64,
+        w: &GpuMatrix,
+        out: u64,
+        m: usize,
+        precision: Precision,
+    ) -> Result<bool> {
         use blas_sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
         let (n, k) = (w.rows, w.cols);
-        let (a_type, xin, _rounded) = match (w.dtype, precision) {
-            (DType::F32, _) => (CUDA_R_32F, x, None),
-            (DType::BF16, Precision::Bf16Products) => {
-                let rounded = self.alloc::<u16>(m * k)?;
+        if k == 0 {
+            return Ok(false);
+        }
+        let (mi, ni, ki) = (int(op, "rows", m)?, int(op, "output features", n)?, int(op, "input features", k)?);
+        let (a_type, xin, _rounded) = match (w.format, precision) {
+            (Format::F32, _) => (CUDA_R_32F, x, None),
+            (Format::BF16, Precision::Bf16Products) => {
+                let len = count(op, &[m, k])?;
+                // SAFETY: `round_to_bf16` writes all m × k elements before cuBLAS reads them.
+                let rounded = unsafe { self.alloc::<u16>(op, len)? };
                 let rp = ptr(&rounded, &self.stream);
-                // SAFETY: x holds m×k f32, the rounded copy m×k u16.
-                unsafe {
-                    self.launch(
-                        "round_to_bf16",
-                        grid_1d(m * k),
-                        &[Arg::Ptr(x), Arg::Ptr(rp), Arg::I64(m as i64 * k as i64)],
-                    )?
-                };
+                let args = [Arg::Ptr(x), Arg::Ptr(rp), Arg::I64(len as i64)];
+                // SAFETY: x holds m × k f32 (the caller's contract), the rounded copy m × k u16.
+                unsafe { self.launch("round_to_bf16", grid_1d(len), &args)? };
+                // Freed on the stream after the GEMM that reads it.
                 (CUDA_R_16BF, rp, Some(rounded))
             }
             _ => return Ok(false),
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
-        self.bind()?;
-        let handle = self.blas.lock().expect("cuBLAS lock");
-        // SAFETY: W is n×k, x is m×k (as a_type), out is m×n f32, all on this handle's stream.
+        self.bind(op)?;
+        let handle = self.blas.lock().unwrap_or_else(PoisonError::into_inner);
+        // SAFETY: W is n × k, x m × k (as a_type), out m × n f32 (the caller's contract), all
+        // on the handle's stream; beta = 0, so out is only written.
         unsafe {
             blas::gemm_ex(
                 *handle.handle(),
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
+                ni,
+                mi,
+                ki,
                 (&alpha as *const f32).cast(),
                 w.ptr(&self.stream) as *const _,
                 a_type,
-                k as i32,
+                ki,
                 xin as *const _,
                 a_type,
-                k as i32,
+                ki,
                 (&beta as *const f32).cast(),
                 out as *mut _,
                 CUDA_R_32F,
-                n as i32,
+                ni,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| KernelError::Cuda(format!("cuBLAS GEMM: {e:?}")))?;
+        .map_err(|e| blas_error(op, self.ordinal, e))?;
         Ok(true)
     }
 
-    /// Every tile of `tiles` (expert slot, first row, rows; rows ≤ [`TILE_ROWS`]) through its
-    /// expert's matrix: `out[r] = x[r] · W_eᵀ (+ b_e)` for the tile's rows.
-    pub fn grouped_linear(
+    /// `out[r, :] += bias` over `d.m` rows.
+    ///
+    /// # Safety
+    /// `out` addresses `d.m × d.n` values and `bias` `d.n`, on this device.
+    unsafe fn add_bias(&self, op: &'static str, out: u64, bias: u64, d: Dims) -> Result<()> {
+        let args = [Arg::Ptr(out), Arg::Ptr(bias), Arg::I32(int(op, "rows", d.m)?), Arg::I32(int(op, "columns", d.n)?)];
+        // SAFETY: the caller's contract; the kernel touches out[0 .. m × n] and bias[0 .. n].
+        unsafe { self.launch("add_bias", grid_1d(d.m * d.n), &args) }
+    }
+
+    /// The address tables of one projection over a layer's expert slots (`None`: a slot with
+    /// no expert). Every matrix must be on this device and share one format and shape, and
+    /// every bias must hold a value per output; `None` where no slot holds an expert.
+    pub(crate) fn group(&self, slots: Vec<Option<Projection>>) -> Result<Option<GroupedWeights>> {
+        let op = "group";
+        let Some((first, _)) = slots.iter().flatten().next() else { return Ok(None) };
+        let (format, rows, cols) = (first.format, first.rows, first.cols);
+        int(op, "expert slots", slots.len())?;
+        let s = &self.stream;
+        let (mut weights, mut biases) = (Vec::with_capacity(slots.len()), Vec::with_capacity(slots.len()));
+        for slot in &slots {
+            let Some((m, b)) = slot else {
+                weights.push(0);
+                biases.push(0);
+                continue;
+            };
+            self.check_matrix(op, m)?;
+            if (m.format, m.rows, m.cols) != (format, rows, cols) {
+                return Err(KernelError::shape(
+                    op,
+                    "expert weight",
+                    format!("{} [{rows}, {cols}]", format.name()),
+                    format!("{} [{}, {}]", m.format.name(), m.rows, m.cols),
+                ));
+            }
+            if let Some(b) = b {
+                self.check(op, "expert bias", b, rows)?;
+            }
+            weights.push(m.ptr(s));
+            biases.push(b.as_ref().map_or(0, |b| ptr(b, s)));
+        }
+        let (weights, biases) = (self.upload(op, &weights)?, self.upload(op, &biases)?);
+        Ok(Some(GroupedWeights { format, rows, cols, ordinal: self.ordinal, slots, weights, biases }))
+    }
+
+    /// Rows grouped by slot (`counts[e]` rows for slot `e`, in slot order) through their
+    /// slot's matrix: `[Σ counts, cols]` in, `[Σ counts, rows]` out. One grouped launch
+    /// covers every slot's rows in tiles; with [`Precision::Bf16Products`] and bf16 or `f32`
+    /// weights, a slot with [`BF16_PRODUCT_MIN_ROWS`] rows or more goes to cuBLAS instead.
+    pub(crate) fn grouped_linear(
         &self,
         x: &CudaSlice<f32>,
         w: &GroupedWeights,
-        tiles: &CudaSlice<i32>,
-        n_tiles: usize,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        if n_tiles == 0 {
-            return Ok(());
-        }
-        let args = [
-            self.p(x),
-            self.p(&w.weights),
-            self.p(&w.biases),
-            self.p(tiles),
-            self.p(out),
-            Arg::I32(w.rows as i32),
-            Arg::I32(w.cols as i32),
-            Arg::I32(vectorizable(w.dtype, w.cols).into()),
-        ];
-        // SAFETY: every tile names a slot with a matrix and rows within x and out.
-        unsafe { self.launch(kernel(true, w.dtype), product_cfg(n_tiles, w.rows), &args) }
-    }
-
-    /// One expert's rows `row0 .. row0 + m` through cuBLAS (many rows routed to it); `false`
-    /// where cuBLAS does not take the weights' dtype at this precision.
-    #[allow(clippy::too_many_arguments)]
-    pub fn expert_gemm(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &GpuMatrix,
-        bias: Option<&CudaSlice<f32>>,
-        row0: usize,
-        m: usize,
-        out: &mut CudaSlice<f32>,
+        counts: &[usize],
         precision: Precision,
-    ) -> Result<bool> {
+    ) -> Result<CudaSlice<f32>> {
+        let op = "grouped_linear";
+        self.same_device(op, "w", w.ordinal)?;
+        if counts.len() != w.slots.len() {
+            return Err(KernelError::shape(op, "counts", format!("{} slots", w.slots.len()), counts.len()));
+        }
+        if let Some(e) = (0..counts.len()).find(|&e| counts[e] > 0 && w.slots[e].is_none()) {
+            return Err(KernelError::OutOfRange {
+                op,
+                message: format!("rows routed to slot {e}, which holds no expert"),
+            });
+        }
+        let total = counts.iter().try_fold(0usize, |a, &c| a.checked_add(c));
+        let total = total.ok_or_else(|| KernelError::Unsupported { op, message: "row counts overflow".into() })?;
+        let d = Dims { m: total, n: w.rows, k: w.cols };
+        int(op, "rows", total)?;
+        self.check(op, "x", x, count(op, &[total, d.k])?)?;
+        let len = count(op, &[total, d.n])?;
+        if len == 0 {
+            return self.zeros(op, 0);
+        }
+        let cublas = precision == Precision::Bf16Products && matches!(w.format, Format::BF16 | Format::F32) && d.k > 0;
+        let big = |e: usize| cublas && counts[e] >= BF16_PRODUCT_MIN_ROWS;
+        let tiles = tiles(counts, big);
+        // SAFETY: the tiles cover every row of a slot not sent to cuBLAS, and cuBLAS writes
+        // every row of the others.
+        let out = unsafe { self.alloc::<f32>(op, len)? };
         let s = &self.stream;
-        let xp = ptr(x, s) + (row0 * w.cols * 4) as u64;
-        let op = ptr(out, s) + (row0 * w.rows * 4) as u64;
-        if !self.gemm(xp, w, op, m, precision)? {
-            return Ok(false);
+        let (xp, outp) = (ptr(x, s), ptr(&out, s));
+        if !tiles.is_empty() {
+            let n_tiles = tiles.len() / 3;
+            let tiles = self.upload(op, &tiles)?;
+            let vec = vectorizable(w.format, d.k, &[xp]);
+            let args = [
+                Arg::Ptr(xp),
+                self.p(&w.weights),
+                self.p(&w.biases),
+                self.p(&tiles),
+                Arg::Ptr(outp),
+                Arg::I32(int(op, "output features", d.n)?),
+                Arg::I32(int(op, "input features", d.k)?),
+                Arg::I32(vec.into()),
+            ];
+            // SAFETY: every tile names a slot that holds a matrix of n × k values (checked by
+            // `group`) and a bias of n or none, and rows inside 0 .. total, of which x holds
+            // total × k values and out total × n (checked above). Matrices are 256-byte
+            // aligned allocations, so packs need only x aligned and k whole packs.
+            unsafe { self.launch(kernel(true, w.format), product_cfg(op, n_tiles, d.n)?, &args)? };
         }
-        if let Some(b) = bias {
-            self.add_bias(op, ptr(b, s), m, w.rows)?;
+        let mut row0 = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            if big(e) {
+                let (m, b) = w.slots[e].as_ref().expect("checked: only held slots have rows");
+                let (x_at, out_at) = ((row0 * d.k * 4) as u64, (row0 * d.n * 4) as u64);
+                let rows = Dims { m: c, ..d };
+                // SAFETY: rows row0 .. row0 + c lie inside the total checked above, so x holds
+                // their c × k inputs and out their c × n outputs; the bias holds n values.
+                unsafe {
+                    let done = self.gemm(op, xp + x_at, m, outp + out_at, c, precision)?;
+                    assert!(done, "cuBLAS takes bf16 and f32 weights with bf16 products");
+                    if let Some(b) = b {
+                        self.add_bias(op, outp + out_at, ptr(b, s), rows)?;
+                    }
+                }
+            }
+            row0 += c;
         }
-        Ok(true)
-    }
-
-    fn add_bias(&self, out: u64, bias: u64, m: usize, n: usize) -> Result<()> {
-        // SAFETY: out is m×n, bias n.
-        unsafe {
-            self.launch(
-                "add_bias",
-                grid_1d(m * n),
-                &[Arg::Ptr(out), Arg::Ptr(bias), Arg::I32(m as i32), Arg::I32(n as i32)],
-            )
-        }
+        Ok(out)
     }
 }
 
-/// Whether the product kernels may read a row of `k` weights in 16-byte packs (device
-/// allocations are 256-byte aligned, so rows are when `k` fills whole packs).
-fn vectorizable(dtype: DType, k: usize) -> bool {
-    k.is_multiple_of(16 / dtype.size_in_bytes())
-}
-
-/// Splits rows grouped by expert (`counts[e]` rows of slot `e`, in slot order) into tiles of
-/// at most [`TILE_ROWS`] rows for [`Gpu::grouped_linear`], as (slot, first row, rows)
-/// triples; experts with `skip(e)` are left out (they run through cuBLAS).
-pub fn tiles(counts: &[usize], skip: impl Fn(usize) -> bool) -> Vec<i32> {
+/// Splits rows grouped by slot (`counts[e]` rows of slot `e`, in slot order) into tiles of
+/// at most [`TILE_ROWS`] rows for the grouped kernel, as (slot, first row, rows) triples;
+/// slots with `skip(e)` are left out (they run through cuBLAS). The caller checks the
+/// slots and the total row count fit an `int`.
+fn tiles(counts: &[usize], skip: impl Fn(usize) -> bool) -> Vec<i32> {
     let mut out = Vec::new();
     let mut row = 0;
     for (e, &c) in counts.iter().enumerate() {
@@ -262,15 +357,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tiles_cover_each_experts_rows() {
+    fn tiles_cover_each_slots_rows() {
         let t = tiles(&[3, 0, 17, 2], |e| e == 3);
         assert_eq!(t, vec![0, 0, 3, 2, 3, 8, 2, 11, 8, 2, 19, 1]);
     }
 
     #[test]
-    fn packs_need_whole_rows() {
-        assert!(vectorizable(DType::BF16, 2880));
-        assert!(!vectorizable(DType::BF16, 36));
-        assert!(vectorizable(DType::F32, 36));
+    fn packs_need_whole_rows_and_aligned_starts() {
+        assert!(vectorizable(Format::BF16, 2880, &[0, 256]));
+        assert!(!vectorizable(Format::BF16, 36, &[0]));
+        assert!(vectorizable(Format::F32, 36, &[512]));
+        assert!(!vectorizable(Format::F32, 36, &[520]));
     }
 }

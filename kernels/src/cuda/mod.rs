@@ -1,20 +1,37 @@
-//! The CUDA backend (feature `cuda`): device memory, cuBLAS products and the kernels in
-//! `kernels/cuda/*.cu`, compiled with NVRTC for the device at start-up.
+//! The device layer of [`crate::CudaBackend`] (feature `cuda`): device memory, cuBLAS products
+//! and the kernels in `kernels/cuda/*.cu`, compiled with NVRTC for the device at start-up.
 //!
 //! CUDA is loaded at run time (cudarc's dynamic loading): a build with this feature runs on a
 //! machine without CUDA, and [`Gpu::open`] reports what is missing instead of failing at
 //! start. Everything runs on one stream per [`Gpu`], so work is ordered without events.
 //!
-//! Activations are `f32` on the device; weights keep their checkpoint dtype ([`GpuMatrix`])
+//! Activations are `f32` on the device; weights keep their checkpoint format (`GpuMatrix`)
 //! and are widened in registers, as on the CPU. Products with few rows (decode) run the
 //! warp-per-column kernel of `matmul.cu`, which reads each weight once per step; products
-//! with [`crate::cpu::matmul::BF16_PRODUCT_MIN_ROWS`] rows or more go to cuBLAS: bf16 weights against
-//! bf16-rounded activations when [`crate::cpu::Precision::Bf16Products`] allows, `f32` GEMM for `f32`
-//! weights, and the `f32` kernel otherwise (the reference numerics).
+//! with [`crate::cpu::matmul::BF16_PRODUCT_MIN_ROWS`] rows or more go to cuBLAS: bf16 weights
+//! against bf16-rounded activations when [`crate::cpu::Precision::Bf16Products`] allows,
+//! `f32` GEMM for `f32` weights, and the `f32` kernel otherwise (the reference numerics).
+//!
+//! # Memory safety
+//! A kernel or cuBLAS reads and writes whatever addresses it is given, so the checks live
+//! here, in front of the few `unsafe` helpers (the launch helper, the cuBLAS call, an
+//! uninitialised allocation): every operation is a safe function that, before it launches,
+//! checks that each buffer is on this device and holds what the kernel touches for the sizes
+//! it was given (sizes multiplied with overflow checks), that every size fits the kernel's
+//! `int` arguments and the launch limits, and that every index it uploads (token ids, rows,
+//! block tables, expert slots) points inside what it indexes. It relies on nothing a caller
+//! promises, not even a [`crate::Tensor`]'s shape. The `// SAFETY:` comment at each launch
+//! says which checks cover it. Outputs are allocated by the operation that fills them whole,
+//! so no uninitialised buffer leaves this module.
+//!
+//! The operations are `pub(crate)`: [`crate::CudaBackend`] is the public API, and adds the
+//! argument checks every backend shares. Public here are only what tools and tests need to
+//! find and probe a device.
 //!
 //! # Layout
 //! - [`source`]: the kernel sources and their NVRTC compilation.
-//! - this module: [`Gpu`] (context, stream, cuBLAS, kernels), memory, and the one launch helper.
+//! - this module: [`Gpu`] (context, stream, cuBLAS, kernels), memory, errors, the launch
+//!   helper and its size checks.
 //! - `matmul`, `layers`, `moe`, `attention`: the operations, one file per `.cu` source.
 
 mod attention;
@@ -23,30 +40,27 @@ mod matmul;
 mod moe;
 pub mod source;
 
-pub use attention::{CacheShape, TokenTables};
+pub use attention::MAX_HEAD_DIM;
+pub(crate) use attention::{AttentionArgs, DeviceTables};
 pub use cudarc::driver::CudaSlice;
-pub use matmul::{GroupedWeights, Projection, TILE_ROWS, tiles};
-pub use moe::MAX_GATE_EXPERTS;
+pub(crate) use matmul::{GroupedWeights, Projection};
+pub use moe::{MAX_GATE_EXPERTS, MAX_GATE_K};
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
+use cudarc::cublas::result::CublasError;
+use cudarc::driver::sys::CUresult;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaStream, DevicePtr, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use half::slice::HalfFloatSliceExt;
 
-use crate::{DType, KernelError, Weights};
-
-/// Positions per KV-cache block (the CPU cache's block size; `attention.cu` agrees).
-pub const BLOCK_TOKENS: usize = 16;
-
-type Result<T> = std::result::Result<T, KernelError>;
-
-fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError + '_ {
-    move |e| KernelError::Cuda(format!("{what}: {e}"))
-}
+use crate::error::{KernelError, Result};
+use crate::{Device, Format, Weights};
 
 /// Whether the CUDA libraries this backend loads are on this machine; `Err` names the
 /// first one missing. cudarc panics on first use of a library it cannot load, so this runs
@@ -83,23 +97,93 @@ pub fn device_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// A weight matrix `[rows, cols]` in device memory, in its checkpoint dtype.
-pub struct GpuMatrix {
-    pub dtype: DType,
-    pub rows: usize,
-    pub cols: usize,
-    /// `f32` elements, or the bits of `f16`/`bf16` ones.
+// ---- errors ----
+
+/// A driver error of `op` on device `ordinal`: out of memory (allocating `bytes`, 0 where the
+/// operation allocates nothing itself) is [`KernelError::OutOfMemory`], which a caller may
+/// retry elsewhere; anything else is a device fault, [`KernelError::Cuda`].
+fn driver_error(op: &'static str, ordinal: usize, bytes: usize, e: DriverError) -> KernelError {
+    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        KernelError::OutOfMemory { op, device: Device::Cuda(ordinal), bytes }
+    } else {
+        KernelError::Cuda { op, message: e.to_string() }
+    }
+}
+
+/// A cuBLAS error of `op`. cuBLAS failing to allocate its workspace is running out of
+/// memory, not a broken device.
+fn blas_error(op: &'static str, ordinal: usize, e: CublasError) -> KernelError {
+    use cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED;
+    if e.0 == CUBLAS_STATUS_ALLOC_FAILED {
+        KernelError::OutOfMemory { op, device: Device::Cuda(ordinal), bytes: 0 }
+    } else {
+        KernelError::Cuda { op, message: format!("cuBLAS: {e}") }
+    }
+}
+
+// ---- sizes ----
+
+/// The product of `dims`, or an error where it overflows (a size no buffer can have).
+fn count(op: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| KernelError::Unsupported { op, message: format!("a tensor of {dims:?} elements is too large") })
+}
+
+/// `v` as a kernel's `int` argument.
+fn int(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| KernelError::Unsupported {
+        op,
+        message: format!("{what} of {v} exceeds the CUDA kernels' limit of {}", i32::MAX),
+    })
+}
+
+/// A grid of `x × y` blocks of `threads`, checked against the launch limits (x up to
+/// 2^31 - 1 blocks, y up to 65535), so a size beyond them is an error naming the operation
+/// rather than a failed launch. Empty grids are the caller's to skip.
+fn grid(op: &'static str, x: usize, y: usize, threads: u32) -> Result<LaunchConfig> {
+    if x > i32::MAX as usize || y > 65_535 {
+        return Err(KernelError::Unsupported {
+            op,
+            message: format!("a launch of {x} × {y} blocks exceeds the device's grid limits (2^31 - 1 × 65535)"),
+        });
+    }
+    Ok(LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// `n` elements, 256 threads a block, grid-stride beyond 65535 blocks (the kernels loop).
+fn grid_1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+// ---- weights ----
+
+/// A weight matrix `[rows, cols]` in device memory, in its checkpoint format. Its buffer
+/// holds at least `rows × cols` elements (one for an empty matrix); it is only made by
+/// [`Gpu::upload_matrix`], which copies exactly that many.
+pub(crate) struct GpuMatrix {
+    pub(crate) format: Format,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    /// The device holding the matrix.
+    pub(crate) ordinal: usize,
     data: GpuData,
 }
 
+/// `f32` elements, or the bits of `f16`/`bf16` ones.
 enum GpuData {
     F32(CudaSlice<f32>),
     Half(CudaSlice<u16>),
 }
 
 impl GpuMatrix {
-    pub fn size_in_bytes(&self) -> usize {
-        self.rows * self.cols * self.dtype.size_in_bytes()
+    /// Elements in the device buffer.
+    fn len(&self) -> usize {
+        match &self.data {
+            GpuData::F32(s) => s.len(),
+            GpuData::Half(s) => s.len(),
+        }
     }
 
     fn ptr(&self, stream: &CudaStream) -> u64 {
@@ -115,6 +199,8 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
 }
 
+// ---- the device ----
+
 /// One CUDA device: its context and stream, a cuBLAS handle and the compiled kernels.
 pub struct Gpu {
     ordinal: usize,
@@ -126,31 +212,38 @@ pub struct Gpu {
     functions: HashMap<&'static str, CudaFunction>,
 }
 
+impl fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Gpu(cuda:{} {})", self.ordinal, self.name)
+    }
+}
+
 impl Gpu {
     /// Opens device `ordinal`: checks the libraries, creates the context, compiles the
     /// kernels for its architecture.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
+        let op = "open";
         let count = device_count()?;
         if ordinal >= count {
             return Err(KernelError::NoCuda(format!(
                 "cuda:{ordinal} does not exist: this machine has {count} CUDA devices"
             )));
         }
-        let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the CUDA context"))?;
+        let err = |e| driver_error(op, ordinal, 0, e);
+        let ctx = CudaContext::new(ordinal).map_err(err)?;
         // One stream orders every operation, so cudarc's cross-stream events are not needed.
         // SAFETY: no buffer of this context is used on another stream.
         unsafe { ctx.disable_event_tracking() };
-        let name = ctx.name().map_err(cuda_err("reading the device name"))?;
-        let (major, minor) = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
+        let name = ctx.name().map_err(err)?;
+        let (major, minor) = ctx.compute_capability().map_err(err)?;
         let stream = ctx.default_stream();
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda(format!("creating cuBLAS: {e:?}")))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| blas_error(op, ordinal, e))?;
         let mut functions = HashMap::new();
         for src in source::SOURCES {
             let ptx = source::compile(src, major as u32, minor as u32)?;
-            let module = ctx.load_module(ptx).map_err(cuda_err(src.name))?;
+            let module = ctx.load_module(ptx).map_err(err)?;
             for &f in src.functions {
-                let func = module.load_function(f).map_err(cuda_err(f))?;
-                functions.insert(f, func);
+                functions.insert(f, module.load_function(f).map_err(err)?);
             }
         }
         tracing::info!(device = %format!("cuda:{ordinal}"), %name, sm = %format!("{major}.{minor}"), "CUDA device ready");
@@ -167,18 +260,19 @@ impl Gpu {
 
     /// Free and total device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
-        self.bind()?;
-        self.ctx.mem_get_info().map_err(cuda_err("reading device memory"))
-    }
-
-    /// Makes the context current on the calling thread (cuBLAS needs it).
-    pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(cuda_err("binding the CUDA context"))
+        self.bind("memory")?;
+        self.ctx.mem_get_info().map_err(|e| driver_error("memory", self.ordinal, 0, e))
     }
 
     /// Waits for every queued operation.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(cuda_err("synchronising the stream"))
+        self.stream.synchronize().map_err(|e| driver_error("synchronize", self.ordinal, 0, e))
+    }
+
+    /// Makes the context current on the calling thread (cuBLAS needs it; cudarc's own calls
+    /// bind it themselves).
+    fn bind(&self, op: &'static str) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| driver_error(op, self.ordinal, 0, e))
     }
 
     fn function(&self, name: &str) -> &CudaFunction {
@@ -187,38 +281,112 @@ impl Gpu {
 
     // ---- memory ----
 
-    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(cuda_err("copying to the device"))
+    /// A copy of `host` on the device (one zero for an empty slice: device allocations
+    /// cannot be empty).
+    pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(&self, op: &'static str, host: &[T]) -> Result<CudaSlice<T>> {
+        if host.is_empty() {
+            return self.zeros(op, 0);
+        }
+        let bytes = std::mem::size_of_val(host);
+        self.stream.clone_htod(host).map_err(|e| driver_error(op, self.ordinal, bytes, e))
     }
 
-    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros(n.max(1)).map_err(cuda_err("allocating device memory"))
+    /// `n` zeros (at least one).
+    pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, op: &'static str, n: usize) -> Result<CudaSlice<T>> {
+        let n = n.max(1);
+        let bytes = n.saturating_mul(std::mem::size_of::<T>());
+        self.stream.alloc_zeros(n).map_err(|e| driver_error(op, self.ordinal, bytes, e))
     }
 
-    /// An uninitialised buffer, for outputs a kernel writes whole.
-    pub fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: callers only read what a kernel has written.
-        unsafe { self.stream.alloc(n.max(1)) }.map_err(cuda_err("allocating device memory"))
+    /// `n` (at least one) uninitialised elements, for an output a kernel writes whole.
+    ///
+    /// # Safety
+    /// Nothing may read an element before a kernel or copy has written it.
+    unsafe fn alloc<T: DeviceRepr>(&self, op: &'static str, n: usize) -> Result<CudaSlice<T>> {
+        let n = n.max(1);
+        let bytes = count(op, &[n, std::mem::size_of::<T>()])?;
+        // SAFETY: the caller's contract.
+        unsafe { self.stream.alloc(n) }.map_err(|e| driver_error(op, self.ordinal, bytes, e))
     }
 
-    pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
+    /// The first `n` elements of `dev`, in host memory.
+    pub(crate) fn download<T: DeviceRepr + Default + Clone>(
+        &self,
+        op: &'static str,
+        dev: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<T>> {
+        self.check(op, "source", dev, n)?;
         let mut host = vec![T::default(); n];
         if n > 0 {
-            self.stream.memcpy_dtoh(&dev.slice(..n), &mut host).map_err(cuda_err("copying from the device"))?;
+            let err = |e| driver_error(op, self.ordinal, 0, e);
+            self.stream.memcpy_dtoh(&dev.slice(..n), &mut host).map_err(err)?;
             self.synchronize()?;
         }
         Ok(host)
     }
 
-    /// Copies a weight matrix to the device in its dtype.
-    pub fn upload_matrix(&self, w: Weights<'_>, rows: usize, cols: usize) -> Result<GpuMatrix> {
-        assert_eq!(w.len(), rows * cols, "upload_matrix: {} values are not {rows}x{cols}", w.len());
+    /// Copies a `[rows, cols]` weight matrix to the device in its format.
+    pub(crate) fn upload_matrix(
+        &self,
+        op: &'static str,
+        w: Weights<'_>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<GpuMatrix> {
+        let n = count(op, &[rows, cols])?;
+        if w.len() != n {
+            return Err(KernelError::shape(op, "weight", format!("{n} values ({rows} × {cols})"), w.len()));
+        }
         let data = match w {
-            Weights::F32(v) => GpuData::F32(self.upload(v)?),
-            Weights::F16(v) => GpuData::Half(self.upload(v.reinterpret_cast())?),
-            Weights::BF16(v) => GpuData::Half(self.upload(v.reinterpret_cast())?),
+            Weights::F32(v) => GpuData::F32(self.upload(op, v)?),
+            Weights::F16(v) => GpuData::Half(self.upload(op, v.reinterpret_cast())?),
+            Weights::BF16(v) => GpuData::Half(self.upload(op, v.reinterpret_cast())?),
         };
-        Ok(GpuMatrix { dtype: w.dtype(), rows, cols, data })
+        Ok(GpuMatrix { format: Format::from(w.dtype()), rows, cols, ordinal: self.ordinal, data })
+    }
+
+    // ---- checks ----
+
+    /// Checks `s` is on this device and holds at least `n` elements: what a kernel may
+    /// touch of it.
+    fn check<T>(&self, op: &'static str, arg: &'static str, s: &CudaSlice<T>, n: usize) -> Result<()> {
+        if s.ordinal() != self.ordinal {
+            return Err(KernelError::WrongDevice {
+                op,
+                arg,
+                expected: Device::Cuda(self.ordinal),
+                got: Device::Cuda(s.ordinal()),
+            });
+        }
+        if s.len() < n {
+            return Err(KernelError::shape(op, arg, format!("at least {n} values"), format!("{} values", s.len())));
+        }
+        Ok(())
+    }
+
+    /// Checks `arg`, on device `ordinal`, is on this one.
+    pub(crate) fn same_device(&self, op: &'static str, arg: &'static str, ordinal: usize) -> Result<()> {
+        if ordinal != self.ordinal {
+            let (expected, got) = (Device::Cuda(self.ordinal), Device::Cuda(ordinal));
+            return Err(KernelError::WrongDevice { op, arg, expected, got });
+        }
+        Ok(())
+    }
+
+    /// Checks `w` is on this device and its buffer holds its `rows × cols` elements.
+    fn check_matrix(&self, op: &'static str, w: &GpuMatrix) -> Result<()> {
+        let n = count(op, &[w.rows, w.cols])?;
+        self.same_device(op, "weight", w.ordinal)?;
+        if w.len() < n {
+            return Err(KernelError::shape(
+                op,
+                "weight",
+                format!("at least {n} values"),
+                format!("{} values", w.len()),
+            ));
+        }
+        Ok(())
     }
 
     // ---- launches ----
@@ -226,8 +394,9 @@ impl Gpu {
     /// Launches kernel `name` over `cfg` with `args`, in the kernel's parameter order.
     ///
     /// # Safety
-    /// `args` must match the kernel's parameters in number and type, and every buffer it
-    /// addresses must hold what the kernel reads and writes for `cfg`.
+    /// `args` must match the kernel's parameters in number and type, every address must be
+    /// a buffer of this device, and each buffer must hold every element the kernel reads or
+    /// writes for `cfg` and the sizes in `args`.
     unsafe fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let mut b = self.stream.launch_builder(self.function(name));
         for a in args {
@@ -240,7 +409,7 @@ impl Gpu {
             };
         }
         // SAFETY: the caller's contract.
-        unsafe { b.launch(cfg) }.map_err(cuda_err(name))?;
+        unsafe { b.launch(cfg) }.map_err(|e| driver_error(name, self.ordinal, 0, e))?;
         Ok(())
     }
 
@@ -256,16 +425,28 @@ enum Arg {
     I32(i32),
     I64(i64),
     F32(f32),
-    Shape(CacheShape),
+    Shape(attention::CacheShape),
 }
 
-/// `n` elements, 256 threads a block, grid-stride beyond 65535 blocks.
-fn grid_1d(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// One block of `threads` per row.
-fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    #[test]
+    fn out_of_memory_is_not_a_device_fault() {
+        let e = driver_error("linear", 1, 4096, DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY));
+        assert!(e.is_out_of_memory() && !e.is_device_fault());
+        assert_eq!(e.to_string(), "linear: out of memory on cuda:1 allocating 4096 bytes");
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert_eq!(count("op", &[3, 4, 5]).unwrap(), 60);
+        assert!(count("op", &[usize::MAX, 2]).is_err());
+        assert_eq!(int("op", "rows", 7).unwrap(), 7);
+        assert!(int("op", "rows", 1 << 31).is_err());
+        assert!(grid("op", 1 << 31, 1, 32).is_err());
+        assert!(grid("op", 1, 65_536, 32).is_err());
+        assert_eq!(grid("op", 10, 3, 64).unwrap().grid_dim, (10, 3, 1));
+    }
 }

@@ -86,7 +86,7 @@ impl Choice {
             Some(Ok(Event::Started { .. })) => {}
             Some(Ok(other)) => return Err(ServeError::Internal(format!("unexpected first event {other:?}")).into()),
             Some(Err(e)) => return Err(e.into()),
-            None => return Err(ServeError::Unavailable("the router is shutting down".into()).into()),
+            None => return Err(ServeError::ShuttingDown.into()),
         }
         Ok(Choice {
             index,
@@ -148,7 +148,7 @@ impl Choice {
             }
             Some(Ok(Event::Started { .. })) => {}
             Some(Err(e)) => return Err(e.into()),
-            None => return Err(ServeError::Unavailable("the router stopped mid-generation".into()).into()),
+            None => return Err(ServeError::ShuttingDown.into()),
         }
         let mut release = if self.finish.is_some() { self.text.len() } else { self.text.len() - self.held_back() };
         // Never cut inside a character (a byte-fallback decoder can shorten the text when a

@@ -59,14 +59,19 @@ impl ApiError {
     }
 }
 
+/// The one mapping of [`ServeError`] to HTTP statuses.
 impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> Self {
-        let status = match &e {
-            ServeError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ServeError::Overloaded(_) | ServeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        let (status, param) = match &e {
+            ServeError::Invalid(_) => (StatusCode::BAD_REQUEST, None),
+            ServeError::KvCacheTooSmall { .. } => (StatusCode::BAD_REQUEST, Some("max_tokens")),
+            ServeError::QueueFull { .. }
+            | ServeError::ShuttingDown
+            | ServeError::ExpertsUnavailable(_)
+            | ServeError::EngineFailed { .. } => (StatusCode::SERVICE_UNAVAILABLE, None),
+            ServeError::StepFailed(_) | ServeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
-        ApiError { status, message: e.to_string(), param: None, code: None }
+        ApiError { status, message: e.to_string(), param, code: None }
     }
 }
 

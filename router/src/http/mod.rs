@@ -76,6 +76,14 @@ impl HttpState {
     }
 }
 
+/// 200 while the router serves; 503 with the reason once its engine has failed.
+async fn health(State(state): State<Arc<HttpState>>) -> Result<&'static str, ApiError> {
+    match state.scheduler.health.failure() {
+        None => Ok(""),
+        Some(reason) => Err(crate::scheduler::ServeError::EngineFailed { reason: reason.to_string() }.into()),
+    }
+}
+
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
 
@@ -84,7 +92,7 @@ pub fn app(state: Arc<HttpState>) -> Router {
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat))
         .route("/v1/models", get(models))
-        .route("/health", get(|| async { "" }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
