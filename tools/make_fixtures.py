@@ -45,11 +45,13 @@ from transformers import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "qwen3_moe_fp8"]
+# Quantized fixtures: a base architecture saved as the Hub ships its quantized checkpoints.
+QUANTIZED = {"gpt_oss_mxfp4": "gpt_oss", "qwen3_moe_fp8": "qwen3_moe"}
 # Added to the seed so every arch draws different weights. Seeds are combined as
 # seed * SEED_STRIDE + offset * REDRAW_STRIDE + redraw, so no (seed, redraw) pair
 # of one --seed can ever collide with another --seed's weights.
-ARCH_OFFSET = {"mixtral": 1, "qwen2_moe": 2, "qwen3_moe": 3, "olmoe": 4, "gpt_oss": 5}
+ARCH_OFFSET = {"mixtral": 1, "qwen2_moe": 2, "qwen3_moe": 3, "olmoe": 4, "gpt_oss": 5, "gpt_oss_mxfp4": 6, "qwen3_moe_fp8": 7}
 SEED_STRIDE = 1_000_000
 REDRAW_STRIDE = 10_000
 MAX_REDRAWS = 500
@@ -102,6 +104,14 @@ SINK_STD = 1.0
 # fire, so gpt_oss expert gate_up weights get a larger std to really exercise it.
 GPT_OSS_GATE_UP_STD = 0.6
 
+# MXFP4 (gpt-oss experts): hidden and expert width 96, so every row is 3 blocks of 32.
+MXFP4_HIDDEN = 96
+FP4_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+# FP8 (qwen3_moe): 24 x 24 scale blocks over 64- and 32-wide matrices, so there are several
+# blocks a side and partial ones at the edges.
+FP8_BLOCK = [24, 24]
+FP8_MAX = 448.0
+
 
 def common_kwargs(num_layers: int = 2, eps: float = 1e-6) -> dict:
     return dict(
@@ -144,7 +154,7 @@ def make_config(arch: str):
             rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
             max_position_embeddings=QWEN2_DYNAMIC_MAX_POS,
         )
-    if arch == "qwen3_moe":
+    if arch in ("qwen3_moe", "qwen3_moe_fp8"):
         return Qwen3MoeConfig(
             **common_kwargs(num_layers=3),
             num_experts=8,
@@ -165,11 +175,14 @@ def make_config(arch: str):
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             max_position_embeddings=256,
         )
-    if arch == "gpt_oss":
+    if arch in ("gpt_oss", "gpt_oss_mxfp4"):
+        kwargs = common_kwargs(eps=1e-5)
+        if arch == "gpt_oss_mxfp4":
+            kwargs["hidden_size"] = MXFP4_HIDDEN
         return GptOssConfig(
-            **common_kwargs(eps=1e-5),
+            **kwargs,
             num_local_experts=8,
-            intermediate_size=32,
+            intermediate_size=MXFP4_HIDDEN if arch == "gpt_oss_mxfp4" else 32,
             layer_types=["sliding_attention", "full_attention"],
             sliding_window=8,
             attention_bias=True,
@@ -234,7 +247,7 @@ def randomize(model: torch.nn.Module, arch: str, gen: torch.Generator) -> None:
             val = SINK_STD * noise
         elif leaf.endswith("bias"):  # Linear biases, router bias, gpt_oss expert biases
             val = BIAS_STD * noise
-        elif arch == "gpt_oss" and leaf == "gate_up_proj":
+        elif arch.startswith("gpt_oss") and leaf == "gate_up_proj":
             val = GPT_OSS_GATE_UP_STD * noise
         else:
             assert p.ndim >= 2, name
@@ -247,20 +260,185 @@ def save_checkpoint(model, tokenizer, out_dir: Path, arch: str) -> None:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     kwargs = {}
+    if arch in QUANTIZED:
+        kwargs["max_shard_size"] = "100MB"  # one file, rewritten quantized
     if arch == "qwen3_moe":
         kwargs["max_shard_size"] = "150KB"  # force >= 2 shards + index.json
     model.to(torch.bfloat16).save_pretrained(out_dir, **kwargs)
+    if arch == "gpt_oss_mxfp4":
+        quantize_mxfp4_experts(out_dir)
+    if arch == "qwen3_moe_fp8":
+        quantize_fp8_linears(out_dir)
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     for f in out_dir.iterdir():  # save_pretrained writes safetensors as 0600
         f.chmod(0o644)
 
 
+# --------------------------------------------------------------- quantizing
+
+
+def _rewrite(out_dir: Path, transform, quantization_config: dict) -> None:
+    """Applies `transform(name, tensor) -> {name: tensor}` to every tensor of the single
+    safetensors file, and declares `quantization_config` in config.json."""
+    from safetensors.torch import load_file, save_file
+
+    path = out_dir / "model.safetensors"
+    tensors = load_file(path)
+    out = {}
+    for name in sorted(tensors):
+        out.update(transform(name, tensors[name]))
+    save_file(out, path, metadata={"format": "pt"})
+    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def mxfp4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 of `w` [..., rows, cols] along its rows, as gpt-oss stores it: blocks
+    [..., rows, cols/32, 16] (E2M1 nibbles, the low one first) and E8M0 scales
+    [..., rows, cols/32]. Each block's scale is the smallest power of two that brings its
+    largest magnitude within 6; each value rounds to the nearest E2M1 value."""
+    *lead, cols = w.shape
+    blocks = w.float().reshape(*lead, cols // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.zeros_like(amax)).clamp(-126, 127)
+    q = blocks / torch.exp2(exp)
+    lut = torch.tensor(FP4_VALUES)
+    nibbles = (q.unsqueeze(-1) - lut).abs().argmin(-1).to(torch.uint8)
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    scales = (exp.squeeze(-1) + 127).to(torch.uint8)
+    return packed.contiguous(), scales.contiguous()
+
+
+def quantize_mxfp4_experts(out_dir: Path) -> None:
+    """gpt-oss's experts in MXFP4, as the Hub ships gpt-oss: `gate_up_proj` [E, H, 2I] and
+    `down_proj` [E, I, H] become `*_blocks` / `*_scales` over their output rows (the
+    [E, out, in] transpose); biases, attention, router, embeddings and head stay bf16."""
+
+    def transform(name: str, t: torch.Tensor) -> dict:
+        if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
+            blocks, scales = mxfp4_pack(t.transpose(1, 2))
+            return {f"{name}_blocks": blocks, f"{name}_scales": scales}
+        return {name: t}
+
+    _rewrite(
+        out_dir,
+        transform,
+        {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        },
+    )
+
+
+def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """FP8 `q` [rows, cols] times its per-block scales, blocks of `block` from the top left
+    with partial ones at the edges (DeepSeek-V3's `weight_dequant`)."""
+    rows, cols = q.shape
+    s = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return q.float() * s
+
+
+def check_fp8_semantics() -> None:
+    """Where blocks divide a matrix evenly, transformers' own dequantizer gives what
+    `fp8_dequantize` gives: value × weight_scale_inv, block by block."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(48, 72, generator=gen) * 100).to(torch.float8_e4m3fn)
+    scale = torch.rand(2, 3, generator=gen) + 0.5
+    theirs = Fp8Dequantize(None)._dequantize_one(q, scale, output_dtype=torch.float32)
+    assert torch.equal(theirs, fp8_dequantize(q, scale, FP8_BLOCK)), "FP8 block semantics differ from transformers'"
+
+
+def quantize_fp8_linears(out_dir: Path) -> None:
+    """Every linear layer's weight in float8_e4m3fn with one float32 `weight_scale_inv` per
+    24 x 24 block (each block's largest magnitude maps to 448), as DeepSeek-V3 and the
+    Qwen3 FP8 checkpoints store them; the routers, norms, embeddings and head stay bf16."""
+
+    def transform(name: str, t: torch.Tensor) -> dict:
+        quantized = t.ndim == 2 and name.endswith("_proj.weight")
+        if not quantized:
+            return {name: t}
+        w = t.float()
+        rows, cols = w.shape
+        br, bc = -(-rows // FP8_BLOCK[0]), -(-cols // FP8_BLOCK[1])
+        scale = torch.ones(br, bc)
+        for i in range(br):
+            for j in range(bc):
+                blk = w[i * FP8_BLOCK[0] : (i + 1) * FP8_BLOCK[0], j * FP8_BLOCK[1] : (j + 1) * FP8_BLOCK[1]]
+                amax = blk.abs().max()
+                if amax > 0:
+                    scale[i, j] = amax / FP8_MAX
+        full = scale.repeat_interleave(FP8_BLOCK[0], 0)[:rows].repeat_interleave(FP8_BLOCK[1], 1)[:, :cols]
+        q = (w / full).to(torch.float8_e4m3fn)
+        return {name: q, name.removesuffix("weight") + "weight_scale_inv": scale}
+
+    _rewrite(
+        out_dir,
+        transform,
+        {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "weight_block_size": FP8_BLOCK,
+            "modules_to_not_convert": ["model.embed_tokens", "lm_head", "model.layers.*.mlp.gate"],
+        },
+    )
+
+
+def fp8_dequantized(ckpt: Path) -> Path:
+    """A float32 copy of an FP8 checkpoint (same tensor names, no quantization_config), in a
+    directory beside it, made once."""
+    from safetensors.torch import load_file, save_file
+
+    import tempfile
+
+    out = Path(tempfile.gettempdir()) / "switchyard-fixtures" / f"{ckpt.name}-dequantized-{os.getpid()}"
+    out.parent.mkdir(exist_ok=True)
+    stamp = (ckpt / "model.safetensors").stat().st_mtime_ns
+    if (out / "stamp").exists() and (out / "stamp").read_text() == str(stamp):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    block = cfg.pop("quantization_config")["weight_block_size"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(ckpt / "model.safetensors")
+    state = {}
+    for name, t in tensors.items():
+        if name.endswith("weight_scale_inv"):
+            continue
+        scale = tensors.get(name.removesuffix("weight") + "weight_scale_inv")
+        state[name] = fp8_dequantize(t, scale, block) if scale is not None else t.float()
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "stamp").write_text(str(stamp))
+    return out
+
+
 # ------------------------------------------------------------------ decoding
 
 
 def load_model(ckpt: Path):
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
+    """The checkpoint in float32 as transformers runs it. MXFP4 experts are dequantized by
+    transformers itself (Mxfp4Config(dequantize=True)). FP8 is dequantized here, block by
+    block as `weight_block_size` defines it, and loaded into the same transformers model:
+    transformers' own CPU dequantizer derives the block from the scale grid
+    (`rows // scale_rows`) and so cannot read partial edge blocks."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    method = cfg.get("quantization_config", {}).get("quant_method")
+    if method == "mxfp4":
+        from transformers import Mxfp4Config
+
+        model = AutoModelForCausalLM.from_pretrained(
+            ckpt, dtype=torch.float32, attn_implementation="eager", quantization_config=Mxfp4Config(dequantize=True)
+        )
+    elif method == "fp8":
+        check_fp8_semantics()
+        model = AutoModelForCausalLM.from_pretrained(fp8_dequantized(ckpt), dtype=torch.float32, attn_implementation="eager")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     return model
 
@@ -444,7 +622,7 @@ def build_arch(arch: str, seed: int, tokenizer, out_root: Path) -> dict:
         fr = clip_fractions(ckpt, saved_tok, prompts, cfg["clip_qkv"])
         print(f"  clip_qkv={cfg['clip_qkv']} clipped fractions: " + ", ".join(f"{k}={v:.3f}" for k, v in fr.items()))
         assert all(0.0 < v < 1.0 for v in fr.values()), fr
-    if arch == "gpt_oss":
+    if arch.startswith("gpt_oss"):
         frac = swiglu_clamp_fraction(ckpt, saved_tok, prompts)
         print(f"  swiglu_limit={cfg['swiglu_limit']} clamped gate/up fraction: {frac:.3f}")
         assert 0.0 < frac < 0.5, frac

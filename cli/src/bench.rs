@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use switchyard_kernels::cpu::{self, Precision};
 use switchyard_model::kv_cache::blocks_for;
 use switchyard_model::moe::Experts;
-use switchyard_model::random::{RandomShape, write_random_checkpoint};
+use switchyard_model::random::{RandomFormat, RandomShape, write_random_checkpoint};
 use switchyard_model::sampling::Rng;
 use switchyard_model::{Chunk, Model, SeqCache};
 use switchyard_router::{Cluster, RemoteExperts};
@@ -48,9 +48,15 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: switchyard_kernels::Device,
     /// The random checkpoint written when no --model is given: `small` (Mixtral layout,
-    /// hidden 1024, 8 layers) or `gpt-oss-20b` (its shapes in the Mixtral layout, 42 GB).
+    /// hidden 1024, 8 layers) or `gpt-oss-20b` (its shapes: in the Mixtral layout, 42 GB in
+    /// bf16; with `--quant mxfp4`, gpt-oss itself, 13.8 GB).
     #[arg(long, default_value = "small")]
     shape: String,
+    /// How the random checkpoint stores its weights: `none` (bf16), `fp8` (e4m3 with 128x128
+    /// block scales on attention and experts; `small`) or `mxfp4` (gpt-oss's MXFP4 experts;
+    /// `gpt-oss-20b`).
+    #[arg(long, default_value = "none")]
+    quant: String,
     /// With `--device cuda:N`: a Python with torch and transformers; runs
     /// tools/bench_transformers.py on the same checkpoint and GPU after switchyard, and adds
     /// its figures to the table.
@@ -86,15 +92,25 @@ pub fn run(args: Args) -> Result<()> {
     let dir = match &args.model {
         Some(dir) => dir.clone(),
         None => {
-            let (shape, dir) = match args.shape.as_str() {
-                "small" => (RandomShape::bench(), args.cache_dir.clone()),
-                "gpt-oss-20b" => (RandomShape::gpt_oss_20b(), args.cache_dir.join("gpt-oss-20b")),
-                other => bail!("unknown --shape `{other}`: expected `small` or `gpt-oss-20b`"),
+            let (shape, format, dir) = match (args.shape.as_str(), args.quant.as_str()) {
+                ("small", "none") => (RandomShape::bench(), RandomFormat::Bf16, args.cache_dir.clone()),
+                ("small", "fp8") => (RandomShape::bench(), RandomFormat::Fp8, args.cache_dir.join("small-fp8")),
+                ("gpt-oss-20b", "none") => {
+                    (RandomShape::gpt_oss_20b(), RandomFormat::Bf16, args.cache_dir.join("gpt-oss-20b"))
+                }
+                ("gpt-oss-20b", "mxfp4") => {
+                    (RandomShape::gpt_oss_20b_native(), RandomFormat::Mxfp4, args.cache_dir.join("gpt-oss-20b-mxfp4"))
+                }
+                (shape @ ("small" | "gpt-oss-20b"), quant) => bail!(
+                    "--quant {quant} is not offered with --shape {shape}: `small` takes none or fp8, `gpt-oss-20b` \
+                     none or mxfp4"
+                ),
+                (other, _) => bail!("unknown --shape `{other}`: expected `small` or `gpt-oss-20b`"),
             };
-            if !dir.join("model.safetensors").exists() {
+            if !dir.join("config.json").exists() {
                 let p = Progress::new("writing");
                 tracing::info!("writing random benchmark checkpoint to {}", dir.display());
-                write_random_checkpoint(&dir, &shape, 0, &mut |d, t| p.update(d, t))?;
+                write_random_checkpoint(&dir, &shape, format, 0, &mut |d, t| p.update(d, t))?;
                 p.finish();
             }
             dir

@@ -110,6 +110,8 @@ struct RegisteredNode {
     experts: usize,
     /// Rows routed to it per second (as the leader measures it).
     rows_per_second: f64,
+    /// Bytes of expert weights it holds, as stored (its last heartbeat).
+    held_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -245,6 +247,7 @@ fn coordinator_view(s: switchyard_proto::v1::CoordinatorStatus) -> CoordinatorVi
                 memory_budget: n.memory_budget,
                 experts: active.map_or(0, |e| e.experts.iter().filter(|x| x.nodes.contains(&n.id)).count()),
                 rows_per_second: s.load.iter().find(|l| l.node_id == n.id).map_or(0.0, |l| l.rows_per_second),
+                held_bytes: s.load.iter().find(|l| l.node_id == n.id).map_or(0, |l| l.held_bytes),
             })
             .collect(),
         epochs: placement
@@ -271,9 +274,14 @@ fn print_coordinator(out: &mut impl Write, c: &CoordinatorView) -> Result<()> {
     for e in &c.epochs {
         writeln!(out, "epoch {} {}: {}", e.number, e.state, e.reason)?;
     }
-    writeln!(out, "{:>4} {:<22} {:<10} {:>8} {:>10}", "id", "node", "state", "experts", "rows/s")?;
+    writeln!(out, "{:>4} {:<22} {:<10} {:>8} {:>12} {:>10}", "id", "node", "state", "experts", "held MB", "rows/s")?;
     for n in &c.nodes {
-        writeln!(out, "{:>4} {:<22} {:<10} {:>8} {:>10.0}", n.id, n.address, n.state, n.experts, n.rows_per_second)?;
+        let mb = n.held_bytes as f64 / 1e6;
+        writeln!(
+            out,
+            "{:>4} {:<22} {:<10} {:>8} {:>12.2} {:>10.0}",
+            n.id, n.address, n.state, n.experts, mb, n.rows_per_second
+        )?;
     }
     writeln!(out, "load imbalance (max/mean) {:.2}", c.imbalance)?;
     Ok(())

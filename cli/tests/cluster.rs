@@ -280,3 +280,79 @@ fn grpc_health(address: &str) -> tonic_health::pb::health_check_response::Servin
         client.check(request).await.expect("a health answer").into_inner().status()
     })
 }
+
+/// An expert node's own status (its `Status` RPC).
+fn node_status(address: &str) -> switchyard_proto::v1::NodeStatus {
+    use switchyard_proto::v1::StatusRequest;
+    use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut client = ExpertServiceClient::connect(format!("http://{address}")).await.expect("the node answers");
+        client.status(StatusRequest {}).await.expect("a status").into_inner()
+    })
+}
+
+/// Bytes one expert of `arch`'s quantized fixture takes as stored (values and scales), read
+/// from its checkpoint; and as dense bf16.
+fn quantized_expert_bytes(arch: &str) -> (u64, u64) {
+    use switchyard_model::checkpoint::Checkpoint;
+    let ckpt = Checkpoint::open(std::path::Path::new(&fixture(arch))).unwrap();
+    let size = |name: &str| ckpt.get(name).unwrap().size_in_bytes() as u64;
+    match arch {
+        "gpt_oss_mxfp4" => {
+            let p = "model.layers.0.mlp.experts";
+            let packed = ["gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"]
+                .iter()
+                .map(|t| size(&format!("{p}.{t}")))
+                .sum::<u64>()
+                / 8;
+            let dense = 2 * (192 * 96 + 96 * 96);
+            (packed, dense)
+        }
+        _ => {
+            let p = "model.layers.1.mlp.experts.0";
+            let packed = ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .map(|t| size(&format!("{p}.{t}.weight")) + size(&format!("{p}.{t}.weight_scale_inv")))
+                .sum::<u64>();
+            (packed, 2 * 3 * 32 * 64)
+        }
+    }
+}
+
+#[test]
+fn expert_nodes_serve_quantized_experts_packed() {
+    for arch in ["gpt_oss_mxfp4", "qwen3_moe_fp8"] {
+        let model = fixture(arch);
+        // With coordinators, which count what each node holds from its heartbeats.
+        let cluster = UpCluster::start_with(&["--model", &model, "--expert-nodes", "2"], &[]);
+        for case in [0, 2] {
+            let args = generate_args(arch, case, 20);
+            let local = run(&with(&args, &["--model", &model]));
+            let remote = run(&with(&args, &["--router", &cluster.addr]));
+            assert_eq!(remote, local, "{arch} case {case}: the cluster differs from the single process");
+            let got: Value = serde_json::from_str(&remote).unwrap();
+            let ids: Vec<Value> = got["tokens"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect();
+            assert_eq!(&Value::from(ids), &expected(arch)["cases"][case]["tokens"], "{arch} case {case}");
+        }
+        // Each node holds its experts packed: the bytes it reports are the stored size.
+        let (packed, dense) = quantized_expert_bytes(arch);
+        assert!(packed < dense, "{arch}: {packed} packed bytes an expert vs {dense} dense");
+        for n in cluster.status()["nodes"].as_array().unwrap() {
+            let status = node_status(n["address"].as_str().unwrap());
+            assert!(!status.experts.is_empty(), "{arch}: a node holds nothing");
+            assert_eq!(status.expert_bytes, status.experts.len() as u64 * packed, "{arch}: {status:?}");
+        }
+        // ... and so do the coordinators, from the nodes' heartbeats.
+        let mut seen = Value::Null;
+        let counted = wait_until(Duration::from_secs(10), || {
+            seen = cluster.coordinator_status();
+            seen["nodes"].as_array().unwrap().iter().all(|n| {
+                n["held_bytes"].as_u64() == Some(n["experts"].as_u64().unwrap() * packed)
+                    && n["experts"].as_u64() > Some(0)
+            })
+        });
+        assert!(counted, "{arch}: the coordinators' view of the nodes' bytes: {seen:#}");
+        cluster.stop();
+    }
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use anyhow::Result;
-use common::{expected, fixtures, switchyard};
+use common::{expected, fixture, fixtures, stdout_of, switchyard};
 use serde_json::Value;
 
 fn generate_json(args: &[&str]) -> Value {
@@ -204,7 +204,7 @@ fn missing_or_misshapen_tensors_are_named() -> Result<()> {
         .iter()
         .map(|t| {
             if t.name() == "model.layers.0.self_attn.q_proj.weight" {
-                Tensor::from_f32(t.name(), t.dtype(), vec![32, 128], &t.to_f32_vec())
+                Tensor::from_f32(t.name(), t.dtype(), vec![32, 128], &t.to_f32_vec().unwrap())
             } else {
                 t.clone()
             }
@@ -216,5 +216,91 @@ fn missing_or_misshapen_tensors_are_named() -> Result<()> {
         err.contains("model.layers.0.self_attn.q_proj.weight") && err.contains("[32, 128]") && err.contains("[64, 64]"),
         "{err}"
     );
+    Ok(())
+}
+
+#[test]
+fn quantized_checkpoints_reproduce_transformers() {
+    for arch in ["gpt_oss_mxfp4", "qwen3_moe_fp8"] {
+        let exp = expected(arch);
+        for (c, case) in exp["cases"].as_array().unwrap().iter().enumerate() {
+            let out = stdout_of(&[
+                "generate",
+                "--model",
+                &fixture(arch),
+                "--prompt",
+                case["prompt"].as_str().unwrap(),
+                "--max-tokens",
+                "20",
+                "--json",
+            ]);
+            let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let ids: Vec<u64> = got["tokens"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).collect();
+            let want: Vec<u64> = case["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+            assert_eq!(ids, want, "{arch} case {c}");
+            for (t, lp) in got["tokens"].as_array().unwrap().iter().zip(case["logprobs"].as_array().unwrap()) {
+                let diff = (t["logprob"].as_f64().unwrap() - lp.as_f64().unwrap()).abs();
+                assert!(diff < 1e-3, "{arch} case {c}: logprob off by {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_quantized_checkpoints_get_one_line_errors() -> Result<()> {
+    use switchyard_model::checkpoint::{Checkpoint, Tensor, write_safetensors};
+
+    // A quantization method Switchyard does not read.
+    let tmp = copy_fixture("qwen3_moe_fp8")?;
+    let model = tmp.path().to_str().unwrap();
+    let config = std::fs::read_to_string(tmp.path().join("config.json"))?;
+    std::fs::write(
+        tmp.path().join("config.json"),
+        config.replace("\"quant_method\": \"fp8\"", "\"quant_method\": \"gptq\""),
+    )?;
+    let err = stderr_of_failure(&["generate", "--model", model, "--prompt", "x"]);
+    assert!(
+        err.contains("quantization method `gptq` is not supported") && err.contains("mxfp4") && err.contains("fp8"),
+        "{err}"
+    );
+    std::fs::write(tmp.path().join("config.json"), &config)?;
+
+    // A scale tensor of the wrong shape: named, with both shapes and the format.
+    let ckpt = Checkpoint::open(tmp.path())?;
+    let mut names: Vec<String> = ckpt.names().map(str::to_string).collect();
+    names.sort();
+    let all: Vec<Tensor> = names.iter().map(|n| ckpt.get(n)).collect::<Result<_, _>>()?;
+    drop(ckpt);
+    let victim = "model.layers.0.self_attn.q_proj.weight_scale_inv";
+    let reshaped: Vec<Tensor> = all
+        .iter()
+        .map(|t| if t.name() == victim { Tensor::from_f32(victim, t.dtype(), vec![9], &[1.0; 9]) } else { t.clone() })
+        .collect();
+    write_safetensors(&tmp.path().join("model.safetensors"), &reshaped)?;
+    let err = stderr_of_failure(&["generate", "--model", model, "--prompt", "x"]);
+    assert!(
+        err.contains(victim) && err.contains("[9]") && err.contains("[3, 3]") && err.contains("FP8 with 24x24 blocks"),
+        "{err}"
+    );
+
+    // FP8 weights in a checkpoint whose config declares no quantization.
+    write_safetensors(&tmp.path().join("model.safetensors"), &all)?;
+    let plain: serde_json::Value = serde_json::from_str(&config)?;
+    let mut plain = plain.as_object().unwrap().clone();
+    plain.remove("quantization_config");
+    std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&plain)?)?;
+    let err = stderr_of_failure(&["generate", "--model", model, "--prompt", "x"]);
+    assert!(err.contains("is fp8-quantized but config.json declares no quantization_config"), "{err}");
+
+    // MXFP4 rows must be whole 32-value blocks.
+    let tmp = copy_fixture("gpt_oss_mxfp4")?;
+    let model = tmp.path().to_str().unwrap();
+    let config = std::fs::read_to_string(tmp.path().join("config.json"))?;
+    std::fs::write(
+        tmp.path().join("config.json"),
+        config.replace("\"intermediate_size\": 96", "\"intermediate_size\": 80"),
+    )?;
+    let err = stderr_of_failure(&["generate", "--model", model, "--prompt", "x"]);
+    assert!(err.contains("MXFP4 rows of 80 values") && err.contains("down_proj_blocks"), "{err}");
     Ok(())
 }

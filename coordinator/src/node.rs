@@ -100,6 +100,7 @@ pub enum Msg {
     Heartbeat {
         node: NodeId,
         loaded_epoch: u64,
+        held_bytes: u64,
         reply: oneshot::Sender<Result<bool, CoordinatorError>>,
     },
     Load(Load),
@@ -124,6 +125,9 @@ pub struct View {
     pub state: ClusterState,
     /// Routed rows per second per node, as the leader measures it from router reports.
     pub node_load: BTreeMap<NodeId, f64>,
+    /// Bytes of expert weights each node holds (as stored: quantized experts count their
+    /// packed size), from its last heartbeat to the leader.
+    pub node_bytes: BTreeMap<NodeId, u64>,
 }
 
 impl View {
@@ -181,8 +185,8 @@ impl Handle {
         self.ask(|reply| Msg::ChangeMembers { add, remove, reply }).await
     }
 
-    pub async fn heartbeat(&self, node: NodeId, loaded_epoch: u64) -> Result<bool, CoordinatorError> {
-        self.ask(|reply| Msg::Heartbeat { node, loaded_epoch, reply }).await
+    pub async fn heartbeat(&self, node: NodeId, loaded_epoch: u64, held_bytes: u64) -> Result<bool, CoordinatorError> {
+        self.ask(|reply| Msg::Heartbeat { node, loaded_epoch, held_bytes, reply }).await
     }
 
     /// The state as of now: a ReadIndex round, then this member's view once it has applied
@@ -355,7 +359,7 @@ impl RaftThread {
                 self.reads.insert(self.next_read, (reply, Instant::now()));
                 self.peer.read_index(self.next_read.to_le_bytes().to_vec());
             }
-            Msg::Heartbeat { node, loaded_epoch, reply } => {
+            Msg::Heartbeat { node, loaded_epoch, held_bytes, reply } => {
                 let answer = if !self.peer.is_leader() {
                     Err(self.peer.not_leader())
                 } else {
@@ -363,6 +367,7 @@ impl RaftThread {
                     if known {
                         self.duties.last_seen.insert(node, Instant::now());
                         self.duties.loaded.insert(node, loaded_epoch);
+                        self.duties.held_bytes.insert(node, held_bytes);
                     }
                     Ok(known)
                 };
@@ -419,6 +424,11 @@ impl RaftThread {
             voters: self.peer.voters(),
             state: self.peer.state.clone(),
             node_load: if self.peer.is_leader() { self.duties.node_rate.clone() } else { BTreeMap::new() },
+            node_bytes: if self.peer.is_leader() {
+                self.duties.held_bytes.iter().map(|(&n, &b)| (n, b)).collect()
+            } else {
+                BTreeMap::new()
+            },
         };
         self.publish.send_replace(Arc::new(view));
     }
@@ -433,6 +443,8 @@ struct Duties {
     last_seen: HashMap<NodeId, Instant>,
     /// The newest epoch each node has loaded.
     loaded: HashMap<NodeId, u64>,
+    /// The expert bytes each node last reported holding.
+    held_bytes: HashMap<NodeId, u64>,
     /// Routers: the epoch each last reported, and when.
     routers: HashMap<String, (u64, Instant)>,
     activated_at: Option<(u64, Instant)>,
@@ -457,6 +469,7 @@ impl Duties {
             leader_since: now,
             last_seen: HashMap::new(),
             loaded: HashMap::new(),
+            held_bytes: HashMap::new(),
             routers: HashMap::new(),
             activated_at: None,
             expert_load: BTreeMap::new(),

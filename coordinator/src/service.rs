@@ -132,7 +132,7 @@ impl Coordinator for CoordinatorService {
             return leader.heartbeat(forwarded(request.into_inner())).await;
         }
         let h = request.into_inner();
-        let known = self.handle.heartbeat(h.node_id, h.loaded_epoch).await?;
+        let known = self.handle.heartbeat(h.node_id, h.loaded_epoch, h.held_bytes).await?;
         Ok(Response::new(HeartbeatAck { known }))
     }
 
@@ -247,7 +247,18 @@ fn status(view: &View) -> CoordinatorStatus {
             .map(|&id| CoordinatorMember { id, address: view.state.members.get(&id).cloned().unwrap_or_default() })
             .collect(),
         placement: Some(convert::placement(&view.state)),
-        load: view.node_load.iter().map(|(&node_id, &rows_per_second)| NodeLoad { node_id, rows_per_second }).collect(),
+        load: view
+            .node_load
+            .keys()
+            .chain(view.node_bytes.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|&node_id| NodeLoad {
+                node_id,
+                rows_per_second: view.node_load.get(&node_id).copied().unwrap_or(0.0),
+                held_bytes: view.node_bytes.get(&node_id).copied().unwrap_or(0),
+            })
+            .collect(),
         imbalance: view.imbalance(),
         pid: std::process::id(),
     }

@@ -71,8 +71,10 @@ impl From<NodeError> for tonic::Status {
                 | ModelError::Safetensors { .. }
                 | ModelError::MissingTensor(_)
                 | ModelError::ShapeMismatch { .. }
+                | ModelError::QuantizedShape { .. }
+                | ModelError::UndeclaredQuantization { .. }
                 | ModelError::UnsupportedDtype { .. }
-                | ModelError::Mxfp4(_)
+                | ModelError::UnsupportedQuantization(_)
                 | ModelError::Tokenizer(_)
                 | ModelError::PromptTooLong { .. }
                 | ModelError::Dispatch { .. }

@@ -102,8 +102,10 @@ fn page_in(expert: &Expert) {
         Expert::SwiGlu { gate, up, down } => vec![gate, up, down],
         Expert::Interleaved { gate_up, down } => vec![gate_up, down],
     };
-    for bytes in weights.iter().filter_map(|w| w.host_bytes()) {
-        std::hint::black_box(bytes.iter().step_by(4096).fold(0u8, |a, &b| a ^ b));
+    for (values, scales) in weights.iter().filter_map(|w| w.host_bytes()) {
+        for bytes in std::iter::once(values).chain(scales) {
+            std::hint::black_box(bytes.iter().step_by(4096).fold(0u8, |a, &b| a ^ b));
+        }
     }
 }
 

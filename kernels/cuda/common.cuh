@@ -1,9 +1,11 @@
 // Shared by every Switchyard kernel source: prepended to each .cu file before NVRTC compiles
 // it, so the sources need no include path and no CUDA headers.
 //
-// Weights keep their checkpoint dtype in device memory (bf16, f16 or f32) and are widened to
-// f32 in registers; activations are f32 and every sum accumulates in f32.
+// Weights keep their checkpoint format in device memory (bf16, f16, f32, or MXFP4 and FP8 with
+// their scales) and are widened to f32 in registers; activations are f32 and every sum
+// accumulates in f32.
 
+typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;

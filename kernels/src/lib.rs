@@ -13,6 +13,7 @@
 //! - [`tensor`]: the [`Tensor`] type.
 //! - [`weight`]: [`Weight`], [`Format`], [`HostBytes`].
 //! - [`dtype`]: checkpoint element types and [`Weights`], a typed borrowed host matrix.
+//! - [`quant`]: the MXFP4 and FP8 formats: decoding, and quantizers for tests.
 //! - [`device`]: [`Device`] names (`cpu`, `cuda:N`) and what this build supports.
 //! - [`cpu`]: the CPU kernels on plain slices: products, norms, RoPE, attention, routing.
 //! - `cuda` (feature `cuda`): the CUDA kernels: device memory, cuBLAS, NVRTC-compiled sources.
@@ -25,6 +26,7 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod quant;
 pub mod tensor;
 pub mod weight;
 

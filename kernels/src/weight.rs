@@ -13,7 +13,7 @@ use half::{bf16, f16};
 
 use crate::error::{KernelError, Result};
 use crate::tensor::Shape;
-use crate::{DType, Device, Weights};
+use crate::{DType, Device, Weights, quant};
 
 /// How a weight matrix is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -21,48 +21,100 @@ pub enum Format {
     F32,
     F16,
     BF16,
+    /// gpt-oss's MXFP4: E2M1 values in blocks of 32 along each row, one E8M0 scale a block
+    /// (see [`crate::quant`]).
+    Mxfp4,
+    /// FP8 e4m3 with one `f32` scale per `block[0] × block[1]` block.
+    Fp8 {
+        block: [usize; 2],
+    },
 }
 
 impl Format {
     pub fn name(self) -> &'static str {
-        self.dtype().name()
-    }
-
-    /// The element type of a dense format.
-    pub fn dtype(self) -> DType {
         match self {
-            Format::F32 => DType::F32,
-            Format::F16 => DType::F16,
-            Format::BF16 => DType::BF16,
+            Format::F32 => "F32",
+            Format::F16 => "F16",
+            Format::BF16 => "BF16",
+            Format::Mxfp4 => "MXFP4",
+            Format::Fp8 { .. } => "FP8",
         }
     }
 
-    /// Bytes of a `[rows, cols]` matrix's data.
+    /// The element type of a dense format; `None` for the quantized ones.
+    pub fn dtype(self) -> Option<DType> {
+        match self {
+            Format::F32 => Some(DType::F32),
+            Format::F16 => Some(DType::F16),
+            Format::BF16 => Some(DType::BF16),
+            Format::Mxfp4 | Format::Fp8 { .. } => None,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.dtype().is_none()
+    }
+
+    /// Checks a `[rows, cols]` matrix can be stored this way, naming what cannot.
+    pub fn check(self, rows: usize, cols: usize) -> Result<()> {
+        let op = "Format::check";
+        match self {
+            Format::Mxfp4 if !cols.is_multiple_of(quant::MXFP4_BLOCK) => Err(KernelError::Unsupported {
+                op,
+                message: format!("an MXFP4 row of {cols} values is not a whole number of 32-value blocks"),
+            }),
+            Format::Fp8 { block } if block[0] == 0 || block[1] == 0 => {
+                Err(KernelError::Unsupported { op, message: format!("FP8 scale blocks of {}x{}", block[0], block[1]) })
+            }
+            _ if rows.checked_mul(cols).is_none() => {
+                Err(KernelError::Unsupported { op, message: format!("a matrix of {} is too large", Shape(rows, cols)) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Bytes of a `[rows, cols]` matrix's values.
     pub fn data_bytes(self, rows: usize, cols: usize) -> usize {
-        rows * cols * self.dtype().size_in_bytes()
+        match self {
+            Format::Mxfp4 => rows * cols / 2,
+            Format::Fp8 { .. } => rows * cols,
+            dense => rows * cols * dense.dtype().expect("a dense format").size_in_bytes(),
+        }
     }
 
-    /// The alignment the data must have to be read in place.
+    /// Bytes of a `[rows, cols]` matrix's scales (none for dense formats).
+    pub fn scale_bytes(self, rows: usize, cols: usize) -> usize {
+        match self {
+            Format::Mxfp4 => rows * cols / quant::MXFP4_BLOCK,
+            Format::Fp8 { block } => quant::blocks_along(rows, block[0]) * quant::blocks_along(cols, block[1]) * 4,
+            _ => 0,
+        }
+    }
+
+    /// The alignment the values must have to be read in place.
     pub fn align(self) -> usize {
-        self.dtype().size_in_bytes()
+        self.dtype().map_or(1, DType::size_in_bytes)
     }
 
-    /// `values` in this format, little-endian.
+    /// `values` in this dense format, little-endian.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
             Format::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Format::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
             Format::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            Format::Mxfp4 | Format::Fp8 { .. } => panic!("{} is quantized: use the quant module", self.name()),
         }
     }
 }
 
 impl From<DType> for Format {
+    /// The dense format of a float dtype.
     fn from(d: DType) -> Self {
         match d {
             DType::F32 => Format::F32,
             DType::F16 => Format::F16,
             DType::BF16 => Format::BF16,
+            DType::U8 | DType::F8E4M3 => panic!("{} is not a dense weight dtype", d.name()),
         }
     }
 }
@@ -122,7 +174,8 @@ impl HostBytes {
     }
 }
 
-/// A weight matrix `[rows, cols]` (out × in, as `nn.Linear` stores it) and its bias.
+/// A weight matrix `[rows, cols]` (out × in, as `nn.Linear` stores it), its scales where the
+/// format is quantized, and its bias.
 #[derive(Clone)]
 pub struct Weight {
     format: Format,
@@ -134,7 +187,10 @@ pub struct Weight {
 
 #[derive(Clone)]
 pub(crate) enum WeightData {
-    Host(HostBytes),
+    Host {
+        values: HostBytes,
+        scales: Option<HostBytes>,
+    },
     #[cfg(feature = "cuda")]
     Cuda(Arc<crate::cuda::GpuMatrix>),
 }
@@ -147,46 +203,75 @@ pub(crate) enum BiasData {
 }
 
 impl Weight {
-    /// A weight in host memory; checks the bytes against the format and shape.
+    /// A weight of a dense format in host memory; checks the bytes against the format and
+    /// shape.
     pub fn host(format: Format, rows: usize, cols: usize, data: HostBytes, bias: Option<Vec<f32>>) -> Result<Self> {
+        Self::host_with_scales(format, rows, cols, (data, None), bias)
+    }
+
+    /// A weight in host memory, `(values, scales)`; checks both against the format and shape
+    /// (scales only and always for a quantized format).
+    pub fn host_with_scales(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        (values, scales): (HostBytes, Option<HostBytes>),
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self> {
         let op = "Weight::host";
+        format.check(rows, cols)?;
+        let what = |bytes: usize| format!("{bytes} bytes ({} {})", format.name(), Shape(rows, cols));
         let want = format.data_bytes(rows, cols);
-        if data.len() != want {
-            let got = format!("{} bytes", data.len());
-            return Err(KernelError::shape(
-                op,
-                "data",
-                format!("{want} bytes ({} {})", format.name(), Shape(rows, cols)),
-                got,
-            ));
+        if values.len() != want {
+            return Err(KernelError::shape(op, "values", what(want), format!("{} bytes", values.len())));
         }
-        if !(data.as_bytes().as_ptr() as usize).is_multiple_of(format.align()) {
+        if !(values.as_bytes().as_ptr() as usize).is_multiple_of(format.align()) {
             return Err(KernelError::Unsupported {
                 op,
-                message: format!("{} data must be {}-byte aligned", format.name(), format.align()),
+                message: format!("{} values must be {}-byte aligned", format.name(), format.align()),
             });
+        }
+        match (&scales, format.scale_bytes(rows, cols)) {
+            (None, 0) => {}
+            (None, want) => return Err(KernelError::shape(op, "scales", what(want), "none")),
+            (Some(s), want) if s.len() != want => {
+                return Err(KernelError::shape(op, "scales", what(want), format!("{} bytes", s.len())));
+            }
+            (Some(s), _) if !(s.as_bytes().as_ptr() as usize).is_multiple_of(4) => {
+                return Err(KernelError::Unsupported { op, message: "scales must be 4-byte aligned".into() });
+            }
+            (Some(_), _) => {}
         }
         if let Some(b) = &bias
             && b.len() != rows
         {
             return Err(KernelError::shape(op, "bias", format!("{rows} values"), format!("{} values", b.len())));
         }
-        Ok(Weight {
-            format,
-            rows,
-            cols,
-            data: WeightData::Host(data),
-            bias: bias.map(|b| BiasData::Host(Arc::from(b))),
-        })
+        let data = WeightData::Host { values, scales };
+        Ok(Weight { format, rows, cols, data, bias: bias.map(|b| BiasData::Host(Arc::from(b))) })
     }
 
-    /// `values` (row-major `[rows, cols]`) stored as `format`, in host memory.
+    /// `values` (row-major `[rows, cols]`) stored as `format` (quantized ones quantized), in
+    /// host memory.
     pub fn from_f32(format: Format, rows: usize, cols: usize, values: &[f32], bias: Option<Vec<f32>>) -> Result<Self> {
-        if values.len() != rows * cols {
+        if rows.checked_mul(cols) != Some(values.len()) {
             let got = format!("{} values", values.len());
             return Err(KernelError::shape("Weight::from_f32", "values", Shape(rows, cols), got));
         }
-        Self::host(format, rows, cols, HostBytes::copy_of(&format.encode(values)), bias)
+        format.check(rows, cols)?;
+        let parts = match format {
+            Format::Mxfp4 => {
+                let (blocks, scales) = quant::quantize_mxfp4(values, cols);
+                (HostBytes::copy_of(&blocks), Some(HostBytes::copy_of(&scales)))
+            }
+            Format::Fp8 { block } => {
+                let (q, scales) = quant::quantize_fp8(values, cols, block);
+                let scales: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                (HostBytes::copy_of(&q), Some(HostBytes::copy_of(&scales)))
+            }
+            dense => (HostBytes::copy_of(&dense.encode(values)), None),
+        };
+        Self::host_with_scales(format, rows, cols, parts, bias)
     }
 
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -221,21 +306,21 @@ impl Weight {
     /// Where the matrix is.
     pub fn device(&self) -> Device {
         match &self.data {
-            WeightData::Host(_) => Device::Cpu,
+            WeightData::Host { .. } => Device::Cpu,
             #[cfg(feature = "cuda")]
             WeightData::Cuda(m) => Device::Cuda(m.ordinal),
         }
     }
 
-    /// Bytes of the matrix as stored (what a product streams).
+    /// Bytes of the matrix as stored, scales included (what a product streams).
     pub fn size_in_bytes(&self) -> usize {
-        self.format.data_bytes(self.rows, self.cols)
+        self.format.data_bytes(self.rows, self.cols) + self.format.scale_bytes(self.rows, self.cols)
     }
 
-    /// The stored bytes, where they are in host memory.
-    pub fn host_bytes(&self) -> Option<&[u8]> {
+    /// The stored values and scales, where they are in host memory.
+    pub fn host_bytes(&self) -> Option<(&[u8], Option<&[u8]>)> {
         match &self.data {
-            WeightData::Host(bytes) => Some(bytes.as_bytes()),
+            WeightData::Host { values, scales } => Some((values.as_bytes(), scales.as_ref().map(HostBytes::as_bytes))),
             #[cfg(feature = "cuda")]
             WeightData::Cuda(_) => None,
         }
@@ -243,15 +328,22 @@ impl Weight {
 
     /// The matrix as a typed view, where it is in host memory.
     pub fn view(&self) -> Option<Weights<'_>> {
-        let b = self.host_bytes()?;
+        let (b, scales) = self.host_bytes()?;
         let n = self.rows * self.cols;
-        // SAFETY: construction checked the length and the alignment for the format; every
-        // bit pattern is a valid f32, f16 or bf16.
+        // SAFETY: construction checked the lengths and the alignments for the format (values
+        // to their element size, scales to 4 bytes); every bit pattern is a valid f32, f16,
+        // bf16 or byte.
         Some(unsafe {
             match self.format {
                 Format::F32 => Weights::F32(std::slice::from_raw_parts(b.as_ptr().cast::<f32>(), n)),
                 Format::F16 => Weights::F16(std::slice::from_raw_parts(b.as_ptr().cast::<f16>(), n)),
                 Format::BF16 => Weights::BF16(std::slice::from_raw_parts(b.as_ptr().cast::<bf16>(), n)),
+                Format::Mxfp4 => Weights::Mxfp4 { blocks: b, scales: scales?, cols: self.cols },
+                Format::Fp8 { block } => {
+                    let s = scales?;
+                    let scales = std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len() / 4);
+                    Weights::Fp8 { values: b, scales, cols: self.cols, block }
+                }
             }
         })
     }

@@ -140,6 +140,108 @@ fn grouped_linear_matches_cpu_with_empty_slots_and_uneven_counts() {
     }
 }
 
+/// The quantized formats and the `[n, k]` shapes they are checked at: MXFP4 rows of 3 blocks
+/// and of gpt-oss-20b's 90 (2880 values: not a power of two of blocks); FP8 with 3 × 5 blocks
+/// (a 16-value pack spans several scales) on rows that are not whole packs (37, read value by
+/// value) and that are (96), and with DeepSeek's 128 × 128 blocks; every FP8 shape has partial
+/// edge blocks along both dimensions.
+fn quantized_cases() -> Vec<(Format, usize, usize)> {
+    vec![
+        (Format::Mxfp4, 10, 96),
+        (Format::Mxfp4, 24, 2880),
+        (Format::Fp8 { block: [3, 5] }, 10, 37),
+        (Format::Fp8 { block: [3, 5] }, 24, 96),
+        (Format::Fp8 { block: [128, 128] }, 200, 320),
+    ]
+}
+
+fn describe(format: Format) -> String {
+    match format {
+        Format::Fp8 { block } => format!("FP8 {block:?}"),
+        f => f.name().to_string(),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
+fn quantized_linear_matches_cpu() {
+    for (format, n, k) in quantized_cases() {
+        for bias in [None, Some(values(n, 7))] {
+            let w = Weight::from_f32(format, n, k, &values(n * k, 3), bias.clone()).unwrap();
+            for m in [1, 5, 40] {
+                let x = values(m * k, 11 + m as u64);
+                // Quantized weights never take cuBLAS: bf16 products change nothing, on 40
+                // rows either.
+                for precision in [Precision::F32, Precision::Bf16Products] {
+                    let what = format!(
+                        "linear {} [{m}, {k}] x [{n}, {k}], bias {}, {precision:?}",
+                        describe(format),
+                        bias.is_some()
+                    );
+                    parity(&what, 1e-4, |b| {
+                        let w = b.upload_weight(&w).unwrap();
+                        down(b, &b.linear(&up(b, &x, m, k), &w, precision).unwrap())
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
+fn quantized_grouped_linear_matches_cpu() {
+    // Slot 1 holds no expert, slot 3 one that gets no rows; the others get 9 (two tiles), 40,
+    // 1 and 5 rows.
+    let counts = [9, 0, 40, 0, 1, 5];
+    let total: usize = counts.iter().sum();
+    for (format, n, k) in quantized_cases() {
+        let x = values(total * k, 5);
+        for with_bias in [false, true] {
+            let slots: Vec<Option<Weight>> = (0..counts.len())
+                .map(|e| {
+                    let bias = with_bias.then(|| values(n, 40 + e as u64));
+                    (e != 1).then(|| Weight::from_f32(format, n, k, &values(n * k, 20 + e as u64), bias).unwrap())
+                })
+                .collect();
+            for precision in [Precision::F32, Precision::Bf16Products] {
+                let what = format!("grouped_linear {} [{n}, {k}], bias {with_bias}, {precision:?}", describe(format));
+                parity(&what, 1e-4, |b| {
+                    let g = b
+                        .group(slots.iter().map(|w| w.as_ref().map(|w| b.upload_weight(w).unwrap())).collect())
+                        .unwrap();
+                    down(b, &b.grouped_linear(&up(b, &x, total, k), &g, &counts, precision).unwrap())
+                });
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
+fn quantized_weights_are_refused_where_cuda_cannot_read_them() {
+    let g = gpu();
+    // The CUDA embedding reads dense tables only: refused by name, never a wrong row.
+    for format in [Format::Mxfp4, Format::Fp8 { block: [2, 2] }] {
+        let table = g.upload_weight(&Weight::from_f32(format, 4, 32, &values(4 * 32, 1), None).unwrap()).unwrap();
+        assert_eq!(table.size_in_bytes(), Weight::from_f32(format, 4, 32, &[0.0; 128], None).unwrap().size_in_bytes());
+        let e = g.embed(&table, &[0, 3]).unwrap_err();
+        assert!(matches!(e, KernelError::Unsupported { .. }) && e.to_string().contains(format.name()), "{e}");
+    }
+    // Experts of one shape but two FP8 scale blocks, or two formats, share no group.
+    let w = |format| Weight::from_f32(format, 6, 32, &values(6 * 32, 2), None).unwrap();
+    let pairs = [
+        (Format::Fp8 { block: [3, 5] }, Format::Fp8 { block: [5, 3] }),
+        (Format::Mxfp4, Format::Fp8 { block: [3, 5] }),
+        (Format::Mxfp4, Format::BF16),
+    ];
+    for (a, b_) in pairs {
+        refused(&format!("group of {} and {}", describe(a), describe(b_)), |b| {
+            b.group(vec![Some(b.upload_weight(&w(a))?), None, Some(b.upload_weight(&w(b_))?)]).map(drop)
+        });
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
 fn norms_match_cpu_over_rows_and_heads() {

@@ -57,7 +57,18 @@ impl std::fmt::Debug for Tensor {
 }
 
 impl Tensor {
-    /// A tensor that owns a copy of `values` converted to `dtype` (random checkpoints, tests).
+    /// A tensor that owns a copy of `bytes` (quantized data: random checkpoints, tests).
+    pub fn from_bytes(name: &str, dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>() * dtype.size_in_bytes(),
+            bytes.len(),
+            "from_bytes: shape does not match bytes"
+        );
+        Self::owned(name, dtype, shape, bytes)
+    }
+
+    /// A tensor that owns a copy of `values` converted to the float `dtype` (random
+    /// checkpoints, tests).
     pub fn from_f32(name: &str, dtype: DType, shape: Vec<usize>, values: &[f32]) -> Self {
         assert_eq!(shape.iter().product::<usize>(), values.len(), "from_f32: shape does not match values");
         let bytes = encode(dtype, values);
@@ -99,8 +110,8 @@ impl Tensor {
         &self.backing.bytes()[self.offset..self.offset + self.size_in_bytes()]
     }
 
-    /// The elements as a typed view for the kernels.
-    pub fn weights(&self) -> Weights<'_> {
+    /// The elements as a typed view, for a float dtype.
+    pub fn weights(&self) -> Option<Weights<'_>> {
         let b = self.bytes();
         let n = self.len();
         // SAFETY: construction guarantees the view is aligned for its dtype (misaligned
@@ -108,15 +119,26 @@ impl Tensor {
         // bit pattern is a valid f32/f16/bf16.
         unsafe {
             match self.dtype {
-                DType::F32 => Weights::F32(std::slice::from_raw_parts(b.as_ptr() as *const f32, n)),
-                DType::F16 => Weights::F16(std::slice::from_raw_parts(b.as_ptr() as *const f16, n)),
-                DType::BF16 => Weights::BF16(std::slice::from_raw_parts(b.as_ptr() as *const bf16, n)),
+                DType::F32 => Some(Weights::F32(std::slice::from_raw_parts(b.as_ptr() as *const f32, n))),
+                DType::F16 => Some(Weights::F16(std::slice::from_raw_parts(b.as_ptr() as *const f16, n))),
+                DType::BF16 => Some(Weights::BF16(std::slice::from_raw_parts(b.as_ptr() as *const bf16, n))),
+                DType::U8 | DType::F8E4M3 => None,
             }
         }
     }
 
-    pub fn to_f32_vec(&self) -> Vec<f32> {
-        self.weights().to_f32_vec()
+    /// The elements as `f32`, for a float dtype (norms, biases, scales).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        self.weights().map(|w| w.to_f32_vec()).ok_or_else(|| ModelError::UnsupportedDtype {
+            tensor: self.name.to_string(),
+            dtype: self.dtype.name().to_string(),
+            expected: "expected F32, F16 or BF16",
+        })
+    }
+
+    /// The raw bytes, for quantized data.
+    pub fn raw_bytes(&self) -> &[u8] {
+        self.bytes()
     }
 
     /// The bytes, shared with the mapped file (no copy).
@@ -125,7 +147,8 @@ impl Tensor {
             .expect("a tensor's bytes lie inside its file")
     }
 
-    /// This matrix (`[out, in]`) and an optional `bias` (`[out]`) as a host [`Weight`].
+    /// This matrix (`[out, in]`, a float dtype) and an optional `bias` (`[out]`) as a host
+    /// [`Weight`].
     pub fn to_weight(&self, bias: Option<&Tensor>) -> Result<Weight> {
         let &[rows, cols] = self.shape.as_slice() else {
             return Err(ModelError::ShapeMismatch {
@@ -134,7 +157,15 @@ impl Tensor {
                 got: self.shape.clone(),
             });
         };
-        Ok(Weight::host(self.dtype.into(), rows, cols, self.host_bytes(), bias.map(Tensor::to_f32_vec))?)
+        if !self.dtype.is_float() {
+            return Err(ModelError::UnsupportedDtype {
+                tensor: self.name.to_string(),
+                dtype: self.dtype.name().to_string(),
+                expected: "a dense weight must be F32, F16 or BF16 (quantized ones come with their scales)",
+            });
+        }
+        let bias = bias.map(Tensor::to_f32_vec).transpose()?;
+        Ok(Weight::host(self.dtype.into(), rows, cols, self.host_bytes(), bias)?)
     }
 
     /// Checks the shape, naming the tensor when it differs.
@@ -196,11 +227,7 @@ impl Tensor {
 }
 
 fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
-    match dtype {
-        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-        DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
-    }
+    switchyard_kernels::Format::from(dtype).encode(values)
 }
 
 struct Entry {
@@ -262,6 +289,8 @@ impl Checkpoint {
                 StDtype::BF16 => Ok(DType::BF16),
                 StDtype::F16 => Ok(DType::F16),
                 StDtype::F32 => Ok(DType::F32),
+                StDtype::U8 => Ok(DType::U8),
+                StDtype::F8_E4M3 => Ok(DType::F8E4M3),
                 other => Err(format!("{other:?}")),
             };
             let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
@@ -283,15 +312,13 @@ impl Checkpoint {
     /// The tensor `name`, or an error naming it.
     pub fn get(&self, name: &str) -> Result<Tensor> {
         let Some(e) = self.entries.get(name) else {
-            // A quantised export stores `<name>_blocks` / `<name>_scales` instead.
-            let stem = name.strip_suffix(".weight").unwrap_or(name);
-            if self.contains(&format!("{stem}_blocks")) {
-                return Err(ModelError::Mxfp4(format!("{stem}_blocks")));
-            }
             return Err(ModelError::MissingTensor(name.to_string()));
         };
-        let dtype =
-            e.dtype.clone().map_err(|dtype| ModelError::UnsupportedDtype { tensor: name.to_string(), dtype })?;
+        let dtype = e.dtype.clone().map_err(|dtype| ModelError::UnsupportedDtype {
+            tensor: name.to_string(),
+            dtype,
+            expected: "supported are BF16, F16, F32, and U8 / F8_E4M3 in quantized checkpoints",
+        })?;
         let backing = self.files[e.file].1.clone();
         let tensor = Tensor { name: name.into(), dtype, shape: e.shape.clone(), backing, offset: e.start };
         if e.start % dtype.size_in_bytes() != 0 {
@@ -321,6 +348,8 @@ pub fn write_safetensors(path: &Path, tensors: &[Tensor]) -> Result<()> {
                 DType::F32 => StDtype::F32,
                 DType::F16 => StDtype::F16,
                 DType::BF16 => StDtype::BF16,
+                DType::U8 => StDtype::U8,
+                DType::F8E4M3 => StDtype::F8_E4M3,
             };
             let view =
                 safetensors::tensor::TensorView::new(dtype, t.shape.clone(), t.bytes()).expect("consistent tensor");

@@ -132,8 +132,66 @@ pub struct ModelSpec {
     pub expert_bias: bool,
     /// The dtype the checkpoint declares (`torch_dtype` / `dtype`), if any.
     pub dtype: Option<DType>,
+    /// How the checkpoint's weights are quantized (`quantization_config`), if they are.
+    pub quantization: Option<Quantization>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+}
+
+/// How a checkpoint stores quantized weights (`quantization_config`), as the Hub ships them.
+/// Which tensors are quantized is read from the checkpoint itself (their dtypes and
+/// `*_blocks` / `*_scales` names); `modules_to_not_convert` lists the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Quantization {
+    /// gpt-oss: the experts' projections in MXFP4 (`*_blocks`, `*_scales`).
+    Mxfp4,
+    /// `float8_e4m3fn` weights with one `weight_scale_inv` per `block` (`weight_block_size`).
+    Fp8 { block: [usize; 2] },
+}
+
+/// The `quant_method`s Switchyard reads.
+pub const QUANT_METHODS: &str = "mxfp4 (gpt-oss experts) and fp8 (e4m3 with weight_block_size scales)";
+
+fn quantization(f: &Fields<'_>) -> Result<Option<Quantization>> {
+    let Some(q) = f.get("quantization_config") else { return Ok(None) };
+    let field = "quantization_config";
+    let q = Fields(q.as_object().ok_or(ModelError::Config { field, problem: "must be an object".into() })?);
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("(none)");
+    match method {
+        "mxfp4" => Ok(Some(Quantization::Mxfp4)),
+        "fp8" => {
+            if let Some(fmt) = q.get("fmt").and_then(Value::as_str).filter(|&f| f != "e4m3") {
+                return Err(ModelError::Config {
+                    field: "quantization_config.fmt",
+                    problem: format!("`{fmt}` is not supported (only e4m3)"),
+                });
+            }
+            if let Some(scheme) = q.get("activation_scheme").and_then(Value::as_str).filter(|&s| s != "dynamic") {
+                return Err(ModelError::Config {
+                    field: "quantization_config.activation_scheme",
+                    problem: format!("`{scheme}` is not supported (only dynamic: activations stay in f32)"),
+                });
+            }
+            let field = "quantization_config.weight_block_size";
+            let block = match q.get("weight_block_size").and_then(Value::as_array).map(Vec::as_slice) {
+                Some([a, b]) => match (a.as_u64(), b.as_u64()) {
+                    (Some(a), Some(b)) if a > 0 && b > 0 => [a as usize, b as usize],
+                    _ => return Err(ModelError::Config { field, problem: "must be two positive integers".into() }),
+                },
+                Some(_) => return Err(ModelError::Config { field, problem: "must be two positive integers".into() }),
+                None => {
+                    return Err(ModelError::Config {
+                        field,
+                        problem:
+                            "is missing: per-tensor and per-channel FP8 scales are not supported, only block scales"
+                                .into(),
+                    });
+                }
+            };
+            Ok(Some(Quantization::Fp8 { block }))
+        }
+        other => Err(ModelError::UnsupportedQuantization(other.to_string())),
+    }
 }
 
 /// Normalisation of queries and keys before RoPE.
@@ -297,6 +355,13 @@ impl ModelSpec {
             _ => None,
         };
         let rope = rope_spec(arch, f)?;
+        let quantization = quantization(f)?;
+        if quantization == Some(Quantization::Mxfp4) && arch != Arch::GptOss {
+            return Err(ModelError::Config {
+                field: "quantization_config.quant_method",
+                problem: format!("mxfp4 is read for gpt_oss experts only, not {}", arch.model_type()),
+            });
+        }
         let max_context = match rope.scaling {
             RopeScaling::Dynamic { factor } if factor > 1.0 => (max_position_embeddings as f32 * factor) as usize,
             _ => max_position_embeddings,
@@ -340,6 +405,7 @@ impl ModelSpec {
             router_bias: arch == Arch::GptOss,
             expert_bias: arch == Arch::GptOss,
             dtype,
+            quantization,
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids,
         })

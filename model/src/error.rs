@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::config::QUANT_METHODS;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("cannot read {path}: {source}")]
@@ -20,12 +22,16 @@ pub enum ModelError {
     MissingTensor(String),
     #[error("tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
     ShapeMismatch { tensor: String, expected: Vec<usize>, got: Vec<usize> },
-    #[error("tensor `{tensor}` has dtype {dtype}; supported are BF16, F16 and F32")]
-    UnsupportedDtype { tensor: String, dtype: String },
-    #[error(
-        "tensor `{0}` is stored quantized as MXFP4 (`*_blocks`/`*_scales`); MXFP4 checkpoints are not supported yet, use a bf16 export"
-    )]
-    Mxfp4(String),
+    /// A quantized checkpoint's data or scale tensor does not fit its format: `expected`
+    /// names the shape, dtype and format, `got` the shape and dtype found.
+    #[error("tensor `{tensor}` has {got}, expected {expected}")]
+    QuantizedShape { tensor: String, expected: String, got: String },
+    #[error("tensor `{tensor}` is {format}-quantized but config.json declares {declared}")]
+    UndeclaredQuantization { tensor: String, format: &'static str, declared: String },
+    #[error("tensor `{tensor}` has dtype {dtype}; {expected}")]
+    UnsupportedDtype { tensor: String, dtype: String, expected: &'static str },
+    #[error("quantization method `{0}` is not supported: supported are {QUANT_METHODS}")]
+    UnsupportedQuantization(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("token id {id} is outside the vocabulary (size {vocab_size})")]

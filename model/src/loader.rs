@@ -7,10 +7,11 @@
 //! tensors (`mlp.experts.gate_up_proj` `[E, 2I, H]`; gpt-oss `[E, H, 2I]` interleaved,
 //! stored input-major and transposed here once).
 
-use switchyard_kernels::{Backend, CpuBackend, Tensor, Weight};
+use switchyard_kernels::quant::{MXFP4_BLOCK, MXFP4_BLOCK_BYTES, blocks_along};
+use switchyard_kernels::{Backend, CpuBackend, DType, Format, HostBytes, Tensor, Weight};
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{Arch, ExpertActivation, LayerMlp, ModelSpec, QkNorm};
+use crate::config::{Arch, ExpertActivation, LayerMlp, ModelSpec, QkNorm, Quantization};
 use crate::error::{ModelError, Result};
 use crate::layers::{AttentionWeights, Mlp};
 use crate::model::{FeedForward, Layer};
@@ -72,7 +73,7 @@ impl Names<'_> {
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
-        let v = self.tensor(name, &[len])?.to_f32_vec();
+        let v = self.tensor(name, &[len])?.to_f32_vec()?;
         Ok(self.backend.upload(&v, 1, len)?)
     }
 
@@ -80,10 +81,68 @@ impl Names<'_> {
         Ok(self.backend.upload_weight(&w.to_weight(bias)?)?)
     }
 
+    /// The linear layer `prefix` (`[out, in]`): dense, or FP8 with its `weight_scale_inv`
+    /// where the checkpoint quantized it.
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Weight> {
         let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
         let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?) } else { None };
-        self.weight(&w, b.as_ref())
+        if w.dtype() != DType::F8E4M3 {
+            return self.weight(&w, b.as_ref());
+        }
+        let Some(Quantization::Fp8 { block }) = self.spec.quantization else {
+            return Err(self.undeclared(w.name(), "fp8"));
+        };
+        let format = Format::Fp8 { block };
+        let expected = [blocks_along(out, block[0]), blocks_along(inp, block[1])];
+        let scales = self.quantized(&format!("{prefix}.weight_scale_inv"), &expected, DType::F32, format)?;
+        let scales: Vec<u8> = scales.to_f32_vec()?.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let bias = b.as_ref().map(checkpoint::Tensor::to_f32_vec).transpose()?;
+        let weight =
+            Weight::host_with_scales(format, out, inp, (w.host_bytes(), Some(HostBytes::copy_of(&scales))), bias)?;
+        Ok(self.backend.upload_weight(&weight)?)
+    }
+
+    /// A quantized checkpoint's data or scale tensor, checked against the shape and dtype
+    /// `format` needs.
+    fn quantized(&self, name: &str, shape: &[usize], dtype: DType, format: Format) -> Result<checkpoint::Tensor> {
+        let t = self.ckpt.get(name)?;
+        if t.shape() != shape || t.dtype() != dtype {
+            let format = match format {
+                Format::Fp8 { block } => format!("FP8 with {}x{} blocks", block[0], block[1]),
+                f => f.name().to_string(),
+            };
+            return Err(ModelError::QuantizedShape {
+                tensor: name.to_string(),
+                expected: format!("shape {shape:?} of {} for {format}", dtype.name()),
+                got: format!("shape {:?} of {}", t.shape(), t.dtype().name()),
+            });
+        }
+        Ok(t)
+    }
+
+    fn undeclared(&self, tensor: &str, format: &'static str) -> ModelError {
+        let declared = match &self.spec.quantization {
+            None => "no quantization_config".to_string(),
+            Some(Quantization::Mxfp4) => "quant_method mxfp4".to_string(),
+            Some(Quantization::Fp8 { .. }) => "quant_method fp8".to_string(),
+        };
+        ModelError::UndeclaredQuantization { tensor: tensor.to_string(), format, declared }
+    }
+
+    /// Expert `x` of an MXFP4 projection `stem` (`{stem}_blocks` `[E, rows, cols/32, 16]`,
+    /// `{stem}_scales` `[E, rows, cols/32]`, `{stem}_bias` `[E, rows]`), kept packed; `cols`
+    /// is a multiple of 32 (checked by the caller, naming the projection).
+    fn mxfp4(&self, stem: &str, x: usize, rows: usize, cols: usize) -> Result<Weight> {
+        let blocks_name = format!("{stem}_blocks");
+        if self.spec.quantization != Some(Quantization::Mxfp4) {
+            return Err(self.undeclared(&blocks_name, "mxfp4"));
+        }
+        let (e, nb) = (self.spec.num_experts, cols / MXFP4_BLOCK);
+        let blocks = self.quantized(&blocks_name, &[e, rows, nb, MXFP4_BLOCK_BYTES], DType::U8, Format::Mxfp4)?;
+        let scales = self.quantized(&format!("{stem}_scales"), &[e, rows, nb], DType::U8, Format::Mxfp4)?;
+        let bias = self.tensor(&format!("{stem}_bias"), &[e, rows])?.index(x).to_f32_vec()?;
+        let parts = (blocks.index(x).host_bytes(), Some(scales.index(x).host_bytes()));
+        Ok(self.backend.upload_weight(&Weight::host_with_scales(Format::Mxfp4, rows, cols, parts, Some(bias))?)?)
     }
 
     pub fn embed(&self) -> Result<Weight> {
@@ -195,6 +254,25 @@ impl Names<'_> {
         let s = self.spec;
         let (h, i, e) = (s.hidden_size, s.expert_intermediate_size, s.num_experts);
         let fused = format!("{p}.experts.gate_up_proj");
+        if self.ckpt.contains(&format!("{fused}_blocks")) {
+            // gpt-oss as the Hub ships it: MXFP4 `[E, out, in/32, 16]`, rows output-major
+            // (gate/up interleaved).
+            let down = format!("{p}.experts.down_proj");
+            for (stem, cols) in [(&fused, h), (&down, i)] {
+                if !cols.is_multiple_of(MXFP4_BLOCK) {
+                    return Err(ModelError::Config {
+                        field: "hidden_size / intermediate_size",
+                        problem: format!(
+                            "MXFP4 rows of {cols} values in `{stem}_blocks` are not whole 32-value blocks"
+                        ),
+                    });
+                }
+            }
+            return Ok(Expert::Interleaved {
+                gate_up: self.mxfp4(&fused, x, 2 * i, h)?,
+                down: self.mxfp4(&down, x, h, i)?,
+            });
+        }
         if let ExpertActivation::ClampedSwiGlu { .. } = s.activation {
             // gpt-oss: [E, H, 2I] and [E, I, H], input-major.
             let gate_up = self.tensor(&fused, &[e, h, 2 * i])?.index(x).transposed();

@@ -1,17 +1,46 @@
-//! Random checkpoints of a chosen shape, written in Hugging Face layout (config.json +
-//! model.safetensors), for benchmarks and tests that need realistic sizes without a download.
+//! Random checkpoints of a chosen shape and storage format, written in Hugging Face layout
+//! (config.json + safetensors shards + index), for benchmarks and tests that need realistic
+//! sizes without a download. Shards are written one layer at a time, so a checkpoint larger
+//! than memory can be written.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use switchyard_kernels::DType;
+use switchyard_kernels::quant::{MXFP4_BLOCK, MXFP4_BLOCK_BYTES, blocks_along};
 
 use crate::checkpoint::{Tensor, write_safetensors};
 use crate::error::{ModelError, Result};
 use crate::sampling::Rng;
 
-/// The shape of a Mixtral-style random checkpoint.
+/// Which architecture's tensor names and config a random checkpoint uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RandomLayout {
+    /// Mixtral: per-expert `w1`/`w3`/`w2`, no biases.
+    Mixtral,
+    /// gpt-oss: fused, interleaved gate/up experts with biases, a router with a bias, attention
+    /// biases and sinks, alternating sliding and full attention, YaRN RoPE.
+    GptOss,
+}
+
+/// How a random checkpoint stores its linear layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RandomFormat {
+    Bf16,
+    /// FP8 e4m3 with 128 × 128 scale blocks on attention and expert projections (the gate,
+    /// embeddings and head stay bf16), as DeepSeek-V3 ships.
+    Fp8,
+    /// MXFP4 experts, everything else bf16, as gpt-oss ships (gpt-oss layout only).
+    Mxfp4,
+}
+
+/// FP8 scale blocks of random checkpoints.
+pub const FP8_BLOCK: [usize; 2] = [128, 128];
+
+/// The shape of a random checkpoint.
 #[derive(Clone, Debug)]
 pub struct RandomShape {
+    pub layout: RandomLayout,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_layers: usize,
@@ -28,6 +57,7 @@ impl RandomShape {
     /// The benchmark shape: hidden 1024, 8 layers, 32 experts top-4, expert width 512.
     pub fn bench() -> Self {
         RandomShape {
+            layout: RandomLayout::Mixtral,
             vocab_size: 32000,
             hidden_size: 1024,
             num_layers: 8,
@@ -45,6 +75,7 @@ impl RandomShape {
     /// of width 2880, 64 query and 8 KV heads of 64, vocabulary 201088; 41.8 GB in bf16.
     pub fn gpt_oss_20b() -> Self {
         RandomShape {
+            layout: RandomLayout::Mixtral,
             vocab_size: 201_088,
             hidden_size: 2880,
             num_layers: 24,
@@ -58,10 +89,43 @@ impl RandomShape {
         }
     }
 
-    pub fn config_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "architectures": ["MixtralForCausalLM"],
-            "model_type": "mixtral",
+    /// gpt-oss-20b exactly: its shapes in its own layout (with MXFP4 experts, 13.8 GB).
+    pub fn gpt_oss_20b_native() -> Self {
+        RandomShape { layout: RandomLayout::GptOss, ..Self::gpt_oss_20b() }
+    }
+
+    pub fn config_json(&self, format: RandomFormat) -> serde_json::Value {
+        let mut c = match self.layout {
+            RandomLayout::Mixtral => serde_json::json!({
+                "architectures": ["MixtralForCausalLM"],
+                "model_type": "mixtral",
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                "rms_norm_eps": 1e-5,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            }),
+            RandomLayout::GptOss => serde_json::json!({
+                "architectures": ["GptOssForCausalLM"],
+                "model_type": "gpt_oss",
+                "layer_types": (0..self.num_layers)
+                    .map(|l| if l % 2 == 0 { "sliding_attention" } else { "full_attention" })
+                    .collect::<Vec<_>>(),
+                "sliding_window": 128,
+                "attention_bias": true,
+                "swiglu_limit": 7.0,
+                "experts_per_token": self.experts_per_token,
+                "rope_theta": 150000.0,
+                "rope_scaling": {
+                    "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                    "truncate": false, "original_max_position_embeddings": 4096
+                },
+                "rms_norm_eps": 1e-5,
+                "bos_token_id": 199998,
+                "eos_token_id": 200002,
+                "pad_token_id": 199999,
+            }),
+        };
+        let fields = serde_json::json!({
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
@@ -72,63 +136,227 @@ impl RandomShape {
             "num_local_experts": self.num_experts,
             "num_experts_per_tok": self.experts_per_token,
             "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": 1e-5,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
-            "dtype": "bfloat16",
+            "torch_dtype": "bfloat16",
             "tie_word_embeddings": false,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        })
+        });
+        let map = c.as_object_mut().expect("an object");
+        map.extend(fields.as_object().expect("an object").clone());
+        match format {
+            RandomFormat::Bf16 => {}
+            RandomFormat::Fp8 => {
+                map.insert(
+                    "quantization_config".into(),
+                    serde_json::json!({
+                        "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                        "weight_block_size": FP8_BLOCK
+                    }),
+                );
+            }
+            RandomFormat::Mxfp4 => {
+                map.insert(
+                    "quantization_config".into(),
+                    serde_json::json!({
+                        "quant_method": "mxfp4",
+                        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+                    }),
+                );
+            }
+        }
+        c
     }
 }
 
-/// Writes a random bf16 checkpoint of `shape` into `dir` (created if needed), reporting
+/// Random tensors, scaled like an initialised model (values about `1.7 / sqrt(in)`).
+struct Draw {
+    rng: Rng,
+}
+
+impl Draw {
+    fn bf16(&mut self, name: &str, shape: Vec<usize>, fan_in: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let scale = 1.7 / (fan_in as f64).sqrt();
+        let mut bytes = Vec::with_capacity(n * 2);
+        for _ in 0..n {
+            let v = (self.rng.next_f64() * 2.0 - 1.0) * scale;
+            bytes.extend(half::bf16::from_f64(v).to_le_bytes());
+        }
+        Tensor::from_bytes(name, DType::BF16, shape, &bytes)
+    }
+
+    fn ones(&mut self, name: &str, n: usize) -> Tensor {
+        Tensor::from_f32(name, DType::BF16, vec![n], &vec![1.0; n])
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            out.extend(self.rng.next_u64().to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// An FP8 `[rows, cols]` weight and its 128 × 128 block scales: e4m3 values of magnitude
+    /// 1/32 to 8 with random signs, scaled so the decoded values are as large as `bf16`'s.
+    fn fp8(&mut self, name: &str, rows: usize, cols: usize) -> [Tensor; 2] {
+        let values: Vec<u8> =
+            self.bytes(rows * cols).iter().map(|&b| (b & 0x80) | (((b >> 3) % 8 + 2) << 3) | (b & 7)).collect();
+        let scale = (1.7 / (cols as f32).sqrt()) / 2.0;
+        let (br, bc) = (blocks_along(rows, FP8_BLOCK[0]), blocks_along(cols, FP8_BLOCK[1]));
+        let stem = name.strip_suffix("weight").expect("a weight");
+        [
+            Tensor::from_bytes(name, DType::F8E4M3, vec![rows, cols], &values),
+            Tensor::from_f32(&format!("{stem}weight_scale_inv"), DType::F32, vec![br, bc], &vec![scale; br * bc]),
+        ]
+    }
+
+    /// MXFP4 `[experts, rows, cols]` as gpt-oss stores it: `{stem}_blocks`, `{stem}_scales`
+    /// (random nibbles, scales bringing them to `bf16`'s size) and a bf16 `{stem}_bias`.
+    fn mxfp4(&mut self, stem: &str, experts: usize, rows: usize, cols: usize) -> [Tensor; 3] {
+        let nb = cols / MXFP4_BLOCK;
+        // Random E2M1 values average 2.6 in magnitude.
+        let target = 1.7 / (cols as f64).sqrt() / 2.6;
+        let s = (127.0 + target.log2().round()) as u8;
+        let blocks = self.bytes(experts * rows * nb * MXFP4_BLOCK_BYTES);
+        [
+            Tensor::from_bytes(
+                &format!("{stem}_blocks"),
+                DType::U8,
+                vec![experts, rows, nb, MXFP4_BLOCK_BYTES],
+                &blocks,
+            ),
+            Tensor::from_bytes(
+                &format!("{stem}_scales"),
+                DType::U8,
+                vec![experts, rows, nb],
+                &vec![s; experts * rows * nb],
+            ),
+            self.bf16(&format!("{stem}_bias"), vec![experts, rows], 100),
+        ]
+    }
+}
+
+/// Writes a random checkpoint of `shape` stored as `format` into `dir` (created if needed),
+/// one shard a layer plus one for the embeddings and head, reporting
 /// `progress(layers_done, layers_total)`.
 pub fn write_random_checkpoint(
     dir: &Path,
     shape: &RandomShape,
+    format: RandomFormat,
     seed: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<()> {
+    if (format == RandomFormat::Mxfp4) != (shape.layout == RandomLayout::GptOss) {
+        return Err(ModelError::InvalidRequest(
+            "random checkpoints come in MXFP4 in the gpt-oss layout, and only there".into(),
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
-    let mut rng = Rng::new(seed);
+    let mut draw = Draw { rng: Rng::new(seed) };
     let s = shape;
-    let head_dim = s.head_dim;
-    let mut tensors = Vec::new();
-    let mat = |name: String, rows: usize, cols: usize, rng: &mut Rng| {
-        let scale = 1.0 / (cols as f32).sqrt();
-        let values: Vec<f32> = (0..rows * cols).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale * 1.7).collect();
-        Tensor::from_f32(&name, DType::BF16, vec![rows, cols], &values)
+    let (h, hd, e, i) = (s.hidden_size, s.head_dim, s.num_experts, s.expert_intermediate_size);
+    let shards = s.num_layers + 1;
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0usize;
+    let mut write = |k: usize, tensors: Vec<Tensor>| -> Result<()> {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", k + 1);
+        for t in &tensors {
+            weight_map.insert(t.name().to_string(), file.clone());
+            total += t.size_in_bytes();
+        }
+        write_safetensors(&dir.join(&file), &tensors)
     };
-    tensors.push(mat("model.embed_tokens.weight".into(), s.vocab_size, s.hidden_size, &mut rng));
+    // A linear layer: bf16 (with a bias where asked), or FP8 with its scales.
+    let linear = |draw: &mut Draw, name: &str, rows: usize, cols: usize, bias: bool| -> Vec<Tensor> {
+        let mut out = match format {
+            RandomFormat::Fp8 => draw.fp8(&format!("{name}.weight"), rows, cols).into(),
+            _ => vec![draw.bf16(&format!("{name}.weight"), vec![rows, cols], cols)],
+        };
+        if bias {
+            out.push(draw.bf16(&format!("{name}.bias"), vec![rows], 100));
+        }
+        out
+    };
+    let gpt_oss = s.layout == RandomLayout::GptOss;
     for l in 0..s.num_layers {
         let p = format!("model.layers.{l}");
-        let ones = vec![1.0f32; s.hidden_size];
-        tensors.push(Tensor::from_f32(&format!("{p}.input_layernorm.weight"), DType::BF16, vec![s.hidden_size], &ones));
-        tensors.push(Tensor::from_f32(
-            &format!("{p}.post_attention_layernorm.weight"),
-            DType::BF16,
-            vec![s.hidden_size],
-            &ones,
-        ));
-        let (q, kv) = (s.num_heads * head_dim, s.num_kv_heads * head_dim);
-        tensors.push(mat(format!("{p}.self_attn.q_proj.weight"), q, s.hidden_size, &mut rng));
-        tensors.push(mat(format!("{p}.self_attn.k_proj.weight"), kv, s.hidden_size, &mut rng));
-        tensors.push(mat(format!("{p}.self_attn.v_proj.weight"), kv, s.hidden_size, &mut rng));
-        tensors.push(mat(format!("{p}.self_attn.o_proj.weight"), s.hidden_size, q, &mut rng));
-        tensors.push(mat(format!("{p}.block_sparse_moe.gate.weight"), s.num_experts, s.hidden_size, &mut rng));
-        for e in 0..s.num_experts {
-            let ep = format!("{p}.block_sparse_moe.experts.{e}");
-            tensors.push(mat(format!("{ep}.w1.weight"), s.expert_intermediate_size, s.hidden_size, &mut rng));
-            tensors.push(mat(format!("{ep}.w3.weight"), s.expert_intermediate_size, s.hidden_size, &mut rng));
-            tensors.push(mat(format!("{ep}.w2.weight"), s.hidden_size, s.expert_intermediate_size, &mut rng));
+        let mut t = vec![draw.ones(&format!("{p}.input_layernorm.weight"), h)];
+        t.push(draw.ones(&format!("{p}.post_attention_layernorm.weight"), h));
+        let (q, kv) = (s.num_heads * hd, s.num_kv_heads * hd);
+        t.extend(linear(&mut draw, &format!("{p}.self_attn.q_proj"), q, h, gpt_oss));
+        t.extend(linear(&mut draw, &format!("{p}.self_attn.k_proj"), kv, h, gpt_oss));
+        t.extend(linear(&mut draw, &format!("{p}.self_attn.v_proj"), kv, h, gpt_oss));
+        t.extend(linear(&mut draw, &format!("{p}.self_attn.o_proj"), h, q, gpt_oss));
+        if gpt_oss {
+            t.push(draw.bf16(&format!("{p}.self_attn.sinks"), vec![s.num_heads], 1));
+            t.push(draw.bf16(&format!("{p}.mlp.router.weight"), vec![e, h], h));
+            t.push(draw.bf16(&format!("{p}.mlp.router.bias"), vec![e], 100));
+            t.extend(draw.mxfp4(&format!("{p}.mlp.experts.gate_up_proj"), e, 2 * i, h));
+            t.extend(draw.mxfp4(&format!("{p}.mlp.experts.down_proj"), e, h, i));
+        } else {
+            t.push(draw.bf16(&format!("{p}.block_sparse_moe.gate.weight"), vec![e, h], h));
+            for x in 0..e {
+                let ep = format!("{p}.block_sparse_moe.experts.{x}");
+                t.extend(linear(&mut draw, &format!("{ep}.w1"), i, h, false));
+                t.extend(linear(&mut draw, &format!("{ep}.w3"), i, h, false));
+                t.extend(linear(&mut draw, &format!("{ep}.w2"), h, i, false));
+            }
         }
+        write(l, t)?;
         progress(l + 1, s.num_layers);
     }
-    tensors.push(Tensor::from_f32("model.norm.weight", DType::BF16, vec![s.hidden_size], &vec![1.0; s.hidden_size]));
-    tensors.push(mat("lm_head.weight".into(), s.vocab_size, s.hidden_size, &mut rng));
-    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
-    let config = serde_json::to_string_pretty(&shape.config_json()).expect("json");
-    let path = dir.join("config.json");
-    std::fs::write(&path, config).map_err(|source| ModelError::Io { path, source })
+    let last = vec![
+        draw.bf16("model.embed_tokens.weight", vec![s.vocab_size, h], h),
+        draw.ones("model.norm.weight", h),
+        draw.bf16("lm_head.weight", vec![s.vocab_size, h], h),
+    ];
+    write(s.num_layers, last)?;
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let write_json = |name: &str, v: &serde_json::Value| {
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(v).expect("json"))
+            .map_err(|source| ModelError::Io { path, source })
+    };
+    write_json("model.safetensors.index.json", &index)?;
+    write_json("config.json", &shape.config_json(format))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_checkpoints_load_in_every_format() {
+        let small = |layout| RandomShape {
+            layout,
+            vocab_size: 64,
+            hidden_size: 64,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            num_experts: 4,
+            experts_per_token: 2,
+            expert_intermediate_size: 96,
+            max_position_embeddings: 256,
+        };
+        for (layout, format) in [
+            (RandomLayout::Mixtral, RandomFormat::Bf16),
+            (RandomLayout::Mixtral, RandomFormat::Fp8),
+            (RandomLayout::GptOss, RandomFormat::Mxfp4),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            write_random_checkpoint(dir.path(), &small(layout), format, 3, &mut |_, _| {}).unwrap();
+            let model = crate::Model::load(dir.path()).unwrap();
+            let pool = model.kv_pool(1).unwrap();
+            let mut cache = crate::SeqCache::reserve(&pool, 4).unwrap();
+            let logits = model.logits(&mut [crate::Chunk { tokens: &[1, 2, 3], cache: &mut cache }], None).unwrap();
+            assert!(logits[0].iter().all(|v| v.is_finite()), "{format:?}: non-finite logits");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            write_random_checkpoint(dir.path(), &small(RandomLayout::Mixtral), RandomFormat::Mxfp4, 0, &mut |_, _| {})
+                .is_err()
+        );
+    }
 }

@@ -155,6 +155,20 @@ on_each_device!(gpt_oss_matches_transformers, gpt_oss_matches_transformers_on_cu
 });
 
 on_each_device!(
+    /// gpt-oss as the Hub ships it: MXFP4 experts, kept packed in memory.
+    gpt_oss_mxfp4_matches_transformers,
+    gpt_oss_mxfp4_matches_transformers_on_cuda,
+    |device| { check_arch("gpt_oss_mxfp4", device) }
+);
+
+on_each_device!(
+    /// FP8 e4m3 linear layers with 24 x 24 scale blocks (partial at the edges).
+    qwen3_moe_fp8_matches_transformers,
+    qwen3_moe_fp8_matches_transformers_on_cuda,
+    |device| { check_arch("qwen3_moe_fp8", device) }
+);
+
+on_each_device!(
     /// The embedded default model (models/, trained by tools/train_code_model.py).
     embedded_code_model_matches_transformers,
     embedded_code_model_matches_transformers_on_cuda,

@@ -42,7 +42,7 @@ impl Backend for CpuBackend {
 
     fn upload_weight(&self, w: &Weight) -> Result<Weight> {
         match &w.data {
-            WeightData::Host(_) => Ok(w.clone()),
+            WeightData::Host { .. } => Ok(w.clone()),
             #[cfg(feature = "cuda")]
             WeightData::Cuda(_) => {
                 Err(KernelError::WrongDevice { op: "upload_weight", arg: "w", expected: Device::Cpu, got: w.device() })

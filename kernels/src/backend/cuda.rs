@@ -115,7 +115,7 @@ impl Backend for CudaBackend {
     fn upload_weight(&self, w: &Weight) -> Result<Weight> {
         let op = "upload_weight";
         match &w.data {
-            WeightData::Host(_) => {
+            WeightData::Host { .. } => {
                 let (view, bias) = w.host_parts(op, "w")?;
                 let matrix = self.gpu.upload_matrix(op, view, w.rows(), w.cols())?;
                 let bias = match bias {

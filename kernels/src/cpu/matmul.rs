@@ -127,10 +127,17 @@ unsafe fn columns(
     cols: std::ops::Range<usize>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx512() {
-        // SAFETY: the CPU supports AVX-512F (checked at run time).
-        unsafe { avx512::columns(x, w, bias, out.0, m, n, k, cols) };
-        return;
+    {
+        if super::has_avx512() && !w.is_quantized() {
+            // SAFETY: the CPU supports AVX-512F (checked at run time).
+            unsafe { avx512::columns(x, w, bias, out.0, m, n, k, cols) };
+            return;
+        }
+        if super::widen::available() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time); forwarded.
+            unsafe { super::widen::columns(x, w, bias, out.0, [m, n, k], cols) };
+            return;
+        }
     }
     // SAFETY: forwarded from the caller.
     unsafe { portable_columns(x, w, bias, out.0, m, n, k, cols) };
@@ -363,6 +370,9 @@ mod avx512 {
                 Weights::F32(w) => typed::<F32>(x, w.as_ptr() as *const u8, bias, out, m, n, k, cols),
                 Weights::F16(w) => typed::<F16>(x, w.as_ptr() as *const u8, bias, out, m, n, k, cols),
                 Weights::BF16(w) => typed::<BF16>(x, w.as_ptr() as *const u8, bias, out, m, n, k, cols),
+                Weights::Mxfp4 { .. } | Weights::Fp8 { .. } => {
+                    unreachable!("quantized formats take the widening kernels")
+                }
             }
         }
     }
@@ -461,9 +471,10 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
-    use half::{bf16, f16};
+    use half::bf16;
 
     use super::*;
+    use crate::{Format, Weight};
 
     fn reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
         let mut out = vec![0.0; m * n];
@@ -491,30 +502,61 @@ mod tests {
             .collect()
     }
 
+    /// Every format that can store an `n × k` matrix.
+    fn formats(k: usize) -> Vec<Format> {
+        let mut f = vec![Format::F32, Format::BF16, Format::F16, Format::Fp8 { block: [3, 5] }];
+        if k.is_multiple_of(32) {
+            f.push(Format::Mxfp4);
+        }
+        f
+    }
+
+    /// Each kernel this CPU has, as a name and a function computing columns `0..n`.
+    type Kernel = fn(&[f32], Weights<'_>, Option<&[f32]>, &mut [f32], [usize; 3]);
+    fn kernels() -> Vec<(&'static str, Kernel)> {
+        let mut k: Vec<(&'static str, Kernel)> = vec![
+            ("dispatch", |x, w, b, out, [m, n, k]| linear(x, w, b, out, m, n, k)),
+            ("portable", |x, w, b, out, [m, n, k]| unsafe {
+                portable_columns(x, w, b, out.as_mut_ptr(), m, n, k, 0..n)
+            }),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::widen::available() {
+            k.push(("avx2", |x, w, b, out, [m, n, k]| unsafe {
+                crate::cpu::widen::columns(x, w, b, out.as_mut_ptr(), [m, n, k], 0..n)
+            }));
+        }
+        k
+    }
+
+    /// Every kernel and format against an f64 reference over the stored (decoded) values.
     fn check(m: usize, n: usize, k: usize) {
         let x = pseudo_random(m * k, 1);
-        // Round weights to bf16 so every dtype holds the same values.
-        let w: Vec<f32> = pseudo_random(n * k, 2).iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let values = pseudo_random(n * k, 2);
         let bias = pseudo_random(n, 3);
-        let want = reference(&x, &w, Some(&bias), m, n, k);
-        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-        for weights in [Weights::F32(&w), Weights::BF16(&wb), Weights::F16(&wh)] {
-            let mut got = vec![0.0; m * n];
-            linear(&x, weights, Some(&bias), &mut got, m, n, k);
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - e).abs() < 1e-3 * (1.0 + e.abs()),
-                    "{:?} m={m} n={n} k={k} [{i}]: {g} vs {e}",
-                    weights.dtype()
-                );
+        for format in formats(k) {
+            let w = Weight::from_f32(format, n, k, &values, Some(bias.clone())).unwrap();
+            let (view, b) = w.host_parts("test", "w").unwrap();
+            let want = reference(&x, &view.to_f32_vec(), b, m, n, k);
+            for (name, kernel) in kernels() {
+                let mut got = vec![0.0; m * n];
+                kernel(&x, view, b, &mut got, [m, n, k]);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() < 1e-3 * (1.0 + e.abs()),
+                        "{name} {} m={m} n={n} k={k} [{i}]: {g} vs {e}",
+                        format.name()
+                    );
+                }
             }
         }
     }
 
     #[test]
-    fn matches_reference_across_shapes() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 7, 19), (3, 9, 33), (4, 8, 64), (5, 13, 48), (17, 70, 130), (31, 256, 256)] {
+    fn every_kernel_and_format_matches_the_reference_across_shapes() {
+        // One row (the single-token kernels, with and without a `k % 32` tail) and many.
+        let shapes = [(1, 1, 1), (1, 7, 19), (1, 9, 96), (1, 5, 200), (1, 3, 64), (3, 9, 33), (4, 8, 64), (5, 13, 48)];
+        for &(m, n, k) in shapes.iter().chain(&[(17, 70, 130), (31, 256, 256), (2, 6, 96)]) {
             check(m, n, k);
         }
     }
@@ -532,19 +574,6 @@ mod tests {
         for (g, e) in got.iter().zip(&want) {
             // bf16 rounding of x: relative error 2^-9 per term, summed over k random-sign terms.
             assert!((g - e).abs() < 0.05, "{g} vs {e}");
-        }
-    }
-
-    #[test]
-    fn portable_path_matches() {
-        let (m, n, k) = (5, 6, 40);
-        let x = pseudo_random(m * k, 4);
-        let w = pseudo_random(n * k, 5);
-        let want = reference(&x, &w, None, m, n, k);
-        let mut got = vec![0.0; m * n];
-        unsafe { portable_columns(&x, Weights::F32(&w), None, got.as_mut_ptr(), m, n, k, 0..n) };
-        for (g, e) in got.iter().zip(&want) {
-            assert!((g - e).abs() < 1e-4);
         }
     }
 }

@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //! - [`matmul`]: linear layers (`x · Wᵀ + b`), the hot path.
+//! - `widen` (x86-64): products over weight rows widened to `f32` a few at a time: every
+//!   format, the quantized ones included, with AVX2 and FMA.
 //! - [`norm`]: RMSNorm (root-mean-square normalisation).
 //! - [`rope`]: rotary position embeddings, applied from precomputed cos/sin tables.
 //! - [`attention`]: causal attention over a KV cache with GQA, sliding windows and sinks.
@@ -18,6 +20,8 @@ pub mod matmul;
 pub mod norm;
 pub mod rope;
 pub mod routing;
+#[cfg(target_arch = "x86_64")]
+pub mod widen;
 
 pub use matmul::{Precision, linear, linear_with};
 
@@ -39,5 +43,14 @@ pub fn has_avx512() -> bool {
 
 /// A short description of the instruction set the kernels use, for logs and benchmarks.
 pub fn isa() -> &'static str {
-    if has_avx512() { "avx512" } else { "portable" }
+    #[cfg(target_arch = "x86_64")]
+    {
+        match (has_avx512(), widen::available()) {
+            (true, true) => return "avx512 (avx2 for quantized formats)",
+            (true, false) => return "avx512 (portable for quantized formats)",
+            (false, true) => return "avx2",
+            (false, false) => {}
+        }
+    }
+    "portable"
 }

@@ -11,9 +11,24 @@ use crate::Format;
 use crate::error::{KernelError, Result};
 
 impl Gpu {
-    /// Rows `ids` of `table`, widened to `f32`: `[ids.len(), table.cols]`.
+    /// Rows `ids` of `table`, widened to `f32`: `[ids.len(), table.cols]`. Dense tables only:
+    /// a quantized one is refused.
     pub(crate) fn embed(&self, table: &GpuMatrix, ids: &[u32]) -> Result<CudaSlice<f32>> {
         let op = "embed";
+        let name = match table.format {
+            Format::BF16 => "embed_bf16",
+            Format::F16 => "embed_f16",
+            Format::F32 => "embed_f32",
+            quantized @ (Format::Mxfp4 | Format::Fp8 { .. }) => {
+                return Err(KernelError::Unsupported {
+                    op,
+                    message: format!(
+                        "an {} embedding table: the CUDA embedding reads dense tables (F32, F16, BF16) only",
+                        quantized.name()
+                    ),
+                });
+            }
+        };
         self.check_matrix(op, table)?;
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= table.rows) {
             return Err(KernelError::OutOfRange {
@@ -26,11 +41,6 @@ impl Gpu {
             return self.zeros(op, 0);
         }
         let cfg = grid(op, ids.len(), 1, 256)?;
-        let name = match table.format {
-            Format::BF16 => "embed_bf16",
-            Format::F16 => "embed_f16",
-            Format::F32 => "embed_f32",
-        };
         let ids_d = self.upload(op, ids)?;
         // SAFETY: the launch below writes all ids.len() rows.
         let out = unsafe { self.alloc::<f32>(op, len)? };

@@ -1,5 +1,10 @@
 //! Products (`matmul.cu` and cuBLAS): linear layers, and the grouped form over a layer's
 //! experts.
+//!
+//! Every format runs the same warp-per-column kernel, which decodes its 16-byte packs in
+//! registers: eight bf16/f16 or four `f32` weights, sixteen FP8 values (each times its
+//! block's scale), or one MXFP4 block of 32 E2M1 values and its E8M0 scale. Quantized
+//! weights never go to cuBLAS and are never decoded into a copy.
 
 use std::sync::{Arc, PoisonError};
 
@@ -21,9 +26,9 @@ const COLS_PER_BLOCK: usize = 8;
 pub(crate) type Projection = (Arc<GpuMatrix>, Option<Arc<CudaSlice<f32>>>);
 
 /// One projection of a MoE layer's experts, addressed by slot, for the grouped product: the
-/// device tables of the slots' matrix and bias addresses (0 for a slot without an expert or
-/// a bias), and the matrices and biases themselves, which it keeps alive so the addresses
-/// cannot dangle.
+/// device tables of the slots' matrix, scale and bias addresses (0 for a slot without an
+/// expert, a dense format's scales or a missing bias), and the matrices and biases
+/// themselves, which it keeps alive so the addresses cannot dangle.
 pub(crate) struct GroupedWeights {
     format: Format,
     rows: usize,
@@ -31,7 +36,10 @@ pub(crate) struct GroupedWeights {
     ordinal: usize,
     slots: Vec<Option<Projection>>,
     weights: CudaSlice<u64>,
+    scales: CudaSlice<u64>,
     biases: CudaSlice<u64>,
+    /// Whether every matrix starts 16-byte aligned (the product kernels' packs need it).
+    aligned: bool,
 }
 
 /// The product kernel for weights of `format`, dense or `grouped`.
@@ -40,9 +48,41 @@ fn kernel(grouped: bool, format: Format) -> &'static str {
         (false, Format::BF16) => "linear_bf16",
         (false, Format::F16) => "linear_f16",
         (false, Format::F32) => "linear_f32",
+        (false, Format::Mxfp4) => "linear_mxfp4",
+        (false, Format::Fp8 { .. }) => "linear_fp8",
         (true, Format::BF16) => "grouped_linear_bf16",
         (true, Format::F16) => "grouped_linear_f16",
         (true, Format::F32) => "grouped_linear_f32",
+        (true, Format::Mxfp4) => "grouped_linear_mxfp4",
+        (true, Format::Fp8 { .. }) => "grouped_linear_fp8",
+    }
+}
+
+/// Weights in one 16-byte pack of `format` (`PACK` of its row reader in `matmul.cu`): an
+/// MXFP4 pack is one block, whose scale it reads with it.
+fn pack(format: Format) -> usize {
+    match format {
+        Format::F32 => 4,
+        Format::F16 | Format::BF16 => 8,
+        Format::Fp8 { .. } => 16,
+        Format::Mxfp4 => 32,
+    }
+}
+
+/// The scale block the kernels take as `b0, b1`: FP8's, `[1, 1]` (unread) for the other
+/// formats. `matrix_bytes` checked an FP8 block is non-empty and fits an `int`.
+fn scale_block(format: Format) -> [i32; 2] {
+    match format {
+        Format::Fp8 { block: [b0, b1] } => [b0 as i32, b1 as i32],
+        _ => [1, 1],
+    }
+}
+
+/// A format as an error names it, with FP8's scale block.
+fn describe(format: Format) -> String {
+    match format {
+        Format::Fp8 { block: [b0, b1] } => format!("FP8 ({b0}x{b1} scale blocks)"),
+        f => f.name().to_string(),
     }
 }
 
@@ -55,7 +95,7 @@ fn product_cfg(op: &'static str, row_blocks: usize, n: usize) -> Result<LaunchCo
 /// whole packs and the matrix and activations start 16-byte aligned (device allocations
 /// are 256-byte aligned, so rows then are too).
 fn vectorizable(format: Format, k: usize, addresses: &[u64]) -> bool {
-    k.is_multiple_of(16 / format.dtype().size_in_bytes()) && addresses.iter().all(|a| a % 16 == 0)
+    k.is_multiple_of(pack(format)) && addresses.iter().all(|a| a % 16 == 0)
 }
 
 /// The shape of one product: `m` rows of `k` in, `n` out.
@@ -107,7 +147,7 @@ impl Gpu {
         Ok(out)
     }
 
-    /// The warp-per-column kernel over `d.m` rows.
+    /// The warp-per-column kernel over `d.m` rows, for every format.
     ///
     /// # Safety
     /// `x` addresses `d.m × d.k` values, `bias` (0: none) `d.n`, `out` `d.m × d.n`, and `w` is
@@ -121,21 +161,27 @@ impl Gpu {
         out: u64,
         d: Dims,
     ) -> Result<()> {
-        let wp = w.ptr(&self.stream);
+        let (wp, sp) = (w.ptr(&self.stream), w.scales_ptr(&self.stream));
         let vec = vectorizable(w.format, d.k, &[x, wp]);
+        let [b0, b1] = scale_block(w.format);
         let args = [
             Arg::Ptr(x),
             Arg::Ptr(wp),
+            Arg::Ptr(sp),
             Arg::Ptr(bias),
             Arg::Ptr(out),
             Arg::I32(int(op, "rows", d.m)?),
             Arg::I32(int(op, "output features", d.n)?),
             Arg::I32(int(op, "input features", d.k)?),
+            Arg::I32(b0),
+            Arg::I32(b1),
             Arg::I32(vec.into()),
         ];
         let cfg = product_cfg(op, d.m.div_ceil(TILE_ROWS), d.n)?;
         // SAFETY: the kernel reads m × k, n × k and n values and writes m × n (the caller's
-        // contract); packs are only used where `vectorizable` found them aligned.
+        // contract); of a quantized matrix it reads the values and scales of those n × k
+        // weights, which the checked matrix holds (`matrix_bytes`); packs are only used where
+        // `vectorizable` found them aligned.
         unsafe { self.launch(kernel(false, w.format), cfg, &args) }
     }
 
@@ -219,18 +265,23 @@ impl Gpu {
     }
 
     /// The address tables of one projection over a layer's expert slots (`None`: a slot with
-    /// no expert). Every matrix must be on this device and share one format and shape, and
-    /// every bias must hold a value per output; `None` where no slot holds an expert.
+    /// no expert). Every matrix must be on this device and share one format (an FP8 scale
+    /// block included) and shape, and every bias must hold a value per output; `None` where
+    /// no slot holds an expert.
     pub(crate) fn group(&self, slots: Vec<Option<Projection>>) -> Result<Option<GroupedWeights>> {
         let op = "group";
         let Some((first, _)) = slots.iter().flatten().next() else { return Ok(None) };
         let (format, rows, cols) = (first.format, first.rows, first.cols);
         int(op, "expert slots", slots.len())?;
         let s = &self.stream;
-        let (mut weights, mut biases) = (Vec::with_capacity(slots.len()), Vec::with_capacity(slots.len()));
+        let n = slots.len();
+        let (mut weights, mut scales, mut biases) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut aligned = true;
         for slot in &slots {
             let Some((m, b)) = slot else {
                 weights.push(0);
+                scales.push(0);
                 biases.push(0);
                 continue;
             };
@@ -239,24 +290,28 @@ impl Gpu {
                 return Err(KernelError::shape(
                     op,
                     "expert weight",
-                    format!("{} [{rows}, {cols}]", format.name()),
-                    format!("{} [{}, {}]", m.format.name(), m.rows, m.cols),
+                    format!("{} [{rows}, {cols}]", describe(format)),
+                    format!("{} [{}, {}]", describe(m.format), m.rows, m.cols),
                 ));
             }
             if let Some(b) = b {
                 self.check(op, "expert bias", b, rows)?;
             }
+            aligned &= m.ptr(s).is_multiple_of(16);
             weights.push(m.ptr(s));
+            scales.push(m.scales_ptr(s));
             biases.push(b.as_ref().map_or(0, |b| ptr(b, s)));
         }
-        let (weights, biases) = (self.upload(op, &weights)?, self.upload(op, &biases)?);
-        Ok(Some(GroupedWeights { format, rows, cols, ordinal: self.ordinal, slots, weights, biases }))
+        let (weights, scales, biases) =
+            (self.upload(op, &weights)?, self.upload(op, &scales)?, self.upload(op, &biases)?);
+        Ok(Some(GroupedWeights { format, rows, cols, ordinal: self.ordinal, slots, weights, scales, biases, aligned }))
     }
 
     /// Rows grouped by slot (`counts[e]` rows for slot `e`, in slot order) through their
     /// slot's matrix: `[Σ counts, cols]` in, `[Σ counts, rows]` out. One grouped launch
     /// covers every slot's rows in tiles; with [`Precision::Bf16Products`] and bf16 or `f32`
-    /// weights, a slot with [`BF16_PRODUCT_MIN_ROWS`] rows or more goes to cuBLAS instead.
+    /// weights, a slot with [`BF16_PRODUCT_MIN_ROWS`] rows or more goes to cuBLAS instead
+    /// (quantized weights never do).
     pub(crate) fn grouped_linear(
         &self,
         x: &CudaSlice<f32>,
@@ -295,21 +350,26 @@ impl Gpu {
         if !tiles.is_empty() {
             let n_tiles = tiles.len() / 3;
             let tiles = self.upload(op, &tiles)?;
-            let vec = vectorizable(w.format, d.k, &[xp]);
+            let vec = w.aligned && vectorizable(w.format, d.k, &[xp]);
+            let [b0, b1] = scale_block(w.format);
             let args = [
                 Arg::Ptr(xp),
                 self.p(&w.weights),
+                self.p(&w.scales),
                 self.p(&w.biases),
                 self.p(&tiles),
                 Arg::Ptr(outp),
                 Arg::I32(int(op, "output features", d.n)?),
                 Arg::I32(int(op, "input features", d.k)?),
+                Arg::I32(b0),
+                Arg::I32(b1),
                 Arg::I32(vec.into()),
             ];
-            // SAFETY: every tile names a slot that holds a matrix of n × k values (checked by
-            // `group`) and a bias of n or none, and rows inside 0 .. total, of which x holds
-            // total × k values and out total × n (checked above). Matrices are 256-byte
-            // aligned allocations, so packs need only x aligned and k whole packs.
+            // SAFETY: every tile names a slot that holds a matrix of n × k values of the
+            // group's format, with their scales where it is quantized (checked by `group`),
+            // and a bias of n or none, and rows inside 0 .. total, of which x holds total × k
+            // values and out total × n (checked above). Packs are only used where every
+            // matrix and x start 16-byte aligned and k is whole packs, so rows are aligned.
             unsafe { self.launch(kernel(true, w.format), product_cfg(op, n_tiles, d.n)?, &args)? };
         }
         let mut row0 = 0;
@@ -368,5 +428,55 @@ mod tests {
         assert!(!vectorizable(Format::BF16, 36, &[0]));
         assert!(vectorizable(Format::F32, 36, &[512]));
         assert!(!vectorizable(Format::F32, 36, &[520]));
+        // An MXFP4 pack is a block: 90 of them in gpt-oss-20b's rows.
+        assert!(vectorizable(Format::Mxfp4, 2880, &[0]));
+        assert!(!vectorizable(Format::Mxfp4, 2880, &[8]));
+        assert!(vectorizable(Format::Fp8 { block: [3, 5] }, 96, &[0]));
+        assert!(!vectorizable(Format::Fp8 { block: [128, 128] }, 40, &[0]));
+    }
+
+    #[test]
+    fn every_format_has_a_compiled_product_kernel() {
+        let matmul = super::super::source::SOURCES.iter().find(|s| s.name == "matmul.cu").unwrap();
+        let formats = [Format::F32, Format::F16, Format::BF16, Format::Mxfp4, Format::Fp8 { block: [128, 128] }];
+        for format in formats {
+            for grouped in [false, true] {
+                let name = kernel(grouped, format);
+                assert!(matmul.functions.contains(&name), "{name} is not in matmul.cu's function list");
+            }
+        }
+        assert_eq!(scale_block(Format::Fp8 { block: [3, 5] }), [3, 5]);
+        assert_eq!(scale_block(Format::Mxfp4), [1, 1]);
+    }
+
+    /// The bit arithmetic of `matmul.cu`'s `e2m1`, `e8m0` and `e4m3`, written again here, gives
+    /// exactly the values of the `quant` tables the CPU decodes with.
+    #[test]
+    fn device_decoders_bit_arithmetic_gives_the_quant_tables() {
+        use crate::quant;
+        let same = |a: f32, b: f32| (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits();
+        for nibble in 0u32..16 {
+            let em = nibble & 7;
+            let magnitude = match em {
+                0 => 0,
+                1 => 0x3f00_0000,
+                _ => (em + 252) << 22,
+            };
+            let v = f32::from_bits(magnitude | (nibble & 8) << 28);
+            assert!(same(v, quant::E2M1[nibble as usize]), "e2m1({nibble}) = {v}");
+        }
+        for s in 0u32..256 {
+            let v = f32::from_bits(if s == 0 { 1 << 22 } else { s << 23 });
+            assert!(same(v, quant::e8m0(s as u8)), "e8m0({s}) = {v}");
+        }
+        for b in 0u32..256 {
+            let em = b & 0x7f;
+            let mut magnitude = if em < 8 { (em as f32 * 0.001953125).to_bits() } else { (em << 20) + (120 << 23) };
+            if em == 0x7f {
+                magnitude = 0x7fc0_0000;
+            }
+            let v = f32::from_bits(magnitude | (b & 0x80) << 24);
+            assert!(same(v, quant::FP8_E4M3[b as usize]), "e4m3({b}) = {v}");
+        }
     }
 }

@@ -5,12 +5,14 @@
 //! machine without CUDA, and [`Gpu::open`] reports what is missing instead of failing at
 //! start. Everything runs on one stream per [`Gpu`], so work is ordered without events.
 //!
-//! Activations are `f32` on the device; weights keep their checkpoint format (`GpuMatrix`)
-//! and are widened in registers, as on the CPU. Products with few rows (decode) run the
-//! warp-per-column kernel of `matmul.cu`, which reads each weight once per step; products
-//! with [`crate::cpu::matmul::BF16_PRODUCT_MIN_ROWS`] rows or more go to cuBLAS: bf16 weights
-//! against bf16-rounded activations when [`crate::cpu::Precision::Bf16Products`] allows,
-//! `f32` GEMM for `f32` weights, and the `f32` kernel otherwise (the reference numerics).
+//! Activations are `f32` on the device; weights keep their checkpoint format (`GpuMatrix`:
+//! bf16, f16, `f32`, or MXFP4 and FP8 with their scales beside them) and are widened in
+//! registers, as on the CPU; a quantized matrix is never decoded into a copy. Products with
+//! few rows (decode) run the warp-per-column kernel of `matmul.cu`, which reads each weight
+//! once per step; products with [`crate::cpu::matmul::BF16_PRODUCT_MIN_ROWS`] rows or more go
+//! to cuBLAS: bf16 weights against bf16-rounded activations when
+//! [`crate::cpu::Precision::Bf16Products`] allows, `f32` GEMM for `f32` weights, and the
+//! kernel otherwise (the reference numerics; always for the quantized formats).
 //!
 //! # Memory safety
 //! A kernel or cuBLAS reads and writes whatever addresses it is given, so the checks live
@@ -60,7 +62,7 @@ use cudarc::driver::{
 use half::slice::HalfFloatSliceExt;
 
 use crate::error::{KernelError, Result};
-use crate::{Device, Format, Weights};
+use crate::{Device, Format, Weights, quant};
 
 /// Whether the CUDA libraries this backend loads are on this machine; `Err` names the
 /// first one missing. cudarc panics on first use of a library it cannot load, so this runs
@@ -159,9 +161,11 @@ fn grid_1d(n: usize) -> LaunchConfig {
 
 // ---- weights ----
 
-/// A weight matrix `[rows, cols]` in device memory, in its checkpoint format. Its buffer
-/// holds at least `rows × cols` elements (one for an empty matrix); it is only made by
-/// [`Gpu::upload_matrix`], which copies exactly that many.
+/// A weight matrix `[rows, cols]` in device memory, in its checkpoint format: its values and,
+/// for a quantized format, its scales (E8M0 bytes for MXFP4, `f32` for FP8), which the
+/// product kernels decode in registers. Its buffers hold at least the bytes [`matrix_bytes`]
+/// gives (one element for an empty matrix); it is only made by [`Gpu::upload_matrix`], which
+/// copies exactly those.
 pub(crate) struct GpuMatrix {
     pub(crate) format: Format,
     pub(crate) rows: usize,
@@ -169,27 +173,75 @@ pub(crate) struct GpuMatrix {
     /// The device holding the matrix.
     pub(crate) ordinal: usize,
     data: GpuData,
+    /// The scales of a quantized format; `None` for a dense one.
+    scales: Option<GpuData>,
 }
 
-/// `f32` elements, or the bits of `f16`/`bf16` ones.
+/// `f32` elements, the bits of `f16`/`bf16` ones, or bytes (MXFP4 blocks and E8M0 scales,
+/// FP8 values).
 enum GpuData {
     F32(CudaSlice<f32>),
     Half(CudaSlice<u16>),
+    Bytes(CudaSlice<u8>),
 }
 
-impl GpuMatrix {
-    /// Elements in the device buffer.
-    fn len(&self) -> usize {
-        match &self.data {
-            GpuData::F32(s) => s.len(),
-            GpuData::Half(s) => s.len(),
+impl GpuData {
+    fn bytes(&self) -> usize {
+        match self {
+            GpuData::F32(s) => s.len() * 4,
+            GpuData::Half(s) => s.len() * 2,
+            GpuData::Bytes(s) => s.len(),
         }
     }
 
     fn ptr(&self, stream: &CudaStream) -> u64 {
-        match &self.data {
+        match self {
             GpuData::F32(s) => ptr(s, stream),
             GpuData::Half(s) => ptr(s, stream),
+            GpuData::Bytes(s) => ptr(s, stream),
+        }
+    }
+}
+
+impl GpuMatrix {
+    /// The address of the values.
+    fn ptr(&self, stream: &CudaStream) -> u64 {
+        self.data.ptr(stream)
+    }
+
+    /// The address of the scales; 0 for a dense format.
+    fn scales_ptr(&self, stream: &CudaStream) -> u64 {
+        self.scales.as_ref().map_or(0, |s| s.ptr(stream))
+    }
+}
+
+/// Bytes of a `[rows, cols]` matrix of `format` as the kernels read it: `(values, scales)`,
+/// scales 0 for a dense format. Checked, so the sizes cannot overflow, and refusing what the
+/// kernels cannot address: an MXFP4 row of part of a block, an FP8 scale block of 0 or of
+/// more than an `int`.
+fn matrix_bytes(op: &'static str, format: Format, rows: usize, cols: usize) -> Result<(usize, usize)> {
+    let n = count(op, &[rows, cols])?;
+    match format {
+        Format::Mxfp4 => {
+            if !cols.is_multiple_of(quant::MXFP4_BLOCK) {
+                return Err(KernelError::Unsupported {
+                    op,
+                    message: format!("an MXFP4 row of {cols} values is not a whole number of 32-value blocks"),
+                });
+            }
+            Ok((n / 2, n / quant::MXFP4_BLOCK))
+        }
+        Format::Fp8 { block: [b0, b1] } => {
+            if b0 == 0 || b1 == 0 {
+                return Err(KernelError::Unsupported { op, message: format!("FP8 scale blocks of {b0}x{b1}") });
+            }
+            int(op, "an FP8 scale block's rows", b0)?;
+            int(op, "an FP8 scale block's columns", b1)?;
+            Ok((n, count(op, &[rows.div_ceil(b0), cols.div_ceil(b1), 4])?))
+        }
+        dense => {
+            let size = dense.dtype().expect("a format without scales is dense").size_in_bytes();
+            Ok((count(op, &[n, size])?, 0))
         }
     }
 }
@@ -326,7 +378,8 @@ impl Gpu {
         Ok(host)
     }
 
-    /// Copies a `[rows, cols]` weight matrix to the device in its format.
+    /// Copies a `[rows, cols]` weight matrix to the device in its format, with its scales
+    /// where it is quantized (kept quantized: the products decode it in registers).
     pub(crate) fn upload_matrix(
         &self,
         op: &'static str,
@@ -334,16 +387,44 @@ impl Gpu {
         rows: usize,
         cols: usize,
     ) -> Result<GpuMatrix> {
-        let n = count(op, &[rows, cols])?;
-        if w.len() != n {
-            return Err(KernelError::shape(op, "weight", format!("{n} values ({rows} × {cols})"), w.len()));
-        }
-        let data = match w {
-            Weights::F32(v) => GpuData::F32(self.upload(op, v)?),
-            Weights::F16(v) => GpuData::Half(self.upload(op, v.reinterpret_cast())?),
-            Weights::BF16(v) => GpuData::Half(self.upload(op, v.reinterpret_cast())?),
+        // The format, the bytes of values and scales, and the row length the view says.
+        let (format, values, scales, view_cols) = match w {
+            Weights::F32(v) => (Format::F32, size_of_val(v), 0, cols),
+            Weights::F16(v) => (Format::F16, size_of_val(v), 0, cols),
+            Weights::BF16(v) => (Format::BF16, size_of_val(v), 0, cols),
+            Weights::Mxfp4 { blocks, scales, cols } => (Format::Mxfp4, blocks.len(), scales.len(), cols),
+            Weights::Fp8 { values, scales, cols, block } => {
+                (Format::Fp8 { block }, values.len(), size_of_val(scales), cols)
+            }
         };
-        Ok(GpuMatrix { format: Format::from(w.dtype()), rows, cols, ordinal: self.ordinal, data })
+        let (want_values, want_scales) = matrix_bytes(op, format, rows, cols)?;
+        let what = |bytes: usize| format!("{bytes} bytes ({} [{rows}, {cols}])", format.name());
+        if view_cols != cols {
+            return Err(KernelError::shape(
+                op,
+                "weight",
+                format!("rows of {cols} values"),
+                format!("rows of {view_cols}"),
+            ));
+        }
+        if values != want_values {
+            return Err(KernelError::shape(op, "weight", what(want_values), format!("{values} bytes")));
+        }
+        if scales != want_scales {
+            return Err(KernelError::shape(op, "scales", what(want_scales), format!("{scales} bytes")));
+        }
+        let (data, scales) = match w {
+            Weights::F32(v) => (GpuData::F32(self.upload(op, v)?), None),
+            Weights::F16(v) => (GpuData::Half(self.upload(op, v.reinterpret_cast())?), None),
+            Weights::BF16(v) => (GpuData::Half(self.upload(op, v.reinterpret_cast())?), None),
+            Weights::Mxfp4 { blocks, scales, .. } => {
+                (GpuData::Bytes(self.upload(op, blocks)?), Some(GpuData::Bytes(self.upload(op, scales)?)))
+            }
+            Weights::Fp8 { values, scales, .. } => {
+                (GpuData::Bytes(self.upload(op, values)?), Some(GpuData::F32(self.upload(op, scales)?)))
+            }
+        };
+        Ok(GpuMatrix { format, rows, cols, ordinal: self.ordinal, data, scales })
     }
 
     // ---- checks ----
@@ -374,17 +455,22 @@ impl Gpu {
         Ok(())
     }
 
-    /// Checks `w` is on this device and its buffer holds its `rows × cols` elements.
+    /// Checks `w` is on this device and its buffers hold its `rows × cols` values and, for a
+    /// quantized format, their scales ([`matrix_bytes`]).
     fn check_matrix(&self, op: &'static str, w: &GpuMatrix) -> Result<()> {
-        let n = count(op, &[w.rows, w.cols])?;
+        let (values, scales) = matrix_bytes(op, w.format, w.rows, w.cols)?;
         self.same_device(op, "weight", w.ordinal)?;
-        if w.len() < n {
-            return Err(KernelError::shape(
-                op,
-                "weight",
-                format!("at least {n} values"),
-                format!("{} values", w.len()),
-            ));
+        let short = |arg, want: usize, got: usize| {
+            KernelError::shape(op, arg, format!("at least {want} bytes"), format!("{got} bytes"))
+        };
+        if w.data.bytes() < values {
+            return Err(short("weight", values, w.data.bytes()));
+        }
+        match &w.scales {
+            _ if scales == 0 => {}
+            None => return Err(short("scales", scales, 0)),
+            Some(s) if s.bytes() < scales => return Err(short("scales", scales, s.bytes())),
+            Some(_) => {}
         }
         Ok(())
     }
@@ -448,5 +534,23 @@ mod tests {
         assert!(grid("op", 1 << 31, 1, 32).is_err());
         assert!(grid("op", 1, 65_536, 32).is_err());
         assert_eq!(grid("op", 10, 3, 64).unwrap().grid_dim, (10, 3, 1));
+    }
+
+    #[test]
+    fn matrix_bytes_count_values_and_scales() {
+        // MXFP4: 16 bytes and one scale per 32 values; gpt-oss-20b's 90-block rows.
+        assert_eq!(matrix_bytes("op", Format::Mxfp4, 4, 64).unwrap(), (128, 8));
+        assert_eq!(matrix_bytes("op", Format::Mxfp4, 2, 2880).unwrap(), (2880, 180));
+        assert!(matrix_bytes("op", Format::Mxfp4, 2, 48).is_err());
+        // FP8: a byte a value, an f32 per block, partial edge blocks counted.
+        assert_eq!(matrix_bytes("op", Format::Fp8 { block: [2, 3] }, 5, 7).unwrap(), (35, 3 * 3 * 4));
+        assert_eq!(matrix_bytes("op", Format::Fp8 { block: [128, 128] }, 200, 320).unwrap(), (64_000, 2 * 3 * 4));
+        assert!(matrix_bytes("op", Format::Fp8 { block: [0, 3] }, 5, 7).is_err());
+        assert!(matrix_bytes("op", Format::Fp8 { block: [1, 1 << 31] }, 5, 7).is_err());
+        // Dense formats have no scales; sizes that overflow are refused.
+        assert_eq!(matrix_bytes("op", Format::BF16, 3, 5).unwrap(), (30, 0));
+        assert_eq!(matrix_bytes("op", Format::F32, 3, 5).unwrap(), (60, 0));
+        assert!(matrix_bytes("op", Format::F32, usize::MAX / 2, 1).is_err());
+        assert!(matrix_bytes("op", Format::Fp8 { block: [1, 1] }, 1, usize::MAX / 2).is_err());
     }
 }
