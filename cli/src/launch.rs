@@ -22,6 +22,10 @@ pub struct Proc {
     pub name: String,
     child: Child,
     ready: mpsc::UnboundedReceiver<String>,
+    /// The last error the child printed (its `error: ...` line, else its last `ERROR` log line).
+    cause: Arc<Mutex<Option<String>>>,
+    /// Copies the child's stderr; ends when the child's stderr closes.
+    stderr: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -61,25 +65,72 @@ impl Proc {
             }
             None => None,
         };
-        let sink = Sink { prefix, quiet: out.quiet, log };
+        let cause = Arc::new(Mutex::new(None));
+        let sink = Sink { prefix, quiet: out.quiet, log, cause: None };
         tokio::spawn(forward(BufReader::new(stdout), sink.clone(), Some(tx)));
-        tokio::spawn(forward(BufReader::new(stderr), sink, None));
-        Ok(Proc { name: name.to_string(), child, ready })
+        let stderr = tokio::spawn(forward(BufReader::new(stderr), Sink { cause: Some(cause.clone()), ..sink }, None));
+        Ok(Proc { name: name.to_string(), child, ready, cause, stderr: Some(stderr) })
     }
 
     /// Waits for the child's `ready: ...` line and returns what follows `ready: `
     /// (`WHAT ADDRESS [WHAT ADDRESS ...]`).
     pub async fn ready(&mut self, timeout: Duration) -> Result<String> {
         tokio::select! {
-            line = self.ready.recv() => line.ok_or_else(|| anyhow!("{} closed its output before it was ready", self.name)),
-            status = self.child.wait() => bail!("{} exited before it was ready ({})", self.name, status?),
+            line = self.ready.recv() => match line {
+                Some(line) => Ok(line),
+                // Its stdout closed: it is exiting (or has closed stdout, which it never does).
+                None => match tokio::time::timeout(GRACE, self.child.wait()).await {
+                    Ok(status) => {
+                        let status = status?;
+                        bail!("{}", self.exited(status, " before it was ready").await)
+                    }
+                    Err(_) => bail!("{} closed its output before it was ready", self.name),
+                },
+            },
+            status = self.child.wait() => {
+                let status = status?;
+                bail!("{}", self.exited(status, " before it was ready").await)
+            }
             _ = tokio::time::sleep(timeout) => bail!("{} was not ready within {}s", self.name, timeout.as_secs()),
+        }
+    }
+
+    /// Waits for the child's `ready: ...` line like [`Proc::ready`], and fails as soon as one of
+    /// `others` (started before it) exits, with that child's own error.
+    pub async fn ready_while(&mut self, others: &mut [Proc], timeout: Duration) -> Result<String> {
+        let ready = self.ready(timeout);
+        tokio::pin!(ready);
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                answer = &mut ready => return answer,
+                _ = poll.tick() => {
+                    for other in others.iter_mut() {
+                        if let Some(status) = other.try_wait()? {
+                            bail!("{}", other.exited(status, "").await);
+                        }
+                    }
+                }
+            }
         }
     }
 
     /// The exit status if the child has exited.
     pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
         self.child.try_wait()
+    }
+
+    /// `NAME exited WHEN (STATUS): CAUSE`, with the child's own last error once its stderr is
+    /// read to the end.
+    pub async fn exited(&mut self, status: std::process::ExitStatus, when: &str) -> String {
+        if let Some(stderr) = self.stderr.take() {
+            // A grandchild holding the pipe open must not hold this up.
+            let _ = tokio::time::timeout(Duration::from_secs(2), stderr).await;
+        }
+        match self.cause.lock().expect("cause lock").as_deref() {
+            Some(cause) => format!("{} exited{when} ({status}): {}", self.name, cause.trim_start_matches("error: ")),
+            None => format!("{} exited{when} ({status})", self.name),
+        }
     }
 
     /// SIGTERM, then SIGKILL if it has not exited within the grace period.
@@ -111,6 +162,22 @@ struct Sink {
     prefix: String,
     quiet: bool,
     log: Option<Arc<Mutex<std::fs::File>>>,
+    /// Where the last error line goes (stderr only).
+    cause: Option<Arc<Mutex<Option<String>>>>,
+}
+
+impl Sink {
+    /// Keeps `line` as the cause if it is the process's final `error: ...` line, or an `ERROR`
+    /// log line while no final line has come.
+    fn note_error(&self, line: &str) {
+        let Some(cause) = &self.cause else { return };
+        let mut cause = cause.lock().expect("cause lock");
+        if line.starts_with("error: ") {
+            *cause = Some(line.to_string());
+        } else if line.contains(" ERROR ") && !cause.as_deref().is_some_and(|c| c.starts_with("error: ")) {
+            *cause = Some(line.split_once(" ERROR ").map_or(line, |(_, rest)| rest).trim().to_string());
+        }
+    }
 }
 
 /// Copies `reader`'s lines to `sink`; a `ready:` line goes to `ready` instead.
@@ -129,6 +196,7 @@ async fn forward<R: tokio::io::AsyncRead + Unpin>(
             let _ = tx.send(rest.to_string());
             continue;
         }
+        sink.note_error(&line);
         if let Some(log) = &sink.log {
             let _ = writeln!(log.lock().expect("log lock"), "{line}");
         }

@@ -129,11 +129,58 @@ pub async fn start_nodes(
         procs.push(Proc::spawn(&format!("expert-node-{i}"), &args, out)?);
     }
     let mut addresses = Vec::new();
-    for p in &mut procs {
-        let ready = p.ready(START_TIMEOUT).await?;
+    for i in 0..procs.len() {
+        let ready = ready_among(&mut procs, i).await?;
         addresses.push(ready.rsplit(' ').next().unwrap_or_default().to_string());
     }
     Ok((procs, addresses))
+}
+
+/// Where the cluster in a data directory keeps its coordinators' addresses: a restart must
+/// bring each member back where the group's raft state says it is.
+const ADDRESSES_FILE: &str = "coordinators.json";
+
+/// The coordinators' addresses: those recorded in `data_dir` by an earlier start, or free
+/// loopback ports, then recorded. Every member must know every address at start.
+fn coordinator_addresses(count: usize, data_dir: &Path) -> Result<Vec<String>> {
+    let file = data_dir.join(ADDRESSES_FILE);
+    if file.exists() {
+        let text = std::fs::read_to_string(&file)?;
+        let addresses: Vec<String> = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a list of addresses: {e}", file.display()))?;
+        if addresses.len() != count {
+            bail!(
+                "{} holds a cluster of {} coordinators, not --coordinators {count}: start it with the same \
+                 count (and change members with `switchyard cluster add-coordinator`), or use another --data-dir",
+                data_dir.display(),
+                addresses.len()
+            );
+        }
+        tracing::info!("resuming the cluster in {} (coordinators on {})", data_dir.display(), addresses.join(","));
+        return Ok(addresses);
+    }
+    if (1..=count).any(|id| data_dir.join(format!("coordinator-{id}")).exists()) {
+        bail!(
+            "{} holds coordinator state but no {ADDRESSES_FILE}: it was not made by `switchyard up`",
+            data_dir.display()
+        );
+    }
+    let mut addresses = Vec::new();
+    for _ in 0..count {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        addresses.push(probe.local_addr()?.to_string());
+    }
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::write(&file, serde_json::to_string(&addresses)?)?;
+    Ok(addresses)
+}
+
+/// Waits for `procs[i]`'s ready line; fails as soon as it or any other of `procs` exits.
+async fn ready_among(procs: &mut Vec<Proc>, i: usize) -> Result<String> {
+    let mut me = procs.remove(i);
+    let ready = me.ready_while(procs, START_TIMEOUT).await;
+    procs.insert(i, me);
+    ready
 }
 
 /// Starts `count` coordinators on free loopback ports, each knowing all the others; returns
@@ -144,12 +191,7 @@ async fn start_coordinators(
     extra: &[String],
     out: &Output,
 ) -> Result<(Vec<Proc>, Vec<String>)> {
-    // Every member must know every address at start: take free ports, then hand them over.
-    let mut addresses = Vec::new();
-    for _ in 0..args.coordinators {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        addresses.push(probe.local_addr()?.to_string());
-    }
+    let addresses = coordinator_addresses(args.coordinators, data_dir)?;
     let peers: Vec<String> = addresses.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
     // Only the members may step the raft group: they share a token made up here.
     let token = {
@@ -184,8 +226,8 @@ async fn start_coordinators(
         let env = [("SWITCHYARD_RAFT_TOKEN", token.as_str())];
         procs.push(Proc::spawn_with_env(&format!("coordinator-{}", i + 1), &a, &env, out)?);
     }
-    for p in &mut procs {
-        p.ready(START_TIMEOUT).await?;
+    for i in 0..procs.len() {
+        ready_among(&mut procs, i).await?;
     }
     Ok((procs, addresses))
 }
@@ -284,7 +326,7 @@ fn run_cluster(
                 router_args.extend(["--tenants".to_string(), t.display().to_string()]);
             }
             let mut router = Proc::spawn("router", &router_args, out)?;
-            let addr = router.ready(START_TIMEOUT).await?;
+            let addr = router.ready_while(&mut children, START_TIMEOUT).await?;
             children.push(router);
             Ok::<_, anyhow::Error>(addr)
         };
@@ -371,22 +413,27 @@ async fn watch(children: &mut [Proc]) -> Result<()> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut reported = vec![false; children.len()];
+    let mut exited = vec![false; children.len()];
+    let group = children.iter().filter(|c| c.name.starts_with("coordinator")).count();
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = tick.tick() => {
-                for (c, reported) in children.iter_mut().zip(&mut reported) {
-                    let Some(status) = c.try_wait()? else { continue };
-                    if c.name == "router" {
-                        bail!("the router exited ({status}); stopping the cluster");
+                for i in 0..children.len() {
+                    if exited[i] {
+                        continue;
                     }
-                    if !*reported && c.name.starts_with("coordinator") {
-                        tracing::warn!("{} exited ({status}); the others keep the placement while a majority lives", c.name);
-                        *reported = true;
-                    } else if !*reported {
-                        tracing::warn!("{} exited ({status}); its experts are served by their replicas, and re-placed if coordinated", c.name);
-                        *reported = true;
+                    let Some(status) = children[i].try_wait()? else { continue };
+                    exited[i] = true;
+                    let what = children[i].exited(status, "").await;
+                    if children[i].name == "router" {
+                        bail!("{what}; stopping the cluster");
+                    }
+                    if children[i].name.starts_with("coordinator") {
+                        let dead = children.iter().zip(&exited).filter(|(c, e)| **e && c.name.starts_with("coordinator")).count();
+                        tracing::warn!("{what}; {}", quorum(group, group - dead));
+                    } else {
+                        tracing::warn!("{what}; its experts are served by their replicas, and re-placed if coordinated");
                     }
                 }
             }
@@ -394,8 +441,30 @@ async fn watch(children: &mut [Proc]) -> Result<()> {
     }
 }
 
+/// What a coordinator group of `members` can still do with `live` of them.
+fn quorum(members: usize, live: usize) -> String {
+    if live > members / 2 {
+        format!("{live} of {members} coordinators live, a majority: the group goes on deciding placements")
+    } else {
+        format!(
+            "{live} of {members} coordinators live, no majority: requests are still served on the current placement, \
+             but no node failure or imbalance is acted on until {} members are back",
+            members / 2 + 1
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn quorum_messages_tell_the_truth() {
+        assert!(super::quorum(3, 2).contains("a majority: the group goes on"));
+        let lost = super::quorum(3, 1);
+        assert!(lost.contains("1 of 3") && lost.contains("no majority") && lost.contains("until 2 members"), "{lost}");
+        assert!(super::quorum(5, 3).contains("a majority"));
+        assert!(super::quorum(5, 2).contains("until 3 members"));
+    }
+
     #[test]
     fn spread_places_every_expert_on_distinct_nodes() {
         let sets = super::spread(8, 3, 2);

@@ -102,6 +102,13 @@ fn placed_nodes(status: &Value) -> Vec<u64> {
     nodes
 }
 
+/// The registered nodes as the replicated state records them (id, address, state, experts):
+/// without the load figures, which each leader measures afresh from heartbeats.
+fn registered(status: &Value) -> Vec<Value> {
+    let fields = ["id", "address", "state", "experts"];
+    status["nodes"].as_array().unwrap().iter().map(|n| fields.iter().map(|f| n[*f].clone()).collect()).collect()
+}
+
 fn node_state(status: &Value, id: u64) -> String {
     status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["state"].as_str().unwrap().to_string()
 }
@@ -132,6 +139,16 @@ fn start_clients(router: &str, prompts: &[String], max_tokens: usize) -> Vec<Chi
                 .unwrap()
         })
         .collect()
+}
+
+/// Waits until the router at `router` is running `n` requests: they are mid-generation.
+fn wait_mid_generation(router: &str, n: usize) {
+    let mut last = Value::Null;
+    let running = wait_until(Duration::from_secs(20), || {
+        last = serde_json::from_str(&stdout_of(&["cluster", "status", "--router", router, "--json"])).unwrap();
+        last["running_requests"].as_u64() == Some(n as u64)
+    });
+    assert!(running, "the router never ran {n} requests at once: {last:#}");
 }
 
 /// Waits for the clients and checks each answer is the single-process engine's on `model`,
@@ -165,7 +182,7 @@ fn a_killed_leader_is_replaced_without_losing_the_placement() {
 
     let prompts: Vec<String> = (0..3).map(prompt).collect();
     let clients = start_clients(&router, &prompts, 80);
-    std::thread::sleep(Duration::from_millis(300)); // the requests are mid-generation
+    wait_mid_generation(&router, clients.len());
     let leader = before["leader"].as_u64().unwrap() as usize;
     let killed = Instant::now();
     procs.kill(&format!("coordinator-{leader}"));
@@ -181,7 +198,7 @@ fn a_killed_leader_is_replaced_without_losing_the_placement() {
     eprintln!("a new leader was seen {:?} after the kill", killed.elapsed());
     // Nothing committed is lost: the same nodes and the same active epoch.
     assert_eq!(active_epoch(&after), active_epoch(&before));
-    assert_eq!(after["nodes"], before["nodes"]);
+    assert_eq!(registered(&after), registered(&before));
     check_clients(clients, &model, &prompts, 80);
 
     // The new leader takes decisions: drain a node, and its experts move to the other one.
@@ -214,7 +231,7 @@ fn the_group_restarts_from_disk_with_the_same_state() {
     let after =
         group.wait_for(Duration::from_secs(10), "a leader after the restart", |s| s["leader"].as_u64() != Some(0));
     assert_eq!(after["epochs"], before["epochs"]);
-    assert_eq!(after["nodes"], before["nodes"]);
+    assert_eq!(registered(&after), registered(&before));
     assert_eq!(after["members"], before["members"]);
     assert!(after["commit_index"].as_u64() >= before["commit_index"].as_u64());
     assert!(alive(procs.pid("node-0")));
@@ -234,8 +251,7 @@ fn a_killed_expert_node_is_replaced_and_every_request_completes() {
     let victim_address = status["nodes"][0]["address"].as_str().unwrap().to_string();
     let prompts: Vec<String> = (0..3).map(prompt).collect();
     let clients = start_clients(&cluster.addr, &prompts, 100);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(clients.len() == 3);
+    wait_mid_generation(&cluster.addr, clients.len());
     let killed = Instant::now();
     signal(victim, libc::SIGKILL);
     let mut replaced = Value::Null;
@@ -458,4 +474,70 @@ fn a_node_whose_compute_thread_panics_stops_serving_and_its_experts_are_replaced
     assert_eq!(node_health(&addresses[1]), ServingState::Serving);
     let clients = start_clients(&router, &prompts[..1], 20);
     check_clients(clients, &model, &prompts[..1], 20);
+}
+
+#[test]
+fn up_resumes_its_cluster_from_the_data_dir_after_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let model = fixture("mixtral");
+    let args = ["--model", &model, "--expert-nodes", "2", "--data-dir", data];
+    let prompts: Vec<String> = (0..2).map(prompt).collect();
+
+    let first = UpCluster::start_with(&args, &[]);
+    check_clients(start_clients(&first.addr, &prompts, 16), &model, &prompts, 16);
+    let before = first.coordinator_status();
+    let coordinators = first.coordinators.clone();
+    // `up` dies without a word; its children follow (they are told when their parent dies).
+    signal(first.child.id(), libc::SIGKILL);
+    drop(first);
+    let freed = wait_until(Duration::from_secs(30), || {
+        coordinators.split(',').all(|a| std::net::TcpStream::connect(a).is_err())
+    });
+    assert!(freed, "the first cluster's coordinators still listen on {coordinators}");
+
+    let second = UpCluster::start_with(&args, &[]);
+    assert_eq!(second.coordinators, coordinators, "the coordinators must come back where their raft state says");
+    let after = second.coordinator_status();
+    assert_eq!(after["members"], before["members"]);
+    assert!(after["term"].as_u64() >= before["term"].as_u64());
+    check_clients(start_clients(&second.addr, &prompts, 16), &model, &prompts, 16);
+    second.stop();
+
+    // Another count of coordinators is not the same cluster.
+    let err = stderr_of_failure(&[
+        "up",
+        "--model",
+        &model,
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+        "--coordinators",
+        "5",
+    ]);
+    assert!(err.contains("3 coordinators") && err.contains("--coordinators 5"), "{err}");
+}
+
+#[test]
+fn up_ends_with_the_failing_nodes_own_error() {
+    use switchyard_model::checkpoint::{Checkpoint, Tensor, write_safetensors};
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join("mixtral")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let victim = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+    let ckpt = Checkpoint::open(tmp.path()).unwrap();
+    let mut names: Vec<String> = ckpt.names().filter(|n| *n != victim).map(str::to_string).collect();
+    names.sort();
+    let kept: Vec<Tensor> = names.iter().map(|n| ckpt.get(n).unwrap()).collect();
+    drop(ckpt);
+    write_safetensors(&tmp.path().join("model.safetensors"), &kept).unwrap();
+
+    let model = tmp.path().to_str().unwrap();
+    // The router serves the dense layers, so only an expert node meets the missing expert: `up`
+    // ends with that node's own error instead of waiting for a placement that never comes.
+    let err = stderr_of_failure(&["up", "--model", model, "--http", "127.0.0.1:0", "--expert-nodes", "2"]);
+    assert!(err.contains("expert-node-") && err.contains(victim) && err.contains("missing"), "{err}");
 }

@@ -86,8 +86,8 @@ type PlacementStream = Pin<Box<dyn Stream<Item = Result<Placement, Status>> + Se
 impl Coordinator for CoordinatorService {
     async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         if let Some(token) = &self.raft_token {
-            let given = request.metadata().get(RAFT_TOKEN).and_then(|v| v.to_str().ok());
-            if given != Some(token.as_str()) {
+            let given = request.metadata().get(RAFT_TOKEN).map_or(&[][..], |v| v.as_bytes());
+            if !same_secret(given, token.as_bytes()) {
                 return Err(Status::permission_denied("raft traffic needs the members' raft token"));
             }
         }
@@ -231,6 +231,16 @@ impl Coordinator for CoordinatorService {
     }
 }
 
+/// Whether `given` equals `secret`, in a time that depends on their lengths only (not on
+/// where they first differ), so the token cannot be guessed byte by byte.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    let mut diff = given.len() ^ secret.len();
+    for (i, &s) in secret.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(!s) ^ s);
+    }
+    diff == 0
+}
+
 /// How long a follower waits for the leader's status before answering from its own state.
 const FORWARD_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -261,5 +271,18 @@ fn status(view: &View) -> CoordinatorStatus {
             .collect(),
         imbalance: view.imbalance(),
         pid: std::process::id(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secrets_match_only_when_equal() {
+        use super::same_secret;
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3cret!", b"s3cret"));
+        assert!(!same_secret(b"S3cret", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
     }
 }

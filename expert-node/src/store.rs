@@ -16,7 +16,7 @@ use switchyard_kernels::{Backend, Device};
 use switchyard_model::ModelSpec;
 use switchyard_model::config::LayerMlp;
 use switchyard_model::layers::Exec;
-use switchyard_model::loader::{ExpertWeights, load_experts};
+use switchyard_model::loader::{ExpertWeights, check_experts, load_experts};
 use switchyard_model::moe::{Assignment, Expert, ExpertLayer};
 use switchyard_proto::tensor;
 use switchyard_proto::v1::{DispatchRequest, ExpertId, Tensor};
@@ -34,14 +34,13 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Reads `dir`'s config and measures one expert.
+    /// Reads `dir`'s config, checks that every expert the coordinators could place here is in
+    /// the checkpoint with its shape and format (the headers only: nothing is paged in), and
+    /// measures one expert. A broken checkpoint fails here, naming the tensor, before the node
+    /// serves or registers.
     pub fn open(dir: &Path, budget: Option<usize>) -> Result<Self, NodeError> {
         let spec = ModelSpec::from_dir(dir)?;
-        let first = spec.layer_mlps.iter().position(|m| *m == LayerMlp::Moe);
-        let expert_bytes = match first {
-            Some(layer) => load_experts(dir, &|l, e| l == layer && e == 0, &mut |_, _| {})?.bytes(),
-            None => 0,
-        };
+        let expert_bytes = check_experts(dir)?;
         Ok(Catalog { dir: dir.to_path_buf(), spec, budget, expert_bytes })
     }
 

@@ -60,6 +60,29 @@ pub fn load_experts(
     Ok(ExpertWeights { spec, layers })
 }
 
+/// Checks that every expert of `dir`'s checkpoint is there with its shape and format, reading
+/// headers only, and returns the bytes of one expert (0 for a model without MoE layers).
+/// Layouts that store each expert in its own tensors are checked expert by expert; fused
+/// layouts (`[E, ...]` tensors) are checked once per layer, which covers every expert.
+pub fn check_experts(dir: &std::path::Path) -> Result<usize> {
+    let spec = ModelSpec::from_dir(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let names = Names { ckpt: &ckpt, spec: &spec, backend: &CpuBackend };
+    let mut one = 0;
+    for l in (0..spec.num_layers).filter(|&l| spec.layer_mlps[l] == LayerMlp::Moe) {
+        let p = names.moe_prefix(l);
+        let per_expert = ["gate_proj", "w1"].iter().any(|g| ckpt.contains(&format!("{p}.experts.0.{g}.weight")));
+        let experts = if per_expert { spec.num_experts } else { 1 };
+        for x in 0..experts {
+            let size = names.expert(&p, x)?.size_in_bytes();
+            if one == 0 {
+                one = size;
+            }
+        }
+    }
+    Ok(one)
+}
+
 pub(crate) struct Names<'a> {
     pub ckpt: &'a Checkpoint,
     pub spec: &'a ModelSpec,
