@@ -329,8 +329,24 @@ fn a_coordinator_joins_and_another_leaves_while_the_group_serves() {
     procs.start("node-0", &["expert-node", "--model", &model, "--coordinators", &group.list()], &[]);
     let before = group.wait_for(Duration::from_secs(20), "an active epoch", |s| active_epoch(s).is_some());
 
-    // Member 4 starts with no configuration and is added to the running group.
+    // A member that is not running is not added: it would count in the majority.
     let fourth = free_address();
+    let err =
+        stderr_of_failure(&["cluster", "add-coordinator", &format!("4={fourth}"), "--coordinators", &group.list()]);
+    assert!(err.contains(&fourth) && err.contains("does not answer") && err.contains("--join"), "{err}");
+    // Nor are two at once.
+    let two = [(4, fourth.clone()), (5, free_address())].into();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let refused = rt.block_on(async {
+        let client = switchyard_coordinator::client::Client::new(&group.addresses).unwrap();
+        client.change_members(two, Vec::new()).await.unwrap_err()
+    });
+    assert!(refused.message().contains("one coordinator at a time"), "{}", refused.message());
+    let ids =
+        |s: &Value| s["members"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(ids(&group.status_from(&[]).unwrap()), [1, 2, 3]);
+
+    // Member 4 starts with no configuration and is added to the running group.
     let peers = format!("{},4={fourth}", group.peers);
     let data = dir.path().join("coordinator-4");
     procs.start(
@@ -351,8 +367,6 @@ fn a_coordinator_joins_and_another_leaves_while_the_group_serves() {
     );
     let out = stdout_of(&["cluster", "add-coordinator", &format!("4={fourth}"), "--coordinators", &group.list()]);
     assert!(out.contains("coordinator 4 added"), "{out}");
-    let ids =
-        |s: &Value| s["members"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect::<Vec<_>>();
     let status = group.wait_for(Duration::from_secs(10), "four members", |s| ids(s) == [1, 2, 3, 4]);
     // The new member has the group's state (it caught up from a snapshot).
     let mut from_fourth = Value::Null;

@@ -204,6 +204,17 @@ impl Coordinator for CoordinatorService {
             return leader.change_members(forwarded(request.into_inner())).await;
         }
         let r = request.into_inner();
+        if r.add.len() + r.remove.len() != 1 {
+            return Err(Status::invalid_argument(format!(
+                "a membership change adds or removes one coordinator at a time (got {} to add, {} to remove): \
+                 a group whose majority is not yet running stops deciding",
+                r.add.len(),
+                r.remove.len()
+            )));
+        }
+        for (id, address) in &r.add {
+            answers(*id, address).await?;
+        }
         self.handle.change_members(r.add.into_iter().collect(), r.remove).await?;
         Ok(Response::new(ChangeMembersResponse {}))
     }
@@ -230,6 +241,33 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(status(&self.view())))
     }
 }
+
+/// Checks that coordinator `id` runs at `address` (started with `--join`) before the group
+/// counts it in its majority: a voter that is not there would take the quorum with it.
+async fn answers(id: u64, address: &str) -> Result<(), Status> {
+    let unreachable = |why: String| {
+        Status::failed_precondition(format!(
+            "coordinator {id} does not answer at {address} ({why}): start it with `switchyard coordinator --join` first"
+        ))
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| Status::invalid_argument(format!("bad address {address:?} for coordinator {id}: {e}")))?
+        .connect_timeout(MEMBER_CHECK_TIMEOUT)
+        .timeout(MEMBER_CHECK_TIMEOUT);
+    let channel = endpoint.connect().await.map_err(|e| unreachable(e.to_string()))?;
+    let status = CoordinatorClient::new(channel)
+        .status(forwarded(CoordinatorStatusRequest {}))
+        .await
+        .map_err(|e| unreachable(e.message().to_string()))?
+        .into_inner();
+    if status.id != id {
+        return Err(Status::failed_precondition(format!("{address} is coordinator {}, not {id}", status.id)));
+    }
+    Ok(())
+}
+
+/// How long a new member has to answer before it is added.
+const MEMBER_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether `given` equals `secret`, in a time that depends on their lengths only (not on
 /// where they first differ), so the token cannot be guessed byte by byte.
