@@ -86,6 +86,8 @@ pub struct Config {
     /// raft group (set it on every member; `switchyard up` makes one up).
     #[arg(long, env = "SWITCHYARD_RAFT_TOKEN", hide_env_values = true)]
     pub raft_token: Option<String>,
+    #[command(flatten)]
+    pub limits: switchyard_proto::server::ConnectionLimits,
 }
 
 impl Config {
@@ -124,6 +126,7 @@ pub struct Coordinator {
     pub handle: Handle,
     raft_thread: node::Thread,
     raft_token: Option<String>,
+    limits: switchyard_proto::server::ConnectionLimits,
 }
 
 impl Coordinator {
@@ -149,7 +152,7 @@ impl Coordinator {
         let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel();
         let (handle, raft_thread) = node::start(peer, config.policy(), outbox)?;
         tokio::spawn(transport::run(inbox, handle.clone(), config.raft_token.clone()));
-        Ok(Coordinator { handle, raft_thread, raft_token: config.raft_token.clone() })
+        Ok(Coordinator { handle, raft_thread, raft_token: config.raft_token.clone(), limits: config.limits.clone() })
     }
 
     /// Serves the `Coordinator` service on `listener` until `shutdown` resolves, or until the
@@ -175,9 +178,11 @@ impl Coordinator {
             // shutdown does not wait for every router and node to hang up.
             let _ = stop_watches.send(true);
         };
-        let served = tonic::transport::Server::builder()
+        let served = self
+            .limits
+            .builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(listener), until)
+            .serve_with_incoming_shutdown(self.limits.incoming(listener), until)
             .await
             .map_err(std::io::Error::other);
         self.handle.send(node::Msg::Stop).ok();

@@ -24,6 +24,7 @@ fn config(dir: &std::path::Path) -> Config {
         imbalance_threshold: 1.25,
         load_timeout_secs: 120,
         raft_token: Some("members-only".into()),
+        limits: Default::default(),
     }
 }
 

@@ -69,6 +69,8 @@ pub struct Config {
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     pub device: switchyard_kernels::Device,
     #[command(flatten)]
+    pub limits: switchyard_proto::server::ConnectionLimits,
+    #[command(flatten)]
     pub faults: FaultFlags,
 }
 
@@ -181,11 +183,13 @@ impl ExpertNode {
             let _ = stop.send(true);
             tracing::info!("expert node shutting down");
         };
-        tonic::transport::Server::builder()
+        let limits = &self.config.limits;
+        limits
+            .builder()
             .initial_stream_window_size(switchyard_proto::DISPATCH_STREAM_WINDOW)
             .initial_connection_window_size(switchyard_proto::DISPATCH_CONNECTION_WINDOW)
             .add_service(server)
-            .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(listener), shutdown)
+            .serve_with_incoming_shutdown(limits.incoming(listener), shutdown)
             .await
             .map_err(std::io::Error::other)
     }

@@ -32,6 +32,7 @@ fn config(experts: &str, budget: Option<usize>) -> Config {
         memory_budget: budget,
         threads: Some(1),
         device: switchyard_kernels::Device::Cpu,
+        limits: Default::default(),
         faults: Default::default(),
     }
 }

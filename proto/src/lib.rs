@@ -11,7 +11,10 @@
 //! # Layout
 //! - [`v1`]: the generated messages, clients and servers.
 //! - [`tensor`]: `f32` rows ⇄ [`v1::Tensor`], with shape and dtype checks.
+//! - [`server`]: what every gRPC server accepts (connection limit, handshake deadline,
+//!   keepalives).
 
+pub mod server;
 pub mod tensor;
 
 #[allow(clippy::all, missing_docs)]
@@ -28,20 +31,6 @@ pub const MAX_DISPATCH_TOKENS: usize = 8192;
 /// stalls a decode batch of 16 tokens of width 1024 on every layer).
 pub const DISPATCH_STREAM_WINDOW: u32 = 64 << 20;
 pub const DISPATCH_CONNECTION_WINDOW: u32 = 128 << 20;
-
-/// Accepted connections of `listener` with Nagle's algorithm off. tonic's own `tcp_nodelay`
-/// applies only to sockets it binds itself; without this, a response that spans several TCP
-/// segments waits for the peer's delayed ACK (tens of milliseconds) on every dispatch.
-pub fn incoming_nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
-}
 
 /// The largest dispatch or partial-sum message for a model `hidden` wide, with room for the
 /// routes.

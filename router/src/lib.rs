@@ -104,12 +104,15 @@ pub struct Config {
     /// Fault injection for tests: the engine thread panics in this step (1 = the first).
     #[arg(long, env = "SWITCHYARD_FAULT_ENGINE_PANIC_AT_STEP", hide = true)]
     pub fault_engine_panic_at_step: Option<u64>,
+    #[command(flatten)]
+    pub limits: switchyard_proto::server::ConnectionLimits,
 }
 
 /// A started router, ready to serve.
 pub struct Router {
     service: RouterService,
     http: Arc<http::HttpState>,
+    limits: switchyard_proto::server::ConnectionLimits,
 }
 
 impl Router {
@@ -175,7 +178,7 @@ impl Router {
             cluster,
             model_type: spec.arch.model_type(),
         };
-        Ok(Router { service, http })
+        Ok(Router { service, http, limits: config.limits })
     }
 
     /// The name the HTTP API answers to.
@@ -215,10 +218,11 @@ impl Router {
             }
             reporter.set_not_serving::<RouterServer<RouterService>>().await;
         });
-        tonic::transport::Server::builder()
+        self.limits
+            .builder()
             .add_service(health)
             .add_service(RouterServer::new(self.service))
-            .serve_with_incoming_shutdown(switchyard_proto::incoming_nodelay(grpc), until(stopped))
+            .serve_with_incoming_shutdown(self.limits.incoming(grpc), until(stopped))
             .await
             .map_err(std::io::Error::other)?;
         if let Some(h) = http_server {
