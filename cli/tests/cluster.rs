@@ -30,6 +30,20 @@ fn run(args: &[String]) -> String {
     stdout_of(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// Fixture cases 0 and 2 through the router at `router`: byte for byte the single process's
+/// answer on `model`, and transformers' greedy tokens.
+fn answers_like_the_single_process_and_transformers(arch: &str, model: &str, router: &str) {
+    for case in [0, 2] {
+        let args = generate_args(arch, case, 20);
+        let local = run(&with(&args, &["--model", model]));
+        let remote = run(&with(&args, &["--router", router]));
+        assert_eq!(remote, local, "{arch} case {case}: the cluster differs from the single process");
+        let got: Value = serde_json::from_str(&remote).unwrap();
+        let ids: Vec<Value> = got["tokens"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect();
+        assert_eq!(&Value::from(ids), &expected(arch)["cases"][case]["tokens"], "{arch} case {case}");
+    }
+}
+
 #[test]
 fn three_expert_nodes_reproduce_the_single_process_engine_for_every_architecture() {
     for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"] {
@@ -45,16 +59,7 @@ fn three_expert_nodes_reproduce_the_single_process_engine_for_every_architecture
         assert_eq!(held.len(), total, "{arch}: an expert is on two nodes");
         assert!(nodes.iter().all(|n| n["state"] == "serving"));
 
-        for case in [0, 2] {
-            let args = generate_args(arch, case, 20);
-            let local = run(&with(&args, &["--model", &model]));
-            let remote = run(&with(&args, &["--router", &cluster.addr]));
-            assert_eq!(remote, local, "{arch} case {case}: the cluster differs from the single process");
-            let got: Value = serde_json::from_str(&remote).unwrap();
-            // ... and both are transformers' greedy tokens.
-            let ids: Vec<Value> = got["tokens"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect();
-            assert_eq!(&Value::from(ids), &expected(arch)["cases"][case]["tokens"], "{arch} case {case}");
-        }
+        answers_like_the_single_process_and_transformers(arch, &model, &cluster.addr);
         // Every node did work: the experts really are split.
         let status = cluster.status();
         for n in status["nodes"].as_array().unwrap() {
@@ -326,15 +331,7 @@ fn expert_nodes_serve_quantized_experts_packed() {
         let model = fixture(arch);
         // With coordinators, which count what each node holds from its heartbeats.
         let cluster = UpCluster::start_with(&["--model", &model, "--expert-nodes", "2"], &[]);
-        for case in [0, 2] {
-            let args = generate_args(arch, case, 20);
-            let local = run(&with(&args, &["--model", &model]));
-            let remote = run(&with(&args, &["--router", &cluster.addr]));
-            assert_eq!(remote, local, "{arch} case {case}: the cluster differs from the single process");
-            let got: Value = serde_json::from_str(&remote).unwrap();
-            let ids: Vec<Value> = got["tokens"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect();
-            assert_eq!(&Value::from(ids), &expected(arch)["cases"][case]["tokens"], "{arch} case {case}");
-        }
+        answers_like_the_single_process_and_transformers(arch, &model, &cluster.addr);
         // Each node holds its experts packed: the bytes it reports are the stored size.
         let (packed, dense) = quantized_expert_bytes(arch);
         assert!(packed < dense, "{arch}: {packed} packed bytes an expert vs {dense} dense");

@@ -103,6 +103,16 @@ fn linear_matches_cpu_on_the_kernel_and_cublas_paths() {
     }
 }
 
+/// `slots` random `[n, k]` experts in `format` (with biases if asked), slot 1 empty.
+fn expert_slots(format: Format, n: usize, k: usize, slots: usize, with_bias: bool) -> Vec<Option<Weight>> {
+    (0..slots)
+        .map(|e| {
+            let bias = with_bias.then(|| values(n, 40 + e as u64));
+            (e != 1).then(|| Weight::from_f32(format, n, k, &values(n * k, 20 + e as u64), bias).unwrap())
+        })
+        .collect()
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
 fn grouped_linear_matches_cpu_with_empty_slots_and_uneven_counts() {
@@ -114,12 +124,7 @@ fn grouped_linear_matches_cpu_with_empty_slots_and_uneven_counts() {
     let x = values(total * k, 5);
     for format in [Format::BF16, Format::F16, Format::F32] {
         for with_bias in [false, true] {
-            let slots: Vec<Option<Weight>> = (0..counts.len())
-                .map(|e| {
-                    let bias = with_bias.then(|| values(n, 40 + e as u64));
-                    (e != 1).then(|| Weight::from_f32(format, n, k, &values(n * k, 20 + e as u64), bias).unwrap())
-                })
-                .collect();
+            let slots = expert_slots(format, n, k, counts.len(), with_bias);
             let run = |b: &dyn Backend, x: &[f32], precision| {
                 let g =
                     b.group(slots.iter().map(|w| w.as_ref().map(|w| b.upload_weight(w).unwrap())).collect()).unwrap();
@@ -198,12 +203,7 @@ fn quantized_grouped_linear_matches_cpu() {
     for (format, n, k) in quantized_cases() {
         let x = values(total * k, 5);
         for with_bias in [false, true] {
-            let slots: Vec<Option<Weight>> = (0..counts.len())
-                .map(|e| {
-                    let bias = with_bias.then(|| values(n, 40 + e as u64));
-                    (e != 1).then(|| Weight::from_f32(format, n, k, &values(n * k, 20 + e as u64), bias).unwrap())
-                })
-                .collect();
+            let slots = expert_slots(format, n, k, counts.len(), with_bias);
             for precision in [Precision::F32, Precision::Bf16Products] {
                 let what = format!("grouped_linear {} [{n}, {k}], bias {with_bias}, {precision:?}", describe(format));
                 parity(&what, 1e-4, |b| {
