@@ -555,3 +555,56 @@ fn up_ends_with_the_failing_nodes_own_error() {
     let err = stderr_of_failure(&["up", "--model", model, "--http", "127.0.0.1:0", "--expert-nodes", "2"]);
     assert!(err.contains("expert-node-") && err.contains(victim) && err.contains("missing"), "{err}");
 }
+
+#[test]
+fn a_node_that_answers_wrongly_is_caught_on_probation_and_drained() {
+    let model = fixture("mixtral");
+    let cluster =
+        UpCluster::start_with(&["--model", &model, "--expert-nodes", "2", "--balance-interval-ms", "500"], &[]);
+    // A third node registers with the same coordinators; it adds 50 to every partial sum it
+    // answers (a rogue process, or a device that corrupts silently).
+    let mut procs = Procs::default();
+    let rogue_ready = procs.start(
+        "rogue",
+        &["expert-node", "--model", &model, "--coordinators", &cluster.coordinators],
+        &[("SWITCHYARD_FAULT_WRONG_ANSWERS", "50")],
+    );
+    let rogue_address = rogue_ready.rsplit(' ').next().unwrap().to_string();
+    let rogue_id = |s: &Value| {
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["address"] == rogue_address.as_str())
+            .map(|n| n["id"].as_u64().unwrap())
+    };
+    let mut status = Value::Null;
+    let placed = wait_until(Duration::from_secs(30), || {
+        status = cluster.coordinator_status();
+        rogue_id(&status).is_some_and(|id| placed_nodes(&status).contains(&id))
+    });
+    assert!(placed, "the coordinators never gave the new node experts: {status:#}");
+    let rogue = rogue_id(&status).unwrap();
+
+    // The router follows the placement; without traffic, nothing has been checked yet.
+    let mut router = Value::Null;
+    let on_probation = wait_until(Duration::from_secs(20), || {
+        router = cluster.status();
+        let nodes = router["nodes"].as_array().unwrap();
+        nodes.iter().any(|n| n["address"] == rogue_address.as_str() && n["state"] == "on probation")
+    });
+    assert!(on_probation, "the router does not hold the new node on probation: {router:#}");
+
+    // Its answers never reach a user: every request is the single process's, token for token,
+    // while the router's canary checks catch it, refuse it and have the coordinators drain it
+    // (nothing else drains a node here).
+    let prompts: Vec<String> = (0..3).map(prompt).collect();
+    let drained = wait_until(Duration::from_secs(30), || {
+        check_clients(start_clients(&cluster.addr, &prompts, 24), &model, &prompts, 24);
+        status = cluster.coordinator_status();
+        node_state(&status, rogue) == "draining" && !placed_nodes(&status).contains(&rogue)
+    });
+    assert!(drained, "the node that answers wrongly was not refused and drained: {status:#}");
+    check_clients(start_clients(&cluster.addr, &prompts, 24), &model, &prompts, 24);
+    cluster.stop();
+}

@@ -83,6 +83,9 @@ pub struct Faults {
     pub panic_at_dispatch: Option<u64>,
     /// Answer this dispatch (1 = the first) as a device out of memory would.
     pub oom_at_dispatch: Option<u64>,
+    /// Add this to every partial sum: a node that answers wrongly without an error (silent
+    /// data corruption, or a rogue process).
+    pub wrong_answers: Option<f32>,
 }
 
 enum Job {
@@ -254,6 +257,14 @@ impl Worker {
             let bytes = request.activations.as_ref().map_or(0, |t| t.data.len());
             return Err(KernelError::OutOfMemory { op: "injected fault", device, bytes }.into());
         }
-        self.store.dispatch(request)
+        let mut answer = self.store.dispatch(request)?;
+        if let Some(offset) = f.wrong_answers {
+            let hidden = self.store.catalog().spec().hidden_size;
+            let (sums, _) = switchyard_proto::tensor::to_f32(Some(&answer), "partial sums", hidden)
+                .map_err(|e| NodeError::Placement(e.to_string()))?;
+            let wrong: Vec<f32> = sums.iter().map(|v| v + offset).collect();
+            answer = switchyard_proto::tensor::from_f32(&wrong, hidden);
+        }
+        Ok(answer)
     }
 }

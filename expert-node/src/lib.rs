@@ -86,6 +86,9 @@ pub struct FaultFlags {
     /// This dispatch (1 = the first) fails as a device out of memory would.
     #[arg(long, env = "SWITCHYARD_FAULT_OOM_AT_DISPATCH", hide = true)]
     pub fault_oom_at_dispatch: Option<u64>,
+    /// Add this to every partial sum the node answers (a node that is silently wrong).
+    #[arg(long, env = "SWITCHYARD_FAULT_WRONG_ANSWERS", hide = true)]
+    pub fault_wrong_answers: Option<f32>,
 }
 
 impl FaultFlags {
@@ -94,6 +97,7 @@ impl FaultFlags {
             dispatch_delay: Duration::from_millis(self.fault_dispatch_delay_ms),
             panic_at_dispatch: self.fault_panic_at_dispatch,
             oom_at_dispatch: self.fault_oom_at_dispatch,
+            wrong_answers: self.fault_wrong_answers,
         }
     }
 }

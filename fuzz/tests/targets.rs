@@ -167,12 +167,11 @@ fn raft_messages() {
         m.index = 41;
         m.commit = 40;
         let entries: Vec<Entry> = (0..entries)
-            .map(|i| {
-                let mut e = Entry::default();
-                e.term = 7;
-                e.index = 42 + i;
-                e.data = format!(r#"{{"Drain":{{"node":{i}}}}}"#).into_bytes().into();
-                e
+            .map(|i| Entry {
+                term: 7,
+                index: 42 + i,
+                data: format!(r#"{{"Drain":{{"node":{i}}}}}"#).into_bytes().into(),
+                ..Default::default()
             })
             .collect();
         m.set_entries(entries.into());

@@ -61,6 +61,26 @@ pub struct Node {
     round_trip_micros: AtomicU64,
     /// Rows answered since the last load report to the coordinators.
     unreported_rows: AtomicU64,
+    /// Whether its answers may be used alone; see [`Node::trust`].
+    proven: AtomicBool,
+    /// Canary checks its answers passed so far.
+    checks_passed: AtomicU64,
+    /// Why it gets no more dispatches: its answers disagreed with another replica's.
+    refused: Mutex<Option<String>>,
+    /// A canary check of it is under way (one at a time).
+    pub checking: AtomicBool,
+}
+
+/// How far the router trusts a node's answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trust {
+    /// Its answers are used.
+    Proven,
+    /// New to this router: another replica answers for it while a sample of its answers is
+    /// compared with that replica's.
+    OnProbation { checks_passed: u64 },
+    /// Its answers disagreed with another replica's: it gets no dispatches.
+    Refused(String),
 }
 
 /// A snapshot of one node for `ClusterStatus`.
@@ -75,7 +95,8 @@ pub struct NodeView {
 }
 
 impl Node {
-    fn new(address: &str) -> Self {
+    /// A node whose answers are used from the start (`proven`) or only once checked.
+    fn new(address: &str, proven: bool) -> Self {
         Node {
             address: address.to_string(),
             id: AtomicU64::new(0),
@@ -86,7 +107,38 @@ impl Node {
             dispatches: AtomicU64::new(0),
             round_trip_micros: AtomicU64::new(0),
             unreported_rows: AtomicU64::new(0),
+            proven: AtomicBool::new(proven),
+            checks_passed: AtomicU64::new(0),
+            refused: Mutex::new(None),
+            checking: AtomicBool::new(false),
         }
+    }
+
+    pub fn trust(&self) -> Trust {
+        if let Some(why) = self.refused.lock().expect("refused lock").clone() {
+            return Trust::Refused(why);
+        }
+        if self.proven.load(Ordering::Relaxed) {
+            Trust::Proven
+        } else {
+            Trust::OnProbation { checks_passed: self.checks_passed.load(Ordering::Relaxed) }
+        }
+    }
+
+    /// Records a canary check its answer passed; after `needed` of them it is proven.
+    pub fn passed_check(&self, needed: u64) {
+        let passed = self.checks_passed.fetch_add(1, Ordering::Relaxed) + 1;
+        if passed >= needed && !self.proven.swap(true, Ordering::Relaxed) {
+            tracing::info!(node = %self.address, checks = passed, "expert node's answers agree with other replicas: it now serves alone");
+        }
+    }
+
+    /// Stops using the node: its answers are wrong.
+    pub fn refuse(&self, why: String) {
+        tracing::error!(node = %self.address, "expert node refused: {why}");
+        self.proven.store(false, Ordering::Relaxed);
+        *self.refused.lock().expect("refused lock") = Some(why.clone());
+        self.link.lock().expect("link lock").last_error = Some(why);
     }
 
     pub fn is_up(&self) -> bool {
@@ -96,6 +148,9 @@ impl Node {
     /// The experts of `layer` this node holds, if it is reachable now (one lock, for planning
     /// a whole layer).
     pub fn serving_experts(&self, layer: u32) -> Option<Vec<u32>> {
+        if self.refused.lock().expect("refused lock").is_some() {
+            return None;
+        }
         let link = self.link.lock().expect("link lock");
         link.stream.as_ref()?;
         Some(link.holds.iter().filter(|x| x.layer == layer).map(|x| x.expert).collect())
@@ -233,6 +288,11 @@ pub struct Cluster {
     /// Whether the placement comes from the coordinators.
     pub coordinated: bool,
     pub load: LoadCounters,
+    /// Canary checks a node added after the first placement must pass before its answers are
+    /// used alone (0: none).
+    pub canary_checks: u64,
+    /// Where a node whose answers are wrong is reported (drained).
+    coordinators: Option<switchyard_coordinator::client::Client>,
 }
 
 /// How often a coordinated router reports its load to the coordinators.
@@ -241,13 +301,31 @@ const LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(500);
 const CONNECT_NEW_NODES: Duration = Duration::from_secs(2);
 
 impl Cluster {
-    fn new(nodes: Vec<Arc<Node>>, epoch: u64, coordinated: bool) -> Self {
+    fn new(nodes: Vec<Arc<Node>>, epoch: u64, coordinators: Option<switchyard_coordinator::client::Client>) -> Self {
         Cluster {
             nodes: RwLock::new(Arc::new(nodes)),
             epoch: watch::channel(epoch).0,
-            coordinated,
+            coordinated: coordinators.is_some(),
             load: LoadCounters::default(),
+            canary_checks: 0,
+            coordinators,
         }
+    }
+
+    /// Stops dispatching to `node` (its answers are wrong) and asks the coordinators to drain
+    /// it, so its experts move to other nodes.
+    pub fn refuse(&self, node: &Node, why: String) {
+        node.refuse(why);
+        let Some(client) = self.coordinators.clone() else { return };
+        let address = node.address.clone();
+        tokio::spawn(async move {
+            match client.drain(address.clone()).await {
+                Ok(id) => {
+                    tracing::warn!(node = id, %address, "asked the coordinators to drain the refused expert node")
+                }
+                Err(status) => tracing::error!(%address, "cannot drain the refused expert node: {}", status.message()),
+            }
+        });
     }
 
     /// The nodes now (a snapshot: plan a whole layer on one).
@@ -272,7 +350,8 @@ impl Cluster {
         if addresses.is_empty() {
             return Err(RouterError::Config("no expert nodes given (--expert-nodes)".into()));
         }
-        let nodes: Vec<Arc<Node>> = addresses.iter().map(|a| Arc::new(Node::new(a))).collect();
+        // The nodes the operator names are trusted.
+        let nodes: Vec<Arc<Node>> = addresses.iter().map(|a| Arc::new(Node::new(a, true))).collect();
         let (first, mut answered) = mpsc::channel(nodes.len());
         for node in &nodes {
             tokio::spawn(supervise(node.clone(), spec.clone(), Some(first.clone()), false));
@@ -294,19 +373,24 @@ impl Cluster {
                 }
             }
         }
-        let cluster = Cluster::new(nodes, crate::STATIC_EPOCH, false);
+        let cluster = Cluster::new(nodes, crate::STATIC_EPOCH, None);
         cluster.check_coverage(spec)?;
         Ok(Arc::new(cluster))
     }
 
     /// Follows the coordinators' placement: waits, at most `wait`, for an active epoch, then
     /// keeps switching to each new one and reports the router's load to the coordinators.
+    /// The nodes of the first placement are trusted; a node a later epoch adds is on probation
+    /// for `canary_checks` checks.
     pub async fn follow(
         client: switchyard_coordinator::client::Client,
         spec: &ModelSpec,
         wait: Duration,
+        canary_checks: u64,
     ) -> Result<Arc<Self>, RouterError> {
-        let cluster = Arc::new(Cluster::new(Vec::new(), 0, true));
+        let mut cluster = Cluster::new(Vec::new(), 0, Some(client.clone()));
+        cluster.canary_checks = canary_checks;
+        let cluster = Arc::new(cluster);
         let mut placements = client.watch();
         let deadline = tokio::time::Instant::now() + wait;
         let first = loop {
@@ -369,7 +453,8 @@ impl Cluster {
             let node = match current.iter().find(|n| n.address == address) {
                 Some(n) => n.clone(),
                 None => {
-                    let node = Arc::new(Node::new(address));
+                    let proven = self.epoch() == 0 || self.canary_checks == 0;
+                    let node = Arc::new(Node::new(address, proven));
                     tokio::spawn(supervise(node.clone(), spec.clone(), None, true));
                     added.push(node.clone());
                     node

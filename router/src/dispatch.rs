@@ -4,6 +4,11 @@
 //! adds the partial sums. A node that times out, vanishes, no longer holds an expert or runs
 //! out of device memory gets its share re-sent to another replica; only an invalid dispatch,
 //! or an expert without a reachable replica, fails the layer.
+//!
+//! A node on probation (new to the router, see [`crate::cluster::Trust`]) answers for an
+//! expert only where no proven replica holds it; meanwhile a canary check sends it and a
+//! proven replica the same rows of one expert and compares the partial sums. Agreeing checks
+//! prove it; one disagreement refuses it for good.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,11 +27,16 @@ use tonic::Code;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::cluster::{Cluster, Node};
+use crate::cluster::{Cluster, Node, Trust};
 
 /// How often a step with an expert that has no reachable replica looks again, while the
 /// coordinators re-place it.
 const REPLAN_POLL: Duration = Duration::from_millis(20);
+
+/// How far a node on probation may differ from a proven replica (the largest difference over
+/// the largest magnitude, plus one): summation orders differ between devices, wrong answers
+/// differ by far more.
+const CANARY_TOLERANCE: f32 = 1e-2;
 
 /// Round trips of whole layers (all nodes of one layer, in parallel).
 #[derive(Default)]
@@ -98,6 +108,7 @@ impl RemoteExperts {
         }
         // Each node's state read once for the whole layer.
         let serving: Vec<Option<Vec<u32>>> = nodes.iter().map(|n| n.serving_experts(layer as u32)).collect();
+        let proven: Vec<bool> = nodes.iter().map(|n| n.trust() == Trust::Proven).collect();
         let mut load = vec![0usize; nodes.len()];
         let mut plan: BTreeMap<usize, Vec<Assignment>> = BTreeMap::new();
         // Busiest experts first (longest-processing-time order), so the big shares spread and
@@ -115,6 +126,10 @@ impl RemoteExperts {
             if candidates.is_empty() {
                 return Err(self.unavailable(nodes, layer, expert));
             }
+            // Nodes on probation answer only where no proven replica can.
+            if candidates.iter().any(|&n| proven[n]) {
+                candidates.retain(|&n| proven[n]);
+            }
             // Rotate ties by expert so equal replicas share the experts.
             let rotate = |n: usize| (n + nodes.len() - expert as usize % nodes.len()) % nodes.len();
             candidates.sort_by_key(|&n| (load[n], rotate(n)));
@@ -129,6 +144,62 @@ impl RemoteExperts {
             }
         }
         Ok(plan)
+    }
+
+    /// Starts a canary check of each node on probation that holds one of this layer's routed
+    /// experts beside a proven replica (one check per node at a time): both get that expert's
+    /// rows, and their partial sums are compared off the step's path.
+    fn check_probation(
+        &self,
+        nodes: &Arc<Vec<Arc<Node>>>,
+        layer: usize,
+        x: &[f32],
+        hidden: usize,
+        routes: &[Assignment],
+        epoch: u64,
+    ) {
+        let held = |n: &Node| n.serving_experts(layer as u32).unwrap_or_default();
+        for node in nodes.iter().filter(|n| matches!(n.trust(), Trust::OnProbation { .. })) {
+            let mine = held(node);
+            let pair = routes.iter().map(|a| a.expert).filter(|e| mine.contains(e)).find_map(|e| {
+                let reference = nodes.iter().find(|t| t.trust() == Trust::Proven && held(t).contains(&e))?;
+                Some((e, reference.clone()))
+            });
+            let Some((expert, reference)) = pair else { continue };
+            if node.checking.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let sample = share(routes.iter().filter(|a| a.expert == expert).copied().collect());
+            let req = request(x, hidden, &sample, epoch, layer);
+            let (cluster, node, timeout) = (self.cluster.clone(), node.clone(), self.timeout);
+            self.runtime.spawn(async move {
+                let (got, want) = tokio::join!(node.dispatch(req.clone(), timeout), reference.dispatch(req, timeout));
+                let sums = |answer: Result<switchyard_proto::v1::DispatchResponse, tonic::Status>| match answer
+                    .ok()?
+                    .result?
+                {
+                    dispatch_response::Result::Partial(t) => tensor::to_f32(Some(&t), "partial sums", hidden).ok(),
+                    dispatch_response::Result::Error(_) => None,
+                };
+                // An answer missing on either side is no evidence either way.
+                if let (Some((got, _)), Some((want, _))) = (sums(got.1), sums(want.1)) {
+                    match disagreement(&got, &want) {
+                        Some(d) if d <= CANARY_TOLERANCE => node.passed_check(cluster.canary_checks),
+                        d => cluster.refuse(
+                            &node,
+                            format!(
+                                "its partial sums for layer {layer} expert {expert} differ from {}'s ({})",
+                                reference.address,
+                                d.map_or("a different number of rows".into(), |d| format!(
+                                    "relative difference {d:.2e}"
+                                ))
+                            ),
+                        ),
+                    }
+                }
+                node.checking.store(false, Ordering::Release);
+            });
+        }
     }
 
     fn unavailable(&self, nodes: &[Arc<Node>], layer: usize, expert: u32) -> ModelError {
@@ -160,6 +231,9 @@ impl RemoteExperts {
         let mut nodes = self.cluster.nodes();
         let mut epoch = self.cluster.epoch();
         count_routed(&self.cluster, layer, &todo);
+        if self.cluster.canary_checks > 0 {
+            self.check_probation(&nodes, layer, x, hidden, &todo, epoch);
+        }
         while !todo.is_empty() {
             let plan = match self.plan(&nodes, layer, &todo, &excluded) {
                 Ok(plan) => plan,
@@ -181,18 +255,7 @@ impl RemoteExperts {
             let mut calls = JoinSet::new();
             for (n, routes) in plan {
                 let share = share(routes);
-                // `share.tokens` is sorted: a route's row in the message is its token's rank.
-                let local = |t: u32| share.tokens.binary_search(&t).expect("every routed token is in the share") as u32;
-                let mut req = DispatchRequest {
-                    id: 0,
-                    epoch,
-                    layer: layer as u32,
-                    activations: Some(tensor::from_rows(x, hidden, &share.tokens)),
-                    tokens: share.routes.iter().map(|a| local(a.token)).collect(),
-                    experts: share.routes.iter().map(|a| a.expert).collect(),
-                    weights: share.routes.iter().map(|a| a.weight).collect(),
-                    trace_context: Default::default(),
-                };
+                let mut req = request(x, hidden, &share, epoch, layer);
                 let node = nodes[n].clone();
                 let timeout = self.timeout;
                 let span = tracing::info_span!(
@@ -291,6 +354,36 @@ fn count_routed(cluster: &Cluster, layer: usize, routes: &[Assignment]) {
         ::metrics::counter!(crate::metric_names::ROUTED_TOKENS, "layer" => layer.to_string(), "expert" => expert.to_string())
             .increment(n);
     }
+}
+
+/// The dispatch of `share`'s rows of `x` and its routes.
+fn request(x: &[f32], hidden: usize, share: &Share, epoch: u64, layer: usize) -> DispatchRequest {
+    // `share.tokens` is sorted: a route's row in the message is its token's rank.
+    let local = |t: u32| share.tokens.binary_search(&t).expect("every routed token is in the share") as u32;
+    DispatchRequest {
+        id: 0,
+        epoch,
+        layer: layer as u32,
+        activations: Some(tensor::from_rows(x, hidden, &share.tokens)),
+        tokens: share.routes.iter().map(|a| local(a.token)).collect(),
+        experts: share.routes.iter().map(|a| a.expert).collect(),
+        weights: share.routes.iter().map(|a| a.weight).collect(),
+        trace_context: Default::default(),
+    }
+}
+
+/// The largest difference between `got` and `want` over one plus `want`'s largest magnitude;
+/// `None` when their lengths differ. A NaN anywhere counts as infinitely different.
+fn disagreement(got: &[f32], want: &[f32]) -> Option<f32> {
+    if got.len() != want.len() {
+        return None;
+    }
+    let scale = 1.0 + want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(want).fold(0.0f32, |m, (a, b)| {
+        let d = (a - b).abs();
+        if d.is_nan() { f32::INFINITY } else { m.max(d) }
+    });
+    Some(worst / scale)
 }
 
 /// The distinct rows of `routes` (ascending) and the routes themselves.

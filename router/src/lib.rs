@@ -104,6 +104,12 @@ pub struct Config {
     /// Fault injection for tests: the engine thread panics in this step (1 = the first).
     #[arg(long, env = "SWITCHYARD_FAULT_ENGINE_PANIC_AT_STEP", hide = true)]
     pub fault_engine_panic_at_step: Option<u64>,
+    /// With coordinators: an expert node that a later placement adds is on probation until
+    /// this many samples of its answers agree with another replica's (another replica answers
+    /// for it meanwhile); one that disagrees gets no more dispatches and is drained. 0: trust
+    /// every node.
+    #[arg(long, env = "SWITCHYARD_CANARY_CHECKS", default_value_t = 3)]
+    pub canary_checks: u64,
     #[command(flatten)]
     pub limits: switchyard_proto::server::ConnectionLimits,
 }
@@ -135,7 +141,7 @@ impl Router {
         } else {
             let client =
                 switchyard_coordinator::client::Client::new(&config.coordinators).map_err(RouterError::Config)?;
-            Cluster::follow(client, &spec, wait).await?
+            Cluster::follow(client, &spec, wait, config.canary_checks).await?
         };
         let experts = RemoteExperts::new(
             cluster.clone(),

@@ -80,9 +80,15 @@ impl Router for RouterService {
             .iter()
             .map(|n| {
                 let v = n.view();
+                let state = match (n.trust(), v.serving) {
+                    (crate::cluster::Trust::Refused(_), _) => "refused",
+                    (_, false) => "unreachable",
+                    (crate::cluster::Trust::OnProbation { .. }, true) => "on probation",
+                    (crate::cluster::Trust::Proven, true) => "serving",
+                };
                 ExpertNodeInfo {
                     address: v.address,
-                    state: if v.serving { "serving" } else { "unreachable" }.to_string(),
+                    state: state.to_string(),
                     experts: v.holds,
                     last_error: v.last_error.unwrap_or_default(),
                     dispatches: v.dispatches,
