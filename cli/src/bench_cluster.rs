@@ -6,7 +6,10 @@
 //!   failed meanwhile (target: under 3 s, none);
 //! - balance: clients send prompts drawn from a Zipf distribution (a few prompts, and so a few
 //!   experts, take most of the traffic); reports the max/mean node load the leader measured
-//!   before its rebalance and the same measure after it.
+//!   before its rebalance and the same measure after it;
+//! - a node that answers wrongly: under load, an expert node that adds 50 to every partial sum
+//!   registers; reports the time until it holds experts and until it is refused and drained,
+//!   and the answers that differed from the cluster's answers before it came (target: none).
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use switchyard_coordinator::client::Client;
-use switchyard_coordinator::convert::{active, epoch_state_name};
+use switchyard_coordinator::convert::{active, epoch_state_name, node_state_name};
 use switchyard_proto::v1::{ClusterStatusRequest, CoordinatorStatus};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -133,61 +136,86 @@ impl Up {
     }
 }
 
-/// Clients sending completions until stopped; counts successes and failures.
+/// Clients sending completions until stopped; counts successes and failures, and, given the
+/// expected text of each prompt, answers that differ from it.
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    wrong: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// One greedy completion of `prompt` (`ignore_eos`, `max_tokens` tokens) from the server at
+/// `base` serving `model`: its text.
+async fn complete(http: &Http, base: &str, model: &str, prompt: &str, max_tokens: usize) -> Result<String> {
+    let body =
+        json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
+    let req = hyper::Request::post(format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let resp = http.request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{status} {}", String::from_utf8_lossy(&body));
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok(answer["choices"][0]["text"].as_str().context("no text in the answer")?.to_string())
 }
 
 impl Load {
     fn start(up: &Up, args: &Args, zipf: Option<f64>) -> Load {
+        Self::start_checked(up, args, zipf, None)
+    }
+
+    /// [`Load::start`], counting answers that differ from `expected[prompt]`.
+    fn start_checked(up: &Up, args: &Args, zipf: Option<f64>, expected: Option<Arc<Vec<String>>>) -> Load {
         let http: Http = HttpClient::builder(TokioExecutor::new()).build_http();
         let (stop, ok, failed): (Arc<AtomicBool>, Arc<AtomicU64>, Arc<AtomicU64>) = Default::default();
+        let wrong: Arc<AtomicU64> = Default::default();
         let weights: Vec<f64> = (1..=PROMPTS.len()).map(|k| 1.0 / (k as f64).powf(zipf.unwrap_or(0.0))).collect();
         let tasks = (0..args.clients)
             .map(|c| {
-                let (http, url, stop, ok, failed) =
-                    (http.clone(), format!("{}/v1/completions", up.http), stop.clone(), ok.clone(), failed.clone());
-                let (weights, max_tokens, model) = (weights.clone(), args.max_tokens, up.model.clone());
+                let (http, stop, ok, failed, wrong) =
+                    (http.clone(), stop.clone(), ok.clone(), failed.clone(), wrong.clone());
+                let (weights, max_tokens, expected) = (weights.clone(), args.max_tokens, expected.clone());
+                let (base, model) = (up.http.clone(), up.model.clone());
                 tokio::spawn(async move {
                     let mut rng = switchyard_model::sampling::Rng::new(c as u64 + 1);
                     while !stop.load(Ordering::Relaxed) {
-                        let prompt = PROMPTS[pick(&weights, rng.next_f64())];
-                        let body =
-                            json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
-                        let req = hyper::Request::post(&url)
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body.to_string())))
-                            .expect("a valid request");
-                        let done = match http.request(req).await {
-                            Ok(resp) if resp.status().is_success() => resp.into_body().collect().await.is_ok(),
-                            Ok(resp) => {
-                                let status = resp.status();
-                                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                                tracing::warn!("request failed: {status} {}", String::from_utf8_lossy(&body));
-                                false
+                        let p = pick(&weights, rng.next_f64());
+                        match complete(&http, &base, &model, PROMPTS[p], max_tokens).await {
+                            Ok(text) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                if expected.as_ref().is_some_and(|e| e[p] != text) {
+                                    wrong.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                             Err(e) => {
-                                tracing::warn!("request failed: {e}");
-                                false
+                                tracing::warn!("request failed: {e:#}");
+                                failed.fetch_add(1, Ordering::Relaxed);
                             }
-                        };
-                        if done { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 })
             })
             .collect();
-        Load { stop, ok, failed, tasks }
+        Load { stop, ok, failed, wrong, tasks }
     }
 
     async fn finish(self) -> (u64, u64) {
+        let (ok, failed, _) = self.finish_checked().await;
+        (ok, failed)
+    }
+
+    /// Stops the clients: requests that succeeded, failed, and answered wrongly.
+    async fn finish_checked(self) -> (u64, u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             let _ = t.await;
         }
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), self.wrong.load(Ordering::Relaxed))
     }
 }
 
@@ -327,10 +355,77 @@ async fn balance(args: &Args) -> Result<BalanceRow> {
     Ok(BalanceRow { before, after: after.iter().sum::<f64>() / after.len() as f64, predicted, to_rebalance })
 }
 
+struct RogueRow {
+    to_placed: Duration,
+    to_drained: Duration,
+    ok: u64,
+    failed: u64,
+    wrong: u64,
+}
+
+/// Under load, an expert node that adds 50 to every partial sum registers with the
+/// coordinators; times its placement and its refusal, and counts wrong answers.
+async fn rogue_node(args: &Args) -> Result<RogueRow> {
+    let up = Up::start(args, &["--balance-interval-ms", "500"]).await?;
+    let http: Http = HttpClient::builder(TokioExecutor::new()).build_http();
+    let mut expected = Vec::new();
+    for prompt in PROMPTS {
+        expected.push(complete(&http, &up.http, &up.model, prompt, args.max_tokens).await?);
+    }
+    let load = Load::start_checked(&up, args, None, Some(Arc::new(expected)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => crate::up::embedded_model()?,
+    };
+    let coordinators = up.coordinators.addresses().join(",");
+    let mut rogue = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["expert-node", "--listen", "127.0.0.1:0", "--coordinators", &coordinators, "--model"])
+        .arg(&model)
+        .env("SWITCHYARD_FAULT_WRONG_ANSWERS", "50")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the rogue expert node")?;
+    let mut lines = BufReader::new(rogue.stdout.take().context("no stdout")?).lines();
+    let address = loop {
+        match lines.next_line().await? {
+            Some(line) if line.starts_with("ready: ") => break line.rsplit(' ').next().unwrap_or_default().to_string(),
+            Some(_) => {}
+            None => bail!("the rogue expert node exited before it was ready"),
+        }
+    };
+    let started = Instant::now();
+    let mut to_placed = None;
+    let to_drained = loop {
+        let placement = up.status().await?.placement.unwrap_or_default();
+        let node = placement.nodes.iter().find(|n| n.address == address);
+        let placed =
+            node.is_some_and(|n| active(&placement).is_some_and(|(_, a)| a.values().flatten().any(|&x| x == n.id)));
+        if placed && to_placed.is_none() {
+            to_placed = Some(started.elapsed());
+        }
+        let draining = node.is_some_and(|n| node_state_name(n.state) == "draining");
+        if to_placed.is_some() && draining && !placed {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the rogue node was not {} within 60 s", if to_placed.is_some() { "drained" } else { "placed" });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, failed, wrong) = load.finish_checked().await;
+    let _ = rogue.kill().await;
+    up.stop().await;
+    Ok(RogueRow { to_placed: to_placed.unwrap_or_default(), to_drained, ok, failed, wrong })
+}
+
 pub fn run(args: Args) -> Result<()> {
     let rt = crate::launch::runtime()?;
     let progress = Progress::new("measuring");
-    let steps = args.replicas.len() + 2;
+    let steps = args.replicas.len() + 3;
     let mut rows = Vec::new();
     for (i, &r) in args.replicas.iter().enumerate() {
         progress.update(i, steps);
@@ -352,6 +447,8 @@ pub fn run(args: Args) -> Result<()> {
     println!("| {:.2} s | {} | {} |", leader.to_leader.as_secs_f64(), leader.ok, leader.failed);
     println!();
     let balanced = rt.block_on(balance(&args))?;
+    progress.update(args.replicas.len() + 2, steps);
+    let rogue = rt.block_on(rogue_node(&args))?;
     progress.finish();
     println!(
         "Balance: Zipf({}) over {} prompts, {} clients, 1 replica to start",
@@ -367,6 +464,20 @@ pub fn run(args: Args) -> Result<()> {
         balanced.after,
         balanced.predicted,
         balanced.to_rebalance.as_secs_f64()
+    );
+    println!();
+    println!("A node that answers wrongly (adds 50 to every partial sum) joins under {} clients", args.clients);
+    println!(
+        "| ready -> holds experts | ready -> refused and drained | requests ok | requests failed | wrong answers |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:.2} s | {:.2} s | {} | {} | {} |",
+        rogue.to_placed.as_secs_f64(),
+        rogue.to_drained.as_secs_f64(),
+        rogue.ok,
+        rogue.failed,
+        rogue.wrong
     );
     Ok(())
 }

@@ -361,7 +361,7 @@ fn run_cluster(
 
 /// The embedded default model: a small MoE trained on Python (tools/train_code_model.py),
 /// kept in the repository beside this crate.
-fn embedded_model() -> Result<PathBuf> {
+pub(crate) fn embedded_model() -> Result<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/switchyard-code-moe");
     match dir.canonicalize() {
         Ok(dir) if dir.join("config.json").exists() => Ok(dir),
