@@ -374,3 +374,32 @@ def test_incremental_text_equals_decoding_all_tokens_at_once(qwen):
         body = json.dumps({"model": MODEL, "tokens": ids}).encode()
         req = urllib.request.Request(qwen.http + "/detokenize", data=body, headers={"content-type": "application/json"})
         assert r.choices[0].text == json.loads(urllib.request.urlopen(req).read())["prompt"]
+
+
+def test_fields_are_honoured_or_refused_by_name(qwen):
+    c = qwen.client()
+    # Fields that cannot change the answer, and unimplemented ones at their neutral value.
+    plain = c.completions.create(model=MODEL, prompt="def f(x):", max_tokens=6, temperature=0)
+    same = c.completions.create(
+        model=MODEL, prompt="def f(x):", max_tokens=6, temperature=0, user="u1", presence_penalty=0,
+        frequency_penalty=0, logit_bias={}, best_of=1, extra_body={"metadata": {"team": "a"}},
+    )
+    assert same.choices[0].text == plain.choices[0].text
+    # Anything else is a 400 that names the field, never silently ignored.
+    for kwargs, field in [
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"5": 100}}, "logit_bias"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "return x"}, "suffix"),
+        ({"extra_body": {"temprature": 0.2}}, "temprature"),
+        ({"extra_body": {"min_p": 0.1}}, "min_p"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=MODEL, prompt="x", max_tokens=1, **kwargs)
+        assert f"`{field}`" in e.value.message, (field, e.value.message)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+            response_format={"type": "json_object"},
+        )
+    assert "`response_format`" in e.value.message
