@@ -182,8 +182,12 @@ fn an_over_limit_tenant_is_refused_before_its_prompt_is_tokenized() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(tokenized(), 1.0);
     for prompt in [json!("hello again"), json!("x".repeat(8000))] {
-        let (code, body) =
-            post(&http, "/v1/completions", once, &json!({"model": "mixtral", "prompt": prompt.clone(), "max_tokens": 1}));
+        let (code, body) = post(
+            &http,
+            "/v1/completions",
+            once,
+            &json!({"model": "mixtral", "prompt": prompt.clone(), "max_tokens": 1}),
+        );
         assert_eq!(code, 429, "{body}");
         let chat = json!({"model": "mixtral", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1});
         assert_eq!(post(&http, "/v1/chat/completions", once, &chat).0, 429);

@@ -127,7 +127,7 @@ async fn start(
         Some(tenant) => {
             let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
             let reserved = tenant.admit(&lengths, n, params.max_tokens).map_err(|e| ApiError::over_limit(tenant, e))?;
-            reserved.into_iter().map(Some).collect()
+            reserved.into_iter().map(Some).collect::<Vec<_>>()
         }
         None => Vec::new(),
     }

@@ -220,7 +220,8 @@ pub async fn serve(
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = stopping.wait_for(|&s| s) => {
+                // (The guard wait_for returns is not Send: dropped inside.)
+                () = async { drop(stopping.wait_for(|&s| s).await) } => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
