@@ -73,6 +73,19 @@ pub struct Args {
     /// Passed to the router: tenants with API keys and limits (TOML).
     #[arg(long, env = "SWITCHYARD_TENANTS")]
     tenants: Option<PathBuf>,
+    /// Passed to the router: bytes of prompt one request may send at most.
+    #[arg(long, env = "SWITCHYARD_MAX_PROMPT_BYTES")]
+    max_prompt_bytes: Option<String>,
+    /// Passed to the router: prompts tokenized at once (default: one per core).
+    #[arg(long, env = "SWITCHYARD_TOKENIZER_THREADS")]
+    tokenizer_threads: Option<usize>,
+    /// Passed to the router: seconds a client has to send request headers (and a
+    /// keep-alive connection may idle).
+    #[arg(long, env = "SWITCHYARD_HTTP_HEADER_TIMEOUT_SECS")]
+    http_header_timeout_secs: Option<f64>,
+    /// Passed to the router: HTTP connections open at once at most.
+    #[arg(long, env = "SWITCHYARD_HTTP_MAX_CONNECTIONS")]
+    http_max_connections: Option<usize>,
     /// Passed to the router: requests waiting for a slot at most.
     #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 1024)]
     max_queue: usize,
@@ -324,6 +337,17 @@ fn run_cluster(
             router_args.extend(otlp.iter().cloned());
             if let Some(t) = &args.tenants {
                 router_args.extend(["--tenants".to_string(), t.display().to_string()]);
+            }
+            let passed = [
+                ("--max-prompt-bytes", args.max_prompt_bytes.clone()),
+                ("--tokenizer-threads", args.tokenizer_threads.map(|n| n.to_string())),
+                ("--http-header-timeout-secs", args.http_header_timeout_secs.map(|s| s.to_string())),
+                ("--http-max-connections", args.http_max_connections.map(|n| n.to_string())),
+            ];
+            for (flag, value) in passed {
+                if let Some(v) = value {
+                    router_args.extend([flag.to_string(), v]);
+                }
             }
             let mut router = Proc::spawn("router", &router_args, out)?;
             let addr = router.ready_while(&mut children, START_TIMEOUT).await?;

@@ -293,6 +293,9 @@ pub struct Cluster {
     pub canary_checks: u64,
     /// Where a node whose answers are wrong is reported (drained).
     coordinators: Option<switchyard_coordinator::client::Client>,
+    /// The model's MoE layers and experts per layer: what must be served.
+    moe_layers: Vec<u32>,
+    num_experts: usize,
 }
 
 /// How often a coordinated router reports its load to the coordinators.
@@ -301,7 +304,16 @@ const LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(500);
 const CONNECT_NEW_NODES: Duration = Duration::from_secs(2);
 
 impl Cluster {
-    fn new(nodes: Vec<Arc<Node>>, epoch: u64, coordinators: Option<switchyard_coordinator::client::Client>) -> Self {
+    fn new(
+        nodes: Vec<Arc<Node>>,
+        epoch: u64,
+        coordinators: Option<switchyard_coordinator::client::Client>,
+        spec: &ModelSpec,
+    ) -> Self {
+        let moe_layers = (0..spec.num_layers)
+            .filter(|&l| spec.layer_mlps[l] == switchyard_model::config::LayerMlp::Moe)
+            .map(|l| l as u32)
+            .collect();
         Cluster {
             nodes: RwLock::new(Arc::new(nodes)),
             epoch: watch::channel(epoch).0,
@@ -309,6 +321,8 @@ impl Cluster {
             load: LoadCounters::default(),
             canary_checks: 0,
             coordinators,
+            moe_layers,
+            num_experts: spec.num_experts,
         }
     }
 
@@ -326,6 +340,39 @@ impl Cluster {
                 Err(status) => tracing::error!(%address, "cannot drain the refused expert node: {}", status.message()),
             }
         });
+    }
+
+    /// Why the cluster cannot serve every expert now: the first expert that no reachable
+    /// node holds, and the nodes that hold it with their last error. `None`: all are served.
+    /// One lock per node, so cheap enough for every `/health`.
+    pub fn unserved_expert(&self) -> Option<String> {
+        let nodes = self.nodes();
+        let layers = self.moe_layers.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
+        let mut served = vec![false; layers * self.num_experts];
+        for node in nodes.iter() {
+            if node.refused.lock().expect("refused lock").is_some() {
+                continue;
+            }
+            let link = node.link.lock().expect("link lock");
+            if link.stream.is_none() {
+                continue;
+            }
+            for x in &link.holds {
+                if let Some(s) = served.get_mut(x.layer as usize * self.num_experts + x.expert as usize) {
+                    *s = true;
+                }
+            }
+        }
+        let (layer, expert) = self.moe_layers.iter().find_map(|&l| {
+            (0..self.num_experts).find(|&e| !served[l as usize * self.num_experts + e]).map(|e| (l, e as u32))
+        })?;
+        let holders: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.holds(layer, expert))
+            .map(|n| format!("{} ({})", n.address, n.view().last_error.unwrap_or_else(|| "not connected".into())))
+            .collect();
+        let holders = if holders.is_empty() { "no node".to_string() } else { holders.join(", ") };
+        Some(format!("layer {layer} expert {expert} has no reachable replica; held by {holders}"))
     }
 
     /// The nodes now (a snapshot: plan a whole layer on one).
@@ -373,7 +420,7 @@ impl Cluster {
                 }
             }
         }
-        let cluster = Cluster::new(nodes, crate::STATIC_EPOCH, None);
+        let cluster = Cluster::new(nodes, crate::STATIC_EPOCH, None, spec);
         cluster.check_coverage(spec)?;
         Ok(Arc::new(cluster))
     }
@@ -388,7 +435,7 @@ impl Cluster {
         wait: Duration,
         canary_checks: u64,
     ) -> Result<Arc<Self>, RouterError> {
-        let mut cluster = Cluster::new(Vec::new(), 0, Some(client.clone()));
+        let mut cluster = Cluster::new(Vec::new(), 0, Some(client.clone()), spec);
         cluster.canary_checks = canary_checks;
         let cluster = Arc::new(cluster);
         let mut placements = client.watch();

@@ -16,7 +16,8 @@
 //! - [`service`]: the gRPC `Router` service (`Generate`, `ClusterStatus`).
 //! - [`http`]: the OpenAI-compatible HTTP API.
 //! - [`trace`]: joining a caller's trace (W3C trace context).
-//! - [`tenants`]: API keys, per-tenant limits and priorities (`--tenants FILE`).
+//! - [`tenants`]: API keys, per-tenant limits, reservations and priorities (`--tenants FILE`).
+//! - [`tokenize`]: prompts to token ids on a bounded pool of blocking threads, with a size limit.
 //! - [`metric_names`]: the metrics recorded (Prometheus, `/metrics`).
 //! - [`convert`]: protobuf ⇄ model types.
 //! - [`error`]: the error type, [`RouterError`].
@@ -30,6 +31,7 @@ pub mod metric_names;
 pub mod scheduler;
 pub mod service;
 pub mod tenants;
+pub mod tokenize;
 pub mod trace;
 
 use std::future::Future;
@@ -94,6 +96,17 @@ pub struct Config {
     /// the HTTP API is open.
     #[arg(long, env = "SWITCHYARD_TENANTS")]
     pub tenants: Option<PathBuf>,
+    /// Bytes of prompt text (or chat message text) one request may send at most; more is
+    /// refused (400) before it is tokenized. The HTTP body limit is 4× this plus 64 KiB (JSON
+    /// escapes). Suffixes K, M, KiB, MiB...
+    #[arg(long, env = "SWITCHYARD_MAX_PROMPT_BYTES", default_value = "1MiB", value_parser = switchyard_model::units::parse_bytes)]
+    pub max_prompt_bytes: usize,
+    /// Prompts tokenized (or chat templates rendered) at once, on blocking threads off the
+    /// async runtime; more wait their turn (default: one per core).
+    #[arg(long, env = "SWITCHYARD_TOKENIZER_THREADS")]
+    pub tokenizer_threads: Option<usize>,
+    #[command(flatten)]
+    pub http: http::HttpLimits,
     /// The model name the HTTP API answers to (default: the checkpoint directory's name).
     #[arg(long, env = "SWITCHYARD_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -135,6 +148,10 @@ impl Router {
             )));
         }
         let tenants = config.tenants.as_deref().map(tenants::Tenants::load).transpose()?;
+        config.http.validate()?;
+        if config.tokenizer_threads == Some(0) || config.max_prompt_bytes == 0 {
+            return Err(RouterError::Config("--tokenizer-threads and --max-prompt-bytes must be at least 1".into()));
+        }
         let wait = Duration::from_secs(config.node_wait_secs);
         let cluster = if config.coordinators.is_empty() {
             Cluster::connect(&config.expert_nodes, &spec, wait).await?
@@ -164,26 +181,32 @@ impl Router {
             "router ready for {}",
             config.model.display()
         );
-        let tokenizer = engine.tokenizer.clone();
+        let tokenizer = engine.tokenizer.clone().map(Arc::new);
+        let threads = config
+            .tokenizer_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
+        let tokenizing = Arc::new(tokenize::Tokenizing::new(
+            tokenizer.clone(),
+            ChatTemplate::from_dir(&config.model)?,
+            threads,
+            config.max_prompt_bytes,
+        ));
         let max_context = engine.model.spec.max_context;
         let faults = EngineFaults { panic_at_step: config.fault_engine_panic_at_step };
         let scheduler = Scheduler::start(engine, config.max_batch, config.max_queue, faults)?;
         let http = Arc::new(http::HttpState {
             scheduler: scheduler.clone(),
             tokenizer: tokenizer.clone(),
-            template: ChatTemplate::from_dir(&config.model)?,
+            tokenizing: tokenizing.clone(),
+            cluster: cluster.clone(),
+            limits: config.http.clone(),
             model_name: config.served_model_name.clone().unwrap_or_else(|| default_model_name(&config.model)),
             max_context,
             metrics: metrics_recorder(),
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             tenants,
         });
-        let service = RouterService {
-            scheduler,
-            tokenizer: tokenizer.map(Arc::new),
-            cluster,
-            model_type: spec.arch.model_type(),
-        };
+        let service = RouterService { scheduler, tokenizing, cluster, model_type: spec.arch.model_type() };
         Ok(Router { service, http, limits: config.limits })
     }
 
@@ -210,7 +233,7 @@ impl Router {
         };
         let http_server = http.map(|listener| {
             let app = http::app(self.http.clone());
-            tokio::spawn(http::serve(listener, app, until(stopped.clone())))
+            tokio::spawn(http::serve(listener, app, self.http.limits.clone(), until(stopped.clone())))
         });
         // gRPC health (grpc.health.v1): SERVING until the engine fails or shutdown begins.
         let (reporter, health) = tonic_health::server::health_reporter();

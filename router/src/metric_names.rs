@@ -20,6 +20,9 @@ pub const DISPATCH_LATENCY: &str = "switchyard:expert_node_dispatch_latency_seco
 pub const ROUTED_TOKENS: &str = "switchyard:expert_routed_tokens_total";
 /// Dispatch shares re-sent to another replica, by the status that made the router retry.
 pub const DISPATCH_RETRIES: &str = "switchyard:expert_dispatch_retries_total";
+/// Time tokenizing one request's prompts (and rendering its chat template), on the
+/// tokenizer pool.
+pub const TOKENIZE_TIME: &str = "switchyard:tokenize_seconds";
 pub const TENANT_REQUESTS: &str = "switchyard:tenant_requests_total";
 pub const TENANT_PROMPT_TOKENS: &str = "switchyard:tenant_prompt_tokens_total";
 pub const TENANT_GENERATION_TOKENS: &str = "switchyard:tenant_generation_tokens_total";

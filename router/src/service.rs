@@ -16,12 +16,13 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::convert::{self, Prompt};
 use crate::scheduler::{Scheduler, Submission};
-use switchyard_model::tokenizer::Tokenizer;
+use crate::tokenize::Tokenizing;
 
 pub struct RouterService {
     pub scheduler: Scheduler,
-    /// Shared with every request's stream (cloning a tokenizer copies its vocabulary).
-    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// The tokenizer (shared with every request's stream) and the pool prompts are
+    /// tokenized on, shared with the HTTP API.
+    pub tokenizing: Arc<Tokenizing>,
     pub cluster: Arc<Cluster>,
     pub model_type: &'static str,
 }
@@ -35,14 +36,18 @@ impl Router for RouterService {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let metadata = request.metadata().clone();
         let (prompt, mut request) = convert::request(request.into_inner())?;
-        let tokenizer = self.tokenizer.clone();
+        let tokenizer = self.tokenizing.tokenizer.clone();
         request.prompt_ids = match prompt {
             Prompt::Ids(ids) => ids,
-            Prompt::Text(text) => tokenizer
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("the model has no tokenizer; send token_ids"))?
-                .encode(&text)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            Prompt::Text(text) => {
+                let mut ids = self.tokenizing.encode(vec![text], true).await.map_err(|e| match e {
+                    crate::tokenize::TokenizeError::NoTokenizer => {
+                        Status::invalid_argument("the model has no tokenizer; send token_ids")
+                    }
+                    e => Status::invalid_argument(e.to_string()),
+                })?;
+                ids.pop().unwrap_or_default()
+            }
         };
         let (events, mut rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!(

@@ -9,12 +9,24 @@
 //! tokens_per_minute = 100000   # prompt + generated tokens; optional
 //! max_concurrent = 16          # requests in flight; optional
 //! priority = 1                 # higher is admitted first; default 0
+//! metrics = true               # may read /metrics; default false
 //! ```
 //!
-//! Without the file the API is open (local use). Rate limits are token buckets refilled
-//! continuously; a request over any limit is refused with 429 before it is queued.
+//! Without the file the API, `/metrics` included, is open (local use). With it, every route
+//! but `/health` needs a tenant's key, and `/metrics` (which names every tenant and its
+//! usage) only answers tenants with `metrics = true`: 401 without a known key, 403 for others.
+//!
+//! Rate limits are token buckets refilled continuously. A request is checked twice: cheaply
+//! before its prompt is tokenized ([`Tenant::precheck`]: a free concurrency slot, a request
+//! and a token left), then in full once its size is known ([`Tenant::admit`]). Admission
+//! reserves the most the request can use, `n × (prompt + max_tokens)` summed over its
+//! prompts, so a bucket never goes below zero; a request whose reservation exceeds the
+//! per-minute limit can never run and is a client error. Each choice holds its share in a
+//! [`Reservation`] and gives back what it did not generate when it ends, however it ends.
+//!
+//! Keys are looked up by comparing the presented key's SHA-256 with every tenant's in
+//! constant time, so response times say nothing about how close a guess was.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +48,8 @@ struct TenantSpec {
     max_concurrent: Option<u32>,
     #[serde(default)]
     priority: i32,
+    #[serde(default)]
+    metrics: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,8 +59,8 @@ struct TenantsFile {
     tenant: Vec<TenantSpec>,
 }
 
-/// A bucket of `capacity` that refills at `capacity` per minute; it may go negative when a
-/// request uses more tokens than it was charged up front.
+/// A bucket of `capacity` that refills at `capacity` per minute. Only what it holds is ever
+/// taken from it, so it never goes below zero.
 struct Bucket {
     capacity: f64,
     level: f64,
@@ -68,25 +82,34 @@ impl Bucket {
     fn wait_for(&self, amount: f64) -> f64 {
         ((amount - self.level) * 60.0 / self.capacity).max(0.0)
     }
+
+    /// Gives back `amount` taken earlier (never above capacity).
+    fn refund(&mut self, amount: f64) {
+        self.refill();
+        self.level = (self.level + amount).min(self.capacity);
+    }
 }
 
 pub struct Tenant {
     pub name: String,
     pub priority: i32,
+    /// May read `/metrics`.
+    pub metrics: bool,
     max_concurrent: Option<u32>,
     active: AtomicU32,
     requests: Option<Mutex<Bucket>>,
     tokens: Option<Mutex<Bucket>>,
 }
 
-/// Why a tenant's request is refused for now.
+/// Why a tenant's request is refused.
 #[derive(Debug, thiserror::Error)]
 #[error("tenant `{tenant}`: {what}")]
 pub struct OverLimit {
     pub tenant: String,
     pub what: String,
-    /// The request can never fit the limit (a client error, not a reason to retry).
-    pub permanent: bool,
+    /// `Some(field)`: the request can never fit the limit, because of this field (a client
+    /// error, not a reason to retry). `None`: over a limit for now; retry later.
+    pub permanent: Option<&'static str>,
 }
 
 /// Holds one of a tenant's concurrent-request slots; frees it when dropped.
@@ -100,24 +123,125 @@ impl Drop for Permit {
     }
 }
 
+/// One choice's share of an admitted request: its prompt and up to `max_tokens` generated
+/// tokens, taken from the tenant's token bucket at admission. What was not used goes back
+/// when it is dropped (the prompt too, if the engine never accepted the choice).
+pub struct Reservation {
+    pub permit: Arc<Permit>,
+    prompt: usize,
+    max_tokens: usize,
+    generated: usize,
+    started: bool,
+}
+
+impl Reservation {
+    pub fn tenant(&self) -> &Tenant {
+        &self.permit.tenant
+    }
+
+    /// The engine accepted the choice: its prompt is spent.
+    pub fn started(&mut self) {
+        if !self.started {
+            self.started = true;
+            counter!(crate::metric_names::TENANT_PROMPT_TOKENS, "tenant" => self.tenant().name.clone())
+                .increment(self.prompt as u64);
+        }
+    }
+
+    /// The choice generated `n` more tokens (out of its reservation).
+    pub fn generated(&mut self, n: usize) {
+        let beyond = (self.generated + n).saturating_sub(self.max_tokens.max(self.generated));
+        self.generated += n;
+        if beyond > 0
+            && let Some(b) = &self.tenant().tokens
+        {
+            // Not expected (the engine stops at max_tokens); charged, but only what is there.
+            let mut b = b.lock().expect("bucket lock");
+            b.refill();
+            b.level = (b.level - beyond as f64).max(0.0);
+        }
+        counter!(crate::metric_names::TENANT_GENERATION_TOKENS, "tenant" => self.tenant().name.clone())
+            .increment(n as u64);
+    }
+
+    /// Tokens reserved and not used (yet).
+    fn unused(&self) -> usize {
+        let prompt = if self.started { 0 } else { self.prompt };
+        prompt + self.max_tokens.saturating_sub(self.generated)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let unused = self.unused();
+        if unused > 0
+            && let Some(b) = &self.tenant().tokens
+        {
+            b.lock().expect("bucket lock").refund(unused as f64);
+        }
+    }
+}
+
 impl Tenant {
-    /// Admits one request that will use about `tokens` tokens, or says which limit it is
-    /// over. Nothing is charged unless every limit admits it.
-    pub fn admit(self: &Arc<Self>, tokens: usize) -> Result<Permit, OverLimit> {
-        let over = |what: String, permanent: bool| OverLimit { tenant: self.name.clone(), what, permanent };
-        if let Some(b) = &self.tokens {
-            let capacity = b.lock().expect("bucket lock").capacity;
-            if tokens as f64 > capacity {
-                let what = format!("the request needs {tokens} tokens but the limit is {capacity} tokens per minute");
-                return Err(over(what, true));
+    fn over(&self, what: String, permanent: Option<&'static str>) -> OverLimit {
+        OverLimit { tenant: self.name.clone(), what, permanent }
+    }
+
+    /// The tokens-per-minute limit, if any.
+    pub fn tokens_per_minute(&self) -> Option<usize> {
+        self.tokens.as_ref().map(|b| b.lock().expect("bucket lock").capacity as usize)
+    }
+
+    /// The cheap check before any work on the request: refuses it if the tenant has no
+    /// concurrency slot free, no request or no token left in its buckets. Takes nothing.
+    pub fn precheck(&self) -> Result<(), OverLimit> {
+        if let Some(max) = self.max_concurrent
+            && self.active.load(Ordering::Relaxed) >= max
+        {
+            return Err(self.over(format!("{max} concurrent requests at most"), None));
+        }
+        if let Some(b) = &self.requests {
+            let mut b = b.lock().expect("bucket lock");
+            b.refill();
+            if b.level < 1.0 {
+                let what = format!("{} requests per minute at most; retry in {:.1}s", b.capacity, b.wait_for(1.0));
+                return Err(self.over(what, None));
             }
         }
+        if let Some(b) = &self.tokens {
+            let mut b = b.lock().expect("bucket lock");
+            b.refill();
+            if b.level < 1.0 {
+                let what = format!("{} tokens per minute at most; retry in {:.1}s", b.capacity, b.wait_for(1.0));
+                return Err(self.over(what, None));
+            }
+        }
+        Ok(())
+    }
+
+    /// Admits one request of `n` choices for each prompt (of `prompts[i]` tokens), each
+    /// generating at most `max_tokens`, or says which limit it is over. Reserves
+    /// `n × Σ (prompt + max_tokens)` tokens; nothing is taken unless every limit admits it.
+    /// Returns the choices' reservations, prompt by prompt (`p × n + i`).
+    pub fn admit(
+        self: &Arc<Self>,
+        prompts: &[usize],
+        n: usize,
+        max_tokens: usize,
+    ) -> Result<Vec<Reservation>, OverLimit> {
+        let reserve =
+            prompts.iter().fold(0usize, |sum, &p| sum.saturating_add(p.saturating_add(max_tokens))).saturating_mul(n);
+        if let Some(capacity) = self.tokens_per_minute()
+            && reserve > capacity
+        {
+            return Err(self.too_big(prompts, n, max_tokens, reserve, capacity));
+        }
         let active = self.active.fetch_add(1, Ordering::Relaxed) + 1;
-        let permit = Permit { tenant: self.clone() };
+        let permit = Arc::new(Permit { tenant: self.clone() });
         if let Some(max) = self.max_concurrent
             && active > max
         {
-            return Err(over(format!("{max} concurrent requests at most"), false));
+            return Err(self.over(format!("{max} concurrent requests at most"), None));
         }
         let mut requests = self.requests.as_ref().map(|b| b.lock().expect("bucket lock"));
         let mut token_bucket = self.tokens.as_ref().map(|b| b.lock().expect("bucket lock"));
@@ -125,45 +249,70 @@ impl Tenant {
             b.refill();
             if b.level < 1.0 {
                 let what = format!("{} requests per minute at most; retry in {:.1}s", b.capacity, b.wait_for(1.0));
-                return Err(over(what, false));
+                return Err(self.over(what, None));
             }
         }
         if let Some(b) = token_bucket.as_deref_mut() {
             b.refill();
-            if b.level < tokens as f64 {
-                let what =
-                    format!("{} tokens per minute at most; retry in {:.1}s", b.capacity, b.wait_for(tokens as f64));
-                return Err(over(what, false));
+            if b.level < reserve as f64 {
+                let what = format!(
+                    "{} tokens per minute at most and the request reserves {reserve} (n × (prompt + max_tokens)); \
+                     retry in {:.1}s",
+                    b.capacity,
+                    b.wait_for(reserve as f64)
+                );
+                return Err(self.over(what, None));
             }
         }
         if let Some(b) = requests.as_deref_mut() {
             b.level -= 1.0;
         }
         if let Some(b) = token_bucket.as_deref_mut() {
-            b.level -= tokens as f64;
+            b.level -= reserve as f64;
         }
         counter!(crate::metric_names::TENANT_REQUESTS, "tenant" => self.name.clone()).increment(1);
-        counter!(crate::metric_names::TENANT_PROMPT_TOKENS, "tenant" => self.name.clone()).increment(tokens as u64);
-        Ok(permit)
+        let reservation =
+            |&prompt: &usize| Reservation { permit: permit.clone(), prompt, max_tokens, generated: 0, started: false };
+        Ok(prompts.iter().flat_map(|p| std::iter::repeat_n(p, n)).map(reservation).collect())
     }
 
-    /// Charges `n` generated tokens to the tenant's token budget.
-    pub fn charge(&self, n: usize) {
-        if let Some(b) = &self.tokens {
-            b.lock().expect("bucket lock").level -= n as f64;
+    /// Why a reservation of `reserve` can never fit `capacity`, and what would.
+    fn too_big(&self, prompts: &[usize], n: usize, max_tokens: usize, reserve: usize, capacity: usize) -> OverLimit {
+        let choices = prompts.len() * n;
+        let prompt_total = prompts.iter().sum::<usize>().saturating_mul(n);
+        let max_tokens_text = if max_tokens == usize::MAX { "unbounded".to_string() } else { max_tokens.to_string() };
+        let need = format!(
+            "the request needs {reserve} tokens ({choices} choice(s) × (prompt + `max_tokens` {max_tokens_text})) \
+             but the limit is {capacity} tokens per minute"
+        );
+        let fits = capacity.saturating_sub(prompt_total) / choices;
+        let per_n = prompts.iter().sum::<usize>() + prompts.len();
+        if fits >= 1 {
+            self.over(format!("{need}; lower `max_tokens` to {fits} or less"), Some("max_tokens"))
+        } else if per_n <= capacity {
+            let n_fits = capacity / per_n;
+            self.over(format!("{need}; lower `n` to {n_fits} or less (and `max_tokens` with it)"), Some("n"))
+        } else {
+            self.over(format!("{need}; the prompts alone need {}: shorten them", prompt_total / n), Some("prompt"))
         }
-        counter!(crate::metric_names::TENANT_GENERATION_TOKENS, "tenant" => self.name.clone()).increment(n as u64);
     }
 }
 
-/// The tenants of a router, by hashed API key.
+/// The tenants of a router, each with the SHA-256 of its key.
 pub struct Tenants {
-    by_key: HashMap<[u8; 32], Arc<Tenant>>,
+    by_key: Vec<([u8; 32], Arc<Tenant>)>,
 }
 
 /// The SHA-256 of an API key, as stored in the tenants file.
 pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// Whether `a == b`, in a time that depends on neither: every byte is looked at.
+fn equal_in_constant_time(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // Keeps the compiler from turning the fold back into an early-exit comparison.
+    std::hint::black_box(diff) == 0
 }
 
 fn parse_hex(s: &str) -> Option<[u8; 32]> {
@@ -186,7 +335,7 @@ impl Tenants {
         if file.tenant.is_empty() {
             return Err(bad("no [[tenant]] defined".into()));
         }
-        let mut by_key = HashMap::new();
+        let mut by_key: Vec<([u8; 32], Arc<Tenant>)> = Vec::new();
         for t in file.tenant {
             if [t.requests_per_minute, t.tokens_per_minute, t.max_concurrent].contains(&Some(0)) {
                 return Err(bad(format!(
@@ -196,24 +345,34 @@ impl Tenants {
             }
             let key = parse_hex(&t.api_key_sha256)
                 .ok_or_else(|| bad(format!("tenant `{}`: api_key_sha256 must be 64 hex digits", t.name)))?;
+            if by_key.iter().any(|(k, _)| *k == key) {
+                return Err(bad("two tenants share an API key".into()));
+            }
             let tenant = Tenant {
                 requests: t.requests_per_minute.map(|n| Mutex::new(Bucket::new(n))),
                 tokens: t.tokens_per_minute.map(|n| Mutex::new(Bucket::new(n))),
                 max_concurrent: t.max_concurrent,
                 priority: t.priority,
+                metrics: t.metrics,
                 active: AtomicU32::new(0),
                 name: t.name,
             };
-            if by_key.insert(key, Arc::new(tenant)).is_some() {
-                return Err(bad("two tenants share an API key".into()));
-            }
+            by_key.push((key, Arc::new(tenant)));
         }
         Ok(Tenants { by_key })
     }
 
-    /// The tenant whose key is `key`.
+    /// The tenant whose key is `key`. Compares the key's hash with every tenant's, each in
+    /// constant time, and never stops early.
     pub fn find(&self, key: &str) -> Option<Arc<Tenant>> {
-        self.by_key.get(&hash_key(key)).cloned()
+        let hash = hash_key(key);
+        let mut found = None;
+        for (stored, tenant) in &self.by_key {
+            if equal_in_constant_time(stored, &hash) {
+                found = Some(tenant.clone());
+            }
+        }
+        found
     }
 
     pub fn len(&self) -> usize {
@@ -233,6 +392,7 @@ mod tests {
         Arc::new(Tenant {
             name: "t".into(),
             priority: 0,
+            metrics: false,
             max_concurrent: conc,
             active: AtomicU32::new(0),
             requests: rpm.map(|n| Mutex::new(Bucket::new(n))),
@@ -240,38 +400,132 @@ mod tests {
         })
     }
 
-    #[test]
-    fn limits_refuse_what_is_over_and_free_on_drop() {
-        let t = tenant(Some(2), None, None);
-        let _a = t.admit(1).unwrap();
-        let _b = t.admit(1).unwrap();
-        assert!(t.admit(1).err().unwrap().to_string().contains("2 requests per minute"));
-
-        let t = tenant(None, None, Some(1));
-        let a = t.admit(1).unwrap();
-        assert!(t.admit(1).err().unwrap().to_string().contains("1 concurrent"));
-        drop(a);
-        assert!(t.admit(1).is_ok());
-
-        let t = tenant(None, Some(100), None);
-        let _a = t.admit(60).unwrap();
-        t.charge(50);
-        let err = t.admit(1).err().unwrap();
-        assert!(err.to_string().contains("100 tokens per minute") && !err.permanent);
-        let err = t.admit(101).err().unwrap();
-        assert!(err.permanent && err.to_string().contains("needs 101 tokens"));
+    fn level(t: &Tenant) -> f64 {
+        let mut b = t.tokens.as_ref().unwrap().lock().unwrap();
+        b.refill();
+        b.level
     }
 
     #[test]
-    fn keys_are_matched_by_hash() {
+    fn limits_refuse_what_is_over_and_free_on_drop() {
+        let t = tenant(Some(2), None, None);
+        let _a = t.admit(&[1], 1, 1).unwrap();
+        let _b = t.admit(&[1], 1, 1).unwrap();
+        assert!(t.precheck().err().unwrap().to_string().contains("2 requests per minute"));
+        assert!(t.admit(&[1], 1, 1).err().unwrap().to_string().contains("2 requests per minute"));
+
+        let t = tenant(None, None, Some(1));
+        let a = t.admit(&[1], 1, 1).unwrap();
+        assert!(t.precheck().err().unwrap().to_string().contains("1 concurrent"));
+        assert!(t.admit(&[1], 1, 1).err().unwrap().to_string().contains("1 concurrent"));
+        drop(a);
+        assert!(t.precheck().is_ok());
+        assert!(t.admit(&[1], 1, 1).is_ok());
+    }
+
+    #[test]
+    fn admission_reserves_n_times_prompt_plus_max_tokens() {
+        let t = tenant(None, Some(200), None);
+        // 2 prompts of 10 and 20 tokens, n = 3, max_tokens 5: 3 × (15 + 25) = 120.
+        let r = t.admit(&[10, 20], 3, 5).unwrap();
+        assert_eq!(r.len(), 6);
+        assert!((level(&t) - 80.0).abs() < 0.1, "{}", level(&t));
+        // 80 left: a request reserving 81 waits, and says for how long.
+        let err = t.admit(&[1], 1, 80).err().unwrap();
+        assert!(err.permanent.is_none() && err.to_string().contains("reserves 81"), "{err}");
+        assert!(t.admit(&[1], 1, 79).is_ok());
+    }
+
+    #[test]
+    fn a_reservation_over_the_limit_is_refused_for_good_naming_max_tokens() {
+        let t = tenant(None, Some(200), None);
+        let err = t.admit(&[1], 1, 1000).err().unwrap();
+        assert_eq!(err.permanent, Some("max_tokens"));
+        let text = err.to_string();
+        assert!(text.contains("needs 1001 tokens") && text.contains("limit is 200"), "{text}");
+        assert!(text.contains("lower `max_tokens` to 199"), "{text}");
+        let err = t.admit(&[1], 128, 1000).err().unwrap();
+        assert_eq!(err.permanent, Some("n"));
+        assert!(err.to_string().contains("needs 128128") && err.to_string().contains("`n` to 100 or less"), "{err}");
+        let err = t.admit(&[150, 150], 1, 1).err().unwrap();
+        assert_eq!(err.permanent, Some("prompt"));
+        // Nothing was taken by the refusals.
+        assert!((level(&t) - 200.0).abs() < 0.1);
+        assert_eq!(t.active.load(Ordering::Relaxed), 0);
+        // A max_tokens of "no limit" is refused, not overflowed.
+        assert!(t.admit(&[1], 2, usize::MAX).err().unwrap().permanent.is_some());
+    }
+
+    #[test]
+    fn what_a_choice_does_not_generate_goes_back_and_the_bucket_never_goes_negative() {
+        let t = tenant(None, Some(200), None);
+        let mut r = t.admit(&[10], 2, 90).unwrap();
+        assert!(level(&t) < 0.1);
+        let (mut a, mut b) = (r.remove(0), r.remove(0));
+        a.started();
+        b.started();
+        a.generated(30);
+        b.generated(90);
+        // A generates 30 of its 90 (stopped early, or the client left): 60 come back.
+        drop(a);
+        assert!((level(&t) - 60.0).abs() < 0.1, "{}", level(&t));
+        drop(b);
+        assert!((level(&t) - 60.0).abs() < 0.1, "{}", level(&t));
+        // A choice the engine never accepted gives back its prompt too.
+        let r = t.admit(&[10], 1, 50).unwrap();
+        assert!(level(&t) < 0.1 + 0.0);
+        drop(r);
+        assert!((level(&t) - 60.0).abs() < 0.1);
+        // Even tokens past the reservation (not expected) never take the bucket below zero.
+        let mut r = t.admit(&[10], 1, 50).unwrap();
+        r[0].started();
+        r[0].generated(500);
+        assert!(level(&t) >= 0.0);
+        drop(r);
+        assert!(level(&t) >= 0.0 && level(&t) < 1.0);
+    }
+
+    #[test]
+    fn the_empty_bucket_is_refused_before_any_work() {
+        let t = tenant(None, Some(100), None);
+        let _r = t.admit(&[50], 1, 50).unwrap();
+        let err = t.precheck().err().unwrap();
+        assert!(err.to_string().contains("100 tokens per minute") && err.permanent.is_none());
+    }
+
+    #[test]
+    fn keys_are_matched_by_hash_against_every_tenant() {
         let dir = std::env::temp_dir().join(format!("switchyard-tenants-{}", std::process::id()));
-        let hex: String = hash_key("secret").iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(&dir, format!("[[tenant]]\nname = \"a\"\napi_key_sha256 = \"{hex}\"\n")).unwrap();
+        let hex = |k: &str| hash_key(k).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let file = format!(
+            "[[tenant]]\nname = \"a\"\napi_key_sha256 = \"{}\"\n\n[[tenant]]\nname = \"b\"\napi_key_sha256 = \"{}\"\nmetrics = true\n",
+            hex("secret"),
+            hex("other")
+        );
+        std::fs::write(&dir, file).unwrap();
         let tenants = Tenants::load(&dir).unwrap();
         assert_eq!(tenants.find("secret").unwrap().name, "a");
+        assert!(!tenants.find("secret").unwrap().metrics);
+        assert!(tenants.find("other").unwrap().metrics);
         assert!(tenants.find("guess").is_none());
+        assert!(tenants.find("").is_none());
         std::fs::write(&dir, "[[tenant]]\nname = \"a\"\napi_key_sha256 = \"zz\"\n").unwrap();
         assert!(Tenants::load(&dir).err().unwrap().to_string().contains("64 hex digits"));
+        std::fs::write(&dir, format!("[[tenant]]\nname = \"a\"\napi_key_sha256 = \"{}\"\nmetric = 1\n", hex("x")))
+            .unwrap();
+        assert!(Tenants::load(&dir).err().unwrap().to_string().contains("unknown field"));
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_comparison_looks_at_every_byte() {
+        let a = hash_key("a");
+        let mut b = a;
+        assert!(equal_in_constant_time(&a, &b));
+        for i in [0, 15, 31] {
+            b = a;
+            b[i] ^= 1;
+            assert!(!equal_in_constant_time(&a, &b), "a difference in byte {i}");
+        }
     }
 }

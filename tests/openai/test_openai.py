@@ -259,6 +259,12 @@ requests_per_minute = 2
 name = "big"
 api_key_sha256 = "{sha('big-key')}"
 priority = 1
+metrics = true
+
+[[tenant]]
+name = "metered"
+api_key_sha256 = "{sha('metered-key')}"
+tokens_per_minute = 200
 """
     )
     server = up(MODEL, "--tenants", str(tmp_path / "tenants.toml"))
@@ -281,7 +287,23 @@ priority = 1
         assert "small" in e.value.message and "requests per minute" in e.value.message
         # The other tenant is still served.
         assert big.completions.create(**kw).usage.completion_tokens == 2
-        text = urllib.request.urlopen(server.http + "/metrics").read().decode()
+        # A request reserves n × (prompt + max_tokens) up front: one that can never fit the
+        # tenant's tokens per minute is refused by name, with what would fit.
+        metered = server.client(api_key="metered-key")
+        with pytest.raises(openai.BadRequestError) as e:
+            metered.completions.create(model=MODEL, prompt="x", max_tokens=250, temperature=0)
+        assert e.value.param == "max_tokens" and "limit is 200" in e.value.message
+        assert metered.completions.create(model=MODEL, prompt="x", max_tokens=20, temperature=0).usage.completion_tokens <= 20
+        # /metrics names every tenant: only a tenant with `metrics = true` may read it.
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.http + "/metrics")
+        assert e.value.code == 401
+        as_small = urllib.request.Request(server.http + "/metrics", headers={"authorization": "Bearer small-key"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(as_small)
+        assert e.value.code == 403
+        as_big = urllib.request.Request(server.http + "/metrics", headers={"authorization": "Bearer big-key"})
+        text = urllib.request.urlopen(as_big).read().decode()
         assert 'switchyard:tenant_requests_total{tenant="small"} 2' in text
         assert 'switchyard:tenant_rejected_total{tenant="small"} 1' in text
         assert 'switchyard:tenant_requests_total{tenant="big"} 1' in text

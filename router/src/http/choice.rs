@@ -10,10 +10,9 @@ use switchyard_model::{FinishReason, GenerateRequest, SamplingParams};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use std::sync::Arc;
 
 use crate::scheduler::{Event, Scheduler, ServeError, Submission};
-use crate::tenants::Permit;
+use crate::tenants::Reservation;
 
 /// Generation settings shared by every choice of a request.
 #[derive(Clone, Debug)]
@@ -39,8 +38,9 @@ pub struct Delta {
 
 pub struct Choice {
     pub index: usize,
-    /// The tenant's slot, held until the choice is dropped; generated tokens are charged to it.
-    permit: Option<Arc<Permit>>,
+    /// The tenant's share of the request (and its concurrency slot), held until the choice
+    /// ends; generated tokens are counted against it and the rest given back at the end.
+    reservation: Option<Reservation>,
     pub prompt_ids: Vec<u32>,
     events: Option<mpsc::UnboundedReceiver<Result<Event, ServeError>>>,
     ids: Vec<u32>,
@@ -64,7 +64,7 @@ impl Choice {
         prompt_ids: Vec<u32>,
         params: &Params,
         index: usize,
-        permit: Option<Arc<Permit>>,
+        mut reservation: Option<Reservation>,
     ) -> Result<Self, ApiError> {
         let (events, mut rx) = mpsc::unbounded_channel();
         let request = GenerateRequest {
@@ -74,7 +74,7 @@ impl Choice {
             top_logprobs: params.logprobs.unwrap_or(0),
             ignore_eos: params.ignore_eos,
         };
-        let tenant = permit.as_ref().map(|p| (p.tenant.name.clone(), p.tenant.priority));
+        let tenant = reservation.as_ref().map(|r| (r.tenant().name.clone(), r.tenant().priority));
         scheduler.submit(Submission {
             request,
             events,
@@ -83,14 +83,18 @@ impl Choice {
             span: tracing::Span::current(),
         })?;
         match rx.recv().await {
-            Some(Ok(Event::Started { .. })) => {}
+            Some(Ok(Event::Started { .. })) => {
+                if let Some(r) = &mut reservation {
+                    r.started();
+                }
+            }
             Some(Ok(other)) => return Err(ServeError::Internal(format!("unexpected first event {other:?}")).into()),
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ServeError::ShuttingDown.into()),
         }
         Ok(Choice {
             index,
-            permit,
+            reservation,
             prompt_ids,
             events: Some(rx),
             ids: Vec::new(),
@@ -121,8 +125,8 @@ impl Choice {
         let mut delta = Delta::default();
         match events.recv().await {
             Some(Ok(Event::Token(t))) => {
-                if let Some(p) = &self.permit {
-                    p.tenant.charge(1);
+                if let Some(r) = &mut self.reservation {
+                    r.generated(1);
                 }
                 delta.offsets.push(self.text.len());
                 self.ids.push(t.id);
@@ -166,8 +170,10 @@ impl Choice {
 
     fn end(&mut self, reason: &'static str) {
         self.finish = Some(reason);
-        // Dropping the receiver tells the engine to drop the sequence.
+        // Dropping the receiver tells the engine to drop the sequence; dropping the
+        // reservation gives back the tokens it did not generate.
         self.events = None;
+        self.reservation = None;
     }
 
     /// Appends the text of the ids past `read_offset`, decoded against the few ids before

@@ -7,6 +7,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::scheduler::ServeError;
+use crate::tenants::{OverLimit, Tenant};
+use crate::tokenize::TokenizeError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -27,6 +29,20 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some("invalid_api_key"),
+        }
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::FORBIDDEN, message: message.into(), param: None, code: Some("forbidden") }
+    }
+
+    /// A tenant over a limit: 429 while it may fit later, 400 naming the field when the
+    /// request can never fit. Counted as a rejection of the tenant.
+    pub fn over_limit(tenant: &Tenant, e: OverLimit) -> Self {
+        metrics::counter!(crate::metric_names::TENANT_REJECTED, "tenant" => tenant.name.clone()).increment(1);
+        match e.permanent {
+            Some(field) => ApiError::invalid(e.to_string(), Some(field)),
+            None => ApiError::rate_limited(e.to_string()),
         }
     }
 
@@ -51,6 +67,7 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             s if s.is_server_error() => "server_error",
@@ -72,6 +89,13 @@ impl From<ServeError> for ApiError {
             ServeError::StepFailed(_) | ServeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
         ApiError { status, message: e.to_string(), param, code: None }
+    }
+}
+
+/// Prompts that cannot be tokenized are the client's to fix: 400 naming the field.
+impl From<TokenizeError> for ApiError {
+    fn from(e: TokenizeError) -> Self {
+        ApiError::invalid(e.to_string(), Some(e.field()))
     }
 }
 

@@ -121,21 +121,17 @@ async fn start(
     if prompts.len() * n > MAX_CHOICES {
         return Err(ApiError::invalid(format!("at most {MAX_CHOICES} choices per request (prompts × n)"), Some("n")));
     }
-    let permit = match caller.0 {
+    // A tenant's request reserves what it may use (n × (prompt + max_tokens)); each choice
+    // holds its share and gives back what it does not generate.
+    let mut reservations = match &caller.0 {
         Some(tenant) => {
-            let tokens = prompts.iter().map(Vec::len).sum::<usize>() * n;
-            let permit = tenant.admit(tokens).map_err(|e| {
-                metrics::counter!(crate::metric_names::TENANT_REJECTED, "tenant" => tenant.name.clone()).increment(1);
-                if e.permanent {
-                    ApiError::invalid(e.to_string(), Some("prompt"))
-                } else {
-                    ApiError::rate_limited(e.to_string())
-                }
-            })?;
-            Some(Arc::new(permit))
+            let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+            let reserved = tenant.admit(&lengths, n, params.max_tokens).map_err(|e| ApiError::over_limit(tenant, e))?;
+            reserved.into_iter().map(Some).collect::<Vec<_>>()
         }
-        None => None,
-    };
+        None => Vec::new(),
+    }
+    .into_iter();
     // A JoinSet aborts the starts if this handler is dropped (the client left): the queued
     // requests are then cancelled instead of lingering in the queue.
     let mut pending = tokio::task::JoinSet::new();
@@ -143,8 +139,8 @@ async fn start(
         for i in 0..n {
             let mut params = params.clone();
             params.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            let (scheduler, ids, permit) = (state.scheduler.clone(), ids.clone(), permit.clone());
-            let start = async move { Choice::start(&scheduler, ids, &params, p * n + i, permit).await };
+            let (scheduler, ids, reservation) = (state.scheduler.clone(), ids.clone(), reservations.next().flatten());
+            let start = async move { Choice::start(&scheduler, ids, &params, p * n + i, reservation).await };
             pending.spawn(start.instrument(tracing::Span::current()));
         }
     }
@@ -215,15 +211,24 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
         return Err(ApiError::invalid("`echo` together with `logprobs` is not supported", Some("echo")));
     }
     let params = params(&r.sampling, r.sampling.max_tokens, 16, r.logprobs)?;
-    let mut ids = Vec::new();
-    for p in prompts(&r.prompt)? {
-        ids.push(match p {
+    // Refused cheaply, before the prompt is tokenized, when over a limit now.
+    state.precheck(&caller)?;
+    let prompts = prompts(&r.prompt)?;
+    let texts: Vec<String> = prompts
+        .iter()
+        .filter_map(|p| match p {
+            Prompt::Text(t) => Some(t.clone()),
+            Prompt::Ids(_) => None,
+        })
+        .collect();
+    let mut encoded = state.tokenizing.encode(texts, true).await?.into_iter();
+    let ids: Vec<Vec<u32>> = prompts
+        .into_iter()
+        .map(|p| match p {
             Prompt::Ids(ids) => ids,
-            Prompt::Text(text) => {
-                state.tokenizer()?.encode(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?
-            }
-        });
-    }
+            Prompt::Text(_) => encoded.next().unwrap_or_default(),
+        })
+        .collect();
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, ids, n, &params).await?;
     respond(state, Api::Completions, choices, n, params, &r.sampling, r.echo).await
@@ -245,17 +250,20 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
     if r.messages.is_empty() {
         return Err(ApiError::invalid("`messages` is empty", Some("messages")));
     }
-    let template = state.template.as_ref().ok_or_else(|| {
-        ApiError::invalid(
-            "the model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions",
-            Some("messages"),
-        )
-    })?;
-    let text = template.render(&r.messages, true).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    let ids = state.tokenizer()?.encode_raw(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    // Refused cheaply, before the chat is rendered and tokenized, when over a limit now.
+    state.precheck(&caller)?;
+    let ids = state.tokenizing.chat(r.messages).await?;
     let logprobs = if r.logprobs { Some(r.top_logprobs.unwrap_or(0)) } else { None };
     let max_tokens = r.max_completion_tokens.or(r.sampling.max_tokens);
-    let default_max = state.max_context.saturating_sub(ids.len()).clamp(1, DEFAULT_CHAT_MAX_TOKENS);
+    let mut default_max = state.max_context.saturating_sub(ids.len()).clamp(1, DEFAULT_CHAT_MAX_TOKENS);
+    // Without a `max_tokens`, a tenant's request reserves no more than its per-minute limit
+    // allows (an explicit one over it is refused by name).
+    if let (Some(tenant), None) = (&caller.0, max_tokens)
+        && let Some(limit) = tenant.tokens_per_minute()
+    {
+        let n = r.sampling.n.unwrap_or(1).max(1) as usize;
+        default_max = default_max.min((limit / n).saturating_sub(ids.len()).max(1));
+    }
     let params = params(&r.sampling, max_tokens, default_max, logprobs)?;
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, vec![ids], n, &params).await?;
@@ -281,7 +289,7 @@ async fn respond(
         return Ok(SseBody::new(ReceiverStream::new(rx)).into_response());
     }
     let prompt_tokens = prompt_tokens(&choices, n);
-    let tk = state.tokenizer.as_ref();
+    let tk = state.tokenizer.as_deref();
     let mut done: Vec<Collected> = Vec::with_capacity(choices.len());
     let prompt_texts: Vec<String> = choices.iter().map(|c| echo_text(&state, c, echo)).collect();
     for c in choices {
@@ -356,7 +364,7 @@ async fn stream(
     echo: bool,
     tx: mpsc::Sender<Result<Sse, Infallible>>,
 ) {
-    let tk = state.tokenizer.as_ref();
+    let tk = state.tokenizer.as_deref();
     let prompt_tokens = prompt_tokens(&choices, n);
     // Opening chunks: the assistant role (chat) or the echoed prompt (completions).
     for c in &choices {

@@ -1,6 +1,11 @@
 //! The OpenAI-compatible HTTP API of the router (axum): `/v1/completions`,
 //! `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`, `/tokenize`, `/detokenize`.
 //!
+//! Connections are served by hyper directly ([`serve`]) so that a client cannot hold one
+//! for free: request headers must arrive within `--http-header-timeout-secs` (which also
+//! closes a keep-alive connection idle that long), and at most `--http-max-connections` are
+//! open at once (more wait in the listen backlog).
+//!
 //! # Layout
 //! - [`generate`]: the completions and chat handlers, streaming (server-sent events) or not.
 //! - [`choice`]: one generated sequence: detokenizing, stop strings, logprob objects.
@@ -14,6 +19,7 @@ pub mod openai;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -22,19 +28,50 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use switchyard_model::chat::{ChatMessage, ChatTemplate};
+use switchyard_model::chat::ChatMessage;
 use switchyard_model::tokenizer::Tokenizer;
 use tokio::net::TcpListener;
 
+use crate::cluster::Cluster;
 use crate::scheduler::Scheduler;
 use crate::tenants::{Tenant, Tenants};
+use crate::tokenize::Tokenizing;
 use error::ApiError;
+
+/// Limits on HTTP connections (`switchyard router`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct HttpLimits {
+    /// Seconds a client has to send a request's headers; also how long a keep-alive
+    /// connection may sit idle. Slower connections are closed.
+    #[arg(long, env = "SWITCHYARD_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10.0)]
+    pub http_header_timeout_secs: f64,
+    /// HTTP connections open at once at most; further ones wait to be accepted.
+    #[arg(long, env = "SWITCHYARD_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
+}
+
+impl HttpLimits {
+    pub fn validate(&self) -> Result<(), crate::RouterError> {
+        let t = self.http_header_timeout_secs;
+        if !(t.is_finite() && t > 0.0 && t <= 86_400.0) || self.http_max_connections == 0 {
+            return Err(crate::RouterError::Config(format!(
+                "--http-header-timeout-secs must be in (0, 86400] (got {t}) and --http-max-connections at least 1"
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// What every handler shares.
 pub struct HttpState {
     pub scheduler: Scheduler,
-    pub tokenizer: Option<Tokenizer>,
-    pub template: Option<ChatTemplate>,
+    /// For detokenizing generated tokens.
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Prompts to token ids, off the runtime (shared with the gRPC API).
+    pub tokenizing: Arc<Tokenizing>,
+    /// The expert nodes, for `/health`.
+    pub cluster: Arc<Cluster>,
+    pub limits: HttpLimits,
     /// The name clients pass as `model`.
     pub model_name: String,
     pub max_context: usize,
@@ -64,30 +101,63 @@ impl FromRequestParts<Arc<HttpState>> for Caller {
     }
 }
 
+/// A caller allowed to read `/metrics`: anyone when the API is open, else a tenant with
+/// `metrics = true` (403 for other tenants).
+pub struct MetricsReader;
+
+impl FromRequestParts<Arc<HttpState>> for MetricsReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<HttpState>) -> Result<Self, ApiError> {
+        match Caller::from_request_parts(parts, state).await? {
+            Caller(Some(t)) if !t.metrics => Err(ApiError::forbidden(format!(
+                "tenant `{}` may not read /metrics (it needs `metrics = true` in the tenants file)",
+                t.name
+            ))),
+            _ => Ok(MetricsReader),
+        }
+    }
+}
+
 impl HttpState {
     pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model == self.model_name { Ok(()) } else { Err(ApiError::model_not_found(model, &self.model_name)) }
     }
 
-    pub fn tokenizer(&self) -> Result<&Tokenizer, ApiError> {
-        self.tokenizer
-            .as_ref()
-            .ok_or_else(|| ApiError::invalid("the model has no tokenizer; send token ids", Some("prompt")))
+    /// Refuses the tenant's request if it is over a limit now, before any work is done on it.
+    pub fn precheck(&self, caller: &Caller) -> Result<(), ApiError> {
+        match &caller.0 {
+            Some(t) => t.precheck().map_err(|e| ApiError::over_limit(t, e)),
+            None => Ok(()),
+        }
     }
 }
 
-/// 200 while the router serves; 503 with the reason once its engine has failed.
+/// Readiness: 200 while the router can serve; 503 with the reason once its engine has
+/// failed, or while some expert has no reachable replica.
 async fn health(State(state): State<Arc<HttpState>>) -> Result<&'static str, ApiError> {
-    match state.scheduler.health.failure() {
-        None => Ok(""),
-        Some(reason) => Err(crate::scheduler::ServeError::EngineFailed { reason: reason.to_string() }.into()),
+    if let Some(reason) = state.scheduler.health.failure() {
+        return Err(crate::scheduler::ServeError::EngineFailed { reason: reason.to_string() }.into());
     }
+    if let Some(reason) = state.cluster.unserved_expert() {
+        return Err(ApiError {
+            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            message: reason,
+            param: None,
+            code: None,
+        });
+    }
+    Ok("")
 }
 
-/// Largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// Largest request body accepted: room for `--max-prompt-bytes` of prompt written as JSON
+/// (escapes make it longer) and the rest of the request.
+pub fn max_body_bytes(max_prompt_bytes: usize) -> usize {
+    max_prompt_bytes.saturating_mul(4).saturating_add(64 << 10)
+}
 
 pub fn app(state: Arc<HttpState>) -> Router {
+    let body_limit = max_body_bytes(state.tokenizing.max_prompt_bytes);
     Router::new()
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat))
@@ -104,17 +174,65 @@ pub fn app(state: Arc<HttpState>) -> Router {
                 code: None,
             }
         })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves.
+/// Serves `app` on `listener` within `limits` until `shutdown` resolves, then lets the open
+/// connections finish what they are answering and returns once all have closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let header_timeout = Duration::from_secs_f64(limits.http_header_timeout_secs);
+    let max = limits.http_max_connections;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!("HTTP accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                // (The guard wait_for returns is not Send: dropped inside.)
+                () = async { drop(stopping.wait_for(|&s| s).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    // Every connection holds a slot until it closes.
+    let _ = slots.acquire_many(max as u32).await;
+    Ok(())
 }
 
 /// A JSON body whose rejections are OpenAI-shaped errors (400, or 413 when too large).
@@ -152,7 +270,7 @@ async fn models(State(s): State<Arc<HttpState>>, _: Caller) -> Json<Value> {
     }))
 }
 
-async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
+async fn metrics(State(s): State<Arc<HttpState>>, _: MetricsReader) -> Response {
     match &s.metrics {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
         None => "".into_response(),
@@ -174,28 +292,18 @@ fn yes() -> bool {
 
 async fn tokenize(
     State(s): State<Arc<HttpState>>,
-    _: Caller,
+    caller: Caller,
     ApiJson(r): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
     if let Some(m) = &r.model {
         s.check_model(m)?;
     }
-    let tk = s.tokenizer()?;
-    let ids = match (&r.prompt, &r.messages) {
-        (Some(p), None) if r.add_special_tokens => tk.encode(p),
-        (Some(p), None) => tk.encode_raw(p),
-        (None, Some(messages)) => {
-            let template = s
-                .template
-                .as_ref()
-                .ok_or_else(|| ApiError::invalid("the model has no chat template", Some("messages")))?;
-            let text =
-                template.render(messages, true).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-            tk.encode_raw(&text)
-        }
+    s.precheck(&caller)?;
+    let ids = match (r.prompt, r.messages) {
+        (Some(p), None) => s.tokenizing.encode(vec![p], r.add_special_tokens).await?.pop().unwrap_or_default(),
+        (None, Some(messages)) => s.tokenizing.chat(messages).await?,
         _ => return Err(ApiError::invalid("send exactly one of `prompt` and `messages`", None)),
-    }
-    .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
+    };
     Ok(Json(json!({"count": ids.len(), "max_model_len": s.max_context, "tokens": ids})))
 }
 
@@ -213,6 +321,6 @@ async fn detokenize(
     if let Some(m) = &r.model {
         s.check_model(m)?;
     }
-    let text = s.tokenizer()?.decode(&r.tokens).map_err(|e| ApiError::invalid(e.to_string(), Some("tokens")))?;
+    let text = s.tokenizing.decode(r.tokens).await?;
     Ok(Json(json!({"prompt": text})))
 }
