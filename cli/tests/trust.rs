@@ -243,7 +243,10 @@ fn prompts_over_the_size_limit_are_refused_and_big_ones_do_not_stall_the_server(
     println!("big prompts: {took:?}; slowest /health meanwhile: {slowest:?}");
     // Tokenized (then refused: far over the model's context).
     assert!(took.iter().all(|(code, _)| *code == 400), "{took:?}");
-    assert!(slowest < Duration::from_millis(1000), "/health took {slowest:?} while prompts tokenized");
+    // Measured against the same run's tokenization, not a wall-clock budget: were the async
+    // workers tokenizing, a /health would wait about as long as a prompt takes.
+    let quickest = took.iter().map(|(_, t)| *t).min().unwrap();
+    assert!(slowest * 4 < quickest, "/health took {slowest:?} while a prompt took {quickest:?} to tokenize");
     cluster.stop();
 }
 
