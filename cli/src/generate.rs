@@ -24,6 +24,9 @@ pub struct Args {
     /// local model.
     #[arg(long, env = "SWITCHYARD_ROUTER")]
     router: Option<String>,
+    /// With `--router`: the API key of a tenant, where the router has `--tenants`.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true, requires = "router")]
+    api_key: Option<String>,
     /// Prompt text, tokenized with the checkpoint's tokenizer.
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -178,6 +181,11 @@ fn remote(args: &Args, router: &str) -> Result<Output> {
     };
     crate::launch::runtime()?.block_on(async {
         let mut client = crate::cluster::router_client(router).await?;
+        let mut request = tonic::Request::new(request);
+        if let Some(key) = &args.api_key {
+            let value = format!("Bearer {key}").parse().context("--api-key is not valid in a gRPC header")?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let mut stream = client.generate(request).await.map_err(status_error)?.into_inner();
         let mut out = Output {
             prompt_ids: Vec::new(),

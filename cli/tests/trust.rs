@@ -355,3 +355,64 @@ fn health_is_unavailable_while_an_expert_has_no_reachable_replica() {
     assert!(unavailable, "/health stayed 200 with node b gone: {last}");
     assert!(last.contains("layer 0 expert 4 has no reachable replica") && last.contains(&b), "{last}");
 }
+
+#[test]
+fn the_grpc_api_takes_the_same_keys_and_limits_as_http() {
+    use switchyard_proto::v1::generate_request::Prompt;
+    use switchyard_proto::v1::router_client::RouterClient;
+    use switchyard_proto::v1::{GenerateRequest, generate_response};
+    use tonic::Code;
+
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = tenants_file(
+        &dir,
+        &[("once", "once-key", "requests_per_minute = 1"), ("small", "small-key", "tokens_per_minute = 50")],
+    );
+    let model = fixture("mixtral");
+    let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1", "--tenants", &tenants], &[]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let addr = format!("http://{}", cluster.addr);
+    let call = |key: Option<&str>, max_tokens: u32, top_logprobs: u32| {
+        rt.block_on(async {
+            let mut client = RouterClient::connect(addr.clone()).await.unwrap();
+            let mut request = tonic::Request::new(GenerateRequest {
+                prompt: Some(Prompt::Text("def fibonacci(n):".into())),
+                max_tokens,
+                top_logprobs,
+                ..Default::default()
+            });
+            if let Some(key) = key {
+                request.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+            }
+            let mut stream = client.generate(request).await?.into_inner();
+            let mut tokens = 0;
+            while let Some(event) = stream.message().await? {
+                tokens += usize::from(matches!(event.event, Some(generate_response::Event::Token(_))));
+            }
+            Ok::<usize, tonic::Status>(tokens)
+        })
+    };
+    let refused = |r: Result<usize, tonic::Status>| r.expect_err("should be refused");
+    // No key, or a wrong one: UNAUTHENTICATED.
+    assert_eq!(refused(call(None, 4, 0)).code(), Code::Unauthenticated);
+    assert_eq!(refused(call(Some("guess"), 4, 0)).code(), Code::Unauthenticated);
+    // A tenant's request limit holds on gRPC as on HTTP.
+    assert_eq!(call(Some("once-key"), 4, 0).unwrap(), 4);
+    let over = refused(call(Some("once-key"), 4, 0));
+    assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
+    assert!(over.message().contains("requests per minute"), "{}", over.message());
+    // A reservation that can never fit the token limit names `max_tokens`.
+    let too_big = refused(call(Some("small-key"), 100, 0));
+    assert_eq!(too_big.code(), Code::InvalidArgument, "{too_big:?}");
+    assert!(too_big.message().contains("max_tokens"), "{}", too_big.message());
+    // Top log-probabilities are capped as on HTTP.
+    let many = refused(call(Some("small-key"), 2, 2048));
+    assert!(many.code() == Code::InvalidArgument && many.message().contains("top_logprobs"), "{many:?}");
+    // `generate --router` passes a key with --api-key.
+    let args = ["generate", "--router", &cluster.addr, "--prompt", "x", "--max-tokens", "3", "--json"];
+    let err = stderr_of_failure(&args);
+    assert!(err.contains("API key"), "{err}");
+    let out: Value = serde_json::from_str(&stdout_of(&[&args[..], &["--api-key", "small-key"]].concat())).unwrap();
+    assert_eq!(out["tokens"].as_array().unwrap().len(), 3);
+    cluster.stop();
+}

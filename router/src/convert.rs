@@ -60,8 +60,17 @@ pub fn token(t: &GeneratedToken, tokenizer: Option<&Tokenizer>) -> v1::Generated
     }
 }
 
+/// Most alternatives per token, as on the HTTP API (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
 /// The prompt and the generation request (without prompt ids yet) of a `GenerateRequest`.
 pub fn request(r: v1::GenerateRequest) -> Result<(Prompt, GenerateRequest), tonic::Status> {
+    if r.top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(tonic::Status::invalid_argument(format!(
+            "top_logprobs: at most {MAX_TOP_LOGPROBS}, got {}",
+            r.top_logprobs
+        )));
+    }
     let prompt = match r.prompt {
         Some(v1::generate_request::Prompt::Text(t)) => Prompt::Text(t),
         Some(v1::generate_request::Prompt::TokenIds(ids)) => Prompt::Ids(ids.ids),

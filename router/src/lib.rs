@@ -147,7 +147,7 @@ impl Router {
                 config.kv_cache_memory
             )));
         }
-        let tenants = config.tenants.as_deref().map(tenants::Tenants::load).transpose()?;
+        let tenants = config.tenants.as_deref().map(tenants::Tenants::load).transpose()?.map(Arc::new);
         config.http.validate()?;
         if config.tokenizer_threads == Some(0) || config.max_prompt_bytes == 0 {
             return Err(RouterError::Config("--tokenizer-threads and --max-prompt-bytes must be at least 1".into()));
@@ -204,9 +204,9 @@ impl Router {
             max_context,
             metrics: metrics_recorder(),
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            tenants,
+            tenants: tenants.clone(),
         });
-        let service = RouterService { scheduler, tokenizing, cluster, model_type: spec.arch.model_type() };
+        let service = RouterService { scheduler, tokenizing, cluster, tenants, model_type: spec.arch.model_type() };
         Ok(Router { service, http, limits: config.limits })
     }
 

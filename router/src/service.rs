@@ -16,10 +16,14 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::convert::{self, Prompt};
 use crate::scheduler::{Scheduler, Submission};
+use crate::tenants::{Reservation, Tenant, Tenants};
 use crate::tokenize::Tokenizing;
 
 pub struct RouterService {
     pub scheduler: Scheduler,
+    /// The same tenants as the HTTP API (`None`: open): a call carries its key in the
+    /// `authorization: Bearer KEY` metadata.
+    pub tenants: Option<Arc<Tenants>>,
     /// The tokenizer (shared with every request's stream) and the pool prompts are
     /// tokenized on, shared with the HTTP API.
     pub tokenizing: Arc<Tokenizing>,
@@ -29,12 +33,40 @@ pub struct RouterService {
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
+impl RouterService {
+    /// The tenant whose key the call carries (`authorization: Bearer KEY`); `None` when the
+    /// API is open. The same keys as the HTTP API.
+    fn caller(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Option<Arc<Tenant>>, Status> {
+        let Some(tenants) = &self.tenants else { return Ok(None) };
+        let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
+        let key = header
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .ok_or_else(|| Status::unauthenticated("missing API key: send `authorization: Bearer KEY` metadata"))?;
+        tenants.find(key.trim()).map(Some).ok_or_else(|| Status::unauthenticated("invalid API key"))
+    }
+}
+
+/// A tenant's refusal as a status: over a limit for now (RESOURCE_EXHAUSTED), or a request that
+/// can never fit it (INVALID_ARGUMENT naming the field).
+fn over_limit(tenant: &Tenant, e: crate::tenants::OverLimit) -> Status {
+    metrics::counter!(crate::metric_names::TENANT_REJECTED, "tenant" => tenant.name.clone()).increment(1);
+    match e.permanent {
+        Some(field) => Status::invalid_argument(format!("{field}: {e}")),
+        None => Status::resource_exhausted(e.to_string()),
+    }
+}
+
 #[tonic::async_trait]
 impl Router for RouterService {
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let metadata = request.metadata().clone();
+        // Who calls, and whether they may now, before any work on the prompt.
+        let tenant = self.caller(&metadata)?;
+        if let Some(t) = &tenant {
+            t.precheck().map_err(|e| over_limit(t, e))?;
+        }
         let (prompt, mut request) = convert::request(request.into_inner())?;
         let tokenizer = self.tokenizing.tokenizer.clone();
         request.prompt_ids = match prompt {
@@ -58,7 +90,16 @@ impl Router for RouterService {
         );
         // A caller's W3C trace context in the call's metadata makes this request part of its trace.
         crate::trace::join_caller(&span, |k| Some(metadata.get(k)?.to_str().ok()?.to_string()));
-        self.scheduler.submit(Submission { request, events, tenant: None, priority: 0, span })?;
+        let mut reservation: Option<Reservation> = match &tenant {
+            Some(t) => {
+                let reserved =
+                    t.admit(&[request.prompt_ids.len()], 1, request.max_tokens).map_err(|e| over_limit(t, e))?;
+                reserved.into_iter().next()
+            }
+            None => None,
+        };
+        let (tenant_name, priority) = tenant.as_ref().map_or((None, 0), |t| (Some(t.name.clone()), t.priority));
+        self.scheduler.submit(Submission { request, events, tenant: tenant_name, priority, span })?;
         // The first event says whether the request was accepted; a rejection is the call's
         // status rather than an error inside the stream.
         let mut ids = Vec::new();
@@ -67,8 +108,18 @@ impl Router for RouterService {
             Some(Err(e)) => return Err(e.into()),
             None => return Err(Status::unavailable("the router is shutting down")),
         };
+        // The tenant's reservation lives as long as the stream: each token is charged to it,
+        // and what was not generated goes back when the stream ends or the caller leaves.
+        if let Some(r) = &mut reservation {
+            r.started();
+        }
         let rest = UnboundedReceiverStream::new(rx).map(move |e| match e {
-            Ok(e) => Ok(convert::event(e, &mut ids, tokenizer.as_deref())),
+            Ok(e) => {
+                if let (Some(r), crate::scheduler::Event::Token(_)) = (&mut reservation, &e) {
+                    r.generated(1);
+                }
+                Ok(convert::event(e, &mut ids, tokenizer.as_deref()))
+            }
             Err(e) => Err(Status::from(e)),
         });
         let stream = tokio_stream::once(Ok(first)).chain(rest);

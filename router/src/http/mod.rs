@@ -80,7 +80,7 @@ pub struct HttpState {
     /// Unix time the server started (`created` of `/v1/models`).
     pub created: u64,
     /// API keys and limits; `None`: the API is open.
-    pub tenants: Option<Tenants>,
+    pub tenants: Option<Arc<Tenants>>,
 }
 
 /// The tenant calling, from `Authorization: Bearer KEY`; `None` when the API is open.
