@@ -36,7 +36,7 @@ pub struct Args {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
+    /// Sampling temperature; 0 (or anything below 1e-5) is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.

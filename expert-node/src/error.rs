@@ -78,6 +78,8 @@ impl From<NodeError> for tonic::Status {
                 | ModelError::Tokenizer(_)
                 | ModelError::PromptTooLong { .. }
                 | ModelError::Dispatch { .. }
+                | ModelError::NonFinite { .. }
+                | ModelError::NonFiniteTensor { .. }
                 | ModelError::KvCacheFull { .. } => tonic::Status::internal(message),
             },
             NodeError::Placement(_) | NodeError::OverBudget { .. } | NodeError::EmptyPlacement | NodeError::Io(_) => {

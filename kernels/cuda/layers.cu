@@ -1,5 +1,5 @@
 // The per-row layers around the products: embedding lookup, RMSNorm, RoPE, residual adds,
-// the SwiGLU variants, row gathers, and the final greedy pick.
+// the SwiGLU variants, row gathers, the non-finite check, and the final greedy pick.
 
 #define EMBED(NAME, T, LOAD)                                                                                      \
     extern "C" __global__ void embed_##NAME(const T* table, const u32* ids, float* out, int H) {                  \
@@ -74,6 +74,16 @@ extern "C" __global__ void gather_rows(const float* x, const u32* idx, float* ou
     const float* src = x + (long)idx[blockIdx.x] * H;
     float* dst = out + (long)blockIdx.x * H;
     for (int i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
+}
+
+// flags[r] = 1 where row r of H values holds a NaN or an infinity (all exponent bits set),
+// else 0; grid: rows. A bit test rather than isfinite, which fast-math may fold away.
+extern "C" __global__ void non_finite_rows(const float* x, u32* flags, int H) {
+    const float* row = x + (long)blockIdx.x * H;
+    int bad = 0;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) bad |= (__float_as_uint(row[i]) & 0x7f800000u) == 0x7f800000u;
+    bad = __syncthreads_or(bad);
+    if (threadIdx.x == 0) flags[blockIdx.x] = bad ? 1u : 0u;
 }
 
 // Per row of `V` logits: the greedy token (arg max, ties to the lower id) and its

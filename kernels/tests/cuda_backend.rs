@@ -244,6 +244,21 @@ fn quantized_weights_are_refused_where_cuda_cannot_read_them() {
 
 #[test]
 #[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
+fn non_finite_rows_match_cpu() {
+    // Rows wider than one block of threads, a NaN, both infinities and a large finite value.
+    let (rows, cols) = (6, 1000);
+    let mut v = values(rows * cols, 11);
+    v[cols + 999] = f32::NAN;
+    v[3 * cols] = f32::INFINITY;
+    v[4 * cols + 500] = f32::NEG_INFINITY;
+    v[5 * cols + 1] = f32::MAX;
+    let want = CpuBackend.non_finite_rows(&up(&CpuBackend, &v, rows, cols)).unwrap();
+    assert_eq!(want, vec![1, 3, 4]);
+    assert_eq!(gpu().non_finite_rows(&up(gpu(), &v, rows, cols)).unwrap(), want);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
 fn norms_match_cpu_over_rows_and_heads() {
     let (rows, heads, hd) = (5, 4, 32);
     let x = values(rows * heads * hd, 1);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 use memmap2::Mmap;
-use safetensors::{Dtype as StDtype, SafeTensors};
+use safetensors::Dtype as StDtype;
 use switchyard_kernels::{DType, HostBytes, Weight, Weights};
 
 use crate::error::{ModelError, Result};
@@ -168,6 +168,16 @@ impl Tensor {
         Ok(Weight::host(self.dtype.into(), rows, cols, self.host_bytes(), bias)?)
     }
 
+    /// Checks every value is finite, naming the tensor and its first NaN or infinity. For the
+    /// small tensors scanned at load time (norms, biases, gates, sinks, scales); a tensor of
+    /// a quantized dtype is not decoded here and passes.
+    pub fn expect_finite(self) -> Result<Self> {
+        if let Some(w) = self.weights() {
+            check_finite(&self.name, &w.to_f32_vec())?;
+        }
+        Ok(self)
+    }
+
     /// Checks the shape, naming the tensor when it differs.
     pub fn expect_shape(self, expected: &[usize]) -> Result<Self> {
         if self.shape != expected {
@@ -226,6 +236,15 @@ impl Tensor {
     }
 }
 
+/// Checks the values of `tensor` are all finite, naming it and its first NaN or infinity.
+pub fn check_finite(tensor: &str, values: &[f32]) -> Result<()> {
+    let count = values.iter().filter(|v| !v.is_finite()).count();
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(first) => Err(ModelError::NonFiniteTensor { tensor: tensor.to_string(), count, first }),
+        None => Ok(()),
+    }
+}
+
 fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
     switchyard_kernels::Format::from(dtype).encode(values)
 }
@@ -281,22 +300,19 @@ impl Checkpoint {
         // SAFETY: checkpoints are read-only inputs; a concurrent writer would be a user error
         // we cannot guard against (the same contract as every mmap-based loader).
         let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
-        let st = SafeTensors::deserialize(&map)
-            .map_err(|e| ModelError::Safetensors { file: path.clone(), message: e.to_string() })?;
+        let header = read_header(&map).map_err(|message| ModelError::Safetensors { file: path.clone(), message })?;
         let idx = self.files.len();
-        for (name, view) in st.tensors() {
-            let dtype = match view.dtype() {
-                StDtype::BF16 => Ok(DType::BF16),
-                StDtype::F16 => Ok(DType::F16),
-                StDtype::F32 => Ok(DType::F32),
-                StDtype::U8 => Ok(DType::U8),
-                StDtype::F8_E4M3 => Ok(DType::F8E4M3),
-                other => Err(format!("{other:?}")),
+        for h in header {
+            let dtype = match h.dtype.as_str() {
+                "BF16" => Ok(DType::BF16),
+                "F16" => Ok(DType::F16),
+                "F32" => Ok(DType::F32),
+                "U8" => Ok(DType::U8),
+                "F8_E4M3" => Ok(DType::F8E4M3),
+                other => Err(other.to_string()),
             };
-            let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
-            self.entries.insert(name, Entry { file: idx, dtype, shape: view.shape().to_vec(), start });
+            self.entries.insert(h.name, Entry { file: idx, dtype, shape: h.shape, start: h.start });
         }
-        drop(st);
         self.files.push((path, Arc::new(Backing::Mapped(map))));
         Ok(())
     }
@@ -337,6 +353,105 @@ impl Checkpoint {
     pub fn total_bytes(&self) -> usize {
         self.files.iter().map(|(_, b)| b.bytes().len()).sum()
     }
+}
+
+/// One tensor of a safetensors header, checked against the file.
+#[derive(Debug)]
+struct HeaderEntry {
+    name: String,
+    dtype: String,
+    shape: Vec<usize>,
+    /// Byte offset of the tensor's data in the file.
+    start: usize,
+}
+
+/// Bytes per element of the safetensors dtypes (all the format defines with whole bytes).
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" | "C64" => 8,
+        _ => return None,
+    })
+}
+
+/// Parses and checks the header of a safetensors file: the 8-byte header length, the JSON,
+/// and every tensor's dtype, shape and `data_offsets` against the data section, which the
+/// tensors must tile in offset order with neither gap nor overlap. The message names the
+/// tensor that is wrong (after a gap: the tensor that follows it).
+fn read_header(file: &[u8]) -> std::result::Result<Vec<HeaderEntry>, String> {
+    let Some(len_bytes) = file.get(..8) else {
+        return Err(format!("the file has {} bytes, fewer than the 8 of a header length", file.len()));
+    };
+    let n = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+    let data_start = usize::try_from(n).ok().and_then(|n| n.checked_add(8)).filter(|&end| end <= file.len());
+    let Some(data_start) = data_start else {
+        return Err(format!("the header claims {n} bytes but the file has {} after the length", file.len() - 8));
+    };
+    let data_len = file.len() - data_start;
+    let text = std::str::from_utf8(&file[8..data_start]).map_err(|e| format!("the header is not UTF-8: {e}"))?;
+    let json: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("the header is not valid JSON: {e}"))?;
+    let map = json.as_object().ok_or("the header is not a JSON object")?;
+    let mut entries = Vec::with_capacity(map.len());
+    // Per tensor: its data's byte range in the data section.
+    let mut spans: Vec<(usize, usize, usize)> = Vec::with_capacity(map.len());
+    for (name, info) in map.iter().filter(|(k, _)| *k != "__metadata__") {
+        let bad = |what: &str| format!("tensor `{name}`: {what}");
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no `dtype` string"))?;
+        let size = dtype_size(dtype).ok_or_else(|| bad(&format!("unknown dtype `{dtype}`")))?;
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect())
+            .ok_or_else(|| bad("`shape` is not a list of non-negative integers"))?;
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array()).map(Vec::as_slice);
+        let (begin, end) = match offsets.map(|o| o.iter().map(|v| v.as_u64()).collect::<Vec<_>>()).as_deref() {
+            Some(&[Some(b), Some(e)]) => (b, e),
+            _ => return Err(bad("`data_offsets` is not two non-negative integers")),
+        };
+        if begin > end || end > data_len as u64 {
+            return Err(bad(&format!(
+                "data_offsets [{begin}, {end}] do not lie in the data section of {data_len} bytes"
+            )));
+        }
+        let (begin, end) = (begin as usize, end as usize);
+        let bytes = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
+        if bytes != Some(end - begin) {
+            let needed = bytes.map_or_else(|| "more than fit in memory".to_string(), |b| format!("{b} bytes"));
+            return Err(bad(&format!(
+                "{dtype} of shape {shape:?} needs {needed} but data_offsets [{begin}, {end}] hold {}",
+                end - begin
+            )));
+        }
+        spans.push((begin, end, entries.len()));
+        entries.push(HeaderEntry { name: name.clone(), dtype: dtype.to_string(), shape, start: data_start + begin });
+    }
+    spans.sort_unstable();
+    let mut covered = 0;
+    let mut previous: Option<&str> = None;
+    for &(begin, end, i) in &spans {
+        let name = &entries[i].name;
+        if begin > covered {
+            let after = previous.map_or_else(|| "the start of the data".to_string(), |p| format!("tensor `{p}`"));
+            return Err(format!(
+                "tensor `{name}`: data_offsets start at {begin}, leaving {} unused bytes after {after}",
+                begin - covered
+            ));
+        }
+        if begin < covered {
+            let p = previous.expect("only a tensor after another starts before the covered end");
+            return Err(format!("tensor `{name}`: data_offsets [{begin}, {end}] overlap tensor `{p}`'s data"));
+        }
+        covered = end;
+        previous = Some(name);
+    }
+    if covered != data_len {
+        let after = previous.map_or_else(|| "the header".to_string(), |p| format!("the last tensor `{p}`"));
+        return Err(format!("{} unused bytes after {after} at the end of the data section", data_len - covered));
+    }
+    Ok(entries)
 }
 
 /// Writes tensors as one safetensors file (random checkpoints for benchmarks and tests).

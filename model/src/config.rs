@@ -225,6 +225,38 @@ impl Fields<'_> {
         }
     }
 
+    /// `key`, which must be at least 1 where present.
+    fn opt_count(&self, key: &'static str) -> Result<Option<usize>> {
+        match self.opt_usize(key)? {
+            Some(0) => Err(ModelError::Config { field: key, problem: "must be at least 1, got 0".into() }),
+            n => Ok(n),
+        }
+    }
+
+    /// `key`, which must be present and at least 1.
+    fn count(&self, key: &'static str) -> Result<usize> {
+        self.opt_count(key)?.ok_or(ModelError::Config { field: key, problem: "is missing".into() })
+    }
+
+    /// `key`, which must be a finite number > 0 (as an `f32`) where present.
+    fn opt_positive_f32(&self, key: &'static str) -> Result<Option<f32>> {
+        match self.opt_f32(key)? {
+            Some(n) if !(n.is_finite() && n > 0.0) => Err(positive(key, self.get(key))),
+            n => Ok(n),
+        }
+    }
+
+    /// `key`, which must be a finite number where present.
+    fn opt_finite_f32(&self, key: &'static str) -> Result<Option<f32>> {
+        match self.opt_f32(key)? {
+            Some(n) if !n.is_finite() => Err(ModelError::Config {
+                field: key,
+                problem: format!("must be a finite number, got {}", self.get(key).expect("present")),
+            }),
+            n => Ok(n),
+        }
+    }
+
     fn opt_f32(&self, key: &'static str) -> Result<Option<f32>> {
         match self.get(key) {
             None => Ok(None),
@@ -244,16 +276,32 @@ impl Fields<'_> {
         }
     }
 
-    fn token_ids(&self, key: &'static str) -> Result<Vec<u32>> {
-        match self.get(key) {
-            None => Ok(vec![]),
-            Some(Value::Number(n)) => Ok(n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()),
-            Some(Value::Array(a)) => Ok(a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect()),
-            Some(v) => {
-                Err(ModelError::Config { field: key, problem: format!("must be an id or a list of ids, got {v}") })
-            }
-        }
+    /// `key`: one token id or a list of them, each below `vocab_size`.
+    fn token_ids(&self, key: &'static str, vocab_size: usize) -> Result<Vec<u32>> {
+        let ids: Vec<&Value> = match self.get(key) {
+            None => return Ok(vec![]),
+            Some(Value::Array(a)) => a.iter().collect(),
+            Some(v) => vec![v],
+        };
+        ids.into_iter()
+            .map(|v| match v.as_u64() {
+                Some(id) if (id as usize) < vocab_size => Ok(id as u32),
+                Some(id) => Err(ModelError::Config {
+                    field: key,
+                    problem: format!("must be below vocab_size ({vocab_size}), got {id}"),
+                }),
+                None => Err(ModelError::Config {
+                    field: key,
+                    problem: format!("must be a token id or a list of token ids, got {v}"),
+                }),
+            })
+            .collect()
     }
+}
+
+fn positive(key: &'static str, v: Option<&Value>) -> ModelError {
+    let got = v.map_or_else(|| "nothing".to_string(), Value::to_string);
+    ModelError::Config { field: key, problem: format!("must be a finite number > 0, got {got}") }
 }
 
 impl ModelSpec {
@@ -283,22 +331,41 @@ impl ModelSpec {
             .and_then(Value::as_str)
             .ok_or(ModelError::Config { field: "model_type", problem: "is missing".into() })?;
         let arch = Arch::from_model_type(model_type)?;
-        let hidden_size = f.usize("hidden_size")?;
-        let num_layers = f.usize("num_hidden_layers")?;
-        let num_heads = f.usize("num_attention_heads")?;
-        let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads.max(1));
-        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        let vocab_size = f.count("vocab_size")?;
+        let hidden_size = f.count("hidden_size")?;
+        let num_layers = f.count("num_hidden_layers")?;
+        let num_heads = f.count("num_attention_heads")?;
+        let num_kv_heads = f.opt_count("num_key_value_heads")?.unwrap_or(num_heads);
+        if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(ModelError::Config {
                 field: "num_key_value_heads",
                 problem: format!("must divide num_attention_heads ({num_heads}), got {num_kv_heads}"),
             });
         }
-        let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
+        let head_dim = match f.opt_count("head_dim")? {
+            Some(d) => d,
+            None if hidden_size / num_heads == 0 => {
+                return Err(ModelError::Config {
+                    field: "num_attention_heads",
+                    problem: format!(
+                        "must be at most hidden_size ({hidden_size}) when head_dim is absent, got {num_heads}"
+                    ),
+                });
+            }
+            None => hidden_size / num_heads,
+        };
+        // Every architecture rotates head_dim / 2 pairs of each head.
+        if !head_dim.is_multiple_of(2) {
+            return Err(ModelError::Config {
+                field: "head_dim",
+                problem: format!("must be even (RoPE rotates pairs of values), got {head_dim}"),
+            });
+        }
+        let max_position_embeddings = f.opt_count("max_position_embeddings")?.unwrap_or(4096);
         // transformers 5 writes `num_local_experts` for every family; 4.x Qwen/OLMoE `num_experts`.
-        let num_experts = match f.opt_usize("num_local_experts")? {
+        let num_experts = match f.opt_count("num_local_experts")? {
             Some(n) => n,
-            None => f.usize("num_experts")?,
+            None => f.count("num_experts")?,
         };
         let experts_per_token = match f.opt_usize("num_experts_per_tok")? {
             Some(k) => k,
@@ -312,10 +379,10 @@ impl ModelSpec {
                 ),
             });
         }
-        let intermediate_size = f.opt_usize("intermediate_size")?;
+        let intermediate_size = f.opt_count("intermediate_size")?;
         let expert_intermediate_size = match arch {
-            Arch::Qwen2Moe | Arch::Qwen3Moe => f.usize("moe_intermediate_size")?,
-            _ => f.usize("intermediate_size")?,
+            Arch::Qwen2Moe | Arch::Qwen3Moe => f.count("moe_intermediate_size")?,
+            _ => f.count("intermediate_size")?,
         };
 
         let sliding_windows = sliding_windows(arch, f, num_layers)?;
@@ -331,8 +398,8 @@ impl ModelSpec {
         };
         let activation = match arch {
             Arch::GptOss => ExpertActivation::ClampedSwiGlu {
-                alpha: f.opt_f32("swiglu_alpha")?.unwrap_or(1.702),
-                limit: f.opt_f32("swiglu_limit")?.unwrap_or(7.0),
+                alpha: f.opt_finite_f32("swiglu_alpha")?.unwrap_or(1.702),
+                limit: f.opt_positive_f32("swiglu_limit")?.unwrap_or(7.0),
             },
             _ => ExpertActivation::SwiGlu,
         };
@@ -366,17 +433,17 @@ impl ModelSpec {
             RopeScaling::Dynamic { factor } if factor > 1.0 => (max_position_embeddings as f32 * factor) as usize,
             _ => max_position_embeddings,
         };
-        let mut eos_token_ids = f.token_ids("eos_token_id")?;
+        let mut eos_token_ids = f.token_ids("eos_token_id", vocab_size)?;
         eos_token_ids.dedup();
         Ok(ModelSpec {
             arch,
-            vocab_size: f.usize("vocab_size")?,
+            vocab_size,
             hidden_size,
             num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: f.opt_f32("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps: f.opt_positive_f32("rms_norm_eps")?.unwrap_or(1e-6),
             max_position_embeddings,
             max_context,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
@@ -400,13 +467,13 @@ impl ModelSpec {
                 Arch::Olmoe => QkNorm::Full,
                 _ => QkNorm::None,
             },
-            clip_qkv: if arch == Arch::Olmoe { f.opt_f32("clip_qkv")? } else { None },
+            clip_qkv: if arch == Arch::Olmoe { f.opt_positive_f32("clip_qkv")? } else { None },
             attention_sinks: arch == Arch::GptOss,
             router_bias: arch == Arch::GptOss,
             expert_bias: arch == Arch::GptOss,
             dtype,
             quantization,
-            bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
+            bos_token_id: f.token_ids("bos_token_id", vocab_size)?.first().copied(),
             eos_token_ids,
         })
     }
@@ -495,11 +562,17 @@ fn rope_spec(arch: Arch, f: &Fields<'_>) -> Result<RopeSpec> {
         .map(|t| t as f32)
         .or(f.opt_f32("rope_theta")?)
         .unwrap_or(default_theta);
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(ModelError::Config {
+            field: "rope_theta",
+            problem: format!("must be a finite number > 0, got {theta}"),
+        });
+    }
     let Some(p) = params else { return Ok(RopeSpec { theta, scaling: RopeScaling::None }) };
     let p = Fields(p);
     let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
     let factor = || -> Result<f32> {
-        p.opt_f32("factor")?
+        p.opt_positive_f32("factor")?
             .ok_or(ModelError::Config { field: "factor", problem: format!("is required for {kind} RoPE") })
     };
     let scaling = match kind {
@@ -507,21 +580,21 @@ fn rope_spec(arch: Arch, f: &Fields<'_>) -> Result<RopeSpec> {
         "linear" => RopeScaling::Linear { factor: factor()? },
         "dynamic" => RopeScaling::Dynamic { factor: factor()? },
         "yarn" => {
-            let original = p.opt_usize("original_max_position_embeddings")?;
+            let original = p.opt_count("original_max_position_embeddings")?;
             let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
             let original_max_position_embeddings = original.unwrap_or(max_pos);
-            let factor = match p.opt_f32("factor")? {
+            let factor = match p.opt_positive_f32("factor")? {
                 Some(factor) => factor,
                 None => max_pos as f32 / original_max_position_embeddings as f32,
             };
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings,
-                beta_fast: p.opt_f32("beta_fast")?.unwrap_or(32.0),
-                beta_slow: p.opt_f32("beta_slow")?.unwrap_or(1.0),
-                attention_factor: p.opt_f32("attention_factor")?,
-                mscale: p.opt_f32("mscale")?,
-                mscale_all_dim: p.opt_f32("mscale_all_dim")?,
+                beta_fast: p.opt_finite_f32("beta_fast")?.unwrap_or(32.0),
+                beta_slow: p.opt_finite_f32("beta_slow")?.unwrap_or(1.0),
+                attention_factor: p.opt_positive_f32("attention_factor")?,
+                mscale: p.opt_finite_f32("mscale")?,
+                mscale_all_dim: p.opt_finite_f32("mscale_all_dim")?,
                 truncate: p.bool_or("truncate", true)?,
             }
         }
@@ -587,5 +660,58 @@ mod tests {
         assert!(e.to_string().contains("unsupported model_type `llama`"), "{e}");
         let e = ModelSpec::from_json(&j.replace(r#""hidden_size":8,"#, "")).unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        let base: Map<String, Value> = serde_json::from_str(MIXTRAL_4X).unwrap();
+        let err = |field: &str, v: Value| {
+            let mut c = base.clone();
+            c.insert(field.to_string(), v);
+            ModelSpec::from_json(&Value::Object(c).to_string()).unwrap_err().to_string()
+        };
+        let cases = [
+            ("rms_norm_eps", serde_json::json!(-1), "config.json: `rms_norm_eps` must be a finite number > 0, got -1"),
+            ("rms_norm_eps", serde_json::json!(0.0), "`rms_norm_eps` must be a finite number > 0, got 0.0"),
+            // Positive, but 0 as an f32.
+            ("rms_norm_eps", serde_json::json!(1e-50), "`rms_norm_eps` must be a finite number > 0, got "),
+            ("max_position_embeddings", serde_json::json!(0), "`max_position_embeddings` must be at least 1, got 0"),
+            ("eos_token_id", serde_json::json!(99999), "`eos_token_id` must be below vocab_size (32000), got 99999"),
+            (
+                "eos_token_id",
+                serde_json::json!([2, 32000]),
+                "`eos_token_id` must be below vocab_size (32000), got 32000",
+            ),
+            ("eos_token_id", serde_json::json!([2, -1]), "`eos_token_id` must be a token id or a list of token ids"),
+            ("bos_token_id", serde_json::json!(40000), "`bos_token_id` must be below vocab_size (32000), got 40000"),
+            ("vocab_size", serde_json::json!(0), "`vocab_size` must be at least 1, got 0"),
+            ("hidden_size", serde_json::json!(0), "`hidden_size` must be at least 1, got 0"),
+            ("num_hidden_layers", serde_json::json!(0), "`num_hidden_layers` must be at least 1, got 0"),
+            ("num_attention_heads", serde_json::json!(0), "`num_attention_heads` must be at least 1, got 0"),
+            (
+                "num_attention_heads",
+                serde_json::json!(8192),
+                "`num_attention_heads` must be at most hidden_size (4096)",
+            ),
+            ("num_key_value_heads", serde_json::json!(0), "`num_key_value_heads` must be at least 1, got 0"),
+            ("num_key_value_heads", serde_json::json!(5), "`num_key_value_heads` must divide num_attention_heads (32)"),
+            ("head_dim", serde_json::json!(0), "`head_dim` must be at least 1, got 0"),
+            ("head_dim", serde_json::json!(127), "`head_dim` must be even (RoPE rotates pairs of values), got 127"),
+            ("num_local_experts", serde_json::json!(0), "`num_local_experts` must be at least 1, got 0"),
+            ("num_experts_per_tok", serde_json::json!(0), "`num_experts_per_tok` must be between 1 and the number"),
+            ("num_experts_per_tok", serde_json::json!(9), "`num_experts_per_tok` must be between 1 and the number"),
+            ("intermediate_size", serde_json::json!(0), "`intermediate_size` must be at least 1, got 0"),
+            ("rope_theta", serde_json::json!(-10000.0), "`rope_theta` must be a finite number > 0, got -10000"),
+            ("rope_theta", serde_json::json!(0), "`rope_theta` must be a finite number > 0, got 0"),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "linear", "factor": 0}),
+                "`factor` must be a finite number > 0",
+            ),
+        ];
+        for (field, value, want) in cases {
+            let e = err(field, value);
+            assert!(e.contains(want), "{field}: {e}");
+        }
     }
 }

@@ -12,7 +12,7 @@ pub enum ModelError {
     NotACheckpoint { path: PathBuf, reason: String },
     #[error("invalid {file}: {message}")]
     InvalidJson { file: PathBuf, message: String },
-    #[error("config.json: field `{field}` {problem}")]
+    #[error("config.json: `{field}` {problem}")]
     Config { field: &'static str, problem: String },
     #[error("unsupported model_type `{0}`: supported are mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss")]
     UnsupportedArchitecture(String),
@@ -44,10 +44,47 @@ pub enum ModelError {
     Dispatch { layer: usize, reason: String },
     #[error("the request needs {blocks} KV-cache blocks; {available} of {capacity} are free")]
     KvCacheFull { blocks: usize, available: usize, capacity: usize },
+    /// A forward pass produced NaN or infinite activations: the checkpoint's weights are
+    /// broken (or overflow) where `at` says.
+    #[error("NaN or infinite values in {at}")]
+    NonFinite { at: NonFiniteAt },
+    /// A small tensor (norm, bias, gate, sinks) holds a NaN or an infinity at load time.
+    #[error("tensor `{tensor}` holds {count} NaN or infinite value(s), the first at index {first}")]
+    NonFiniteTensor { tensor: String, count: usize, first: usize },
     #[error(transparent)]
     Kernel(#[from] switchyard_kernels::KernelError),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+}
+
+/// Where a forward pass found NaN or infinite activations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NonFiniteAt {
+    /// The embedding rows of these token ids (sorted, each once).
+    Embedding { token_ids: Vec<u32> },
+    /// The hidden states after layer `layer`'s attention block (with its residual).
+    Attention { layer: usize },
+    /// The hidden states after layer `layer`'s feed-forward (with its residual): a MoE block
+    /// (gate, experts, shared expert) or a dense MLP.
+    FeedForward { layer: usize, moe: bool },
+    /// The logits (final norm and `lm_head`).
+    Logits,
+}
+
+impl std::fmt::Display for NonFiniteAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NonFiniteAt::Embedding { token_ids } => {
+                let ids: Vec<String> = token_ids.iter().map(u32::to_string).collect();
+                let s = if token_ids.len() == 1 { "" } else { "s" };
+                write!(f, "the embedding of token id{s} {} (rows of `model.embed_tokens.weight`)", ids.join(", "))
+            }
+            NonFiniteAt::Attention { layer } => write!(f, "layer {layer}'s attention output"),
+            NonFiniteAt::FeedForward { layer, moe: true } => write!(f, "layer {layer}'s MoE output"),
+            NonFiniteAt::FeedForward { layer, moe: false } => write!(f, "layer {layer}'s MLP output"),
+            NonFiniteAt::Logits => write!(f, "the logits (final norm and lm_head)"),
+        }
+    }
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

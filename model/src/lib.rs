@@ -43,7 +43,7 @@ pub mod units;
 pub use checkpoint::{Checkpoint, Tensor};
 pub use config::{Arch, ModelSpec};
 pub use engine::{Engine, EngineOptions, FinishReason, GenerateRequest, GeneratedToken, Generation, Sequence};
-pub use error::{ModelError, Result};
+pub use error::{ModelError, NonFiniteAt, Result};
 pub use kv_cache::SeqCache;
 pub use model::{Chunk, Model};
 pub use sampling::SamplingParams;

@@ -6,6 +6,11 @@
 //! (`mlp.experts.N.gate_proj`, Mixtral's `block_sparse_moe.experts.N.w1`) or fused 3-D
 //! tensors (`mlp.experts.gate_up_proj` `[E, 2I, H]`; gpt-oss `[E, H, 2I]` interleaved,
 //! stored input-major and transposed here once).
+//!
+//! The small tensors (norms, biases, gates, attention sinks, FP8 scales) are checked to be
+//! finite as they are read, naming the first bad one; the large ones (embeddings, attention
+//! projections, experts) would take too long to scan, and a forward pass names the layer
+//! whose activations they break.
 
 use switchyard_kernels::quant::{MXFP4_BLOCK, MXFP4_BLOCK_BYTES, blocks_along};
 use switchyard_kernels::{Backend, CpuBackend, DType, Format, HostBytes, Tensor, Weight};
@@ -95,8 +100,10 @@ impl Names<'_> {
         self.ckpt.get(name)?.expect_shape(shape)
     }
 
+    /// A small vector (a norm's weights, attention sinks), checked to be finite.
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
         let v = self.tensor(name, &[len])?.to_f32_vec()?;
+        checkpoint::check_finite(name, &v)?;
         Ok(self.backend.upload(&v, 1, len)?)
     }
 
@@ -105,10 +112,10 @@ impl Names<'_> {
     }
 
     /// The linear layer `prefix` (`[out, in]`): dense, or FP8 with its `weight_scale_inv`
-    /// where the checkpoint quantized it.
+    /// where the checkpoint quantized it. Its bias and scales are checked to be finite.
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Weight> {
         let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
-        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?) } else { None };
+        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?.expect_finite()?) } else { None };
         if w.dtype() != DType::F8E4M3 {
             return self.weight(&w, b.as_ref());
         }
@@ -118,7 +125,9 @@ impl Names<'_> {
         let format = Format::Fp8 { block };
         let expected = [blocks_along(out, block[0]), blocks_along(inp, block[1])];
         let scales = self.quantized(&format!("{prefix}.weight_scale_inv"), &expected, DType::F32, format)?;
-        let scales: Vec<u8> = scales.to_f32_vec()?.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let values = scales.to_f32_vec()?;
+        checkpoint::check_finite(scales.name(), &values)?;
+        let scales: Vec<u8> = values.iter().flat_map(|s| s.to_le_bytes()).collect();
         let bias = b.as_ref().map(checkpoint::Tensor::to_f32_vec).transpose()?;
         let weight =
             Weight::host_with_scales(format, out, inp, (w.host_bytes(), Some(HostBytes::copy_of(&scales))), bias)?;
@@ -163,7 +172,7 @@ impl Names<'_> {
         let (e, nb) = (self.spec.num_experts, cols / MXFP4_BLOCK);
         let blocks = self.quantized(&blocks_name, &[e, rows, nb, MXFP4_BLOCK_BYTES], DType::U8, Format::Mxfp4)?;
         let scales = self.quantized(&format!("{stem}_scales"), &[e, rows, nb], DType::U8, Format::Mxfp4)?;
-        let bias = self.tensor(&format!("{stem}_bias"), &[e, rows])?.index(x).to_f32_vec()?;
+        let bias = self.tensor(&format!("{stem}_bias"), &[e, rows])?.index(x).expect_finite()?.to_f32_vec()?;
         let parts = (blocks.index(x).host_bytes(), Some(scales.index(x).host_bytes()));
         Ok(self.backend.upload_weight(&Weight::host_with_scales(Format::Mxfp4, rows, cols, parts, Some(bias))?)?)
     }
@@ -245,17 +254,17 @@ impl Names<'_> {
     fn moe(&self, l: usize, keep: ExpertFilter<'_>) -> Result<MoeBlock> {
         let s = self.spec;
         let p = self.moe_prefix(l);
-        let (h, e) = (s.hidden_size, s.num_experts);
+        let e = s.num_experts;
         let gate = match s.arch {
-            Arch::GptOss => self.linear(&format!("{p}.router"), e, h, s.router_bias)?,
-            _ => self.linear(&format!("{p}.gate"), e, h, false)?,
+            Arch::GptOss => self.gate(&format!("{p}.router"), e, s.router_bias)?,
+            _ => self.gate(&format!("{p}.gate"), e, false)?,
         };
         let keep_layer = |x: usize| keep(l, x);
         let experts = self.experts(&p, &keep_layer)?;
         let shared = match s.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
                 mlp: self.mlp(&format!("{p}.shared_expert"), width)?,
-                gate: self.linear(&format!("{p}.shared_expert_gate"), 1, h, false)?,
+                gate: self.gate(&format!("{p}.shared_expert_gate"), 1, false)?,
             }),
             None => None,
         };
@@ -266,6 +275,13 @@ impl Names<'_> {
             experts: ExpertLayer::new(self.backend, s.activation, experts)?,
             shared,
         })
+    }
+
+    /// A gate (`[out, hidden]`: a router's, a shared expert's), small enough to check every
+    /// weight is finite at load time.
+    fn gate(&self, prefix: &str, out: usize, bias: bool) -> Result<Weight> {
+        self.tensor(&format!("{prefix}.weight"), &[out, self.spec.hidden_size])?.expect_finite()?;
+        self.linear(prefix, out, self.spec.hidden_size, bias)
     }
 
     /// The experts of the MoE layer at `p` that `keep(expert)` accepts.
@@ -299,10 +315,10 @@ impl Names<'_> {
         if let ExpertActivation::ClampedSwiGlu { .. } = s.activation {
             // gpt-oss: [E, H, 2I] and [E, I, H], input-major.
             let gate_up = self.tensor(&fused, &[e, h, 2 * i])?.index(x).transposed();
-            let gate_up_bias = self.tensor(&format!("{fused}_bias"), &[e, 2 * i])?.index(x);
+            let gate_up_bias = self.tensor(&format!("{fused}_bias"), &[e, 2 * i])?.index(x).expect_finite()?;
             let down_name = format!("{p}.experts.down_proj");
             let down = self.tensor(&down_name, &[e, i, h])?.index(x).transposed();
-            let down_bias = self.tensor(&format!("{down_name}_bias"), &[e, h])?.index(x);
+            let down_bias = self.tensor(&format!("{down_name}_bias"), &[e, h])?.index(x).expect_finite()?;
             return Ok(Expert::Interleaved {
                 gate_up: self.weight(&gate_up, Some(&gate_up_bias))?,
                 down: self.weight(&down, Some(&down_bias))?,

@@ -14,7 +14,7 @@ use switchyard_kernels::{Backend, Device, Tensor, Weight};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelSpec;
-use crate::error::{ModelError, Result};
+use crate::error::{ModelError, NonFiniteAt, Result};
 use crate::kv_cache::{KvPool, SeqCache};
 use crate::layers::{AttentionWeights, Exec, Mlp};
 use crate::loader::{ExpertFilter, Names};
@@ -116,6 +116,10 @@ impl Model {
     /// each chunk's last position, `[chunks, vocab]` on the model's device. MoE layers' experts
     /// run on `experts` where given, else on the ones held here.
     ///
+    /// The hidden states are checked for NaN and infinities after the embedding and after each
+    /// layer's attention and feed-forward, and so are the logits: the first to fail is a
+    /// [`ModelError::NonFinite`] naming where.
+    ///
     /// On error no cache has advanced: the rows written so far are overwritten when the same
     /// chunks run again.
     pub fn forward(&self, chunks: &mut [Chunk<'_>], experts: Option<&dyn Experts>) -> Result<Tensor> {
@@ -124,6 +128,13 @@ impl Model {
         let Some(pool) = self.check(chunks)? else { return Ok(ops.zeros(0, s.vocab_size)?) };
         let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let mut x = ops.embed(&self.embed, &ids)?;
+        let bad = ops.non_finite_rows(&x)?;
+        if !bad.is_empty() {
+            let mut token_ids: Vec<u32> = bad.iter().map(|&r| ids[r as usize]).collect();
+            token_ids.sort_unstable();
+            token_ids.dedup();
+            return Err(ModelError::NonFinite { at: NonFiniteAt::Embedding { token_ids } });
+        }
         // Rotary tables of every token, each sequence's from its own positions.
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for c in chunks.iter() {
@@ -176,6 +187,10 @@ impl Model {
             };
             let o = self.exec.linear(&ops.attention(&q, &arena, &batch, params)?, &a.o)?;
             ops.add(&mut x, &o)?;
+            // Before the gate sees them: NaN gate logits would route nowhere.
+            if !ops.non_finite_rows(&x)?.is_empty() {
+                return Err(ModelError::NonFinite { at: NonFiniteAt::Attention { layer: l } });
+            }
 
             let h = ops.rms_norm(&x, &layer.post_norm, s.rms_norm_eps)?;
             let y = match &layer.ffn {
@@ -183,11 +198,12 @@ impl Model {
                 FeedForward::Moe(block) => block.forward(&self.exec, l, &h, experts)?,
             };
             ops.add(&mut x, &y)?;
+            if !ops.non_finite_rows(&x)?.is_empty() {
+                let moe = matches!(layer.ffn, FeedForward::Moe(_));
+                return Err(ModelError::NonFinite { at: NonFiniteAt::FeedForward { layer: l, moe } });
+            }
         }
         drop(arena);
-        for c in chunks.iter_mut() {
-            c.cache.advance(c.tokens.len());
-        }
 
         // Only each chunk's last position needs logits.
         let mut end = 0;
@@ -200,7 +216,14 @@ impl Model {
             .collect();
         let mut last = ops.gather_rows(&x, &last)?;
         ops.rms_norm_inplace(&mut last, &self.norm, s.rms_norm_eps)?;
-        self.exec.linear(&last, &self.lm_head)
+        let logits = self.exec.linear(&last, &self.lm_head)?;
+        if !ops.non_finite_rows(&logits)?.is_empty() {
+            return Err(ModelError::NonFinite { at: NonFiniteAt::Logits });
+        }
+        for c in chunks.iter_mut() {
+            c.cache.advance(c.tokens.len());
+        }
+        Ok(logits)
     }
 
     /// [`Model::forward`] with the logits in host memory, one row per chunk.

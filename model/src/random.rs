@@ -95,6 +95,8 @@ impl RandomShape {
     }
 
     pub fn config_json(&self, format: RandomFormat) -> serde_json::Value {
+        // gpt-oss's special tokens, or the last ids of a smaller vocabulary.
+        let special = |id: usize| id.min(self.vocab_size.saturating_sub(200_003 - id));
         let mut c = match self.layout {
             RandomLayout::Mixtral => serde_json::json!({
                 "architectures": ["MixtralForCausalLM"],
@@ -120,9 +122,9 @@ impl RandomShape {
                     "truncate": false, "original_max_position_embeddings": 4096
                 },
                 "rms_norm_eps": 1e-5,
-                "bos_token_id": 199998,
-                "eos_token_id": 200002,
-                "pad_token_id": 199999,
+                "bos_token_id": special(199_998),
+                "eos_token_id": special(200_002),
+                "pad_token_id": special(199_999),
             }),
         };
         let fields = serde_json::json!({

@@ -3,10 +3,15 @@
 
 use switchyard_kernels::cpu::routing::log_softmax;
 
+/// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`). Dividing logits by a smaller
+/// positive temperature overflows them to infinities, whose softmax is NaN: sampling would
+/// draw noise instead of the most likely token the temperature asks for.
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
+
 /// How to pick each next token.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
-    /// 0 picks the most likely token (greedy).
+    /// 0, or anything below [`GREEDY_TEMPERATURE`], picks the most likely token (greedy).
     pub temperature: f32,
     /// Keep the smallest set of tokens whose probability reaches `top_p` (1 disables).
     pub top_p: f32,
@@ -23,9 +28,10 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Whether every pick is the most likely token.
+    /// Whether every pick is the most likely token: a temperature below
+    /// [`GREEDY_TEMPERATURE`], or top-k 1.
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < GREEDY_TEMPERATURE || self.top_k == 1
     }
 
     /// Rejects values no sampler can honour, naming the field.
@@ -139,6 +145,20 @@ mod tests {
     fn greedy_is_argmax() {
         let mut s = Sampler::new(SamplingParams::default());
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        // Positive temperatures down to the smallest subnormal would overflow `logits / t`.
+        let l = logits();
+        let greedy = argmax(&l);
+        for t in [1e-6, 1e-38, 1e-40, 1e-45] {
+            let params = SamplingParams { temperature: t, top_p: 1.0, top_k: 0, seed: Some(3) };
+            assert!(params.is_greedy(), "{t}");
+            let mut s = Sampler::new(params);
+            assert!((0..20).all(|_| s.sample(&l) == greedy), "temperature {t} must pick the argmax");
+        }
+        assert!(!SamplingParams { temperature: GREEDY_TEMPERATURE, ..Default::default() }.is_greedy());
     }
 
     #[test]

@@ -109,3 +109,44 @@ fn chat_templates_render_as_transformers_renders_them() {
     let err = template.render(&bad, true).unwrap_err().to_string();
     assert!(err.contains("Conversation roles must alternate"), "{err}");
 }
+
+/// A NaN in the embedding row of a prompt token, or in `lm_head`, fails the forward pass
+/// with the place named, and leaves the sequence's cache where it was: the same cache then
+/// runs a clean prompt.
+#[test]
+fn non_finite_activations_fail_the_pass_and_leave_the_cache() -> Result<()> {
+    use switchyard_model::{ModelError, NonFiniteAt};
+    let poison = |name: &'static str, index: usize| {
+        move |t: Tensor| {
+            if t.name() != name {
+                return t;
+            }
+            let mut v = t.to_f32_vec().unwrap();
+            v[index] = f32::NAN;
+            Tensor::from_f32(t.name(), t.dtype(), t.shape().to_vec(), &v)
+        }
+    };
+    let hidden = 64;
+    for (dir, want) in [
+        (
+            rewrite("mixtral", poison("model.embed_tokens.weight", 300 * hidden + 3))?,
+            NonFiniteAt::Embedding { token_ids: vec![300] },
+        ),
+        (rewrite("mixtral", poison("lm_head.weight", 5 * hidden))?, NonFiniteAt::Logits),
+    ] {
+        let model = Model::load(dir.path())?;
+        let mut cache = SeqCache::reserve(&model.kv_pool(1)?, 16).expect("a pool of its own");
+        let tokens = [0u32, 300, 17, 300];
+        match model.logits(&mut [Chunk { tokens: &tokens, cache: &mut cache }], None) {
+            Err(ModelError::NonFinite { at }) => assert_eq!(at, want),
+            other => panic!("expected a NonFinite error at {want}, got {other:?}"),
+        }
+        assert_eq!(cache.len(), 0, "a failed pass must not advance the cache");
+        if want == NonFiniteAt::Logits {
+            continue;
+        }
+        model.logits(&mut [Chunk { tokens: &[0, 17], cache: &mut cache }], None)?;
+        assert_eq!(cache.len(), 2);
+    }
+    Ok(())
+}

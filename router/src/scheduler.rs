@@ -58,7 +58,7 @@ pub enum ServeError {
     /// The engine thread failed; this router no longer serves.
     #[error("the router's engine failed and no longer serves: {reason}")]
     EngineFailed { reason: String },
-    /// A forward pass failed (a dispatch or device error).
+    /// A forward pass failed (a dispatch or device error, or NaN or infinite activations).
     #[error("generation failed: {0}")]
     StepFailed(Arc<ModelError>),
     /// The engine and a front end disagree (a bug in the router).

@@ -24,7 +24,8 @@ use crate::{Device, Tensor, Weight};
 
 /// One CUDA device. Tensors and weights it makes live in that device's memory; operations
 /// queue on the device's one stream, and only the calls that return host values
-/// ([`Backend::download`], [`Backend::top_k_gate`], [`Backend::greedy`]) wait for it.
+/// ([`Backend::download`], [`Backend::top_k_gate`], [`Backend::non_finite_rows`],
+/// [`Backend::greedy`]) wait for it.
 #[derive(Clone, Debug)]
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
@@ -218,6 +219,10 @@ impl Backend for CudaBackend {
         check::gather(x, rows)?;
         let y = self.gpu.gather_rows(self.buf(op, "x", x)?, [x.rows(), x.cols()], rows)?;
         Ok(self.tensor(rows.len(), x.cols(), y))
+    }
+
+    fn non_finite_rows(&self, x: &Tensor) -> Result<Vec<u32>> {
+        self.gpu.non_finite_rows(self.buf("non_finite_rows", "x", x)?, x.rows(), x.cols())
     }
 
     fn top_k_gate(&self, logits: &Tensor, k: usize, gate: Gate) -> Result<TopK> {

@@ -306,6 +306,10 @@ pub trait Backend: Send + Sync {
     /// Rows `rows` of `x`, in that order.
     fn gather_rows(&self, x: &Tensor, rows: &[u32]) -> Result<Tensor>;
 
+    /// The rows of `x` that hold a NaN or an infinity, in order (one pass over `x`; the
+    /// forward pass checks its activations with it).
+    fn non_finite_rows(&self, x: &Tensor) -> Result<Vec<u32>>;
+
     // ---- MoE ----
 
     /// Each row's top-`k` experts of its gate `logits` and their weights (to the host).

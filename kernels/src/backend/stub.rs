@@ -133,6 +133,10 @@ impl Backend for CudaBackend {
         Err(self.missing())
     }
 
+    fn non_finite_rows(&self, _: &Tensor) -> Result<Vec<u32>> {
+        Err(self.missing())
+    }
+
     fn greedy(&self, _: &Tensor) -> Result<Vec<(u32, f32)>> {
         Err(self.missing())
     }

@@ -1,5 +1,5 @@
 //! The per-row layers (`layers.cu`): embedding, RMSNorm, RoPE, residuals, the SwiGLU
-//! variants, row gathers, the greedy pick, and the bandwidth probe.
+//! variants, row gathers, the non-finite check, the greedy pick, and the bandwidth probe.
 //!
 //! Sizes are passed beside the buffers because a buffer may be longer than the tensor it
 //! holds (an empty tensor keeps one element); each operation checks its buffers hold them.
@@ -249,6 +249,24 @@ impl Gpu {
         // out holds rows.len() × h.
         unsafe { self.launch("gather_rows", cfg, &args)? };
         Ok(out)
+    }
+
+    /// The rows of `x` (`rows` rows of `h`) holding a NaN or an infinity, in order. Only one
+    /// flag per row leaves the device.
+    pub(crate) fn non_finite_rows(&self, x: &CudaSlice<f32>, rows: usize, h: usize) -> Result<Vec<u32>> {
+        let op = "non_finite_rows";
+        self.check(op, "x", x, count(op, &[rows, h])?)?;
+        if rows == 0 || h == 0 {
+            return Ok(Vec::new());
+        }
+        let cfg = grid(op, rows, 1, 256)?;
+        // SAFETY: the launch below writes one flag per row.
+        let flags = unsafe { self.alloc::<u32>(op, rows)? };
+        let args = [self.p(x), self.p(&flags), Arg::I32(int(op, "row width", h)?)];
+        // SAFETY: x holds rows × h values (checked above), flags rows.
+        unsafe { self.launch("non_finite_rows", cfg, &args)? };
+        let flags = self.download(op, &flags, rows)?;
+        Ok(flags.iter().enumerate().filter(|&(_, &f)| f != 0).map(|(r, _)| r as u32).collect())
     }
 
     /// Per row of `v` logits (`rows` rows): the greedy token (ties to the lower id) and its

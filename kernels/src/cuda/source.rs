@@ -49,6 +49,7 @@ pub const SOURCES: &[Source] = &[
             "clamped_swiglu",
             "scale_rows_sigmoid",
             "gather_rows",
+            "non_finite_rows",
             "greedy_pick",
             "read_sum",
         ],
