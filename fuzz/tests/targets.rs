@@ -41,7 +41,7 @@ fn safetensors_headers() {
         write_safetensors(&path, &tensors).unwrap();
         corpus.push(std::fs::read(&path).unwrap());
     }
-    run("safetensors", &corpus, iterations(2000), |bytes| {
+    run("safetensors", &corpus, iterations(10000), |bytes| {
         std::fs::write(&path, bytes).unwrap();
         let Ok(ckpt) = Checkpoint::open(dir.path()) else { return false };
         let names: Vec<String> = ckpt.names().map(str::to_string).collect();

@@ -227,8 +227,14 @@ impl Fields<'_> {
 
     /// `key`, which must be at least 1 where present.
     fn opt_count(&self, key: &'static str) -> Result<Option<usize>> {
+        // Far above any real model, and low enough that what is sized by it (per-layer tables,
+        // per-expert lists) cannot exhaust memory before the checkpoint is even opened.
+        let most = if key == "num_hidden_layers" { MAX_LAYERS } else { MAX_COUNT };
         match self.opt_usize(key)? {
             Some(0) => Err(ModelError::Config { field: key, problem: "must be at least 1, got 0".into() }),
+            Some(n) if n > most => {
+                Err(ModelError::Config { field: key, problem: format!("must be at most {most}, got {n}") })
+            }
             n => Ok(n),
         }
     }
@@ -298,6 +304,11 @@ impl Fields<'_> {
             .collect()
     }
 }
+
+/// Most layers a config may declare.
+const MAX_LAYERS: usize = 4096;
+/// Most of any other count (widths, heads, experts, vocabulary) a config may declare.
+const MAX_COUNT: usize = 1 << 24;
 
 fn positive(key: &'static str, v: Option<&Value>) -> ModelError {
     let got = v.map_or_else(|| "nothing".to_string(), Value::to_string);
@@ -687,6 +698,8 @@ mod tests {
             ("vocab_size", serde_json::json!(0), "`vocab_size` must be at least 1, got 0"),
             ("hidden_size", serde_json::json!(0), "`hidden_size` must be at least 1, got 0"),
             ("num_hidden_layers", serde_json::json!(0), "`num_hidden_layers` must be at least 1, got 0"),
+            ("num_hidden_layers", serde_json::json!(4294967295u64), "`num_hidden_layers` must be at most 4096"),
+            ("vocab_size", serde_json::json!(1u64 << 40), "`vocab_size` must be at most 16777216"),
             ("num_attention_heads", serde_json::json!(0), "`num_attention_heads` must be at least 1, got 0"),
             (
                 "num_attention_heads",
