@@ -10,6 +10,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
+use tonic_health::pb::health_check_response::ServingStatus;
 use serde_json::{Value, json};
 
 /// A tenants file in a temporary directory: `(name, key, extra TOML lines)` each.
@@ -344,7 +345,9 @@ fn health_is_unavailable_while_an_expert_has_no_reachable_replica() {
     let ready =
         procs.start("router", &["router", "--model", &model, "--expert-nodes", &nodes, "--http", "127.0.0.1:0"], &[]);
     let http = address_of(&ready, "http");
+    let grpc = address_of(&ready, "grpc");
     assert_eq!(http_get(&http, "/health").0, "HTTP/1.1 200 OK");
+    assert_eq!(grpc_health(&grpc), ServingStatus::Serving);
     procs.kill("b");
     let mut last = String::new();
     let unavailable = wait_until(Duration::from_secs(10), || {
@@ -354,6 +357,9 @@ fn health_is_unavailable_while_an_expert_has_no_reachable_replica() {
     });
     assert!(unavailable, "/health stayed 200 with node b gone: {last}");
     assert!(last.contains("layer 0 expert 4 has no reachable replica") && last.contains(&b), "{last}");
+    // gRPC health says the same.
+    let not_serving = wait_until(Duration::from_secs(10), || grpc_health(&grpc) == ServingStatus::NotServing);
+    assert!(not_serving, "gRPC health stayed SERVING with node b gone");
 }
 
 #[test]

@@ -239,11 +239,29 @@ impl Router {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<RouterServer<RouterService>>().await;
         let engine = self.service.scheduler.health.clone();
+        let cluster = self.service.cluster.clone();
         let mut stopping = stopped.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = engine.failed() => {}
-                _ = stopping.wait_for(|&s| s) => {}
+            // NOT_SERVING for good once the engine fails or shutdown begins; meanwhile it
+            // follows whether every expert has a reachable replica, as HTTP `/health` does.
+            let mut serving = true;
+            let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = engine.failed() => break,
+                    _ = stopping.wait_for(|&s| s) => break,
+                    _ = tick.tick() => {
+                        let now = cluster.unserved_expert().is_none();
+                        if now != serving {
+                            serving = now;
+                            if now {
+                                reporter.set_serving::<RouterServer<RouterService>>().await;
+                            } else {
+                                reporter.set_not_serving::<RouterServer<RouterService>>().await;
+                            }
+                        }
+                    }
+                }
             }
             reporter.set_not_serving::<RouterServer<RouterService>>().await;
         });
@@ -260,6 +278,9 @@ impl Router {
         Ok(())
     }
 }
+
+/// How often gRPC health looks at whether every expert is served.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Starts and serves: [`Router::start`], then [`Router::serve`].
 pub async fn run(

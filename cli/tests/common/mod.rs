@@ -215,3 +215,16 @@ impl Drop for UpCluster {
         }
     }
 }
+
+/// The router's standard gRPC health (`grpc.health.v1`) for its `Router` service.
+pub fn grpc_health(address: &str) -> tonic_health::pb::health_check_response::ServingStatus {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap();
+        let mut client = HealthClient::new(channel.connect().await.expect("the router answers"));
+        let request = HealthCheckRequest { service: "switchyard.v1.Router".into() };
+        client.check(request).await.expect("a health answer").into_inner().status()
+    })
+}
