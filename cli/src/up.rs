@@ -86,6 +86,9 @@ pub struct Args {
     /// Passed to the router: HTTP connections open at once at most.
     #[arg(long, env = "SWITCHYARD_HTTP_MAX_CONNECTIONS")]
     http_max_connections: Option<usize>,
+    /// Passed to the router: seconds a client has to send a request's body.
+    #[arg(long, env = "SWITCHYARD_HTTP_BODY_TIMEOUT_SECS")]
+    http_body_timeout_secs: Option<f64>,
     /// Passed to the router: requests waiting for a slot at most.
     #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 1024)]
     max_queue: usize,
@@ -343,6 +346,7 @@ fn run_cluster(
                 ("--tokenizer-threads", args.tokenizer_threads.map(|n| n.to_string())),
                 ("--http-header-timeout-secs", args.http_header_timeout_secs.map(|s| s.to_string())),
                 ("--http-max-connections", args.http_max_connections.map(|n| n.to_string())),
+                ("--http-body-timeout-secs", args.http_body_timeout_secs.map(|s| s.to_string())),
             ];
             for (flag, value) in passed {
                 if let Some(v) = value {

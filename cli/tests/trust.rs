@@ -422,3 +422,34 @@ fn the_grpc_api_takes_the_same_keys_and_limits_as_http() {
     assert_eq!(out["tokens"].as_array().unwrap().len(), 3);
     cluster.stop();
 }
+
+#[test]
+fn a_body_that_trickles_is_answered_408() {
+    let model = fixture("mixtral");
+    let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1", "--http-body-timeout-secs", "1"], &[]);
+    let http = host(&cluster);
+    // Headers at once, then a few bytes of a 100-byte body, then nothing.
+    let mut slow = TcpStream::connect(&http).unwrap();
+    write!(
+        slow,
+        "POST /v1/completions HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\""
+    )
+    .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = slow.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buf[..n]);
+        if response.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 408"), "a trickling body got: {response:?}");
+    // The others are served meanwhile.
+    assert_eq!(request(&http, "GET", "/health", None, None).0, 200);
+    cluster.stop();
+}

@@ -419,6 +419,7 @@ def test_fields_are_honoured_or_refused_by_name(qwen):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model=MODEL, prompt="x", max_tokens=1, **kwargs)
         assert f"`{field}`" in e.value.message, (field, e.value.message)
+        assert e.value.param == field, (field, e.value.param)
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1,

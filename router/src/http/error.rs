@@ -1,6 +1,8 @@
 //! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the HTTP
 //! status a client expects. The one mapping from [`ServeError`] to HTTP lives here.
 
+use std::borrow::Cow;
+
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -14,13 +16,14 @@ use crate::tokenize::TokenizeError;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
-    pub param: Option<&'static str>,
+    /// The request field the error is about.
+    pub param: Option<Cow<'static, str>>,
     pub code: Option<&'static str>,
 }
 
 impl ApiError {
     pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), param, code: None }
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), param: param.map(Cow::Borrowed), code: None }
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
@@ -50,7 +53,7 @@ impl ApiError {
         ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!("The model `{model}` does not exist; this server serves `{served}`"),
-            param: Some("model"),
+            param: Some(Cow::Borrowed("model")),
             code: Some("model_not_found"),
         }
     }
@@ -88,7 +91,7 @@ impl From<ServeError> for ApiError {
             | ServeError::EngineFailed { .. } => (StatusCode::SERVICE_UNAVAILABLE, None),
             ServeError::StepFailed(_) | ServeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
-        ApiError { status, message: e.to_string(), param, code: None }
+        ApiError { status, message: e.to_string(), param: param.map(Cow::Borrowed), code: None }
     }
 }
 

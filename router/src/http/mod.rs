@@ -48,14 +48,20 @@ pub struct HttpLimits {
     /// HTTP connections open at once at most; further ones wait to be accepted.
     #[arg(long, env = "SWITCHYARD_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
     pub http_max_connections: usize,
+    /// Seconds a client has to send a request's body once its headers are in; a body that
+    /// trickles slower is answered 408 and the connection closed.
+    #[arg(long, env = "SWITCHYARD_HTTP_BODY_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub http_body_timeout_secs: f64,
 }
 
 impl HttpLimits {
     pub fn validate(&self) -> Result<(), crate::RouterError> {
-        let t = self.http_header_timeout_secs;
-        if !(t.is_finite() && t > 0.0 && t <= 86_400.0) || self.http_max_connections == 0 {
+        let seconds = |t: f64| t.is_finite() && t > 0.0 && t <= 86_400.0;
+        let (t, b) = (self.http_header_timeout_secs, self.http_body_timeout_secs);
+        if !seconds(t) || !seconds(b) || self.http_max_connections == 0 {
             return Err(crate::RouterError::Config(format!(
-                "--http-header-timeout-secs must be in (0, 86400] (got {t}) and --http-max-connections at least 1"
+                "--http-header-timeout-secs and --http-body-timeout-secs must be in (0, 86400] (got {t} and {b}) \
+                 and --http-max-connections at least 1"
             )));
         }
         Ok(())
@@ -238,20 +244,31 @@ pub async fn serve(
 /// A JSON body whose rejections are OpenAI-shaped errors (400, or 413 when too large).
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<Arc<HttpState>> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => {
+    async fn from_request(req: Request, state: &Arc<HttpState>) -> Result<Self, ApiError> {
+        let seconds = state.limits.http_body_timeout_secs;
+        let read = tokio::time::timeout(Duration::from_secs_f64(seconds), Json::<T>::from_request(req, state));
+        match read.await {
+            Err(_) => Err(ApiError {
+                status: axum::http::StatusCode::REQUEST_TIMEOUT,
+                message: format!("the request body did not arrive within {seconds} s"),
+                param: None,
+                code: None,
+            }),
+            Ok(Ok(Json(v))) => Ok(ApiJson(v)),
+            Ok(Err(rejection)) => {
                 let status = rejection.status();
                 let status = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                     status
                 } else {
                     axum::http::StatusCode::BAD_REQUEST
                 };
-                Err(ApiError { status, message: rejection.body_text(), param: None, code: None })
+                let message = rejection.body_text();
+                // A field refused by name (`openai.rs`) is the error's `param`, as OpenAI sets it.
+                let param = message.split('`').nth(1).filter(|f| !f.is_empty() && !f.contains(' ')).map(|f| f.to_string().into());
+                Err(ApiError { status, message, param, code: None })
             }
         }
     }
