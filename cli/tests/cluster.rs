@@ -273,7 +273,6 @@ fn a_router_whose_engine_thread_panics_stops_serving_and_says_why() {
     cluster.stop();
 }
 
-
 /// An expert node's own status (its `Status` RPC).
 fn node_status(address: &str) -> switchyard_proto::v1::NodeStatus {
     use switchyard_proto::v1::StatusRequest;

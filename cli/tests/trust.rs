@@ -10,8 +10,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tonic_health::pb::health_check_response::ServingStatus;
 use serde_json::{Value, json};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A tenants file in a temporary directory: `(name, key, extra TOML lines)` each.
 fn tenants_file(dir: &tempfile::TempDir, tenants: &[(&str, &str, &str)]) -> String {

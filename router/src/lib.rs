@@ -247,19 +247,21 @@ impl Router {
             let mut serving = true;
             let mut tick = tokio::time::interval(HEALTH_INTERVAL);
             loop {
-                tokio::select! {
-                    _ = engine.failed() => break,
-                    _ = stopping.wait_for(|&s| s) => break,
-                    _ = tick.tick() => {
-                        let now = cluster.unserved_expert().is_none();
-                        if now != serving {
-                            serving = now;
-                            if now {
-                                reporter.set_serving::<RouterServer<RouterService>>().await;
-                            } else {
-                                reporter.set_not_serving::<RouterServer<RouterService>>().await;
-                            }
-                        }
+                let over = tokio::select! {
+                    _ = engine.failed() => true,
+                    _ = stopping.wait_for(|&s| s) => true,
+                    _ = tick.tick() => false,
+                };
+                if over {
+                    break;
+                }
+                let now = cluster.unserved_expert().is_none();
+                if now != serving {
+                    serving = now;
+                    if now {
+                        reporter.set_serving::<RouterServer<RouterService>>().await;
+                    } else {
+                        reporter.set_not_serving::<RouterServer<RouterService>>().await;
                     }
                 }
             }

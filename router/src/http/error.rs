@@ -23,7 +23,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), param: param.map(Cow::Borrowed), code: None }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: param.map(Cow::Borrowed),
+            code: None,
+        }
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {

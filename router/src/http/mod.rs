@@ -267,7 +267,11 @@ impl<T: DeserializeOwned> FromRequest<Arc<HttpState>> for ApiJson<T> {
                 };
                 let message = rejection.body_text();
                 // A field refused by name (`openai.rs`) is the error's `param`, as OpenAI sets it.
-                let param = message.split('`').nth(1).filter(|f| !f.is_empty() && !f.contains(' ')).map(|f| f.to_string().into());
+                let param = message
+                    .split('`')
+                    .nth(1)
+                    .filter(|f| !f.is_empty() && !f.contains(' '))
+                    .map(|f| f.to_string().into());
                 Err(ApiError { status, message, param, code: None })
             }
         }
