@@ -246,6 +246,15 @@ fn quantized_checkpoints_reproduce_transformers() {
     }
 }
 
+/// Replaces `from` by `to` in `dir`'s config.json.
+fn replace_in_config(dir: &std::path::Path, from: &str, to: &str) -> Result<()> {
+    let path = dir.join("config.json");
+    let config = std::fs::read_to_string(&path)?;
+    assert!(config.contains(from), "config.json has no {from}");
+    std::fs::write(&path, config.replace(from, to))?;
+    Ok(())
+}
+
 #[test]
 fn bad_quantized_checkpoints_get_one_line_errors() -> Result<()> {
     use switchyard_model::checkpoint::{Checkpoint, Tensor, write_safetensors};
@@ -253,17 +262,13 @@ fn bad_quantized_checkpoints_get_one_line_errors() -> Result<()> {
     // A quantization method Switchyard does not read.
     let tmp = copy_fixture("qwen3_moe_fp8")?;
     let model = tmp.path().to_str().unwrap();
-    let config = std::fs::read_to_string(tmp.path().join("config.json"))?;
-    std::fs::write(
-        tmp.path().join("config.json"),
-        config.replace("\"quant_method\": \"fp8\"", "\"quant_method\": \"gptq\""),
-    )?;
+    replace_in_config(tmp.path(), "\"quant_method\": \"fp8\"", "\"quant_method\": \"gptq\"")?;
     let err = stderr_of_failure(&["generate", "--model", model, "--prompt", "x"]);
     assert!(
         err.contains("quantization method `gptq` is not supported") && err.contains("mxfp4") && err.contains("fp8"),
         "{err}"
     );
-    std::fs::write(tmp.path().join("config.json"), &config)?;
+    replace_in_config(tmp.path(), "\"quant_method\": \"gptq\"", "\"quant_method\": \"fp8\"")?;
 
     // A scale tensor of the wrong shape: named, with both shapes and the format.
     let ckpt = Checkpoint::open(tmp.path())?;
@@ -285,7 +290,7 @@ fn bad_quantized_checkpoints_get_one_line_errors() -> Result<()> {
 
     // FP8 weights in a checkpoint whose config declares no quantization.
     write_safetensors(&tmp.path().join("model.safetensors"), &all)?;
-    let plain: serde_json::Value = serde_json::from_str(&config)?;
+    let plain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json"))?)?;
     let mut plain = plain.as_object().unwrap().clone();
     plain.remove("quantization_config");
     std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&plain)?)?;
@@ -295,11 +300,7 @@ fn bad_quantized_checkpoints_get_one_line_errors() -> Result<()> {
     // MXFP4 rows must be whole 32-value blocks.
     let tmp = copy_fixture("gpt_oss_mxfp4")?;
     let model = tmp.path().to_str().unwrap();
-    let config = std::fs::read_to_string(tmp.path().join("config.json"))?;
-    std::fs::write(
-        tmp.path().join("config.json"),
-        config.replace("\"intermediate_size\": 96", "\"intermediate_size\": 80"),
-    )?;
+    replace_in_config(tmp.path(), "\"intermediate_size\": 96", "\"intermediate_size\": 80")?;
     let err = stderr_of_failure(&["generate", "--model", model, "--prompt", "x"]);
     assert!(err.contains("MXFP4 rows of 80 values") && err.contains("down_proj_blocks"), "{err}");
     Ok(())
