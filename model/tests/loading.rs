@@ -110,6 +110,25 @@ fn chat_templates_render_as_transformers_renders_them() {
     assert!(err.contains("Conversation roles must alternate"), "{err}");
 }
 
+#[test]
+fn the_embedded_code_model_renders_a_chat_as_comments_above_code() {
+    use switchyard_model::chat::{ChatMessage, ChatTemplate};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/switchyard-code-moe");
+    let template = ChatTemplate::from_dir(&dir).unwrap().expect("the embedded model has a chat template");
+    let messages: Vec<ChatMessage> = serde_json::from_value(serde_json::json!([
+        {"role": "system", "content": "Answer in Python."},
+        {"role": "user", "content": "Sum a list.\nSkip None."},
+        {"role": "assistant", "content": "def total(xs):\n    return sum(x for x in xs if x is not None)"},
+        {"role": "user", "content": [{"type": "text", "text": "Now the "}, {"type": "text", "text": "mean."}]},
+    ]))
+    .unwrap();
+    let prompt = template.render(&messages, true).unwrap();
+    assert_eq!(
+        prompt,
+        "# Answer in Python.\n# Sum a list.\n# Skip None.\ndef total(xs):\n    return sum(x for x in xs if x is not None)\n# Now the mean.\n"
+    );
+}
+
 /// A NaN in the embedding row of a prompt token, or in `lm_head`, fails the forward pass
 /// with the place named, and leaves the sequence's cache where it was: the same cache then
 /// runs a clean prompt.

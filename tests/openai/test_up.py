@@ -73,6 +73,13 @@ def test_up_without_a_model_serves_the_embedded_code_model_and_stops_cleanly(tmp
         rate = parsed / len(PROMPTS)
         print(f"greedy completions that parse: {parsed}/{len(PROMPTS)} ({rate:.0%})")
         assert rate >= 0.5, f"only {parsed} of {len(PROMPTS)} completions parse"
+        # Chat clients work too: the request becomes comments, the answer is code.
+        chat = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "def fibonacci(n):"}], max_tokens=24, temperature=0
+        )
+        assert chat.choices[0].message.role == "assistant"
+        assert chat.choices[0].message.content
+        assert chat.usage.completion_tokens > 0
     finally:
         server.stop()
     assert server.proc.returncode == 0
