@@ -30,6 +30,9 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// The API key of a tenant with `metrics = true`, where the router has `--tenants`.
+        #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
     /// Move a node's experts to other nodes (a new placement epoch) so it can leave; the node
     /// gets no experts again.
@@ -149,7 +152,7 @@ pub async fn router_client(addr: &str) -> Result<RouterClient<Channel>> {
 
 pub fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Status { router, coordinators, json } => status(router, coordinators, json),
+        Command::Status { router, coordinators, json, api_key } => status(router, coordinators, json, api_key),
         Command::Drain { node, coordinators } => {
             let rt = crate::launch::runtime()?;
             let _in_runtime = rt.enter();
@@ -189,13 +192,18 @@ fn change_members(
         .map_err(|s| anyhow::anyhow!("the membership change failed: {}", s.message()))
 }
 
-fn status(router: Option<String>, coordinators: Vec<String>, json: bool) -> Result<()> {
+fn status(router: Option<String>, coordinators: Vec<String>, json: bool, api_key: Option<String>) -> Result<()> {
     let rt = crate::launch::runtime()?;
     let mut report = Report::default();
     if let Some(router) = router {
         let s = rt.block_on(async {
             let mut client = router_client(&router).await?;
-            client.cluster_status(ClusterStatusRequest {}).await.map_err(crate::generate::status_error)
+            let mut request = tonic::Request::new(ClusterStatusRequest {});
+            if let Some(key) = &api_key {
+                let value = format!("Bearer {key}").parse().context("--api-key is not valid in a gRPC header")?;
+                request.metadata_mut().insert("authorization", value);
+            }
+            client.cluster_status(request).await.map_err(crate::generate::status_error)
         })?;
         report.router = Some(router_status(s.into_inner()));
     }

@@ -73,10 +73,11 @@ fn tenants_reserve_what_they_may_generate_and_get_back_what_they_did_not() {
         tenants_file(&dir, &[("small", "small-key", "tokens_per_minute = 200"), ("ops", "ops-key", "metrics = true")]);
     let model = fixture("mixtral");
     // Slow generation down so a streaming request is still running when its client leaves.
-    let cluster = UpCluster::start(
+    let mut cluster = UpCluster::start(
         &["--model", &model, "--expert-nodes", "1", "--tenants", &tenants],
         &[("SWITCHYARD_FAULT_DISPATCH_DELAY_MS", "10")],
     );
+    cluster.api_key = Some("ops-key".into());
     let http = host(&cluster);
     let completion = |max_tokens: u64, n: u64, stream: bool| {
         json!({"model": "mixtral", "prompt": [1, 2], "max_tokens": max_tokens, "n": n, "ignore_eos": true,
@@ -142,7 +143,8 @@ fn metrics_need_the_key_of_a_tenant_allowed_to_read_them() {
     let dir = tempfile::tempdir().unwrap();
     let tenants = tenants_file(&dir, &[("app", "app-key", ""), ("ops", "ops-key", "metrics = true")]);
     let model = fixture("mixtral");
-    let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1", "--tenants", &tenants], &[]);
+    let mut cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1", "--tenants", &tenants], &[]);
+    cluster.api_key = Some("ops-key".into());
     let http = host(&cluster);
     let (code, body) = request(&http, "GET", "/metrics", None, None);
     assert_eq!(code, 401, "{body}");
@@ -168,10 +170,11 @@ fn an_over_limit_tenant_is_refused_before_its_prompt_is_tokenized() {
     let tenants =
         tenants_file(&dir, &[("once", "once-key", "requests_per_minute = 1"), ("ops", "ops-key", "metrics = true")]);
     let model = fixture("mixtral");
-    let cluster = UpCluster::start(
+    let mut cluster = UpCluster::start(
         &["--model", &model, "--expert-nodes", "1", "--tenants", &tenants, "--max-prompt-bytes", "4096"],
         &[],
     );
+    cluster.api_key = Some("ops-key".into());
     let http = host(&cluster);
     let tokenized = || {
         let (_, metrics) = request(&http, "GET", "/metrics", Some("ops-key"), None);
@@ -372,10 +375,15 @@ fn the_grpc_api_takes_the_same_keys_and_limits_as_http() {
     let dir = tempfile::tempdir().unwrap();
     let tenants = tenants_file(
         &dir,
-        &[("once", "once-key", "requests_per_minute = 1"), ("small", "small-key", "tokens_per_minute = 50")],
+        &[
+            ("once", "once-key", "requests_per_minute = 1"),
+            ("small", "small-key", "tokens_per_minute = 50"),
+            ("ops", "ops-key", "metrics = true"),
+        ],
     );
     let model = fixture("mixtral");
-    let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1", "--tenants", &tenants], &[]);
+    let mut cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1", "--tenants", &tenants], &[]);
+    cluster.api_key = Some("ops-key".into());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let addr = format!("http://{}", cluster.addr);
     let call = |key: Option<&str>, max_tokens: u32, top_logprobs: u32| {
@@ -414,6 +422,13 @@ fn the_grpc_api_takes_the_same_keys_and_limits_as_http() {
     // Top log-probabilities are capped as on HTTP.
     let many = refused(call(Some("small-key"), 2, 2048));
     assert!(many.code() == Code::InvalidArgument && many.message().contains("top_logprobs"), "{many:?}");
+    // The cluster's status names every node: only for a tenant that may read metrics.
+    let status = ["cluster", "status", "--router", &cluster.addr, "--json"];
+    let err = stderr_of_failure(&status);
+    assert!(err.contains("API key"), "{err}");
+    let err = stderr_of_failure(&[&status[..], &["--api-key", "small-key"]].concat());
+    assert!(err.contains("may not read the cluster's status"), "{err}");
+    assert!(stdout_of(&[&status[..], &["--api-key", "ops-key"]].concat()).contains("\"nodes\""));
     // `generate --router` passes a key with --api-key.
     let args = ["generate", "--router", &cluster.addr, "--prompt", "x", "--max-tokens", "3", "--json"];
     let err = stderr_of_failure(&args);

@@ -128,8 +128,17 @@ impl Router for RouterService {
 
     async fn cluster_status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        // It names every node and its process: with tenants, only those who may read /metrics.
+        if let Some(t) = self.caller(request.metadata())?
+            && !t.metrics
+        {
+            return Err(Status::permission_denied(format!(
+                "tenant `{}` may not read the cluster's status (it needs `metrics = true` in the tenants file)",
+                t.name
+            )));
+        }
         let nodes = self
             .cluster
             .nodes()

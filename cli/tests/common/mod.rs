@@ -158,6 +158,8 @@ pub struct UpCluster {
     pub http: String,
     /// The coordinators' addresses, comma-separated (empty: a fixed placement).
     pub coordinators: String,
+    /// A key of a tenant with `metrics = true`, for a cluster started with `--tenants`.
+    pub api_key: Option<String>,
 }
 
 impl UpCluster {
@@ -180,11 +182,16 @@ impl UpCluster {
             addr: address_of(&ready, "grpc"),
             http: format!("http://{}/v1", address_of(&ready, "http")),
             coordinators,
+            api_key: None,
         }
     }
 
     pub fn status(&self) -> Value {
-        serde_json::from_str(&stdout_of(&["cluster", "status", "--router", &self.addr, "--json"])).unwrap()
+        let mut args = vec!["cluster", "status", "--router", &self.addr, "--json"];
+        if let Some(key) = &self.api_key {
+            args.extend(["--api-key", key]);
+        }
+        serde_json::from_str(&stdout_of(&args)).unwrap()
     }
 
     /// The coordinators' view (`cluster status --coordinators ... --json`'s `coordinator`).
