@@ -20,8 +20,15 @@ def ids_of(tokens):
 
 
 def test_models_lists_the_served_model(qwen):
-    models = qwen.client().models.list()
+    c = qwen.client()
+    models = c.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    assert c.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-4")
+    assert "gpt-4" in e.value.message
+    with urllib.request.urlopen(qwen.http + "/version") as r:
+        assert json.loads(r.read())["server"] == "switchyard"
 
 
 def test_greedy_completion_reproduces_transformers(qwen):

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API of the router (axum): `/v1/completions`,
-//! `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`, `/tokenize`, `/detokenize`.
+//! `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}`, `/version`, `/health`, `/metrics`,
+//! `/tokenize`, `/detokenize`.
 //!
 //! Connections are served by hyper directly ([`serve`]) so that a client cannot hold one
 //! for free: request headers must arrive within `--http-header-timeout-secs` (which also
@@ -168,6 +169,8 @@ pub fn app(state: Arc<HttpState>) -> Router {
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .route("/version", get(version))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
@@ -278,17 +281,34 @@ impl<T: DeserializeOwned> FromRequest<Arc<HttpState>> for ApiJson<T> {
     }
 }
 
+/// The served model as OpenAI's model object.
+fn model_object(s: &HttpState) -> Value {
+    json!({
+        "id": s.model_name,
+        "object": "model",
+        "created": s.created,
+        "owned_by": "switchyard",
+        "max_model_len": s.max_context,
+    })
+}
+
 async fn models(State(s): State<Arc<HttpState>>, _: Caller) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": s.model_name,
-            "object": "model",
-            "created": s.created,
-            "owned_by": "switchyard",
-            "max_model_len": s.max_context,
-        }],
-    }))
+    Json(json!({"object": "list", "data": [model_object(&s)]}))
+}
+
+/// `GET /v1/models/{id}`: the served model, or 404 naming the id asked for.
+async fn model(
+    State(s): State<Arc<HttpState>>,
+    _: Caller,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    s.check_model(&id)?;
+    Ok(Json(model_object(&s)))
+}
+
+/// `GET /version`: what clients probe to tell servers apart (as vLLM answers it).
+async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION"), "server": "switchyard"}))
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>, _: MetricsReader) -> Response {
