@@ -9,7 +9,7 @@
 //! previous epoch once routers have moved on. Each duty is a logged proposal; one is in flight
 //! at a time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -451,6 +451,9 @@ struct Duties {
     /// Tokens per expert, decayed by half every balance interval.
     expert_load: BTreeMap<ExpertKey, f64>,
     window_rows: BTreeMap<NodeId, u64>,
+    /// Nodes routers have reported answering dispatches (this leader's knowledge): balancing
+    /// never leaves an expert only on nodes outside them.
+    served: BTreeSet<NodeId>,
     window_start: Instant,
     node_rate: BTreeMap<NodeId, f64>,
     load_changed: bool,
@@ -474,6 +477,7 @@ impl Duties {
             activated_at: None,
             expert_load: BTreeMap::new(),
             window_rows: BTreeMap::new(),
+            served: BTreeSet::new(),
             window_start: now,
             node_rate: BTreeMap::new(),
             load_changed: false,
@@ -504,6 +508,9 @@ impl Duties {
         }
         for (node, rows) in load.node_rows {
             *self.window_rows.entry(node).or_default() += rows;
+            if rows > 0 {
+                self.served.insert(node);
+            }
         }
     }
 
@@ -674,6 +681,7 @@ impl Duties {
             load: load.unwrap_or(&empty),
             min_replicas: self.policy.min_replicas,
             max_moves,
+            proven: &self.served,
         };
         match planner::plan(&input) {
             Ok(assignment) => {

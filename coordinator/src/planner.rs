@@ -9,8 +9,9 @@
 //! 3. add replicas up to `min_replicas` where memory allows, on the least-loaded nodes;
 //! 4. balance, at most `max_moves` times until the peak is within 1% of the mean: replicate (hot
 //!    experts) or move (cold ones) one of the busiest node's experts onto the least-loaded node
-//!    that can hold it, when that leaves both nodes below the old peak; then pass 3 again if
-//!    balancing left room, and so on, so that a plan is its own plan.
+//!    that can hold it, when that leaves both nodes below the old peak, and never moving an
+//!    expert's last replica on a proven node (one that has served) to an unproven one; then
+//!    pass 3 again if balancing left room, and so on, so that a plan is its own plan.
 //!
 //! Starting from what is placed means a balanced cluster plans to no change at all and a failure
 //! re-places the failed node's replicas plus at most `max_moves` balancing actions.
@@ -51,7 +52,15 @@ pub struct PlanInput<'a> {
     pub min_replicas: usize,
     /// Most replica additions/moves the balancing phase may make in one plan.
     pub max_moves: usize,
+    /// Nodes known to have answered dispatches. Balancing never moves an expert's last replica
+    /// on one of them to a node outside them (it may replicate there instead): a node that has
+    /// not served yet, which routers hold on probation, must not end up serving an expert alone.
+    /// Re-placing a departed node's experts is not balancing and may use any node.
+    pub proven: &'a BTreeSet<NodeId>,
 }
+
+/// No node is known to have served: balancing moves freely.
+pub static NO_PROVEN_NODES: BTreeSet<NodeId> = BTreeSet::new();
 
 /// Why no placement exists for a [`PlanInput`].
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -167,6 +176,7 @@ struct Slot {
 struct State<'a> {
     expert_bytes: u64,
     load_in: &'a BTreeMap<ExpertKey, f64>,
+    proven: &'a BTreeSet<NodeId>,
     /// Sorted by id, one per id.
     nodes: Vec<Slot>,
     assignment: Assignment,
@@ -184,7 +194,8 @@ impl<'a> State<'a> {
             replicas.dedup();
             assignment.insert(key, replicas);
         }
-        let mut state = State { expert_bytes: input.expert_bytes, load_in: input.load, nodes, assignment };
+        let mut state =
+            State { expert_bytes: input.expert_bytes, load_in: input.load, proven: input.proven, nodes, assignment };
         for node in state.assignment.values().flatten() {
             if let Ok(at) = state.nodes.binary_search_by_key(node, |s| s.id) {
                 state.nodes[at].held += 1;
@@ -381,6 +392,16 @@ impl<'a> State<'a> {
 
     /// Pass 4: at most `max_moves` balancing actions, each one that [`Self::balance_step`] found.
     /// Returns how many it took.
+    /// Whether moving `key`'s replica from `from` to `to` leaves it a replica on a proven node,
+    /// where it has one now.
+    fn keeps_a_proven_replica(&self, key: &ExpertKey, from: NodeId, to: NodeId) -> bool {
+        let proven = self.proven;
+        let replicas = self.replicas(key);
+        !replicas.iter().any(|n| proven.contains(n))
+            || proven.contains(&to)
+            || replicas.iter().any(|n| *n != from && proven.contains(n))
+    }
+
     fn balance(&mut self, max_moves: usize) -> usize {
         for taken in 0..max_moves {
             self.refresh_loads();
@@ -428,7 +449,8 @@ impl<'a> State<'a> {
             let replicate = (peak - share + new_share).max(to_load + new_share);
             let relocate = (peak - share).max(to_load + share);
             let helps = |after: f64, shed: f64| after < peak - MIN_GAIN * shed;
-            let (replicate_helps, relocate_helps) = (helps(replicate, share - new_share), helps(relocate, share));
+            let replicate_helps = helps(replicate, share - new_share);
+            let relocate_helps = helps(relocate, share) && self.keeps_a_proven_replica(&key, busiest, to);
             if replicate_helps && (share > mean || replicate <= relocate || !relocate_helps) {
                 self.add(key, to);
                 return true;
@@ -449,6 +471,28 @@ mod tests {
 
     const BYTES: u64 = 10;
 
+    #[test]
+    fn balancing_never_leaves_an_expert_only_on_nodes_that_have_not_served() {
+        // Node 1 has served and holds every expert, all hot; node 2 just joined.
+        let e = experts(1, 6);
+        let n = nodes(&[1, 2], u64::MAX);
+        let current: Assignment = e.iter().map(|&k| (k, vec![1])).collect();
+        let load: BTreeMap<ExpertKey, f64> = e.iter().map(|&k| (k, 1.0 + f64::from(k.1))).collect();
+        let base = PlanInput { min_replicas: 1, ..input(&e, &n, &current, &load) };
+        // Without the rule, balancing moves experts wholly onto the new node.
+        let free = plan(&base).unwrap();
+        assert!(free.values().any(|r| r == &vec![2]), "{free:?}");
+        // With it, each expert keeps its replica on node 1; the new node gets copies.
+        let proven: BTreeSet<NodeId> = [1].into();
+        let careful = plan(&PlanInput { proven: &proven, ..base }).unwrap();
+        assert!(careful.values().all(|r| r.contains(&1)), "{careful:?}");
+        assert!(careful.values().any(|r| r.contains(&2)), "the new node takes load too: {careful:?}");
+        // Re-placing a departed node's experts is not balancing: they go to the new node.
+        let only_new = nodes(&[2], u64::MAX);
+        let replaced = plan(&PlanInput { proven: &proven, ..input(&e, &only_new, &current, &load) }).unwrap();
+        assert!(replaced.values().all(|r| r == &vec![2]), "{replaced:?}");
+    }
+
     fn experts(layers: u32, per_layer: u32) -> Vec<ExpertKey> {
         (0..layers).flat_map(|l| (0..per_layer).map(move |e| (l, e))).collect()
     }
@@ -468,7 +512,16 @@ mod tests {
         current: &'a Assignment,
         load: &'a BTreeMap<ExpertKey, f64>,
     ) -> PlanInput<'a> {
-        PlanInput { experts, expert_bytes: BYTES, nodes, current, load, min_replicas: 2, max_moves: 16 }
+        PlanInput {
+            experts,
+            expert_bytes: BYTES,
+            nodes,
+            current,
+            load,
+            min_replicas: 2,
+            max_moves: 16,
+            proven: &NO_PROVEN_NODES,
+        }
     }
 
     /// Expert i on `width` consecutive nodes starting at node i mod nodes.
