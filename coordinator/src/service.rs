@@ -87,7 +87,7 @@ impl Coordinator for CoordinatorService {
     async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         if let Some(token) = &self.raft_token {
             let given = request.metadata().get(RAFT_TOKEN).map_or(&[][..], |v| v.as_bytes());
-            if !same_secret(given, token.as_bytes()) {
+            if !switchyard_proto::server::same_secret(given, token.as_bytes()) {
                 return Err(Status::permission_denied("raft traffic needs the members' raft token"));
             }
         }
@@ -269,16 +269,6 @@ async fn answers(id: u64, address: &str) -> Result<(), Status> {
 /// How long a new member has to answer before it is added.
 const MEMBER_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Whether `given` equals `secret`, in a time that depends on their lengths only (not on
-/// where they first differ), so the token cannot be guessed byte by byte.
-fn same_secret(given: &[u8], secret: &[u8]) -> bool {
-    let mut diff = given.len() ^ secret.len();
-    for (i, &s) in secret.iter().enumerate() {
-        diff |= usize::from(given.get(i).copied().unwrap_or(!s) ^ s);
-    }
-    diff == 0
-}
-
 /// How long a follower waits for the leader's status before answering from its own state.
 const FORWARD_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -309,18 +299,5 @@ fn status(view: &View) -> CoordinatorStatus {
             .collect(),
         imbalance: view.imbalance(),
         pid: std::process::id(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn secrets_match_only_when_equal() {
-        use super::same_secret;
-        assert!(same_secret(b"s3cret", b"s3cret"));
-        assert!(!same_secret(b"s3cre", b"s3cret"));
-        assert!(!same_secret(b"s3cret!", b"s3cret"));
-        assert!(!same_secret(b"S3cret", b"s3cret"));
-        assert!(!same_secret(b"", b"s3cret"));
     }
 }

@@ -227,9 +227,13 @@ impl Fields<'_> {
 
     /// `key`, which must be at least 1 where present.
     fn opt_count(&self, key: &'static str) -> Result<Option<usize>> {
-        // Far above any real model, and low enough that what is sized by it (per-layer tables,
-        // per-expert lists) cannot exhaust memory before the checkpoint is even opened.
-        let most = if key == "num_hidden_layers" { MAX_LAYERS } else { MAX_COUNT };
+        self.opt_count_at_most(key, MAX_COUNT)
+    }
+
+    /// `key`, which must be between 1 and `most` where present. The bounds sit far above any
+    /// real model and low enough that what is sized by them (per-layer tables, per-expert
+    /// lists) cannot exhaust memory before the checkpoint is even opened.
+    fn opt_count_at_most(&self, key: &'static str, most: usize) -> Result<Option<usize>> {
         match self.opt_usize(key)? {
             Some(0) => Err(ModelError::Config { field: key, problem: "must be at least 1, got 0".into() }),
             Some(n) if n > most => {
@@ -344,7 +348,9 @@ impl ModelSpec {
         let arch = Arch::from_model_type(model_type)?;
         let vocab_size = f.count("vocab_size")?;
         let hidden_size = f.count("hidden_size")?;
-        let num_layers = f.count("num_hidden_layers")?;
+        let num_layers = f
+            .opt_count_at_most("num_hidden_layers", MAX_LAYERS)?
+            .ok_or(ModelError::Config { field: "num_hidden_layers", problem: "is missing".into() })?;
         let num_heads = f.count("num_attention_heads")?;
         let num_kv_heads = f.opt_count("num_key_value_heads")?.unwrap_or(num_heads);
         if !num_heads.is_multiple_of(num_kv_heads) {

@@ -86,6 +86,18 @@ impl ConnectionLimits {
     }
 }
 
+/// Whether `given` equals `secret`, in a time that depends on their lengths only (not on where
+/// they first differ), so a secret cannot be guessed byte by byte from response times. Every
+/// server comparing a caller's secret (a raft token, an API key's hash) uses this.
+pub fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    let mut diff = given.len() ^ secret.len();
+    for (i, &s) in secret.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(!s) ^ s);
+    }
+    // Keeps the compiler from turning the loop back into an early-exit comparison.
+    std::hint::black_box(diff) == 0
+}
+
 /// An accepted connection holding one of the server's slots until it is dropped.
 pub struct Limited {
     io: TcpStream,
@@ -159,6 +171,15 @@ mod tests {
     use std::io::Read;
 
     use super::*;
+
+    #[test]
+    fn secrets_match_only_when_equal() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3cret!", b"s3cret"));
+        assert!(!same_secret(b"S3cret", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+    }
 
     /// Whether the server closed `conn` (EOF or reset) within `within`.
     fn closed(conn: &mut std::net::TcpStream, within: Duration) -> bool {

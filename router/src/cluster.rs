@@ -7,7 +7,7 @@
 //! the router follows its active epoch, connecting to nodes the epoch adds before switching.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -61,26 +61,26 @@ pub struct Node {
     round_trip_micros: AtomicU64,
     /// Rows answered since the last load report to the coordinators.
     unreported_rows: AtomicU64,
-    /// Whether its answers may be used alone; see [`Node::trust`].
-    proven: AtomicBool,
+    /// How far its answers are trusted: a [`Trust`] as a byte, read on every layer's plan.
+    trust: AtomicU8,
     /// Canary checks its answers passed so far.
     checks_passed: AtomicU64,
-    /// Why it gets no more dispatches: its answers disagreed with another replica's.
-    refused: Mutex<Option<String>>,
     /// A canary check of it is under way (one at a time).
     pub checking: AtomicBool,
 }
 
 /// How far the router trusts a node's answers.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(u8)]
 pub enum Trust {
-    /// Its answers are used.
-    Proven,
     /// New to this router: another replica answers for it while a sample of its answers is
     /// compared with that replica's.
-    OnProbation { checks_passed: u64 },
-    /// Its answers disagreed with another replica's: it gets no dispatches.
-    Refused(String),
+    OnProbation = 0,
+    /// Its answers are used.
+    Proven = 1,
+    /// Its answers disagreed with another replica's: it gets no dispatches (why: its
+    /// `last_error`).
+    Refused = 2,
 }
 
 /// A snapshot of one node for `ClusterStatus`.
@@ -107,38 +107,35 @@ impl Node {
             dispatches: AtomicU64::new(0),
             round_trip_micros: AtomicU64::new(0),
             unreported_rows: AtomicU64::new(0),
-            proven: AtomicBool::new(proven),
+            trust: AtomicU8::new(if proven { Trust::Proven } else { Trust::OnProbation } as u8),
             checks_passed: AtomicU64::new(0),
-            refused: Mutex::new(None),
             checking: AtomicBool::new(false),
         }
     }
 
     pub fn trust(&self) -> Trust {
-        if let Some(why) = self.refused.lock().expect("refused lock").clone() {
-            return Trust::Refused(why);
-        }
-        if self.proven.load(Ordering::Relaxed) {
-            Trust::Proven
-        } else {
-            Trust::OnProbation { checks_passed: self.checks_passed.load(Ordering::Relaxed) }
+        match self.trust.load(Ordering::Acquire) {
+            0 => Trust::OnProbation,
+            1 => Trust::Proven,
+            _ => Trust::Refused,
         }
     }
 
-    /// Records a canary check its answer passed; after `needed` of them it is proven.
+    /// Records a canary check its answer passed; after `needed` of them a node on probation is
+    /// proven (a refused one stays refused).
     pub fn passed_check(&self, needed: u64) {
         let passed = self.checks_passed.fetch_add(1, Ordering::Relaxed) + 1;
-        if passed >= needed && !self.proven.swap(true, Ordering::Relaxed) {
+        let (from, to) = (Trust::OnProbation as u8, Trust::Proven as u8);
+        if passed >= needed && self.trust.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             tracing::info!(node = %self.address, checks = passed, "expert node's answers agree with other replicas: it now serves alone");
         }
     }
 
-    /// Stops using the node: its answers are wrong.
+    /// Stops using the node for good: its answers are wrong.
     pub fn refuse(&self, why: String) {
         tracing::error!(node = %self.address, "expert node refused: {why}");
-        self.proven.store(false, Ordering::Relaxed);
-        *self.refused.lock().expect("refused lock") = Some(why.clone());
         self.link.lock().expect("link lock").last_error = Some(why);
+        self.trust.store(Trust::Refused as u8, Ordering::Release);
     }
 
     pub fn is_up(&self) -> bool {
@@ -148,7 +145,7 @@ impl Node {
     /// The experts of `layer` this node holds, if it is reachable now (one lock, for planning
     /// a whole layer).
     pub fn serving_experts(&self, layer: u32) -> Option<Vec<u32>> {
-        if self.refused.lock().expect("refused lock").is_some() {
+        if self.trust() == Trust::Refused {
             return None;
         }
         let link = self.link.lock().expect("link lock");
@@ -350,7 +347,7 @@ impl Cluster {
         let layers = self.moe_layers.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
         let mut served = vec![false; layers * self.num_experts];
         for node in nodes.iter() {
-            if node.refused.lock().expect("refused lock").is_some() {
+            if node.trust() == Trust::Refused {
                 continue;
             }
             let link = node.link.lock().expect("link lock");

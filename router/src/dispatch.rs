@@ -158,12 +158,17 @@ impl RemoteExperts {
         routes: &[Assignment],
         epoch: u64,
     ) {
-        let held = |n: &Node| n.serving_experts(layer as u32).unwrap_or_default();
-        for node in nodes.iter().filter(|n| matches!(n.trust(), Trust::OnProbation { .. })) {
-            let mine = held(node);
-            let pair = routes.iter().map(|a| a.expert).filter(|e| mine.contains(e)).find_map(|e| {
-                let reference = nodes.iter().find(|t| t.trust() == Trust::Proven && held(t).contains(&e))?;
-                Some((e, reference.clone()))
+        // Usually no node is on probation: then this is one atomic load per node.
+        let idle = |n: &&Arc<Node>| n.trust() == Trust::OnProbation && !n.checking.load(Ordering::Acquire);
+        if !nodes.iter().any(|n| idle(&n)) {
+            return;
+        }
+        let held: Vec<Vec<u32>> = nodes.iter().map(|n| n.serving_experts(layer as u32).unwrap_or_default()).collect();
+        let proven: Vec<usize> = (0..nodes.len()).filter(|&t| nodes[t].trust() == Trust::Proven).collect();
+        for (u, node) in nodes.iter().enumerate().filter(|(_, n)| idle(n)) {
+            let pair = routes.iter().map(|a| a.expert).filter(|e| held[u].contains(e)).find_map(|e| {
+                let reference = proven.iter().find(|&&t| held[t].contains(&e))?;
+                Some((e, nodes[*reference].clone()))
             });
             let Some((expert, reference)) = pair else { continue };
             if node.checking.swap(true, Ordering::AcqRel) {

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::convert::{self, Prompt};
 use crate::scheduler::{Scheduler, Submission};
-use crate::tenants::{Reservation, Tenant, Tenants};
+use crate::tenants::{NoTenant, Reservation, Tenant, Tenants};
 use crate::tokenize::Tokenizing;
 
 pub struct RouterService {
@@ -39,10 +39,13 @@ impl RouterService {
     fn caller(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Option<Arc<Tenant>>, Status> {
         let Some(tenants) = &self.tenants else { return Ok(None) };
         let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
-        let key = header
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .ok_or_else(|| Status::unauthenticated("missing API key: send `authorization: Bearer KEY` metadata"))?;
-        tenants.find(key.trim()).map(Some).ok_or_else(|| Status::unauthenticated("invalid API key"))
+        match tenants.authenticate(header) {
+            Ok(tenant) => Ok(Some(tenant)),
+            Err(NoTenant::MissingKey) => {
+                Err(Status::unauthenticated("missing API key: send `authorization: Bearer KEY` metadata"))
+            }
+            Err(NoTenant::InvalidKey) => Err(Status::unauthenticated("invalid API key")),
+        }
     }
 }
 
@@ -146,9 +149,9 @@ impl Router for RouterService {
             .map(|n| {
                 let v = n.view();
                 let state = match (n.trust(), v.serving) {
-                    (crate::cluster::Trust::Refused(_), _) => "refused",
+                    (crate::cluster::Trust::Refused, _) => "refused",
                     (_, false) => "unreachable",
-                    (crate::cluster::Trust::OnProbation { .. }, true) => "on probation",
+                    (crate::cluster::Trust::OnProbation, true) => "on probation",
                     (crate::cluster::Trust::Proven, true) => "serving",
                 };
                 ExpertNodeInfo {

@@ -83,6 +83,12 @@ impl Bucket {
         ((amount - self.level) * 60.0 / self.capacity).max(0.0)
     }
 
+    /// Refills, then `Err(seconds to wait)` unless `amount` is there now. Takes nothing.
+    fn has(&mut self, amount: f64) -> Result<(), f64> {
+        self.refill();
+        if self.level < amount { Err(self.wait_for(amount)) } else { Ok(()) }
+    }
+
     /// Gives back `amount` taken earlier (never above capacity).
     fn refund(&mut self, amount: f64) {
         self.refill();
@@ -201,22 +207,23 @@ impl Tenant {
             return Err(self.over(format!("{max} concurrent requests at most"), None));
         }
         if let Some(b) = &self.requests {
-            let mut b = b.lock().expect("bucket lock");
-            b.refill();
-            if b.level < 1.0 {
-                let what = format!("{} requests per minute at most; retry in {:.1}s", b.capacity, b.wait_for(1.0));
-                return Err(self.over(what, None));
-            }
+            self.has_request(&mut b.lock().expect("bucket lock"))?;
         }
         if let Some(b) = &self.tokens {
             let mut b = b.lock().expect("bucket lock");
-            b.refill();
-            if b.level < 1.0 {
-                let what = format!("{} tokens per minute at most; retry in {:.1}s", b.capacity, b.wait_for(1.0));
-                return Err(self.over(what, None));
-            }
+            let capacity = b.capacity;
+            b.has(1.0).map_err(|wait| {
+                self.over(format!("{capacity} tokens per minute at most; retry in {wait:.1}s"), None)
+            })?;
         }
         Ok(())
+    }
+
+    /// Whether the request bucket `b` has a request left.
+    fn has_request(&self, b: &mut Bucket) -> Result<(), OverLimit> {
+        let capacity = b.capacity;
+        b.has(1.0)
+            .map_err(|wait| self.over(format!("{capacity} requests per minute at most; retry in {wait:.1}s"), None))
     }
 
     /// Admits one request of `n` choices for each prompt (of `prompts[i]` tokens), each
@@ -246,23 +253,17 @@ impl Tenant {
         let mut requests = self.requests.as_ref().map(|b| b.lock().expect("bucket lock"));
         let mut token_bucket = self.tokens.as_ref().map(|b| b.lock().expect("bucket lock"));
         if let Some(b) = requests.as_deref_mut() {
-            b.refill();
-            if b.level < 1.0 {
-                let what = format!("{} requests per minute at most; retry in {:.1}s", b.capacity, b.wait_for(1.0));
-                return Err(self.over(what, None));
-            }
+            self.has_request(b)?;
         }
         if let Some(b) = token_bucket.as_deref_mut() {
-            b.refill();
-            if b.level < reserve as f64 {
+            let capacity = b.capacity;
+            b.has(reserve as f64).map_err(|wait| {
                 let what = format!(
-                    "{} tokens per minute at most and the request reserves {reserve} (n × (prompt + max_tokens)); \
-                     retry in {:.1}s",
-                    b.capacity,
-                    b.wait_for(reserve as f64)
+                    "{capacity} tokens per minute at most and the request reserves {reserve} (n × (prompt + max_tokens)); \
+                     retry in {wait:.1}s"
                 );
-                return Err(self.over(what, None));
-            }
+                self.over(what, None)
+            })?;
         }
         if let Some(b) = requests.as_deref_mut() {
             b.level -= 1.0;
@@ -298,6 +299,13 @@ impl Tenant {
     }
 }
 
+/// Why a caller is no tenant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NoTenant {
+    MissingKey,
+    InvalidKey,
+}
+
 /// The tenants of a router, each with the SHA-256 of its key.
 pub struct Tenants {
     by_key: Vec<([u8; 32], Arc<Tenant>)>,
@@ -309,12 +317,6 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 }
 
 /// Whether `a == b`, in a time that depends on neither: every byte is looked at.
-fn equal_in_constant_time(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    // Keeps the compiler from turning the fold back into an early-exit comparison.
-    std::hint::black_box(diff) == 0
-}
-
 fn parse_hex(s: &str) -> Option<[u8; 32]> {
     let s = s.trim();
     if s.len() != 64 {
@@ -362,13 +364,21 @@ impl Tenants {
         Ok(Tenants { by_key })
     }
 
+    /// The tenant an `Authorization` value (`Bearer KEY`) names; both front ends call this.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Tenant>, NoTenant> {
+        let key = authorization
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .ok_or(NoTenant::MissingKey)?;
+        self.find(key.trim()).ok_or(NoTenant::InvalidKey)
+    }
+
     /// The tenant whose key is `key`. Compares the key's hash with every tenant's, each in
     /// constant time, and never stops early.
     pub fn find(&self, key: &str) -> Option<Arc<Tenant>> {
         let hash = hash_key(key);
         let mut found = None;
         for (stored, tenant) in &self.by_key {
-            if equal_in_constant_time(stored, &hash) {
+            if switchyard_proto::server::same_secret(stored, &hash) {
                 found = Some(tenant.clone());
             }
         }
@@ -521,11 +531,11 @@ mod tests {
     fn the_comparison_looks_at_every_byte() {
         let a = hash_key("a");
         let mut b = a;
-        assert!(equal_in_constant_time(&a, &b));
+        assert!(switchyard_proto::server::same_secret(&a, &b));
         for i in [0, 15, 31] {
             b = a;
             b[i] ^= 1;
-            assert!(!equal_in_constant_time(&a, &b), "a difference in byte {i}");
+            assert!(!switchyard_proto::server::same_secret(&a, &b), "a difference in byte {i}");
         }
     }
 }

@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 
 use crate::cluster::Cluster;
 use crate::scheduler::Scheduler;
-use crate::tenants::{Tenant, Tenants};
+use crate::tenants::{NoTenant, Tenant, Tenants};
 use crate::tokenize::Tokenizing;
 use error::ApiError;
 
@@ -100,11 +100,13 @@ impl FromRequestParts<Arc<HttpState>> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<HttpState>) -> Result<Self, ApiError> {
         let Some(tenants) = &state.tenants else { return Ok(Caller(None)) };
         let header = parts.headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let key = header
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .ok_or_else(|| ApiError::unauthorized("missing API key: send `Authorization: Bearer KEY`"))?;
-        let tenant = tenants.find(key.trim()).ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
-        Ok(Caller(Some(tenant)))
+        match tenants.authenticate(header) {
+            Ok(tenant) => Ok(Caller(Some(tenant))),
+            Err(NoTenant::MissingKey) => {
+                Err(ApiError::unauthorized("missing API key: send `Authorization: Bearer KEY`"))
+            }
+            Err(NoTenant::InvalidKey) => Err(ApiError::unauthorized("invalid API key")),
+        }
     }
 }
 
