@@ -12,6 +12,7 @@ use switchyard_model::moe::Experts;
 use switchyard_model::random::{RandomFormat, RandomShape, write_random_checkpoint};
 use switchyard_model::sampling::Rng;
 use switchyard_model::{Chunk, Model, SeqCache};
+use switchyard_proto::tls::{Role, TlsFlags};
 use switchyard_router::{Cluster, RemoteExperts};
 
 use crate::progress::Progress;
@@ -181,8 +182,13 @@ pub fn run(args: Args) -> Result<()> {
         });
     }
     let mut cluster_rows = Vec::new();
+    // Each node count twice, plaintext and mutual TLS: what the encryption costs a round trip.
+    let certs = tempfile::tempdir()?;
+    let authority = crate::certs::Authority::create(certs.path())?;
     for &n in &args.expert_nodes {
-        cluster_rows.extend(cluster_decode(&dir, &model, n, &contexts, &single, args.steps)?);
+        for tls in [None, Some(&authority)] {
+            cluster_rows.extend(cluster_decode(&dir, &model, n, tls, &contexts, &single, args.steps)?);
+        }
     }
     let s = &model.spec;
     println!(
@@ -226,15 +232,16 @@ pub fn run(args: Args) -> Result<()> {
         println!("decode with the experts on expert nodes (loopback gRPC), against the single process:");
         println!();
         println!(
-            "| expert nodes | batch | tokens/s | vs single process | layer round trip | of which outside compute |"
+            "| expert nodes | transport  | batch | tokens/s | vs single process | layer round trip | of which outside compute |"
         );
         println!(
-            "|-------------:|------:|---------:|------------------:|-----------------:|-------------------------:|"
+            "|-------------:|------------|------:|---------:|------------------:|-----------------:|-------------------------:|"
         );
         for r in &cluster_rows {
             println!(
-                "| {:>12} | {:>5} | {:>8.1} | {:>16.1}% | {:>13.0} µs | {:>21.0} µs |",
+                "| {:>12} | {:<10} | {:>5} | {:>8.1} | {:>16.1}% | {:>13.0} µs | {:>21.0} µs |",
                 r.nodes,
+                r.transport,
                 r.batch,
                 r.tokens_per_s,
                 100.0 * r.vs_single,
@@ -290,6 +297,8 @@ pub(crate) fn new_caches(model: &Model, lengths: &[usize]) -> Result<Vec<SeqCach
 
 struct ClusterRow {
     nodes: usize,
+    /// `plaintext` or `mutual TLS`.
+    transport: &'static str,
     batch: usize,
     tokens_per_s: f64,
     vs_single: f64,
@@ -303,6 +312,7 @@ fn cluster_decode(
     dir: &Path,
     model: &Model,
     n: usize,
+    tls: Option<&crate::certs::Authority>,
     contexts: &[Vec<Vec<u32>>],
     single: &[f64],
     steps: usize,
@@ -316,10 +326,16 @@ fn cluster_decode(
         dir,
         crate::up::Placement::Fixed(&sets),
         &["--threads".into(), threads],
+        tls,
         &crate::launch::Output { quiet: true, log_dir: None },
     ))?;
     let measured = (|| -> Result<Vec<ClusterRow>> {
-        let cluster = rt.block_on(Cluster::connect(&addresses, &model.spec, Duration::from_secs(60)))?;
+        let security = match tls {
+            Some(authority) => authority.issue(Role::Router, "bench-router")?.load(Role::Router),
+            None => TlsFlags::plaintext().load(Role::Router),
+        }
+        .map_err(anyhow::Error::msg)?;
+        let cluster = rt.block_on(Cluster::connect(&addresses, &security, &model.spec, Duration::from_secs(60)))?;
         let remote = RemoteExperts::new(cluster, rt.handle().clone(), Duration::from_secs(60));
         let mut out = Vec::new();
         for (ctx, &base) in contexts.iter().zip(single) {
@@ -328,6 +344,7 @@ fn cluster_decode(
             let (layers, micros, compute) = remote.stats.snapshot().since(&before);
             out.push(ClusterRow {
                 nodes: n,
+                transport: if tls.is_some() { "mutual TLS" } else { "plaintext" },
                 batch: ctx.len(),
                 tokens_per_s: (ctx.len() * steps) as f64 / seconds,
                 vs_single: base / seconds,

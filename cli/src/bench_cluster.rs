@@ -25,6 +25,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use switchyard_coordinator::client::Client;
 use switchyard_coordinator::convert::{active, epoch_state_name, node_state_name};
+use switchyard_proto::tls::{Role, TlsFlags};
 use switchyard_proto::v1::{ClusterStatusRequest, CoordinatorStatus};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -79,6 +80,8 @@ struct Up {
     model: String,
     router: String,
     coordinators: Client,
+    /// The cluster's CA and certificates (`up` makes them).
+    tls: std::path::PathBuf,
 }
 
 impl Up {
@@ -114,12 +117,16 @@ impl Up {
         let models = client.get(format!("{http}/v1/models").parse()?).await?.into_body().collect().await?.to_bytes();
         let models: serde_json::Value = serde_json::from_slice(&models)?;
         let model = models["data"][0]["id"].as_str().context("the server lists no model")?.to_string();
+        let tls = std::path::PathBuf::from(word("tls")?);
+        let admin = TlsFlags::files(tls.join("ca.pem"), tls.join("admin.pem"), tls.join("admin-key.pem"));
+        let security = admin.load(Role::Admin).map_err(anyhow::Error::msg)?;
         Ok(Up {
             child,
             http,
             model,
             router: word("grpc")?,
-            coordinators: Client::new(&coordinators).map_err(anyhow::Error::msg)?,
+            coordinators: Client::new(&coordinators, &security).map_err(anyhow::Error::msg)?,
+            tls,
         })
     }
 
@@ -379,9 +386,12 @@ async fn rogue_node(args: &Args) -> Result<RogueRow> {
         None => crate::up::embedded_model()?,
     };
     let coordinators = up.coordinators.addresses().join(",");
+    // An insider: a process holding a valid expert-node certificate of the cluster.
+    let certificate = crate::certs::Authority::open(&up.tls)?.issue(Role::Node, "rogue")?;
     let mut rogue = tokio::process::Command::new(std::env::current_exe()?)
         .args(["expert-node", "--listen", "127.0.0.1:0", "--coordinators", &coordinators, "--model"])
         .arg(&model)
+        .args(crate::certs::as_args(&certificate))
         .env("SWITCHYARD_FAULT_WRONG_ANSWERS", "50")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

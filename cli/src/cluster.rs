@@ -6,6 +6,7 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use switchyard_proto::tls::{Role, TlsFlags};
 use switchyard_proto::v1::ClusterStatusRequest;
 use switchyard_proto::v1::router_client::RouterClient;
 use tonic::transport::Channel;
@@ -33,6 +34,9 @@ enum Command {
         /// The API key of a tenant with `metrics = true`, where the router has `--tenants`.
         #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// With `--coordinators`: an admin certificate.
+        #[command(flatten)]
+        tls: TlsFlags,
     },
     /// Move a node's experts to other nodes (a new placement epoch) so it can leave; the node
     /// gets no experts again.
@@ -42,6 +46,9 @@ enum Command {
         /// Coordinators (`host:port`, comma-separated).
         #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',', required = true)]
         coordinators: Vec<String>,
+        /// An admin certificate.
+        #[command(flatten)]
+        tls: TlsFlags,
     },
     /// Add a coordinator to the raft group (start it first with `--join`); it catches up
     /// from a snapshot.
@@ -51,6 +58,9 @@ enum Command {
         /// The running group (`host:port`, comma-separated).
         #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',', required = true)]
         coordinators: Vec<String>,
+        /// An admin certificate.
+        #[command(flatten)]
+        tls: TlsFlags,
     },
     /// Remove a coordinator from the raft group.
     RemoveCoordinator {
@@ -59,6 +69,9 @@ enum Command {
         /// The running group (`host:port`, comma-separated).
         #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',', required = true)]
         coordinators: Vec<String>,
+        /// An admin certificate.
+        #[command(flatten)]
+        tls: TlsFlags,
     },
 }
 
@@ -152,47 +165,62 @@ pub async fn router_client(addr: &str) -> Result<RouterClient<Channel>> {
 
 pub fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Status { router, coordinators, json, api_key } => status(router, coordinators, json, api_key),
-        Command::Drain { node, coordinators } => {
+        Command::Status { router, coordinators, json, api_key, tls } => {
+            status(router, coordinators, json, api_key, &tls)
+        }
+        Command::Drain { node, coordinators, tls } => {
             let rt = crate::launch::runtime()?;
             let _in_runtime = rt.enter();
-            let client = switchyard_coordinator::client::Client::new(&coordinators).map_err(anyhow::Error::msg)?;
+            let client = admin_client(&coordinators, &tls)?;
             let id = rt
                 .block_on(client.drain(node.clone()))
                 .map_err(|s| anyhow::anyhow!("cannot drain {node}: {}", s.message()))?;
             println!("draining expert node {id}: its experts move to other nodes in the next epoch");
             Ok(())
         }
-        Command::AddCoordinator { member, coordinators } => {
+        Command::AddCoordinator { member, coordinators, tls } => {
             let (id, address) = member
                 .split_once('=')
                 .and_then(|(id, a)| Some((id.parse::<u64>().ok().filter(|&id| id > 0)?, a.to_string())))
                 .with_context(|| format!("{member:?} is not ID=HOST:PORT"))?;
-            change_members(&coordinators, [(id, address)].into(), Vec::new())?;
+            change_members(&coordinators, &tls, [(id, address)].into(), Vec::new())?;
             println!("coordinator {id} added");
             Ok(())
         }
-        Command::RemoveCoordinator { id, coordinators } => {
-            change_members(&coordinators, Default::default(), vec![id])?;
+        Command::RemoveCoordinator { id, coordinators, tls } => {
+            change_members(&coordinators, &tls, Default::default(), vec![id])?;
             println!("coordinator {id} removed");
             Ok(())
         }
     }
 }
 
+/// A client of the coordinators at `addresses`, with the admin certificate `tls` names.
+fn admin_client(addresses: &[String], tls: &TlsFlags) -> Result<switchyard_coordinator::client::Client> {
+    let security = tls.load(Role::Admin).map_err(anyhow::Error::msg)?;
+    switchyard_coordinator::client::Client::new(addresses, &security).map_err(anyhow::Error::msg)
+}
+
 fn change_members(
     coordinators: &[String],
+    tls: &TlsFlags,
     add: std::collections::HashMap<u64, String>,
     remove: Vec<u64>,
 ) -> Result<()> {
     let rt = crate::launch::runtime()?;
     let _in_runtime = rt.enter();
-    let client = switchyard_coordinator::client::Client::new(coordinators).map_err(anyhow::Error::msg)?;
+    let client = admin_client(coordinators, tls)?;
     rt.block_on(client.change_members(add, remove))
         .map_err(|s| anyhow::anyhow!("the membership change failed: {}", s.message()))
 }
 
-fn status(router: Option<String>, coordinators: Vec<String>, json: bool, api_key: Option<String>) -> Result<()> {
+fn status(
+    router: Option<String>,
+    coordinators: Vec<String>,
+    json: bool,
+    api_key: Option<String>,
+    tls: &TlsFlags,
+) -> Result<()> {
     let rt = crate::launch::runtime()?;
     let mut report = Report::default();
     if let Some(router) = router {
@@ -209,7 +237,7 @@ fn status(router: Option<String>, coordinators: Vec<String>, json: bool, api_key
     }
     if !coordinators.is_empty() {
         let _in_runtime = rt.enter();
-        let client = switchyard_coordinator::client::Client::new(&coordinators).map_err(anyhow::Error::msg)?;
+        let client = admin_client(&coordinators, tls)?;
         let s = rt.block_on(client.status()).map_err(|s| {
             anyhow::anyhow!("the coordinators ({}) did not answer: {}", coordinators.join(", "), s.message())
         })?;

@@ -6,6 +6,7 @@
 //! - [`serve`]: `switchyard expert-node`, `router` and `coordinator`, the cluster's roles.
 //! - [`up`]: `switchyard up`, a whole cluster on this machine as child processes.
 //! - [`cluster`]: `switchyard cluster status` and `drain`: the router's and the coordinators' views.
+//! - [`certs`]: `switchyard tls`: the cluster's CA and the roles' certificates.
 //! - [`bench`]: `switchyard bench`, throughput against the memory-bandwidth floor and the
 //!   single process.
 //! - [`bench_cluster`]: `switchyard bench cluster`, failover and balancing under load.
@@ -19,6 +20,7 @@ mod bench_cluster;
 #[cfg(feature = "cuda")]
 mod bench_gpu;
 mod bench_serve;
+mod certs;
 mod cluster;
 mod generate;
 mod launch;
@@ -55,6 +57,8 @@ enum Command {
     Up(up::Args),
     /// Inspect a running cluster.
     Cluster(cluster::Args),
+    /// Make the cluster's CA and the roles' certificates (mutual TLS between the roles).
+    Tls(certs::Args),
     /// Measure engine throughput against the memory-bandwidth floor.
     Bench(bench::Args),
 }
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         Command::Coordinator(_) => "switchyard-coordinator",
         Command::Up(_) => "switchyard-up",
         Command::Cluster(_) => "switchyard-cluster",
+        Command::Tls(_) => "switchyard-tls",
         Command::Bench(_) => "switchyard-bench",
     };
     let telemetry = match telemetry::init(service, cli.otlp_endpoint.as_deref()) {
@@ -85,6 +90,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => serve::coordinator(args),
         Command::Up(args) => up::run(args, otlp),
         Command::Cluster(args) => cluster::run(args),
+        Command::Tls(args) => certs::run(args),
         Command::Bench(args) => bench::run(args),
     };
     drop(telemetry);

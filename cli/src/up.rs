@@ -1,7 +1,7 @@
 //! `switchyard up`: a whole cluster on this machine. Starts a coordinator group (3 members
 //! by default), N expert nodes that register with it, and a router that follows its placement,
 //! all as child processes on loopback; prints `ready: grpc ADDRESS http ADDRESS coordinators
-//! A,B,C` once the router serves, and stops every child on Ctrl-C or SIGTERM. With
+//! A,B,C tls DIR` once the router serves, and stops every child on Ctrl-C or SIGTERM. With
 //! `--coordinators 0` the placement is fixed instead: every expert on R nodes, given to each
 //! node with `--experts`.
 
@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use switchyard_expert_node::ExpertSet;
 use switchyard_model::ModelSpec;
+use switchyard_proto::tls::{Role, TlsFlags};
 
+use crate::certs::{Authority, as_args};
 use crate::launch::{Output, Proc, runtime, shutdown_signal};
 use crate::progress::Progress;
 
@@ -96,6 +98,11 @@ pub struct Args {
     /// cache and the experts in that GPU's memory (a build with `--features cuda`).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     device: switchyard_kernels::Device,
+    /// Connect the cluster's processes without TLS. By default `up` makes a CA and a
+    /// certificate per process in `DATA_DIR/tls` (kept across restarts), and every internal
+    /// connection is mutual TLS.
+    #[arg(long, env = "SWITCHYARD_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
 }
 
 /// How long a child may take to load and serve.
@@ -117,12 +124,22 @@ pub enum Placement<'a> {
     Coordinated { nodes: usize, coordinators: &'a [String] },
 }
 
-/// Starts expert nodes (with `extra` flags) placed by `placement`; returns them and their
-/// addresses once all serve.
+/// The TLS flags of the process `name` in `role`: a certificate `tls` issues it, or plaintext.
+pub fn tls_args(tls: Option<&Authority>, role: Role, name: &str) -> Result<Vec<String>> {
+    match tls {
+        Some(authority) => Ok(as_args(&authority.issue(role, name)?)),
+        None => Ok(vec!["--insecure-plaintext".into()]),
+    }
+}
+
+/// Starts expert nodes (with `extra` flags) placed by `placement`, each with its own
+/// certificate from `tls` (plaintext without); returns them and their addresses once all
+/// serve.
 pub async fn start_nodes(
     model: &std::path::Path,
     placement: Placement<'_>,
     extra: &[String],
+    tls: Option<&Authority>,
     out: &Output,
 ) -> Result<(Vec<Proc>, Vec<String>)> {
     let flags: Vec<[String; 2]> = match placement {
@@ -142,7 +159,9 @@ pub async fn start_nodes(
         ];
         args.extend_from_slice(flag);
         args.extend_from_slice(extra);
-        procs.push(Proc::spawn(&format!("expert-node-{i}"), &args, out)?);
+        let name = format!("expert-node-{i}");
+        args.extend(tls_args(tls, Role::Node, &name)?);
+        procs.push(Proc::spawn(&name, &args, out)?);
     }
     let mut addresses = Vec::new();
     for i in 0..procs.len() {
@@ -205,6 +224,7 @@ async fn start_coordinators(
     args: &Args,
     data_dir: &Path,
     extra: &[String],
+    tls: Option<&Authority>,
     out: &Output,
 ) -> Result<(Vec<Proc>, Vec<String>)> {
     let addresses = coordinator_addresses(args.coordinators, data_dir)?;
@@ -239,8 +259,10 @@ async fn start_coordinators(
             args.imbalance_threshold.to_string(),
         ];
         a.extend_from_slice(extra);
+        let name = format!("coordinator-{}", i + 1);
+        a.extend(tls_args(tls, Role::Coordinator, &name)?);
         let env = [("SWITCHYARD_RAFT_TOKEN", token.as_str())];
-        procs.push(Proc::spawn_with_env(&format!("coordinator-{}", i + 1), &a, &env, out)?);
+        procs.push(Proc::spawn_with_env(&name, &a, &env, out)?);
     }
     for i in 0..procs.len() {
         ready_among(&mut procs, i).await?;
@@ -288,6 +310,14 @@ fn run_cluster(
     progress: &Progress,
 ) -> Result<()> {
     let steps = args.expert_nodes + 1 + args.coordinators;
+    // The cluster's CA, and the certificate `up` itself (and an operator's CLI) uses.
+    let tls_dir = data_dir.join("tls");
+    let authority = if args.insecure_plaintext { None } else { Some(Authority::open_or_create(&tls_dir)?) };
+    let admin = match &authority {
+        Some(a) => a.issue(Role::Admin, "admin")?,
+        None => TlsFlags::plaintext(),
+    };
+    let tls = authority.as_ref();
     runtime()?.block_on(async {
         let mut extra = Vec::new();
         if let Some(t) = args.threads {
@@ -303,15 +333,15 @@ fn run_cluster(
         let mut coordinators = Vec::new();
         let started = async {
             let placement = if args.coordinators > 0 {
-                let (procs, addresses) = start_coordinators(args, data_dir, &otlp, out).await?;
+                let (procs, addresses) = start_coordinators(args, data_dir, &otlp, tls, out).await?;
                 children.extend(procs);
                 progress.update(args.coordinators, steps);
                 coordinators = addresses;
                 let placement = Placement::Coordinated { nodes: args.expert_nodes, coordinators: &coordinators };
-                children.extend(start_nodes(model, placement, &extra, out).await?.0);
+                children.extend(start_nodes(model, placement, &extra, tls, out).await?.0);
                 vec!["--coordinators".to_string(), coordinators.join(",")]
             } else {
-                let (nodes, addresses) = start_nodes(model, Placement::Fixed(sets), &extra, out).await?;
+                let (nodes, addresses) = start_nodes(model, Placement::Fixed(sets), &extra, tls, out).await?;
                 children.extend(nodes);
                 vec!["--expert-nodes".to_string(), addresses.join(",")]
             };
@@ -337,6 +367,7 @@ fn run_cluster(
             ];
             let mut router_args = router_args;
             router_args.extend(placement);
+            router_args.extend(tls_args(tls, Role::Router, "router")?);
             router_args.extend(otlp.iter().cloned());
             if let Some(t) = &args.tenants {
                 router_args.extend(["--tenants".to_string(), t.display().to_string()]);
@@ -362,17 +393,20 @@ fn run_cluster(
             addr = started => match addr {
                 Ok(addr) => {
                     progress.clone().finish();
-                    if coordinators.is_empty() {
-                        println!("ready: {addr}");
-                    } else {
-                        println!("ready: {addr} coordinators {}", coordinators.join(","));
+                    let mut ready = format!("ready: {addr}");
+                    if !coordinators.is_empty() {
+                        ready.push_str(&format!(" coordinators {}", coordinators.join(",")));
                     }
-                    greet(model, &addr, args.expert_nodes, args.coordinators);
+                    if tls.is_some() {
+                        ready.push_str(&format!(" tls {}", tls_dir.display()));
+                    }
+                    println!("{ready}");
+                    greet(model, &addr, args.expert_nodes, args.coordinators, tls.map(|_| tls_dir.as_path()));
                     tracing::info!(nodes = args.expert_nodes, coordinators = args.coordinators, "cluster up");
                     // Dropped (so aborted) when the cluster stops.
                     let mut announcer = tokio::task::JoinSet::new();
                     if !coordinators.is_empty() {
-                        announcer.spawn(announce_epochs(coordinators.clone()));
+                        announcer.spawn(announce_epochs(coordinators.clone(), admin.clone()));
                     }
                     watch(&mut children).await
                 }
@@ -401,7 +435,7 @@ pub(crate) fn embedded_model() -> Result<PathBuf> {
 }
 
 /// Tells a person on the terminal where the API is and how to try it.
-fn greet(model: &Path, ready: &str, nodes: usize, coordinators: usize) {
+fn greet(model: &Path, ready: &str, nodes: usize, coordinators: usize, tls: Option<&Path>) {
     let words: Vec<&str> = ready.split(' ').collect();
     let Some(http) = words.iter().position(|w| *w == "http").and_then(|i| words.get(i + 1)) else { return };
     let name = model.file_name().map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned());
@@ -412,14 +446,20 @@ fn greet(model: &Path, ready: &str, nodes: usize, coordinators: usize) {
     eprintln!();
     eprintln!("  curl -s http://{http}/v1/completions -H 'content-type: application/json' -d '{body}'");
     eprintln!();
+    if let Some(dir) = tls {
+        eprintln!("The roles talk over mutual TLS; the CA and an admin certificate for `switchyard cluster` are in");
+        eprintln!("{}: --tls-ca {0}/ca.pem --tls-cert {0}/admin.pem --tls-key {0}/admin-key.pem", dir.display());
+        eprintln!();
+    }
     eprintln!("Ctrl-C stops the cluster.");
 }
 
 /// Prints each placement epoch as it becomes active, with why it was made (a node died, a
 /// rebalance...), so the terminal shows the coordinators at work.
-async fn announce_epochs(coordinators: Vec<String>) {
+async fn announce_epochs(coordinators: Vec<String>, admin: TlsFlags) {
     use switchyard_coordinator::convert::{active, epoch_state_name};
-    let Ok(client) = switchyard_coordinator::client::Client::new(&coordinators) else { return };
+    let Ok(security) = admin.load(Role::Admin) else { return };
+    let Ok(client) = switchyard_coordinator::client::Client::new(&coordinators, &security) else { return };
     let mut placements = client.watch();
     let mut shown = 0;
     while placements.changed().await.is_ok() {

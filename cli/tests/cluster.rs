@@ -274,12 +274,11 @@ fn a_router_whose_engine_thread_panics_stops_serving_and_says_why() {
 }
 
 /// An expert node's own status (its `Status` RPC).
-fn node_status(address: &str) -> switchyard_proto::v1::NodeStatus {
+fn node_status(address: &str, security: &switchyard_proto::tls::Security) -> switchyard_proto::v1::NodeStatus {
     use switchyard_proto::v1::StatusRequest;
-    use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let mut client = ExpertServiceClient::connect(format!("http://{address}")).await.expect("the node answers");
+        let mut client = expert_client(address, security).await;
         client.status(StatusRequest {}).await.expect("a status").into_inner()
     })
 }
@@ -322,8 +321,9 @@ fn expert_nodes_serve_quantized_experts_packed() {
         // Each node holds its experts packed: the bytes it reports are the stored size.
         let (packed, dense) = quantized_expert_bytes(arch);
         assert!(packed < dense, "{arch}: {packed} packed bytes an expert vs {dense} dense");
+        let admin = cluster.security(switchyard_proto::tls::Role::Admin, "admin-probe");
         for n in cluster.status()["nodes"].as_array().unwrap() {
-            let status = node_status(n["address"].as_str().unwrap());
+            let status = node_status(n["address"].as_str().unwrap(), &admin);
             assert!(!status.experts.is_empty(), "{arch}: a node holds nothing");
             assert_eq!(status.expert_bytes, status.experts.len() as u64 * packed, "{arch}: {status:?}");
         }

@@ -338,7 +338,11 @@ fn a_coordinator_joins_and_another_leaves_while_the_group_serves() {
     let two = [(4, fourth.clone()), (5, free_address())].into();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let refused = rt.block_on(async {
-        let client = switchyard_coordinator::client::Client::new(&group.addresses).unwrap();
+        let client = switchyard_coordinator::client::Client::new(
+            &group.addresses,
+            &test_security(switchyard_proto::tls::Role::Admin, "admin-members"),
+        )
+        .unwrap();
         client.change_members(two, Vec::new()).await.unwrap_err()
     });
     assert!(refused.message().contains("one coordinator at a time"), "{}", refused.message());
@@ -435,10 +439,10 @@ fn a_node_declared_dead_while_frozen_comes_back_under_a_new_id() {
 /// An expert node's own health (its `Health` RPC).
 fn node_health(address: &str) -> switchyard_proto::v1::ServingState {
     use switchyard_proto::v1::HealthRequest;
-    use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let mut client = ExpertServiceClient::connect(format!("http://{address}")).await.expect("the node answers");
+        let admin = test_security(switchyard_proto::tls::Role::Admin, "admin-health");
+        let mut client = expert_client(address, &admin).await;
         client.health(HealthRequest {}).await.expect("a health answer").into_inner().state()
     })
 }
@@ -563,12 +567,13 @@ fn a_node_that_answers_wrongly_is_caught_on_probation_and_drained() {
         UpCluster::start_with(&["--model", &model, "--expert-nodes", "2", "--balance-interval-ms", "500"], &[]);
     // A third node registers with the same coordinators; it adds 50 to every partial sum it
     // answers (a rogue process, or a device that corrupts silently).
+    // An insider: it holds a valid expert-node certificate of the cluster.
+    let mut env = cluster.tls_env("expert-node", "rogue");
+    env.push(("SWITCHYARD_FAULT_WRONG_ANSWERS".into(), "50".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut procs = Procs::default();
-    let rogue_ready = procs.start(
-        "rogue",
-        &["expert-node", "--model", &model, "--coordinators", &cluster.coordinators],
-        &[("SWITCHYARD_FAULT_WRONG_ANSWERS", "50")],
-    );
+    let rogue_ready =
+        procs.start("rogue", &["expert-node", "--model", &model, "--coordinators", &cluster.coordinators], &env);
     let rogue_address = rogue_ready.rsplit(' ').next().unwrap().to_string();
     let rogue_id = |s: &Value| {
         s["nodes"]

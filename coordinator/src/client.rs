@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use switchyard_proto::tls::{Role, Security};
 use switchyard_proto::v1::coordinator_client::CoordinatorClient;
 use switchyard_proto::v1::{
     ChangeMembersRequest, CoordinatorStatus, CoordinatorStatusRequest, DrainNodeRequest, LoadReport, NodeHeartbeat,
     Placement, RegisterNodeRequest, WatchPlacementRequest,
 };
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::convert::{active, newest_epoch};
@@ -35,15 +36,17 @@ struct Inner {
 }
 
 impl Client {
-    /// A client of the members at `addresses` (`host:port`); connects lazily.
-    pub fn new(addresses: &[String]) -> Result<Self, String> {
+    /// A client of the members at `addresses` (`host:port`), connecting with `security` (a
+    /// member must present a coordinator certificate); connects lazily.
+    pub fn new(addresses: &[String], security: &Security) -> Result<Self, String> {
         if addresses.is_empty() {
             return Err("no coordinator addresses given".into());
         }
         let channels = addresses
             .iter()
             .map(|a| {
-                Endpoint::from_shared(format!("http://{a}"))
+                security
+                    .endpoint(a, Role::Coordinator)
                     .map(|e| {
                         e.connect_timeout(Duration::from_secs(1))
                             .tcp_nodelay(true)
@@ -51,7 +54,7 @@ impl Client {
                             .keep_alive_timeout(Duration::from_secs(2))
                             .connect_lazy()
                     })
-                    .map_err(|e| format!("invalid coordinator address {a:?}: {e}"))
+                    .map_err(|e| format!("coordinator {a:?}: {e}"))
             })
             .collect::<Result<_, _>>()?;
         Ok(Client {
@@ -92,7 +95,7 @@ impl Client {
                         last = Status::unavailable(format!(
                             "coordinator {}: {}",
                             self.inner.addresses[at],
-                            status.message()
+                            switchyard_proto::error_chain(&status)
                         ))
                     }
                     Err(_) => {

@@ -37,6 +37,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use switchyard_proto::tls::{Role, Security};
 use switchyard_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 
@@ -88,6 +89,8 @@ pub struct Config {
     pub raft_token: Option<String>,
     #[command(flatten)]
     pub limits: switchyard_proto::server::ConnectionLimits,
+    #[command(flatten)]
+    pub tls: switchyard_proto::tls::TlsFlags,
 }
 
 impl Config {
@@ -126,6 +129,7 @@ pub struct Coordinator {
     pub handle: Handle,
     raft_thread: node::Thread,
     raft_token: Option<String>,
+    security: Security,
     limits: switchyard_proto::server::ConnectionLimits,
 }
 
@@ -137,6 +141,7 @@ impl Coordinator {
         if config.id == 0 {
             return Err(CoordinatorError::Config("--id must be 1 or more".into()));
         }
+        let security = config.tls.load(Role::Coordinator).map_err(CoordinatorError::Config)?;
         let mut members = config.peer_addresses()?;
         members.entry(config.id).or_insert_with(|| address.to_string());
         let voters: Vec<u64> = if config.join { Vec::new() } else { members.keys().copied().collect() };
@@ -151,8 +156,14 @@ impl Coordinator {
         );
         let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel();
         let (handle, raft_thread) = node::start(peer, config.policy(), outbox)?;
-        tokio::spawn(transport::run(inbox, handle.clone(), config.raft_token.clone()));
-        Ok(Coordinator { handle, raft_thread, raft_token: config.raft_token.clone(), limits: config.limits.clone() })
+        tokio::spawn(transport::run(inbox, handle.clone(), security.clone(), config.raft_token.clone()));
+        Ok(Coordinator {
+            handle,
+            raft_thread,
+            raft_token: config.raft_token.clone(),
+            security,
+            limits: config.limits.clone(),
+        })
     }
 
     /// Serves the `Coordinator` service on `listener` until `shutdown` resolves, or until the
@@ -164,9 +175,10 @@ impl Coordinator {
     ) -> Result<(), CoordinatorError> {
         let (stop_watches, stopping) = tokio::sync::watch::channel(false);
         let service =
-            CoordinatorServer::new(CoordinatorService::new(self.handle.clone(), self.raft_token.clone(), stopping))
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20);
+            CoordinatorService::new(self.handle.clone(), self.security.clone(), self.raft_token.clone(), stopping);
+        let service =
+            CoordinatorServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        let mut server = self.security.server(self.limits.builder()).map_err(CoordinatorError::Config)?;
         let node::Thread { join, failed } = self.raft_thread;
         let (stop, stopped) = tokio::sync::oneshot::channel::<CoordinatorError>();
         let until = async move {
@@ -178,9 +190,7 @@ impl Coordinator {
             // shutdown does not wait for every router and node to hang up.
             let _ = stop_watches.send(true);
         };
-        let served = self
-            .limits
-            .builder()
+        let served = server
             .add_service(service)
             .serve_with_incoming_shutdown(self.limits.incoming(listener), until)
             .await

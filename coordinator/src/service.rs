@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use switchyard_proto::tls::{self, Caller, Role, Roles, Security};
 use switchyard_proto::v1::coordinator_client::CoordinatorClient;
 use switchyard_proto::v1::coordinator_server::Coordinator;
 use switchyard_proto::v1::{
@@ -15,7 +16,7 @@ use switchyard_proto::v1::{
 };
 use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
@@ -27,11 +28,26 @@ use crate::state::{Command, Outcome};
 /// Marks a call a follower forwarded, so it is forwarded at most once.
 const FORWARDED: &str = "switchyard-forwarded";
 
+/// On a forwarded call: the roles and certificate fingerprint of the original caller, which
+/// the follower authenticated. Believed only from a coordinator's connection.
+const CALLER_ROLES: &str = "switchyard-caller-roles";
+const CALLER_FINGERPRINT: &str = "switchyard-caller-fingerprint";
+
+/// Who may make each call (with mutual TLS; in plaintext, anyone).
+const ANY: &[Role] = &Role::ALL;
+const MEMBERS: &[Role] = &[Role::Coordinator];
+const NODES: &[Role] = &[Role::Node];
+const ROUTERS: &[Role] = &[Role::Router];
+/// A router drains a node whose answers it refused (see the router's canary checks).
+const DRAINERS: &[Role] = &[Role::Admin, Role::Router];
+const ADMINS: &[Role] = &[Role::Admin];
+
 /// The metadata key carrying the members' shared raft token.
 pub const RAFT_TOKEN: &str = "switchyard-raft-token";
 
 pub struct CoordinatorService {
     handle: Handle,
+    security: Security,
     raft_token: Option<String>,
     /// Turns true when the coordinator shuts down: watch streams end so the server can stop.
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -40,8 +56,33 @@ pub struct CoordinatorService {
 }
 
 impl CoordinatorService {
-    pub fn new(handle: Handle, raft_token: Option<String>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
-        CoordinatorService { handle, raft_token, stopping, leader: Mutex::new(None) }
+    pub fn new(
+        handle: Handle,
+        security: Security,
+        raft_token: Option<String>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        CoordinatorService { handle, security, raft_token, stopping, leader: Mutex::new(None) }
+    }
+
+    /// Who made `request` (for a call a member forwarded, the member's original caller) if it
+    /// may make `call`.
+    fn authorize<T>(&self, request: &Request<T>, call: &str, allowed: &[Role]) -> Result<Caller, Status> {
+        let direct = self.security.caller(request)?;
+        let metadata = request.metadata();
+        let caller = match (&direct, metadata.get(FORWARDED), metadata.get(CALLER_ROLES)) {
+            (Caller::Certified { .. }, Some(_), Some(roles)) if direct.is(Role::Coordinator) => {
+                let roles = roles.to_str().ok().and_then(|r| r.parse().ok()).map(Roles::from_bits);
+                let fingerprint = metadata.get(CALLER_FINGERPRINT).and_then(|f| f.to_str().ok());
+                match (roles, fingerprint) {
+                    (Some(roles), Some(f)) => Caller::Certified { roles, fingerprint: f.to_string() },
+                    _ => return Err(Status::invalid_argument("a forwarded call's caller metadata is malformed")),
+                }
+            }
+            _ => direct,
+        };
+        tls::check(&caller, call, allowed)?;
+        Ok(caller)
     }
 
     fn view(&self) -> Arc<View> {
@@ -61,8 +102,10 @@ impl CoordinatorService {
         let channel = match &*cached {
             Some((a, channel)) if *a == address => channel.clone(),
             _ => {
-                let endpoint = Endpoint::from_shared(format!("http://{address}"))
-                    .map_err(|e| Status::internal(format!("bad leader address {address}: {e}")))?
+                let endpoint = self
+                    .security
+                    .endpoint(&address, Role::Coordinator)
+                    .map_err(|e| Status::internal(format!("leader {address}: {e}")))?
                     .connect_timeout(Duration::from_secs(1))
                     .timeout(Duration::from_secs(5));
                 let channel = endpoint.connect_lazy();
@@ -74,9 +117,17 @@ impl CoordinatorService {
     }
 }
 
-fn forwarded<T>(inner: T) -> Request<T> {
+/// `inner`, marked as forwarded on behalf of `caller`.
+fn forwarded<T>(inner: T, caller: &Caller) -> Request<T> {
     let mut request = Request::new(inner);
-    request.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+    let metadata = request.metadata_mut();
+    metadata.insert(FORWARDED, "1".parse().expect("ascii"));
+    if let Caller::Certified { roles, fingerprint } = caller {
+        metadata.insert(CALLER_ROLES, roles.bits().to_string().parse().expect("ascii"));
+        if let Ok(f) = fingerprint.parse() {
+            metadata.insert(CALLER_FINGERPRINT, f);
+        }
+    }
     request
 }
 
@@ -85,6 +136,7 @@ type PlacementStream = Pin<Box<dyn Stream<Item = Result<Placement, Status>> + Se
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        self.security.authorize(&request, "Raft", MEMBERS)?;
         if let Some(token) = &self.raft_token {
             let given = request.metadata().get(RAFT_TOKEN).map_or(&[][..], |v| v.as_bytes());
             if !switchyard_proto::server::same_secret(given, token.as_bytes()) {
@@ -103,9 +155,11 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let caller = self.authorize(&request, "RegisterNode", NODES)?;
         if let Some(mut leader) = self.leader_client(request.metadata())? {
-            return leader.register_node(forwarded(request.into_inner())).await;
+            return leader.register_node(forwarded(request.into_inner(), &caller)).await;
         }
+        let owner = caller.fingerprint().map(str::to_string);
         let r = request.into_inner();
         let model = r.model.as_ref().ok_or_else(|| Status::invalid_argument("register: `model` is missing"))?;
         if r.address.is_empty() {
@@ -120,7 +174,7 @@ impl Coordinator for CoordinatorService {
             )));
         }
         let budget = if r.memory_budget == 0 { u64::MAX } else { r.memory_budget };
-        let command = Command::RegisterNode { address: r.address, budget, model: model.into() };
+        let command = Command::RegisterNode { address: r.address, budget, model: model.into(), owner };
         match self.handle.propose(command).await? {
             Outcome::Node(node_id) => Ok(Response::new(RegisterNodeResponse { node_id })),
             other => Err(Status::internal(format!("register answered {other:?}"))),
@@ -128,17 +182,29 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn heartbeat(&self, request: Request<NodeHeartbeat>) -> Result<Response<HeartbeatAck>, Status> {
+        let caller = self.authorize(&request, "Heartbeat", NODES)?;
         if let Some(mut leader) = self.leader_client(request.metadata())? {
-            return leader.heartbeat(forwarded(request.into_inner())).await;
+            return leader.heartbeat(forwarded(request.into_inner(), &caller)).await;
         }
         let h = request.into_inner();
+        // A node heartbeats only as itself: the certificate it registered with.
+        let owner = self.view().state.nodes.get(&h.node_id).and_then(|n| n.owner.clone());
+        if let Some(owner) = owner
+            && caller.fingerprint() != Some(owner.as_str())
+        {
+            return Err(Status::permission_denied(format!(
+                "expert node {} registered with another certificate: a node heartbeats only as itself",
+                h.node_id
+            )));
+        }
         let known = self.handle.heartbeat(h.node_id, h.loaded_epoch, h.held_bytes).await?;
         Ok(Response::new(HeartbeatAck { known }))
     }
 
     async fn report_load(&self, request: Request<LoadReport>) -> Result<Response<LoadAck>, Status> {
+        let caller = self.authorize(&request, "ReportLoad", ROUTERS)?;
         if let Some(mut leader) = self.leader_client(request.metadata())? {
-            return leader.report_load(forwarded(request.into_inner())).await;
+            return leader.report_load(forwarded(request.into_inner(), &caller)).await;
         }
         let r = request.into_inner();
         self.handle.send(Msg::Load(Load {
@@ -154,8 +220,9 @@ impl Coordinator for CoordinatorService {
 
     async fn watch_placement(
         &self,
-        _request: Request<WatchPlacementRequest>,
+        request: Request<WatchPlacementRequest>,
     ) -> Result<Response<PlacementStream>, Status> {
+        self.authorize(&request, "WatchPlacement", ANY)?;
         let mut views = self.handle.view.clone();
         let mut stopping = self.stopping.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -180,8 +247,9 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<DrainNodeResponse>, Status> {
+        let caller = self.authorize(&request, "DrainNode", DRAINERS)?;
         if let Some(mut leader) = self.leader_client(request.metadata())? {
-            return leader.drain_node(forwarded(request.into_inner())).await;
+            return leader.drain_node(forwarded(request.into_inner(), &caller)).await;
         }
         let name = request.into_inner().node;
         let view = self.view();
@@ -200,8 +268,9 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<ChangeMembersRequest>,
     ) -> Result<Response<ChangeMembersResponse>, Status> {
+        let caller = self.authorize(&request, "ChangeMembers", ADMINS)?;
         if let Some(mut leader) = self.leader_client(request.metadata())? {
-            return leader.change_members(forwarded(request.into_inner())).await;
+            return leader.change_members(forwarded(request.into_inner(), &caller)).await;
         }
         let r = request.into_inner();
         if r.add.len() + r.remove.len() != 1 {
@@ -213,7 +282,7 @@ impl Coordinator for CoordinatorService {
             )));
         }
         for (id, address) in &r.add {
-            answers(*id, address).await?;
+            answers(*id, address, &self.security).await?;
         }
         self.handle.change_members(r.add.into_iter().collect(), r.remove).await?;
         Ok(Response::new(ChangeMembersResponse {}))
@@ -223,6 +292,7 @@ impl Coordinator for CoordinatorService {
         // The leader answers after a ReadIndex round (current, with its load figures); a
         // follower asks the leader, and answers from what it has applied when no leader
         // answers in time (during an election, say).
+        let caller = self.authorize(&request, "Status", ANY)?;
         match self.leader_client(request.metadata()) {
             Ok(None) => {
                 if let Ok(view) = self.handle.read().await {
@@ -230,7 +300,7 @@ impl Coordinator for CoordinatorService {
                 }
             }
             Ok(Some(mut leader)) => {
-                let mut forward = forwarded(CoordinatorStatusRequest {});
+                let mut forward = forwarded(CoordinatorStatusRequest {}, &caller);
                 forward.set_timeout(FORWARD_STATUS_TIMEOUT);
                 if let Ok(Ok(answer)) = tokio::time::timeout(FORWARD_STATUS_TIMEOUT, leader.status(forward)).await {
                     return Ok(answer);
@@ -244,19 +314,20 @@ impl Coordinator for CoordinatorService {
 
 /// Checks that coordinator `id` runs at `address` (started with `--join`) before the group
 /// counts it in its majority: a voter that is not there would take the quorum with it.
-async fn answers(id: u64, address: &str) -> Result<(), Status> {
+async fn answers(id: u64, address: &str, security: &Security) -> Result<(), Status> {
     let unreachable = |why: String| {
         Status::failed_precondition(format!(
             "coordinator {id} does not answer at {address} ({why}): start it with `switchyard coordinator --join` first"
         ))
     };
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| Status::invalid_argument(format!("bad address {address:?} for coordinator {id}: {e}")))?
+    let endpoint = security
+        .endpoint(address, Role::Coordinator)
+        .map_err(|e| Status::invalid_argument(format!("coordinator {id}: {e}")))?
         .connect_timeout(MEMBER_CHECK_TIMEOUT)
         .timeout(MEMBER_CHECK_TIMEOUT);
-    let channel = endpoint.connect().await.map_err(|e| unreachable(e.to_string()))?;
+    let channel = endpoint.connect().await.map_err(|e| unreachable(switchyard_proto::error_chain(&e)))?;
     let status = CoordinatorClient::new(channel)
-        .status(forwarded(CoordinatorStatusRequest {}))
+        .status(forwarded(CoordinatorStatusRequest {}, &Caller::Unauthenticated))
         .await
         .map_err(|e| unreachable(e.message().to_string()))?
         .into_inner();

@@ -65,6 +65,10 @@ pub struct NodeRecord {
     pub state: NodeState,
     /// Why it was declared dead or drained.
     pub reason: Option<String>,
+    /// The fingerprint of the certificate it registered with (`None` in plaintext): only that
+    /// certificate may heartbeat for it.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +93,9 @@ pub enum Command {
         address: String,
         budget: u64,
         model: ModelShape,
+        /// The registering connection's certificate fingerprint (`None` in plaintext).
+        #[serde(default)]
+        owner: Option<String>,
     },
     DeclareDead {
         node: NodeId,
@@ -139,7 +146,7 @@ pub struct ClusterState {
 impl ClusterState {
     pub fn apply(&mut self, command: Command) -> Result<Outcome, String> {
         match command {
-            Command::RegisterNode { address, budget, model } => self.register(address, budget, model),
+            Command::RegisterNode { address, budget, model, owner } => self.register(address, budget, model, owner),
             Command::DeclareDead { node, reason } => {
                 let record = self.node_mut(node)?;
                 if record.state != NodeState::Dead {
@@ -173,7 +180,24 @@ impl ClusterState {
         self.nodes.get_mut(&node).ok_or_else(|| format!("there is no expert node {node}"))
     }
 
-    fn register(&mut self, address: String, budget: u64, model: ModelShape) -> Result<Outcome, String> {
+    fn register(
+        &mut self,
+        address: String,
+        budget: u64,
+        model: ModelShape,
+        owner: Option<String>,
+    ) -> Result<Outcome, String> {
+        // Another certificate cannot take over a live node's address (and so its experts).
+        if let Some((id, _)) = self
+            .nodes
+            .iter()
+            .find(|(_, r)| r.address == address && r.state != NodeState::Dead && r.owner.is_some() && r.owner != owner)
+        {
+            return Err(format!(
+                "{address} is expert node {id}, registered with another certificate; it can register again once \
+                 that node is declared dead"
+            ));
+        }
         match &self.model {
             Some(ours) if *ours != model => {
                 return Err(format!(
@@ -200,7 +224,7 @@ impl ClusterState {
         }
         self.next_node += 1;
         let id = self.next_node;
-        self.nodes.insert(id, NodeRecord { address, budget, state: NodeState::Joining, reason: None });
+        self.nodes.insert(id, NodeRecord { address, budget, state: NodeState::Joining, reason: None, owner });
         Ok(Outcome::Node(id))
     }
 
@@ -319,7 +343,7 @@ mod tests {
     }
 
     fn register(s: &mut ClusterState, address: &str) -> NodeId {
-        let cmd = Command::RegisterNode { address: address.into(), budget: u64::MAX, model: shape() };
+        let cmd = Command::RegisterNode { address: address.into(), budget: u64::MAX, model: shape(), owner: None };
         match s.apply(cmd).unwrap() {
             Outcome::Node(id) => id,
             other => panic!("{other:?}"),
@@ -364,12 +388,32 @@ mod tests {
         assert_eq!(e.unwrap_err(), "there is no expert node 9");
         let mut other = shape();
         other.num_experts = 4;
-        let e = s.apply(Command::RegisterNode { address: "n2".into(), budget: 1, model: other }).unwrap_err();
+        let e =
+            s.apply(Command::RegisterNode { address: "n2".into(), budget: 1, model: other, owner: None }).unwrap_err();
         assert!(e.contains("serves a different model"), "{e}");
         let again = register(&mut s, "n1");
         assert_ne!(again, a);
         assert_eq!(s.nodes[&a].state, NodeState::Dead);
         let e = s.apply(Command::ProposeEpoch { base: 0, assignment: everywhere(&[a]), reason: String::new() });
         assert_eq!(e.unwrap_err(), format!("expert node {a} is dead"));
+    }
+
+    #[test]
+    fn another_certificate_cannot_take_over_a_live_nodes_address() {
+        let mut s = ClusterState::default();
+        let owned = |owner: &str| Command::RegisterNode {
+            address: "n1".into(),
+            budget: u64::MAX,
+            model: shape(),
+            owner: Some(owner.into()),
+        };
+        let Outcome::Node(a) = s.apply(owned("aa")).unwrap() else { panic!() };
+        let e = s.apply(owned("bb")).unwrap_err();
+        assert!(e.contains(&format!("n1 is expert node {a}, registered with another certificate")), "{e}");
+        assert_eq!(s.nodes[&a].state, NodeState::Joining, "the live node keeps its address");
+        // The same certificate may come back (a restart), and a dead node's address is free.
+        let Outcome::Node(b) = s.apply(owned("aa")).unwrap() else { panic!() };
+        s.apply(Command::DeclareDead { node: b, reason: "gone".into() }).unwrap();
+        assert!(matches!(s.apply(owned("bb")).unwrap(), Outcome::Node(_)));
     }
 }

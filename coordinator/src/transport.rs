@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use raft::prelude::{Message, MessageType};
+use switchyard_proto::tls::{Role, Security};
 use switchyard_proto::v1::RaftBatch;
 use switchyard_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 
 use crate::node::{Handle, Msg};
 use crate::peer::encode_message;
@@ -19,7 +19,12 @@ const QUEUE: usize = 256;
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Sends what arrives on `outbox` to its members, until the raft thread drops its sender.
-pub async fn run(mut outbox: mpsc::UnboundedReceiver<Vec<Message>>, handle: Handle, token: Option<String>) {
+pub async fn run(
+    mut outbox: mpsc::UnboundedReceiver<Vec<Message>>,
+    handle: Handle,
+    security: Security,
+    token: Option<String>,
+) {
     let mut peers: HashMap<u64, (String, mpsc::Sender<Vec<Message>>)> = HashMap::new();
     while let Some(messages) = outbox.recv().await {
         let mut by_peer: HashMap<u64, Vec<Message>> = HashMap::new();
@@ -36,7 +41,7 @@ pub async fn run(mut outbox: mpsc::UnboundedReceiver<Vec<Message>>, handle: Hand
                 Some((a, tx)) if *a == address && !tx.is_closed() => tx.clone(),
                 _ => {
                     let (tx, rx) = mpsc::channel(QUEUE);
-                    tokio::spawn(send_to(to, address.clone(), rx, handle.clone(), token.clone()));
+                    tokio::spawn(send_to(to, address.clone(), rx, handle.clone(), security.clone(), token.clone()));
                     peers.insert(to, (address, tx.clone()));
                     tx
                 }
@@ -53,6 +58,7 @@ async fn send_to(
     address: String,
     mut batches: mpsc::Receiver<Vec<Message>>,
     handle: Handle,
+    security: Security,
     token: Option<String>,
 ) {
     let token = match token.map(|t| t.parse::<tonic::metadata::MetadataValue<_>>()).transpose() {
@@ -62,10 +68,10 @@ async fn send_to(
             return;
         }
     };
-    let endpoint = match Endpoint::from_shared(format!("http://{address}")) {
+    let endpoint = match security.endpoint(&address, Role::Coordinator) {
         Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).timeout(SEND_TIMEOUT),
         Err(e) => {
-            tracing::error!(to, %address, "bad coordinator address: {e}");
+            tracing::error!(to, %address, "coordinator {to}: {e}");
             return;
         }
     };

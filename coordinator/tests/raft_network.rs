@@ -285,6 +285,7 @@ fn register(address: &str) -> Command {
             hidden_size: 8,
             expert_bytes: 100,
         },
+        owner: None,
     }
 }
 

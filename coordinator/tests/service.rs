@@ -25,6 +25,7 @@ fn config(dir: &std::path::Path) -> Config {
         load_timeout_secs: 120,
         raft_token: Some("members-only".into()),
         limits: Default::default(),
+        tls: switchyard_proto::tls::TlsFlags::plaintext(),
     }
 }
 

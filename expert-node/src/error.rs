@@ -19,6 +19,8 @@ pub enum NodeError {
         "the placement needs {needed} bytes of expert weights ({experts} experts) but --memory-budget is {budget} bytes"
     )]
     OverBudget { needed: usize, budget: usize, experts: usize },
+    #[error("{0}")]
+    Tls(String),
     #[error("the placement holds no expert of this model")]
     EmptyPlacement,
     #[error("dispatch {id}: {source}")]
@@ -82,9 +84,11 @@ impl From<NodeError> for tonic::Status {
                 | ModelError::NonFiniteTensor { .. }
                 | ModelError::KvCacheFull { .. } => tonic::Status::internal(message),
             },
-            NodeError::Placement(_) | NodeError::OverBudget { .. } | NodeError::EmptyPlacement | NodeError::Io(_) => {
-                tonic::Status::internal(message)
-            }
+            NodeError::Placement(_)
+            | NodeError::OverBudget { .. }
+            | NodeError::EmptyPlacement
+            | NodeError::Io(_)
+            | NodeError::Tls(_) => tonic::Status::internal(message),
         }
     }
 }

@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_proto::tls::{Role, Security};
 use switchyard_proto::v1::expert_service_server::ExpertServiceServer;
 use tokio::net::TcpListener;
 
@@ -71,6 +72,8 @@ pub struct Config {
     #[command(flatten)]
     pub limits: switchyard_proto::server::ConnectionLimits,
     #[command(flatten)]
+    pub tls: switchyard_proto::tls::TlsFlags,
+    #[command(flatten)]
     pub faults: FaultFlags,
 }
 
@@ -105,6 +108,7 @@ impl FaultFlags {
 /// A loaded expert node, ready to serve.
 pub struct ExpertNode {
     config: Config,
+    security: Security,
     store: ExpertStore,
     held: tokio::sync::watch::Receiver<Held>,
 }
@@ -113,6 +117,7 @@ impl ExpertNode {
     /// Loads the placed experts onto the node's device (blocking; reports
     /// `progress(layers_done, layers_total)`).
     pub fn load(config: Config, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, NodeError> {
+        let security = config.tls.load(Role::Node).map_err(NodeError::Tls)?;
         let catalog = Arc::new(Catalog::open(&config.model, config.memory_budget)?);
         let (mut store, held) = ExpertStore::new(catalog.clone(), config.device)?;
         match &config.experts {
@@ -149,7 +154,7 @@ impl ExpertNode {
                 tracing::info!("expert node opened {}; the coordinators place its experts", config.model.display());
             }
         }
-        Ok(ExpertNode { config, store, held })
+        Ok(ExpertNode { config, security, store, held })
     }
 
     /// What the node holds now.
@@ -167,7 +172,7 @@ impl ExpertNode {
         // A JoinSet aborts its tasks when dropped: membership ends with the server.
         let mut membership = tokio::task::JoinSet::new();
         if !self.config.coordinators.is_empty() {
-            let client = switchyard_coordinator::client::Client::new(&self.config.coordinators)
+            let client = switchyard_coordinator::client::Client::new(&self.config.coordinators, &self.security)
                 .map_err(std::io::Error::other)?;
             let address = match &self.config.advertise {
                 Some(a) => a.clone(),
@@ -177,7 +182,7 @@ impl ExpertNode {
         }
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let limit = switchyard_proto::max_dispatch_message_bytes(hidden);
-        let service = NodeService { compute, stopping };
+        let service = NodeService { compute, stopping, security: self.security.clone() };
         let server =
             ExpertServiceServer::new(service).max_decoding_message_size(limit).max_encoding_message_size(limit);
         let shutdown = async move {
@@ -188,8 +193,8 @@ impl ExpertNode {
             tracing::info!("expert node shutting down");
         };
         let limits = &self.config.limits;
-        limits
-            .builder()
+        let builder = self.security.server(limits.builder()).map_err(std::io::Error::other)?;
+        builder
             .initial_stream_window_size(switchyard_proto::DISPATCH_STREAM_WINDOW)
             .initial_connection_window_size(switchyard_proto::DISPATCH_CONNECTION_WINDOW)
             .add_service(server)

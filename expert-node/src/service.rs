@@ -14,10 +14,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use switchyard_proto::tls::{Role, Security};
+
 use crate::compute::Compute;
 
 pub struct NodeService {
     pub compute: Compute,
+    /// Who may call: routers dispatch; any role of the cluster reads health and status.
+    pub security: Security,
     /// Turns true when the node starts shutting down.
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -35,6 +39,7 @@ impl ExpertService for NodeService {
         &self,
         request: Request<Streaming<DispatchRequest>>,
     ) -> Result<Response<Self::DispatchStream>, Status> {
+        self.security.authorize(&request, "Dispatch", &[Role::Router])?;
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DispatchResponse, Status>>(IN_FLIGHT);
@@ -116,11 +121,13 @@ impl ExpertService for NodeService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+    async fn health(&self, request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        self.security.authorize(&request, "Health", &Role::ALL)?;
         Ok(Response::new(HealthResponse { state: self.compute.health.serving_state() as i32 }))
     }
 
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
+        self.security.authorize(&request, "Status", &Role::ALL)?;
         let catalog = self.compute.catalog();
         let spec = catalog.spec();
         let stats = &self.compute.stats;

@@ -33,6 +33,7 @@ fn config(experts: &str, budget: Option<usize>) -> Config {
         threads: Some(1),
         device: switchyard_kernels::Device::Cpu,
         limits: Default::default(),
+        tls: switchyard_proto::tls::TlsFlags::plaintext(),
         faults: Default::default(),
     }
 }

@@ -13,9 +13,27 @@
 //! - [`tensor`]: `f32` rows ⇄ [`v1::Tensor`], with shape and dtype checks.
 //! - [`server`]: what every gRPC server accepts (connection limit, handshake deadline,
 //!   keepalives).
+//! - [`tls`]: mutual TLS between the roles, and who may call what.
 
 pub mod server;
 pub mod tensor;
+pub mod tls;
+
+/// An error with its sources, `outer: inner: …` (tonic's transport errors say only
+/// "transport error" at the top).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let inner = s.to_string();
+        if !text.contains(&inner) {
+            text.push_str(": ");
+            text.push_str(&inner);
+        }
+        source = s.source();
+    }
+    text
+}
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {

@@ -12,11 +12,12 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use switchyard_model::ModelSpec;
+use switchyard_proto::tls::{Role, Security};
 use switchyard_proto::v1::expert_service_client::ExpertServiceClient;
 use switchyard_proto::v1::{DispatchRequest, DispatchResponse, ExpertId, NodeStatus, StatusRequest};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::error::RouterError;
@@ -49,6 +50,8 @@ struct Link {
 /// One expert node as the router sees it.
 pub struct Node {
     pub address: String,
+    /// How its connection is secured (it must present an expert-node certificate).
+    security: Security,
     /// The coordinators' id for it (0 without coordinators).
     pub id: AtomicU64,
     /// Set when the placement no longer names the node: its supervisor stops.
@@ -96,9 +99,10 @@ pub struct NodeView {
 
 impl Node {
     /// A node whose answers are used from the start (`proven`) or only once checked.
-    fn new(address: &str, proven: bool) -> Self {
+    fn new(address: &str, proven: bool, security: Security) -> Self {
         Node {
             address: address.to_string(),
+            security,
             id: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             link: Mutex::new(Link::default()),
@@ -290,6 +294,8 @@ pub struct Cluster {
     pub canary_checks: u64,
     /// Where a node whose answers are wrong is reported (drained).
     coordinators: Option<switchyard_coordinator::client::Client>,
+    /// How connections to the nodes are secured.
+    security: Security,
     /// The model's MoE layers and experts per layer: what must be served.
     moe_layers: Vec<u32>,
     num_experts: usize,
@@ -305,6 +311,7 @@ impl Cluster {
         nodes: Vec<Arc<Node>>,
         epoch: u64,
         coordinators: Option<switchyard_coordinator::client::Client>,
+        security: Security,
         spec: &ModelSpec,
     ) -> Self {
         let moe_layers = (0..spec.num_layers)
@@ -318,6 +325,7 @@ impl Cluster {
             load: LoadCounters::default(),
             canary_checks: 0,
             coordinators,
+            security,
             moe_layers,
             num_experts: spec.num_experts,
         }
@@ -390,12 +398,17 @@ impl Cluster {
     /// Starts a supervisor per address and waits, at most `wait`, until every node has
     /// answered once; then checks that the nodes serve `spec`'s model and that every expert
     /// of every MoE layer is held by at least one of them.
-    pub async fn connect(addresses: &[String], spec: &ModelSpec, wait: Duration) -> Result<Arc<Self>, RouterError> {
+    pub async fn connect(
+        addresses: &[String],
+        security: &Security,
+        spec: &ModelSpec,
+        wait: Duration,
+    ) -> Result<Arc<Self>, RouterError> {
         if addresses.is_empty() {
             return Err(RouterError::Config("no expert nodes given (--expert-nodes)".into()));
         }
         // The nodes the operator names are trusted.
-        let nodes: Vec<Arc<Node>> = addresses.iter().map(|a| Arc::new(Node::new(a, true))).collect();
+        let nodes: Vec<Arc<Node>> = addresses.iter().map(|a| Arc::new(Node::new(a, true, security.clone()))).collect();
         let (first, mut answered) = mpsc::channel(nodes.len());
         for node in &nodes {
             tokio::spawn(supervise(node.clone(), spec.clone(), Some(first.clone()), false));
@@ -417,7 +430,7 @@ impl Cluster {
                 }
             }
         }
-        let cluster = Cluster::new(nodes, crate::STATIC_EPOCH, None, spec);
+        let cluster = Cluster::new(nodes, crate::STATIC_EPOCH, None, security.clone(), spec);
         cluster.check_coverage(spec)?;
         Ok(Arc::new(cluster))
     }
@@ -428,11 +441,12 @@ impl Cluster {
     /// for `canary_checks` checks.
     pub async fn follow(
         client: switchyard_coordinator::client::Client,
+        security: &Security,
         spec: &ModelSpec,
         wait: Duration,
         canary_checks: u64,
     ) -> Result<Arc<Self>, RouterError> {
-        let mut cluster = Cluster::new(Vec::new(), 0, Some(client.clone()), spec);
+        let mut cluster = Cluster::new(Vec::new(), 0, Some(client.clone()), security.clone(), spec);
         cluster.canary_checks = canary_checks;
         let cluster = Arc::new(cluster);
         let mut placements = client.watch();
@@ -498,7 +512,7 @@ impl Cluster {
                 Some(n) => n.clone(),
                 None => {
                     let proven = self.epoch() == 0 || self.canary_checks == 0;
-                    let node = Arc::new(Node::new(address, proven));
+                    let node = Arc::new(Node::new(address, proven, self.security.clone()));
                     tokio::spawn(supervise(node.clone(), spec.clone(), None, true));
                     added.push(node.clone());
                     node
@@ -544,15 +558,17 @@ impl Cluster {
 
 async fn connect_once(node: &Node, spec: &ModelSpec) -> Result<(Stream, NodeStatus, mpsc::Receiver<()>), String> {
     let limit = switchyard_proto::max_dispatch_message_bytes(spec.hidden_size);
-    let endpoint = Endpoint::from_shared(format!("http://{}", node.address))
-        .map_err(|e| format!("invalid address: {e}"))?
+    let endpoint = node
+        .security
+        .endpoint(&node.address, Role::Node)?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .initial_stream_window_size(switchyard_proto::DISPATCH_STREAM_WINDOW)
         .initial_connection_window_size(switchyard_proto::DISPATCH_CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
-    let channel: Channel = endpoint.connect().await.map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+    let channel: Channel =
+        endpoint.connect().await.map_err(|e| format!("cannot connect: {}", switchyard_proto::error_chain(&e)))?;
     let mut client =
         ExpertServiceClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
     let status = tokio::time::timeout(Duration::from_secs(5), client.status(StatusRequest {}))
@@ -596,20 +612,6 @@ async fn connect_once(node: &Node, spec: &ModelSpec) -> Result<(Stream, NodeStat
     });
     let generation = node.generations.fetch_add(1, Ordering::Relaxed) + 1;
     Ok((Stream { requests, pending, broken: Arc::new(Notify::new()), generation }, status, closed))
-}
-
-/// `e` and its sources, `: `-separated (tonic's transport errors hide the cause otherwise).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out = format!("{out}: {text}");
-        }
-        source = s.source();
-    }
-    out
 }
 
 fn check_model(status: &NodeStatus, spec: &ModelSpec) -> Result<(), String> {

@@ -125,6 +125,10 @@ pub struct Config {
     pub canary_checks: u64,
     #[command(flatten)]
     pub limits: switchyard_proto::server::ConnectionLimits,
+    /// Mutual TLS to the expert nodes and coordinators (a router certificate). The router's
+    /// own gRPC and HTTP APIs are for clients: they authenticate with the tenants' API keys.
+    #[command(flatten)]
+    pub tls: switchyard_proto::tls::TlsFlags,
 }
 
 /// A started router, ready to serve.
@@ -153,12 +157,13 @@ impl Router {
             return Err(RouterError::Config("--tokenizer-threads and --max-prompt-bytes must be at least 1".into()));
         }
         let wait = Duration::from_secs(config.node_wait_secs);
+        let security = config.tls.load(switchyard_proto::tls::Role::Router).map_err(RouterError::Config)?;
         let cluster = if config.coordinators.is_empty() {
-            Cluster::connect(&config.expert_nodes, &spec, wait).await?
+            Cluster::connect(&config.expert_nodes, &security, &spec, wait).await?
         } else {
-            let client =
-                switchyard_coordinator::client::Client::new(&config.coordinators).map_err(RouterError::Config)?;
-            Cluster::follow(client, &spec, wait, config.canary_checks).await?
+            let client = switchyard_coordinator::client::Client::new(&config.coordinators, &security)
+                .map_err(RouterError::Config)?;
+            Cluster::follow(client, &security, &spec, wait, config.canary_checks).await?
         };
         let experts = RemoteExperts::new(
             cluster.clone(),

@@ -88,3 +88,7 @@ def test_up_without_a_model_serves_the_embedded_code_model_and_stops_cleanly(tmp
     assert logs == [*(f"coordinator-{i}.log" for i in (1, 2, 3)), "expert-node-0.log", "expert-node-1.log", "router.log"]
     # The raft state outlives the cluster, in the data directory.
     assert all((tmp_path / f"coordinator-{i}" / "snapshot").exists() for i in (1, 2, 3))
+    # So does the cluster's CA; every private key is readable by its owner only.
+    keys = sorted((tmp_path / "tls").glob("*-key.pem"))
+    assert (tmp_path / "tls" / "ca-key.pem") in keys and (tmp_path / "tls" / "admin-key.pem") in keys
+    assert all(k.stat().st_mode & 0o077 == 0 for k in keys), [oct(k.stat().st_mode) for k in keys]

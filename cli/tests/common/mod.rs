@@ -6,7 +6,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -20,7 +21,65 @@ pub fn fixture(arch: &str) -> String {
 }
 
 pub fn switchyard(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).output().expect("run switchyard")
+    Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).envs(tls_env(args, &[])).output().expect("run switchyard")
+}
+
+/// The CA of the roles a test starts itself (one per test binary); `switchyard up` makes its own.
+fn test_ca() -> &'static Path {
+    static CA: OnceLock<tempfile::TempDir> = OnceLock::new();
+    CA.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["tls", "ca", "--dir", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tls ca: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .path()
+}
+
+/// Issues a certificate of `role` from the CA in `dir`; returns the environment that makes a
+/// `switchyard` process present it.
+pub fn certificate_env(dir: &Path, role: &str, name: &str) -> Vec<(String, String)> {
+    let d = dir.to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["tls", "issue", "--dir", d, "--role", role, "--name", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tls issue: {}", String::from_utf8_lossy(&out.stderr));
+    vec![
+        ("SWITCHYARD_TLS_CA".into(), format!("{d}/ca.pem")),
+        ("SWITCHYARD_TLS_CERT".into(), format!("{d}/{name}.pem")),
+        ("SWITCHYARD_TLS_KEY".into(), format!("{d}/{name}-key.pem")),
+    ]
+}
+
+/// A `role` certificate from the CA of the roles a test starts, for calls the test makes itself.
+pub fn test_security(role: switchyard_proto::tls::Role, name: &str) -> switchyard_proto::tls::Security {
+    let env = certificate_env(test_ca(), role.name(), name);
+    switchyard_proto::tls::TlsFlags::files(&env[0].1, &env[1].1, &env[2].1).load(role).unwrap()
+}
+
+/// What makes `switchyard args` talk mutual TLS to the roles a test starts: a certificate
+/// of its own, for the role its subcommand plays (an admin's for `cluster`), from the test's
+/// CA. Nothing where `args` or `env` already say how (or for `up`, which makes its own).
+pub fn tls_env(args: &[&str], env: &[(&str, &str)]) -> Vec<(String, String)> {
+    let given = |k: &str| k.starts_with("SWITCHYARD_TLS_") || k == "SWITCHYARD_INSECURE_PLAINTEXT";
+    if env.iter().any(|(k, _)| given(k)) || args.iter().any(|a| a.starts_with("--tls-") || *a == "--insecure-plaintext")
+    {
+        return Vec::new();
+    }
+    let role = match args.first().copied() {
+        Some("coordinator") => "coordinator",
+        Some("expert-node") => "expert-node",
+        Some("router") => "router",
+        Some("cluster") => "admin",
+        _ => return Vec::new(),
+    };
+    static SERIAL: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("{role}-{}-{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed));
+    certificate_env(test_ca(), role, &name)
 }
 
 pub fn expected(arch: &str) -> Value {
@@ -57,6 +116,7 @@ pub fn address_of(ready: &str, what: &str) -> String {
 pub fn spawn_ready(args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
+        .envs(tls_env(args, env))
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -160,6 +220,8 @@ pub struct UpCluster {
     pub coordinators: String,
     /// A key of a tenant with `metrics = true`, for a cluster started with `--tenants`.
     pub api_key: Option<String>,
+    /// Where `up` keeps the cluster's CA and certificates (`None`: plaintext).
+    pub tls: Option<PathBuf>,
 }
 
 impl UpCluster {
@@ -183,6 +245,7 @@ impl UpCluster {
             http: format!("http://{}/v1", address_of(&ready, "http")),
             coordinators,
             api_key: None,
+            tls: ready.contains(" tls ").then(|| PathBuf::from(address_of(&ready, "tls"))),
         }
     }
 
@@ -196,8 +259,28 @@ impl UpCluster {
 
     /// The coordinators' view (`cluster status --coordinators ... --json`'s `coordinator`).
     pub fn coordinator_status(&self) -> Value {
-        let out = stdout_of(&["cluster", "status", "--coordinators", &self.coordinators, "--json"]);
-        serde_json::from_str::<Value>(&out).unwrap()["coordinator"].clone()
+        let args = ["cluster", "status", "--coordinators", &self.coordinators, "--json"];
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .envs(self.tls_env("admin", "admin"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cluster status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["coordinator"].clone()
+    }
+
+    /// A `role` certificate of this cluster's CA (issued now, as `name`), for calls the test
+    /// makes itself.
+    pub fn security(&self, role: switchyard_proto::tls::Role, name: &str) -> switchyard_proto::tls::Security {
+        let env = self.tls_env(role.name(), name);
+        switchyard_proto::tls::TlsFlags::files(&env[0].1, &env[1].1, &env[2].1).load(role).unwrap()
+    }
+
+    /// The environment that makes a process present a `role` certificate of this cluster's
+    /// CA (issued now, as `name`).
+    pub fn tls_env(&self, role: &str, name: &str) -> Vec<(String, String)> {
+        let dir = self.tls.as_ref().expect("the cluster runs mutual TLS");
+        certificate_env(dir, role, name)
     }
 
     pub fn node_pids(&self) -> Vec<u32> {
@@ -221,6 +304,17 @@ impl Drop for UpCluster {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A client of the expert node at `address`, connecting with `security`.
+pub async fn expert_client(
+    address: &str,
+    security: &switchyard_proto::tls::Security,
+) -> switchyard_proto::v1::expert_service_client::ExpertServiceClient<tonic::transport::Channel> {
+    let endpoint = security.endpoint(address, switchyard_proto::tls::Role::Node).unwrap();
+    switchyard_proto::v1::expert_service_client::ExpertServiceClient::new(
+        endpoint.connect().await.expect("the node answers"),
+    )
 }
 
 /// The router's standard gRPC health (`grpc.health.v1`) for its `Router` service.
