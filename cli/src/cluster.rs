@@ -62,6 +62,18 @@ enum Command {
         #[command(flatten)]
         tls: TlsFlags,
     },
+    /// Replace the cluster's tenants (API keys and limits) with a tenants file's: every router
+    /// following the coordinators authenticates with them, against one budget per tenant.
+    SetTenants {
+        /// The tenants file (TOML, `[[tenant]]` entries; see the README's *Tenants*).
+        file: std::path::PathBuf,
+        /// The running group (`host:port`, comma-separated).
+        #[arg(long, env = "SWITCHYARD_COORDINATORS", value_delimiter = ',', required = true)]
+        coordinators: Vec<String>,
+        /// An admin certificate.
+        #[command(flatten)]
+        tls: TlsFlags,
+    },
     /// Remove a coordinator from the raft group.
     RemoveCoordinator {
         /// The member's raft id.
@@ -187,12 +199,33 @@ pub fn run(args: Args) -> Result<()> {
             println!("coordinator {id} added");
             Ok(())
         }
+        Command::SetTenants { file, coordinators, tls } => {
+            let rt = crate::launch::runtime()?;
+            let _in_runtime = rt.enter();
+            let client = admin_client(&coordinators, &tls)?;
+            let count = rt.block_on(set_tenants(&client, &file))?;
+            println!("{count} tenants set: every router following the coordinators now serves them");
+            Ok(())
+        }
         Command::RemoveCoordinator { id, coordinators, tls } => {
             change_members(&coordinators, &tls, Default::default(), vec![id])?;
             println!("coordinator {id} removed");
             Ok(())
         }
     }
+}
+
+/// Gives the coordinators the tenants in `file`; returns how many.
+pub async fn set_tenants(client: &switchyard_coordinator::client::Client, file: &std::path::Path) -> Result<usize> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let specs =
+        switchyard_coordinator::tenants::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let tenants = specs.iter().map(switchyard_coordinator::convert::tenant).collect();
+    client
+        .set_tenants(tenants)
+        .await
+        .map_err(|s| anyhow::anyhow!("the coordinators did not take the tenants: {}", s.message()))?;
+    Ok(specs.len())
 }
 
 /// A client of the coordinators at `addresses`, with the admin certificate `tls` names.

@@ -72,7 +72,8 @@ pub struct Args {
     /// Passed to the router: memory of the paged KV cache.
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "4GiB")]
     kv_cache_memory: String,
-    /// Passed to the router: tenants with API keys and limits (TOML).
+    /// Tenants with API keys and limits (TOML): given to the coordinators, so the router
+    /// enforces one budget per tenant with them (to the router itself with `--coordinators 0`).
     #[arg(long, env = "SWITCHYARD_TENANTS")]
     tenants: Option<PathBuf>,
     /// Passed to the router: bytes of prompt one request may send at most.
@@ -370,7 +371,15 @@ fn run_cluster(
             router_args.extend(tls_args(tls, Role::Router, "router")?);
             router_args.extend(otlp.iter().cloned());
             if let Some(t) = &args.tenants {
-                router_args.extend(["--tenants".to_string(), t.display().to_string()]);
+                if coordinators.is_empty() {
+                    router_args.extend(["--tenants".to_string(), t.display().to_string()]);
+                } else {
+                    // The coordinators keep them: one budget for every router.
+                    let security = admin.load(Role::Admin).map_err(anyhow::Error::msg)?;
+                    let client = switchyard_coordinator::client::Client::new(&coordinators, &security)
+                        .map_err(anyhow::Error::msg)?;
+                    crate::cluster::set_tenants(&client, t).await?;
+                }
             }
             let passed = [
                 ("--max-prompt-bytes", args.max_prompt_bytes.clone()),

@@ -468,3 +468,57 @@ fn a_body_that_trickles_is_answered_408() {
     assert_eq!(request(&http, "GET", "/health", None, None).0, 200);
     cluster.stop();
 }
+
+#[test]
+fn routers_following_the_coordinators_share_one_budget_per_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = ("ops", "ops-key", "metrics = true");
+    let tenants = tenants_file(&dir, &[("small", "small-key", "tokens_per_minute = 200"), ops]);
+    let model = fixture("mixtral");
+    // `up` gives the tenants to the coordinators; a second router follows the same ones.
+    let mut cluster = UpCluster::start_with(&["--model", &model, "--expert-nodes", "1", "--tenants", &tenants], &[]);
+    cluster.api_key = Some("ops-key".into());
+    let env = cluster.tls_env("router", "router-2");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut procs = Procs::default();
+    let args = ["router", "--model", &model, "--coordinators", &cluster.coordinators, "--http", "127.0.0.1:0"];
+    let second = address_of(&procs.start("router-2", &args, &env), "http");
+    let first = host(&cluster);
+
+    // 2 × (2 + 90) fit the 200 tokens a minute; a third does not, on either router (each
+    // router's own bucket would still hold 108).
+    let completion = json!({"model": "mixtral", "prompt": [1, 2], "max_tokens": 90, "ignore_eos": true,
+                            "temperature": 0});
+    let key = Some("small-key");
+    assert_eq!(post(&first, "/v1/completions", key, &completion).0, 200);
+    assert_eq!(post(&second, "/v1/completions", key, &completion).0, 200);
+    for router in [&first, &second] {
+        let (code, body) = post(router, "/v1/completions", key, &completion);
+        assert_eq!(code, 429, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("200 tokens per minute"), "{body}");
+    }
+    assert_eq!(post(&second, "/v1/completions", None, &completion).0, 401);
+
+    // New tenants reach every router without a restart.
+    let replaced = tenants_file(&dir, &[("big", "big-key", "tokens_per_minute = 100000"), ops]);
+    let admin = cluster.tls_env("admin", "ops");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["cluster", "set-tenants", &replaced, "--coordinators", &cluster.coordinators])
+        .envs(admin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for router in [&first, &second] {
+        let switched = wait_until(Duration::from_secs(10), || {
+            post(router, "/v1/completions", Some("big-key"), &completion).0 == 200
+        });
+        assert!(switched, "{router} did not take the new tenants");
+        assert_eq!(post(router, "/v1/completions", key, &completion).0, 401);
+    }
+
+    // A router cannot be given its own tenants while it follows coordinators.
+    let err = stderr_of_failure(&[&args[..], &["--tenants", &tenants]].concat());
+    assert!(err.contains("cluster set-tenants"), "{err}");
+    drop(procs);
+    cluster.stop();
+}

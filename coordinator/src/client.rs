@@ -10,8 +10,9 @@ use std::time::Duration;
 use switchyard_proto::tls::{Role, Security};
 use switchyard_proto::v1::coordinator_client::CoordinatorClient;
 use switchyard_proto::v1::{
-    ChangeMembersRequest, CoordinatorStatus, CoordinatorStatusRequest, DrainNodeRequest, LoadReport, NodeHeartbeat,
-    Placement, RegisterNodeRequest, WatchPlacementRequest,
+    BudgetGrant, BudgetRefund, BudgetRequest, ChangeMembersRequest, CoordinatorStatus, CoordinatorStatusRequest,
+    DrainNodeRequest, LoadReport, NodeHeartbeat, Placement, RegisterNodeRequest, SetTenantsRequest, Tenant,
+    WatchPlacementRequest,
 };
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -159,6 +160,35 @@ impl Client {
         self.call(10, |mut c| {
             let request = ChangeMembersRequest { add: add.clone(), remove: remove.clone() };
             async move { c.change_members(request).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Replaces the cluster's tenants.
+    pub async fn set_tenants(&self, tenants: Vec<Tenant>) -> Result<(), Status> {
+        self.call(10, |mut c| {
+            let request = SetTenantsRequest { tenants: tenants.clone() };
+            async move { c.set_tenants(request).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Takes `requests` and `tokens` from `tenant`'s budget, or says when it has room.
+    pub async fn acquire_budget(&self, tenant: &str, requests: u32, tokens: u64) -> Result<BudgetGrant, Status> {
+        self.call(2, |mut c| {
+            let request = BudgetRequest { tenant: tenant.to_string(), requests, tokens };
+            async move { c.acquire_budget(request).await }
+        })
+        .await
+    }
+
+    /// Gives back `tokens` of `tenant`'s budget that a request reserved and did not use.
+    pub async fn refund_budget(&self, tenant: &str, tokens: u64) -> Result<(), Status> {
+        self.call(2, |mut c| {
+            let request = BudgetRefund { tenant: tenant.to_string(), tokens };
+            async move { c.refund_budget(request).await }
         })
         .await?;
         Ok(())

@@ -77,6 +77,31 @@ pub fn placement(state: &ClusterState) -> v1::Placement {
             })
             .collect(),
         model: state.model.as_ref().map(Into::into),
+        tenants: state.tenants.iter().map(tenant).collect(),
+    }
+}
+
+pub fn tenant(t: &crate::tenants::TenantSpec) -> v1::Tenant {
+    v1::Tenant {
+        name: t.name.clone(),
+        api_key_sha256: t.api_key_sha256.clone(),
+        requests_per_minute: t.requests_per_minute,
+        tokens_per_minute: t.tokens_per_minute,
+        max_concurrent: t.max_concurrent,
+        priority: t.priority,
+        metrics: t.metrics,
+    }
+}
+
+pub fn tenant_spec(t: &v1::Tenant) -> crate::tenants::TenantSpec {
+    crate::tenants::TenantSpec {
+        name: t.name.clone(),
+        api_key_sha256: t.api_key_sha256.clone(),
+        requests_per_minute: t.requests_per_minute,
+        tokens_per_minute: t.tokens_per_minute,
+        max_concurrent: t.max_concurrent,
+        priority: t.priority,
+        metrics: t.metrics,
     }
 }
 

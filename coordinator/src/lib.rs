@@ -16,6 +16,7 @@
 //! - [`transport`]: raft messages to the other members over gRPC.
 //! - [`service`]: the gRPC `Coordinator` service.
 //! - [`client`]: the client expert nodes, routers and the CLI use (finds the leader).
+//! - [`tenants`]: the cluster's tenants, and the leader's per-minute budgets for them.
 //! - [`convert`]: state ⇄ protobuf.
 //! - [`error`]: the error type, [`CoordinatorError`].
 
@@ -28,6 +29,7 @@ pub mod planner;
 pub mod service;
 pub mod state;
 pub mod storage;
+pub mod tenants;
 pub mod transport;
 
 pub use error::CoordinatorError;

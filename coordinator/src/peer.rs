@@ -353,6 +353,7 @@ fn log_decision(command: &Command, outcome: &Result<Outcome, String>) {
         }
         (Command::DeclareDead { node, reason }, Ok(_)) => tracing::warn!(node, "expert node declared dead: {reason}"),
         (Command::Drain { node }, Ok(_)) => tracing::info!(node, "expert node draining"),
+        (Command::SetTenants { tenants }, Ok(_)) => tracing::info!(tenants = tenants.len(), "tenants replaced"),
         (Command::ProposeEpoch { reason, .. }, Ok(Outcome::Epoch(e))) => {
             tracing::info!(epoch = e, "placement epoch pending: {reason}")
         }

@@ -10,9 +10,10 @@ use switchyard_proto::tls::{self, Caller, Role, Roles, Security};
 use switchyard_proto::v1::coordinator_client::CoordinatorClient;
 use switchyard_proto::v1::coordinator_server::Coordinator;
 use switchyard_proto::v1::{
-    ChangeMembersRequest, ChangeMembersResponse, CoordinatorMember, CoordinatorStatus, CoordinatorStatusRequest,
-    DrainNodeRequest, DrainNodeResponse, HeartbeatAck, LoadAck, LoadReport, NodeHeartbeat, NodeLoad, Placement,
-    RaftAck, RaftBatch, RegisterNodeRequest, RegisterNodeResponse, WatchPlacementRequest,
+    BudgetAck, BudgetGrant, BudgetRefund, BudgetRequest, ChangeMembersRequest, ChangeMembersResponse,
+    CoordinatorMember, CoordinatorStatus, CoordinatorStatusRequest, DrainNodeRequest, DrainNodeResponse, HeartbeatAck,
+    LoadAck, LoadReport, NodeHeartbeat, NodeLoad, Placement, RaftAck, RaftBatch, RegisterNodeRequest,
+    RegisterNodeResponse, SetTenantsRequest, SetTenantsResponse, WatchPlacementRequest,
 };
 use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
@@ -53,6 +54,8 @@ pub struct CoordinatorService {
     stopping: tokio::sync::watch::Receiver<bool>,
     /// A channel to the leader, by address.
     leader: Mutex<Option<(String, Channel)>>,
+    /// The tenants' per-minute budgets, while this member leads.
+    budgets: crate::tenants::Budgets,
 }
 
 impl CoordinatorService {
@@ -62,7 +65,14 @@ impl CoordinatorService {
         raft_token: Option<String>,
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
-        CoordinatorService { handle, security, raft_token, stopping, leader: Mutex::new(None) }
+        CoordinatorService {
+            handle,
+            security,
+            raft_token,
+            stopping,
+            leader: Mutex::new(None),
+            budgets: crate::tenants::Budgets::default(),
+        }
     }
 
     /// Who made `request` (for a call a member forwarded, the member's original caller) if it
@@ -286,6 +296,49 @@ impl Coordinator for CoordinatorService {
         }
         self.handle.change_members(r.add.into_iter().collect(), r.remove).await?;
         Ok(Response::new(ChangeMembersResponse {}))
+    }
+
+    async fn set_tenants(&self, request: Request<SetTenantsRequest>) -> Result<Response<SetTenantsResponse>, Status> {
+        let caller = self.authorize(&request, "SetTenants", ADMINS)?;
+        if let Some(mut leader) = self.leader_client(request.metadata())? {
+            return leader.set_tenants(forwarded(request.into_inner(), &caller)).await;
+        }
+        let tenants: Vec<_> = request.into_inner().tenants.iter().map(convert::tenant_spec).collect();
+        crate::tenants::validate(&tenants).map_err(Status::invalid_argument)?;
+        self.handle.propose(Command::SetTenants { tenants }).await?;
+        Ok(Response::new(SetTenantsResponse {}))
+    }
+
+    async fn acquire_budget(&self, request: Request<BudgetRequest>) -> Result<Response<BudgetGrant>, Status> {
+        let caller = self.authorize(&request, "AcquireBudget", ROUTERS)?;
+        if let Some(mut leader) = self.leader_client(request.metadata())? {
+            return leader.acquire_budget(forwarded(request.into_inner(), &caller)).await;
+        }
+        let r = request.into_inner();
+        let view = self.view();
+        let spec = view
+            .state
+            .tenants
+            .iter()
+            .find(|t| t.name == r.tenant)
+            .ok_or_else(|| Status::not_found(format!("no tenant is named `{}`", r.tenant)))?;
+        let grant = match self.budgets.acquire(spec, r.requests, r.tokens) {
+            Ok(()) => BudgetGrant { granted: true, retry_after_seconds: 0.0, limit: String::new() },
+            Err(short) => {
+                BudgetGrant { granted: false, retry_after_seconds: short.retry_after_seconds, limit: short.limit }
+            }
+        };
+        Ok(Response::new(grant))
+    }
+
+    async fn refund_budget(&self, request: Request<BudgetRefund>) -> Result<Response<BudgetAck>, Status> {
+        let caller = self.authorize(&request, "RefundBudget", ROUTERS)?;
+        if let Some(mut leader) = self.leader_client(request.metadata())? {
+            return leader.refund_budget(forwarded(request.into_inner(), &caller)).await;
+        }
+        let r = request.into_inner();
+        self.budgets.refund(&r.tenant, r.tokens);
+        Ok(Response::new(BudgetAck {}))
     }
 
     async fn status(&self, request: Request<CoordinatorStatusRequest>) -> Result<Response<CoordinatorStatus>, Status> {

@@ -104,6 +104,10 @@ pub enum Command {
     Drain {
         node: NodeId,
     },
+    /// Replaces the tenants (checked first: a bad list changes nothing).
+    SetTenants {
+        tenants: Vec<crate::tenants::TenantSpec>,
+    },
     /// A new epoch, made from the newest epoch `base` (refused if another came first). It
     /// replaces a pending epoch.
     ProposeEpoch {
@@ -141,6 +145,9 @@ pub struct ClusterState {
     pub epochs: BTreeMap<u64, EpochRecord>,
     /// The newest epoch number ever made.
     pub last_epoch: u64,
+    /// Who may call the routers' APIs, and how much (`SetTenants`; empty: open).
+    #[serde(default)]
+    pub tenants: Vec<crate::tenants::TenantSpec>,
 }
 
 impl ClusterState {
@@ -153,6 +160,11 @@ impl ClusterState {
                     record.state = NodeState::Dead;
                     record.reason = Some(reason);
                 }
+                Ok(Outcome::Done)
+            }
+            Command::SetTenants { tenants } => {
+                crate::tenants::validate(&tenants)?;
+                self.tenants = tenants;
                 Ok(Outcome::Done)
             }
             Command::Drain { node } => {

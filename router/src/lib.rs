@@ -92,8 +92,9 @@ pub struct Config {
     /// GiB). Requests wait while it is full.
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "4GiB", value_parser = switchyard_model::units::parse_bytes)]
     pub kv_cache_memory: usize,
-    /// Tenants with API keys and limits (TOML; see `switchyard_router::tenants`). Without it
-    /// the HTTP API is open.
+    /// Tenants with API keys and limits (TOML; see `switchyard_router::tenants`), for a router
+    /// with `--expert-nodes`. Without it the APIs are open. With `--coordinators` the tenants
+    /// are theirs (`switchyard cluster set-tenants`), with one budget for all routers.
     #[arg(long, env = "SWITCHYARD_TENANTS")]
     pub tenants: Option<PathBuf>,
     /// Bytes of prompt text (or chat message text) one request may send at most; more is
@@ -151,7 +152,15 @@ impl Router {
                 config.kv_cache_memory
             )));
         }
-        let tenants = config.tenants.as_deref().map(tenants::Tenants::load).transpose()?.map(Arc::new);
+        if config.tenants.is_some() && !config.coordinators.is_empty() {
+            return Err(RouterError::Config(
+                "--tenants with --coordinators: the coordinators hold the cluster's tenants, so that every router \
+                 enforces one budget; give them the file with `switchyard cluster set-tenants FILE` and drop --tenants"
+                    .into(),
+            ));
+        }
+        let tenants =
+            Arc::new(tenants::TenantList::fixed(config.tenants.as_deref().map(tenants::Tenants::load).transpose()?));
         config.http.validate()?;
         if config.tokenizer_threads == Some(0) || config.max_prompt_bytes == 0 {
             return Err(RouterError::Config("--tokenizer-threads and --max-prompt-bytes must be at least 1".into()));
@@ -163,6 +172,7 @@ impl Router {
         } else {
             let client = switchyard_coordinator::client::Client::new(&config.coordinators, &security)
                 .map_err(RouterError::Config)?;
+            tenants::follow(client.clone(), tenants.clone(), wait).await?;
             Cluster::follow(client, &security, &spec, wait, config.canary_checks).await?
         };
         let experts = RemoteExperts::new(

@@ -27,3 +27,5 @@ pub const TENANT_REQUESTS: &str = "switchyard:tenant_requests_total";
 pub const TENANT_PROMPT_TOKENS: &str = "switchyard:tenant_prompt_tokens_total";
 pub const TENANT_GENERATION_TOKENS: &str = "switchyard:tenant_generation_tokens_total";
 pub const TENANT_REJECTED: &str = "switchyard:tenant_rejected_total";
+/// Requests admitted without the coordinators' budget, because no coordinator answered.
+pub const TENANT_UNCHECKED: &str = "switchyard:tenant_unchecked_total";

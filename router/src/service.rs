@@ -16,14 +16,14 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::convert::{self, Prompt};
 use crate::scheduler::{Scheduler, Submission};
-use crate::tenants::{NoTenant, Reservation, Tenant, Tenants};
+use crate::tenants::{NoTenant, Reservation, Tenant, TenantList};
 use crate::tokenize::Tokenizing;
 
 pub struct RouterService {
     pub scheduler: Scheduler,
     /// The same tenants as the HTTP API (`None`: open): a call carries its key in the
     /// `authorization: Bearer KEY` metadata.
-    pub tenants: Option<Arc<Tenants>>,
+    pub tenants: Arc<TenantList>,
     /// The tokenizer (shared with every request's stream) and the pool prompts are
     /// tokenized on, shared with the HTTP API.
     pub tokenizing: Arc<Tokenizing>,
@@ -37,7 +37,7 @@ impl RouterService {
     /// The tenant whose key the call carries (`authorization: Bearer KEY`); `None` when the
     /// API is open. The same keys as the HTTP API.
     fn caller(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Option<Arc<Tenant>>, Status> {
-        let Some(tenants) = &self.tenants else { return Ok(None) };
+        let Some(tenants) = self.tenants.get() else { return Ok(None) };
         let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
         match tenants.authenticate(header) {
             Ok(tenant) => Ok(Some(tenant)),
@@ -96,7 +96,7 @@ impl Router for RouterService {
         let mut reservation: Option<Reservation> = match &tenant {
             Some(t) => {
                 let reserved =
-                    t.admit(&[request.prompt_ids.len()], 1, request.max_tokens).map_err(|e| over_limit(t, e))?;
+                    t.admit(&[request.prompt_ids.len()], 1, request.max_tokens).await.map_err(|e| over_limit(t, e))?;
                 reserved.into_iter().next()
             }
             None => None,

@@ -26,75 +26,22 @@
 //!
 //! Keys are looked up by comparing the presented key's SHA-256 with every tenant's in
 //! constant time, so response times say nothing about how close a guess was.
+//!
+//! A router that follows coordinators takes its tenants from them (`switchyard cluster
+//! set-tenants FILE`), and their per-minute budgets are the coordinators' leader's
+//! ([`Shared`]): every router takes a request's reservation from the same budget before
+//! admitting it, and gives back what it did not use. Concurrency limits stay per router.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use metrics::counter;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use switchyard_coordinator::tenants::{Bucket, TenantSpec};
 
 use crate::error::RouterError;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TenantSpec {
-    name: String,
-    api_key_sha256: String,
-    requests_per_minute: Option<u32>,
-    tokens_per_minute: Option<u32>,
-    max_concurrent: Option<u32>,
-    #[serde(default)]
-    priority: i32,
-    #[serde(default)]
-    metrics: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TenantsFile {
-    #[serde(default)]
-    tenant: Vec<TenantSpec>,
-}
-
-/// A bucket of `capacity` that refills at `capacity` per minute. Only what it holds is ever
-/// taken from it, so it never goes below zero.
-struct Bucket {
-    capacity: f64,
-    level: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(per_minute: u32) -> Self {
-        Bucket { capacity: f64::from(per_minute), level: f64::from(per_minute), at: Instant::now() }
-    }
-
-    fn refill(&mut self) {
-        let now = Instant::now();
-        self.level = (self.level + (now - self.at).as_secs_f64() * self.capacity / 60.0).min(self.capacity);
-        self.at = now;
-    }
-
-    /// Seconds until `amount` is available.
-    fn wait_for(&self, amount: f64) -> f64 {
-        ((amount - self.level) * 60.0 / self.capacity).max(0.0)
-    }
-
-    /// Refills, then `Err(seconds to wait)` unless `amount` is there now. Takes nothing.
-    fn has(&mut self, amount: f64) -> Result<(), f64> {
-        self.refill();
-        if self.level < amount { Err(self.wait_for(amount)) } else { Ok(()) }
-    }
-
-    /// Gives back `amount` taken earlier (never above capacity).
-    fn refund(&mut self, amount: f64) {
-        self.refill();
-        self.level = (self.level + amount).min(self.capacity);
-    }
-}
 
 pub struct Tenant {
     pub name: String,
@@ -103,8 +50,22 @@ pub struct Tenant {
     pub metrics: bool,
     max_concurrent: Option<u32>,
     active: AtomicU32,
+    /// This router's own buckets (a tenants file), or none: see `shared`.
     requests: Option<Mutex<Bucket>>,
     tokens: Option<Mutex<Bucket>>,
+    /// The coordinators' budget, for a tenant they hold.
+    shared: Option<Shared>,
+}
+
+/// A tenant's per-minute budget kept by the coordinators' leader, for every router at once.
+pub struct Shared {
+    client: switchyard_coordinator::client::Client,
+    /// Where refunds are sent from (a reservation may be dropped on any thread).
+    runtime: tokio::runtime::Handle,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+    /// After a refusal: no request is asked for before this (the leader said when).
+    retry_at: Mutex<Option<(Instant, String)>>,
 }
 
 /// Why a tenant's request is refused.
@@ -180,10 +141,22 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         let unused = self.unused();
-        if unused > 0
-            && let Some(b) = &self.tenant().tokens
-        {
+        if unused == 0 {
+            return;
+        }
+        let tenant = self.tenant();
+        if let Some(b) = &tenant.tokens {
             b.lock().expect("bucket lock").refund(unused as f64);
+        }
+        if let Some(shared) = &tenant.shared
+            && shared.tokens_per_minute.is_some()
+        {
+            let (client, name) = (shared.client.clone(), tenant.name.clone());
+            shared.runtime.spawn(async move {
+                if let Err(status) = client.refund_budget(&name, unused as u64).await {
+                    tracing::debug!(tenant = %name, "refund of {unused} tokens not delivered: {}", status.message());
+                }
+            });
         }
     }
 }
@@ -195,7 +168,10 @@ impl Tenant {
 
     /// The tokens-per-minute limit, if any.
     pub fn tokens_per_minute(&self) -> Option<usize> {
-        self.tokens.as_ref().map(|b| b.lock().expect("bucket lock").capacity as usize)
+        match &self.shared {
+            Some(shared) => shared.tokens_per_minute.map(|n| n as usize),
+            None => self.tokens.as_ref().map(|b| b.lock().expect("bucket lock").capacity as usize),
+        }
     }
 
     /// The cheap check before any work on the request: refuses it if the tenant has no
@@ -205,6 +181,14 @@ impl Tenant {
             && self.active.load(Ordering::Relaxed) >= max
         {
             return Err(self.over(format!("{max} concurrent requests at most"), None));
+        }
+        if let Some(shared) = &self.shared
+            && let Some((at, limit)) = &*shared.retry_at.lock().expect("retry lock")
+        {
+            let wait = at.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                return Err(self.over(format!("{limit} at most; retry in {:.1}s", wait.as_secs_f64()), None));
+            }
         }
         if let Some(b) = &self.requests {
             self.has_request(&mut b.lock().expect("bucket lock"))?;
@@ -229,8 +213,59 @@ impl Tenant {
     /// Admits one request of `n` choices for each prompt (of `prompts[i]` tokens), each
     /// generating at most `max_tokens`, or says which limit it is over. Reserves
     /// `n × Σ (prompt + max_tokens)` tokens; nothing is taken unless every limit admits it.
-    /// Returns the choices' reservations, prompt by prompt (`p × n + i`).
-    pub fn admit(
+    /// Returns the choices' reservations, prompt by prompt (`p × n + i`). A tenant the
+    /// coordinators hold takes the reservation from their budget, shared by every router.
+    pub async fn admit(
+        self: &Arc<Self>,
+        prompts: &[usize],
+        n: usize,
+        max_tokens: usize,
+    ) -> Result<Vec<Reservation>, OverLimit> {
+        let reservations = self.admit_shared(self.admit_here(prompts, n, max_tokens)?).await?;
+        counter!(crate::metric_names::TENANT_REQUESTS, "tenant" => self.name.clone()).increment(1);
+        Ok(reservations)
+    }
+
+    /// Takes `reservations`' tokens (and a request) from the coordinators' budget of a tenant
+    /// they hold; gives them back refused (dropping them takes nothing back) if it is short.
+    async fn admit_shared(&self, mut reservations: Vec<Reservation>) -> Result<Vec<Reservation>, OverLimit> {
+        let Some(shared) = &self.shared else { return Ok(reservations) };
+        let reserve =
+            reservations.iter().fold(0usize, |sum, r| sum.saturating_add(r.prompt.saturating_add(r.max_tokens)));
+        let requests = u32::from(shared.requests_per_minute.is_some());
+        let tokens = if shared.tokens_per_minute.is_some() { reserve as u64 } else { 0 };
+        if requests == 0 && tokens == 0 {
+            return Ok(reservations);
+        }
+        match shared.client.acquire_budget(&self.name, requests, tokens).await {
+            Ok(grant) if grant.granted => Ok(reservations),
+            Ok(grant) => {
+                // Nothing was taken: the reservations must not refund what they never had.
+                reservations.iter_mut().for_each(|r| r.max_tokens = 0);
+                reservations.iter_mut().for_each(|r| r.started = true);
+                let wait = grant.retry_after_seconds.clamp(0.0, 60.0);
+                let what = format!("{} at most and the request reserves {reserve}; retry in {wait:.1}s", grant.limit);
+                *shared.retry_at.lock().expect("retry lock") =
+                    Some((Instant::now() + Duration::from_secs_f64(wait), grant.limit));
+                Err(self.over(what, None))
+            }
+            Err(status) => {
+                // The coordinators are out of reach: serve rather than fail every request;
+                // the budget holds again once they answer.
+                reservations.iter_mut().for_each(|r| {
+                    r.max_tokens = 0;
+                    r.started = true;
+                });
+                tracing::warn!(tenant = %self.name, "the coordinators' budget is out of reach, admitted unchecked: {}", status.message());
+                counter!(crate::metric_names::TENANT_UNCHECKED, "tenant" => self.name.clone()).increment(1);
+                Ok(reservations)
+            }
+        }
+    }
+
+    /// [`Tenant::admit`]'s checks against this router's own limits (concurrency, its buckets,
+    /// and a reservation that can never fit).
+    pub fn admit_here(
         self: &Arc<Self>,
         prompts: &[usize],
         n: usize,
@@ -271,7 +306,6 @@ impl Tenant {
         if let Some(b) = token_bucket.as_deref_mut() {
             b.level -= reserve as f64;
         }
-        counter!(crate::metric_names::TENANT_REQUESTS, "tenant" => self.name.clone()).increment(1);
         let reservation =
             |&prompt: &usize| Reservation { permit: permit.clone(), prompt, max_tokens, generated: 0, started: false };
         Ok(prompts.iter().flat_map(|p| std::iter::repeat_n(p, n)).map(reservation).collect())
@@ -311,57 +345,119 @@ pub struct Tenants {
     by_key: Vec<([u8; 32], Arc<Tenant>)>,
 }
 
+/// The tenants a router serves now: from its tenants file, fixed; from the coordinators,
+/// replaced when they change (`None`: no tenants, the APIs are open).
+#[derive(Default)]
+pub struct TenantList(RwLock<Option<Arc<Tenants>>>);
+
+impl TenantList {
+    pub fn fixed(tenants: Option<Tenants>) -> Self {
+        TenantList(RwLock::new(tenants.map(Arc::new)))
+    }
+
+    pub fn get(&self) -> Option<Arc<Tenants>> {
+        self.0.read().expect("tenants lock").clone()
+    }
+
+    pub fn set(&self, tenants: Option<Tenants>) {
+        *self.0.write().expect("tenants lock") = tenants.map(Arc::new);
+    }
+}
+
+/// Keeps `list` to the coordinators' tenants: waits, at most `wait`, for their placement
+/// (whose tenants it takes before the router serves), then follows every change.
+pub async fn follow(
+    client: switchyard_coordinator::client::Client,
+    list: Arc<TenantList>,
+    wait: Duration,
+) -> Result<(), RouterError> {
+    let mut placements = client.watch();
+    let runtime = tokio::runtime::Handle::current();
+    let apply = move |specs: &[TenantSpec], list: &TenantList| {
+        let tenants = (!specs.is_empty()).then(|| Tenants::new(specs, Some((&client, &runtime))));
+        tracing::info!(tenants = specs.len(), "tenants from the coordinators");
+        list.set(tenants);
+    };
+    let first = tokio::time::timeout(wait, placements.wait_for(Option::is_some))
+        .await
+        .map_err(|_| RouterError::Config("the coordinators sent no placement, so no tenants".into()))?
+        .map_err(|_| RouterError::Config("the placement watch ended".into()))?
+        .clone()
+        .expect("waited for one");
+    let specs = |p: &switchyard_proto::v1::Placement| -> Vec<TenantSpec> {
+        p.tenants.iter().map(switchyard_coordinator::convert::tenant_spec).collect()
+    };
+    let mut current = specs(&first);
+    apply(&current, &list);
+    tokio::spawn(async move {
+        while placements.changed().await.is_ok() {
+            let Some(p) = placements.borrow_and_update().clone() else { continue };
+            let next = specs(&p);
+            if next != current {
+                apply(&next, &list);
+                current = next;
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The SHA-256 of an API key, as stored in the tenants file.
 pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// Whether `a == b`, in a time that depends on neither: every byte is looked at.
-fn parse_hex(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 impl Tenants {
+    /// The tenants of a tenants file, with this router's own buckets.
     pub fn load(path: &Path) -> Result<Self, RouterError> {
         let bad = |why: String| RouterError::Config(format!("{}: {why}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let file: TenantsFile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if file.tenant.is_empty() {
-            return Err(bad("no [[tenant]] defined".into()));
-        }
-        let mut by_key: Vec<([u8; 32], Arc<Tenant>)> = Vec::new();
-        for t in file.tenant {
-            if [t.requests_per_minute, t.tokens_per_minute, t.max_concurrent].contains(&Some(0)) {
-                return Err(bad(format!(
-                    "tenant `{}`: limits must be at least 1 (leave a limit out for none)",
-                    t.name
-                )));
-            }
-            let key = parse_hex(&t.api_key_sha256)
-                .ok_or_else(|| bad(format!("tenant `{}`: api_key_sha256 must be 64 hex digits", t.name)))?;
-            if by_key.iter().any(|(k, _)| *k == key) {
-                return Err(bad("two tenants share an API key".into()));
-            }
-            let tenant = Tenant {
-                requests: t.requests_per_minute.map(|n| Mutex::new(Bucket::new(n))),
-                tokens: t.tokens_per_minute.map(|n| Mutex::new(Bucket::new(n))),
-                max_concurrent: t.max_concurrent,
-                priority: t.priority,
-                metrics: t.metrics,
-                active: AtomicU32::new(0),
-                name: t.name,
-            };
-            by_key.push((key, Arc::new(tenant)));
-        }
-        Ok(Tenants { by_key })
+        let specs = switchyard_coordinator::tenants::parse(&text).map_err(bad)?;
+        Ok(Tenants::new(&specs, None))
+    }
+
+    /// Tenants from checked specs; with `shared`, their per-minute budgets are the
+    /// coordinators' (see [`Shared`]), else this router's own.
+    pub fn new(
+        specs: &[TenantSpec],
+        shared: Option<(&switchyard_coordinator::client::Client, &tokio::runtime::Handle)>,
+    ) -> Self {
+        let by_key = specs
+            .iter()
+            .filter_map(|t| {
+                let key = switchyard_coordinator::tenants::key_hash(&t.api_key_sha256)?;
+                let (requests, tokens, shared) = match shared {
+                    Some((client, runtime)) => (
+                        None,
+                        None,
+                        Some(Shared {
+                            client: client.clone(),
+                            runtime: runtime.clone(),
+                            requests_per_minute: t.requests_per_minute,
+                            tokens_per_minute: t.tokens_per_minute,
+                            retry_at: Mutex::new(None),
+                        }),
+                    ),
+                    None => (
+                        t.requests_per_minute.map(|n| Mutex::new(Bucket::new(n))),
+                        t.tokens_per_minute.map(|n| Mutex::new(Bucket::new(n))),
+                        None,
+                    ),
+                };
+                let tenant = Tenant {
+                    requests,
+                    tokens,
+                    shared,
+                    max_concurrent: t.max_concurrent,
+                    priority: t.priority,
+                    metrics: t.metrics,
+                    active: AtomicU32::new(0),
+                    name: t.name.clone(),
+                };
+                Some((key, Arc::new(tenant)))
+            })
+            .collect();
+        Tenants { by_key }
     }
 
     /// The tenant an `Authorization` value (`Bearer KEY`) names; both front ends call this.
@@ -407,6 +503,7 @@ mod tests {
             active: AtomicU32::new(0),
             requests: rpm.map(|n| Mutex::new(Bucket::new(n))),
             tokens: tpm.map(|n| Mutex::new(Bucket::new(n))),
+            shared: None,
         })
     }
 
@@ -419,57 +516,57 @@ mod tests {
     #[test]
     fn limits_refuse_what_is_over_and_free_on_drop() {
         let t = tenant(Some(2), None, None);
-        let _a = t.admit(&[1], 1, 1).unwrap();
-        let _b = t.admit(&[1], 1, 1).unwrap();
+        let _a = t.admit_here(&[1], 1, 1).unwrap();
+        let _b = t.admit_here(&[1], 1, 1).unwrap();
         assert!(t.precheck().err().unwrap().to_string().contains("2 requests per minute"));
-        assert!(t.admit(&[1], 1, 1).err().unwrap().to_string().contains("2 requests per minute"));
+        assert!(t.admit_here(&[1], 1, 1).err().unwrap().to_string().contains("2 requests per minute"));
 
         let t = tenant(None, None, Some(1));
-        let a = t.admit(&[1], 1, 1).unwrap();
+        let a = t.admit_here(&[1], 1, 1).unwrap();
         assert!(t.precheck().err().unwrap().to_string().contains("1 concurrent"));
-        assert!(t.admit(&[1], 1, 1).err().unwrap().to_string().contains("1 concurrent"));
+        assert!(t.admit_here(&[1], 1, 1).err().unwrap().to_string().contains("1 concurrent"));
         drop(a);
         assert!(t.precheck().is_ok());
-        assert!(t.admit(&[1], 1, 1).is_ok());
+        assert!(t.admit_here(&[1], 1, 1).is_ok());
     }
 
     #[test]
     fn admission_reserves_n_times_prompt_plus_max_tokens() {
         let t = tenant(None, Some(200), None);
         // 2 prompts of 10 and 20 tokens, n = 3, max_tokens 5: 3 × (15 + 25) = 120.
-        let r = t.admit(&[10, 20], 3, 5).unwrap();
+        let r = t.admit_here(&[10, 20], 3, 5).unwrap();
         assert_eq!(r.len(), 6);
         assert!((level(&t) - 80.0).abs() < 0.1, "{}", level(&t));
         // 80 left: a request reserving 81 waits, and says for how long.
-        let err = t.admit(&[1], 1, 80).err().unwrap();
+        let err = t.admit_here(&[1], 1, 80).err().unwrap();
         assert!(err.permanent.is_none() && err.to_string().contains("reserves 81"), "{err}");
-        assert!(t.admit(&[1], 1, 79).is_ok());
+        assert!(t.admit_here(&[1], 1, 79).is_ok());
     }
 
     #[test]
     fn a_reservation_over_the_limit_is_refused_for_good_naming_max_tokens() {
         let t = tenant(None, Some(200), None);
-        let err = t.admit(&[1], 1, 1000).err().unwrap();
+        let err = t.admit_here(&[1], 1, 1000).err().unwrap();
         assert_eq!(err.permanent, Some("max_tokens"));
         let text = err.to_string();
         assert!(text.contains("needs 1001 tokens") && text.contains("limit is 200"), "{text}");
         assert!(text.contains("lower `max_tokens` to 199"), "{text}");
-        let err = t.admit(&[1], 128, 1000).err().unwrap();
+        let err = t.admit_here(&[1], 128, 1000).err().unwrap();
         assert_eq!(err.permanent, Some("n"));
         assert!(err.to_string().contains("needs 128128") && err.to_string().contains("`n` to 100 or less"), "{err}");
-        let err = t.admit(&[150, 150], 1, 1).err().unwrap();
+        let err = t.admit_here(&[150, 150], 1, 1).err().unwrap();
         assert_eq!(err.permanent, Some("prompt"));
         // Nothing was taken by the refusals.
         assert!((level(&t) - 200.0).abs() < 0.1);
         assert_eq!(t.active.load(Ordering::Relaxed), 0);
         // A max_tokens of "no limit" is refused, not overflowed.
-        assert!(t.admit(&[1], 2, usize::MAX).err().unwrap().permanent.is_some());
+        assert!(t.admit_here(&[1], 2, usize::MAX).err().unwrap().permanent.is_some());
     }
 
     #[test]
     fn what_a_choice_does_not_generate_goes_back_and_the_bucket_never_goes_negative() {
         let t = tenant(None, Some(200), None);
-        let mut r = t.admit(&[10], 2, 90).unwrap();
+        let mut r = t.admit_here(&[10], 2, 90).unwrap();
         assert!(level(&t) < 0.1);
         let (mut a, mut b) = (r.remove(0), r.remove(0));
         a.started();
@@ -482,12 +579,12 @@ mod tests {
         drop(b);
         assert!((level(&t) - 60.0).abs() < 0.1, "{}", level(&t));
         // A choice the engine never accepted gives back its prompt too.
-        let r = t.admit(&[10], 1, 50).unwrap();
+        let r = t.admit_here(&[10], 1, 50).unwrap();
         assert!(level(&t) < 0.1 + 0.0);
         drop(r);
         assert!((level(&t) - 60.0).abs() < 0.1);
         // Even tokens past the reservation (not expected) never take the bucket below zero.
-        let mut r = t.admit(&[10], 1, 50).unwrap();
+        let mut r = t.admit_here(&[10], 1, 50).unwrap();
         r[0].started();
         r[0].generated(500);
         assert!(level(&t) >= 0.0);
@@ -498,7 +595,7 @@ mod tests {
     #[test]
     fn the_empty_bucket_is_refused_before_any_work() {
         let t = tenant(None, Some(100), None);
-        let _r = t.admit(&[50], 1, 50).unwrap();
+        let _r = t.admit_here(&[50], 1, 50).unwrap();
         let err = t.precheck().err().unwrap();
         assert!(err.to_string().contains("100 tokens per minute") && err.permanent.is_none());
     }

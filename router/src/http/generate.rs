@@ -126,7 +126,8 @@ async fn start(
     let mut reservations = match &caller.0 {
         Some(tenant) => {
             let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
-            let reserved = tenant.admit(&lengths, n, params.max_tokens).map_err(|e| ApiError::over_limit(tenant, e))?;
+            let reserved =
+                tenant.admit(&lengths, n, params.max_tokens).await.map_err(|e| ApiError::over_limit(tenant, e))?;
             reserved.into_iter().map(Some).collect::<Vec<_>>()
         }
         None => Vec::new(),

@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 
 use crate::cluster::Cluster;
 use crate::scheduler::Scheduler;
-use crate::tenants::{NoTenant, Tenant, Tenants};
+use crate::tenants::{NoTenant, Tenant, TenantList};
 use crate::tokenize::Tokenizing;
 use error::ApiError;
 
@@ -86,8 +86,8 @@ pub struct HttpState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Unix time the server started (`created` of `/v1/models`).
     pub created: u64,
-    /// API keys and limits; `None`: the API is open.
-    pub tenants: Option<Arc<Tenants>>,
+    /// API keys and limits (none: the API is open).
+    pub tenants: Arc<TenantList>,
 }
 
 /// The tenant calling, from `Authorization: Bearer KEY`; `None` when the API is open.
@@ -98,7 +98,7 @@ impl FromRequestParts<Arc<HttpState>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<HttpState>) -> Result<Self, ApiError> {
-        let Some(tenants) = &state.tenants else { return Ok(Caller(None)) };
+        let Some(tenants) = state.tenants.get() else { return Ok(Caller(None)) };
         let header = parts.headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         match tenants.authenticate(header) {
             Ok(tenant) => Ok(Caller(Some(tenant))),
