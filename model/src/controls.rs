@@ -154,8 +154,11 @@ pub struct Processor {
     stoppers: Vec<u32>,
     /// The prompt's distinct tokens (kept only for a repetition penalty).
     prompt: HashSet<u32>,
+    /// How often each token was generated, and the generated tokens in order (both kept only
+    /// when some rule reads them).
     counts: HashMap<u32, u32>,
     generated: Vec<u32>,
+    generated_len: usize,
     changes_greedy: bool,
 }
 
@@ -168,7 +171,15 @@ impl Processor {
         let prompt =
             if controls.repetition_penalty != 1.0 { prompt_ids.iter().copied().collect() } else { HashSet::new() };
         let changes_greedy = controls.changes_greedy(ignore_eos);
-        Processor { controls, stoppers, prompt, counts: HashMap::new(), generated: Vec::new(), changes_greedy }
+        Processor {
+            controls,
+            stoppers,
+            prompt,
+            counts: HashMap::new(),
+            generated: Vec::new(),
+            generated_len: 0,
+            changes_greedy,
+        }
     }
 
     pub fn controls(&self) -> &SamplingControls {
@@ -197,7 +208,7 @@ impl Processor {
                 ban(*last);
             }
         }
-        if self.generated.len() < c.min_tokens {
+        if self.generated_len < c.min_tokens {
             self.stoppers.iter().for_each(|&id| ban(id));
         }
         for &(id, bias) in &c.logit_bias {
@@ -226,8 +237,14 @@ impl Processor {
 
     /// Records a generated token.
     pub fn push(&mut self, id: u32) {
-        *self.counts.entry(id).or_default() += 1;
-        self.generated.push(id);
+        self.generated_len += 1;
+        let c = &self.controls;
+        if c.presence_penalty != 0.0 || c.frequency_penalty != 0.0 || c.repetition_penalty != 1.0 {
+            *self.counts.entry(id).or_default() += 1;
+        }
+        if !c.bad_words.is_empty() {
+            self.generated.push(id);
+        }
     }
 
     /// Whether generating `id` ends the sequence as a stop token.
