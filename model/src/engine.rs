@@ -11,6 +11,7 @@ use switchyard_kernels::Device;
 use switchyard_kernels::cpu::Precision;
 use switchyard_kernels::cpu::routing::{log_softmax, top_k};
 
+use crate::controls::{Processor, SamplingControls};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvPool, SeqCache, blocks_for};
 use crate::model::{Chunk, Model};
@@ -42,7 +43,8 @@ pub struct TopLogprob {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GeneratedToken {
     pub id: u32,
-    /// Log-probability under the model's raw distribution (before temperature, top-k, top-p).
+    /// Log-probability under the model's raw distribution (before any control, temperature,
+    /// min-p, top-k or top-p), as vLLM reports it by default.
     pub logprob: f32,
     pub top_logprobs: Vec<TopLogprob>,
 }
@@ -50,7 +52,7 @@ pub struct GeneratedToken {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
-    /// An end-of-sequence token was generated.
+    /// An end-of-sequence token or a stop token id was generated.
     Stop,
     /// `max_tokens` was reached.
     Length,
@@ -72,12 +74,13 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
-/// One request's generation in progress: its cache, sampler and tokens so far. Made by
-/// [`Engine::start`], advanced by [`Engine::step`].
+/// One request's generation in progress: its cache, sampler, controls and tokens so far.
+/// Made by [`Engine::start`] or [`Engine::start_with`], advanced by [`Engine::step`].
 pub struct Sequence {
     pub request: GenerateRequest,
     cache: SeqCache,
     sampler: Sampler,
+    processor: Processor,
     /// Prompt tokens fed so far.
     fed: usize,
     pub tokens: Vec<GeneratedToken>,
@@ -87,6 +90,10 @@ pub struct Sequence {
 impl Sequence {
     pub fn is_finished(&self) -> bool {
         self.finish_reason.is_some()
+    }
+
+    pub fn controls(&self) -> &SamplingControls {
+        self.processor.controls()
     }
 
     /// Whether the prompt has been fed whole.
@@ -218,6 +225,12 @@ impl Engine {
         req.sampling.validate().map_err(ModelError::InvalidRequest)
     }
 
+    /// [`Engine::validate`], and `controls` against the request and the vocabulary.
+    pub fn validate_with(&self, req: &GenerateRequest, controls: &SamplingControls) -> Result<()> {
+        self.validate(req)?;
+        Ok(controls.validate(Some(self.model.spec.vocab_size), req.max_tokens)?)
+    }
+
     /// KV positions `req` may need: its prompt and every generated token but the last.
     pub fn kv_tokens(req: &GenerateRequest) -> usize {
         req.prompt_ids.len().saturating_add(req.max_tokens.saturating_sub(1)).max(1)
@@ -226,7 +239,15 @@ impl Engine {
     /// Validates `req` and makes its [`Sequence`], ready for [`Engine::step`], reserving its
     /// KV blocks in the shared pool (an error if the pool has not enough available now).
     pub fn start(&self, req: GenerateRequest) -> Result<Sequence> {
-        self.validate(&req)?;
+        self.start_with(req, SamplingControls::default())
+    }
+
+    /// [`Engine::start`] with sampling controls.
+    pub fn start_with(&self, req: GenerateRequest, controls: SamplingControls) -> Result<Sequence> {
+        self.validate_with(&req, &controls)?;
+        if controls != SamplingControls::default() {
+            tracing::debug!(?controls, "sampling controls");
+        }
         let pool = &self.kv_pool;
         let tokens = Self::kv_tokens(&req);
         let cache = SeqCache::reserve(pool, tokens).ok_or_else(|| ModelError::KvCacheFull {
@@ -236,7 +257,8 @@ impl Engine {
         })?;
         Ok(Sequence {
             cache,
-            sampler: Sampler::new(req.sampling.clone()),
+            sampler: Sampler::new(req.sampling.clone()).with_min_p(controls.min_p),
+            processor: Processor::new(controls, &req.prompt_ids, &self.eos_token_ids, req.ignore_eos),
             fed: 0,
             tokens: Vec::new(),
             finish_reason: (req.max_tokens == 0).then_some(FinishReason::Length),
@@ -246,6 +268,15 @@ impl Engine {
 
     pub fn generate(&self, req: &GenerateRequest) -> Result<Generation> {
         Ok(self.generate_batch(std::slice::from_ref(req))?.remove(0))
+    }
+
+    /// [`Engine::generate`] with sampling controls.
+    pub fn generate_with(&self, req: &GenerateRequest, controls: &SamplingControls) -> Result<Generation> {
+        let mut seq = self.start_with(req.clone(), controls.clone())?;
+        while !seq.is_finished() {
+            self.step(&mut [&mut seq], usize::MAX)?;
+        }
+        Ok(seq.into_generation())
     }
 
     /// Generates for every request together, one [`Engine::step`] after another until each
@@ -286,12 +317,13 @@ impl Engine {
             return Ok(vec![None; seqs.len()]);
         }
 
-        // Where every token picked this step is greedy with no alternatives reported, the
-        // device may pick it and return two numbers instead of a row of logits.
-        let greedy = feeds
-            .iter()
-            .zip(seqs.iter())
-            .all(|(feed, s)| feed.is_none() || (s.request.sampling.is_greedy() && s.request.top_logprobs == 0));
+        // Where every token picked this step is greedy on the model's own logits with no
+        // alternatives reported, the device may pick it and return two numbers instead of a
+        // row of logits.
+        let greedy = feeds.iter().zip(seqs.iter()).all(|(feed, s)| {
+            feed.is_none()
+                || (s.request.sampling.is_greedy() && s.request.top_logprobs == 0 && !s.processor.changes_greedy())
+        });
         let mut chunks = Vec::new();
         for (feed, s) in feeds.iter().zip(seqs.iter_mut()) {
             let Some(range) = feed.clone() else { continue };
@@ -327,11 +359,13 @@ impl Engine {
                 }
             }
             let tok = match scores {
-                Scores::Logits(logits) => self.pick(&logits, &mut s.sampler, s.request.top_logprobs),
+                Scores::Logits(logits) => Self::pick(logits, s),
                 Scores::Picked((id, logprob)) => GeneratedToken { id, logprob, top_logprobs: Vec::new() },
             };
             s.tokens.push(tok.clone());
-            if !s.request.ignore_eos && self.eos_token_ids.contains(&tok.id) {
+            s.processor.push(tok.id);
+            let eos = !s.request.ignore_eos && self.eos_token_ids.contains(&tok.id);
+            if eos || s.processor.is_stop_token(tok.id) {
                 s.finish_reason = Some(FinishReason::Stop);
             } else if s.tokens.len() >= s.request.max_tokens {
                 s.finish_reason = Some(FinishReason::Length);
@@ -341,9 +375,13 @@ impl Engine {
         Ok(out)
     }
 
-    fn pick(&self, logits: &[f32], sampler: &mut Sampler, n_top: usize) -> GeneratedToken {
-        let id = sampler.sample(logits);
-        let lp = log_softmax(logits);
+    /// Picks `s`'s next token from the model's `logits`: log-probabilities come from them as
+    /// they are, the pick from them after the sequence's controls.
+    fn pick(mut logits: Vec<f32>, s: &mut Sequence) -> GeneratedToken {
+        let lp = log_softmax(&logits);
+        s.processor.apply(&mut logits);
+        let id = s.sampler.sample(&logits);
+        let n_top = s.request.top_logprobs;
         let top_logprobs = top_k(&lp, n_top).into_iter().map(|i| TopLogprob { id: i as u32, logprob: lp[i] }).collect();
         GeneratedToken { id, logprob: lp[id as usize], top_logprobs }
     }

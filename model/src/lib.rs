@@ -18,7 +18,9 @@
 //! - [`kv_cache`]: the paged KV cache (fixed-size blocks of one arena per pool).
 //! - [`model`]: [`Model`], the batched forward pass, written once over the kernels'
 //!   [`Backend`](switchyard_kernels::Backend): the same code runs on the CPU and on a GPU.
-//! - [`sampling`]: greedy / temperature / top-k / top-p with a seeded generator.
+//! - [`sampling`]: greedy / temperature / min-p / top-k / top-p with a seeded generator.
+//! - [`controls`]: penalties, logit bias, banned words, min-tokens and stop token ids,
+//!   applied to each sequence's logits before sampling.
 //! - [`engine`]: [`Engine`], generation for one or many prompts.
 //! - [`units`]: byte counts such as `8GiB` on the command line.
 //! - [`random`]: random checkpoints of a given shape (benchmarks, tests).
@@ -27,6 +29,7 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod controls;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;
@@ -42,6 +45,7 @@ pub mod units;
 
 pub use checkpoint::{Checkpoint, Tensor};
 pub use config::{Arch, ModelSpec};
+pub use controls::SamplingControls;
 pub use engine::{Engine, EngineOptions, FinishReason, GenerateRequest, GeneratedToken, Generation, Sequence};
 pub use error::{ModelError, NonFiniteAt, Result};
 pub use kv_cache::SeqCache;

@@ -1,5 +1,5 @@
-//! Token sampling: greedy, temperature, top-k, top-p, and a seeded generator so the same
-//! seed gives the same tokens.
+//! Token sampling: greedy, temperature, min-p, top-k, top-p, and a seeded generator so the
+//! same seed gives the same tokens.
 
 use switchyard_kernels::cpu::routing::log_softmax;
 
@@ -84,6 +84,8 @@ impl Rng {
 
 pub struct Sampler {
     params: SamplingParams,
+    /// Drop tokens less likely than this fraction of the most likely one (0 disables).
+    min_p: f32,
     rng: Rng,
 }
 
@@ -92,10 +94,17 @@ impl Sampler {
         let seed = params.seed.unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         });
-        Sampler { params, rng: Rng::new(seed) }
+        Sampler { params, min_p: 0.0, rng: Rng::new(seed) }
     }
 
-    /// Picks the next token from raw `logits`.
+    /// Also drops, after temperature and before top-k and top-p (vLLM's order), every token
+    /// whose probability is below `min_p` times the most likely token's.
+    pub fn with_min_p(mut self, min_p: f32) -> Self {
+        self.min_p = min_p;
+        self
+    }
+
+    /// Picks the next token from `logits` (the model's, after any [`controls`](crate::controls)).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.is_greedy() {
@@ -108,12 +117,19 @@ impl Sampler {
         }
         let scaled: Vec<f32> = order.iter().map(|&i| logits[i] / p.temperature).collect();
         let probs: Vec<f64> = log_softmax(&scaled).iter().map(|&l| (l as f64).exp()).collect();
-        let mut keep = probs.len();
+        // Probabilities are in decreasing order, so min-p keeps a prefix. Its ratio to the
+        // most likely token does not depend on what top-k cut off, so cutting top-k first
+        // keeps the same tokens as vLLM's min-p before top-k.
+        let mut keep = match self.min_p {
+            0.0 => probs.len(),
+            min_p => probs.iter().take_while(|&&q| q >= probs[0] * min_p as f64).count().max(1),
+        };
         if p.top_p < 1.0 {
+            let kept: f64 = probs[..keep].iter().sum();
             let mut cum = 0.0;
-            for (i, &q) in probs.iter().enumerate() {
+            for (i, &q) in probs[..keep].iter().enumerate() {
                 cum += q;
-                if cum >= p.top_p as f64 {
+                if cum >= p.top_p as f64 * kept {
                     keep = i + 1;
                     break;
                 }
@@ -181,6 +197,15 @@ mod tests {
         for _ in 0..200 {
             assert!(order[..3].contains(&(s.sample(&l) as usize)));
         }
+        // min_p 0.7 keeps the tokens at least 0.7 times as likely as the most likely one (at
+        // temperature 1: a logit within ln(1 / 0.7) of the highest).
+        let near = order.iter().take_while(|&&i| (l[i] - l[order[0]]).exp() >= 0.7).count();
+        assert!(near > 1 && near < l.len() / 2);
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: Some(1) }).with_min_p(0.7);
+        let picked: std::collections::HashSet<u32> = (0..200).map(|_| s.sample(&l)).collect();
+        assert!(picked.iter().all(|&t| order[..near].contains(&(t as usize))));
+        assert_eq!(picked.len(), near, "each token within min_p is drawn");
         // A tiny top_p keeps only the single most likely token.
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1e-6, top_k: 0, seed: Some(1) });
         for _ in 0..50 {

@@ -1,6 +1,8 @@
 //! Parity with Hugging Face transformers: every fixture in `tests/fixtures/` (tiny random
 //! checkpoints saved by `tools/make_fixtures.py`, with transformers' greedy tokens and float32
-//! log-probabilities) must be reproduced token for token, log-probabilities within 1e-3.
+//! log-probabilities) must be reproduced token for token, log-probabilities within 1e-3; so
+//! must the greedy continuations under sampling controls that
+//! `tools/record_sampling_controls.py` recorded.
 //!
 //! `SWITCHYARD_FIXTURES=DIR` points the same tests at another fixture set (for example
 //! held-out fixtures made with `--seed 1`).
@@ -16,7 +18,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use switchyard_kernels::Device;
-use switchyard_model::{Chunk, Engine, EngineOptions, FinishReason, GenerateRequest, Model, SamplingParams, SeqCache};
+use switchyard_model::{
+    Chunk, Engine, EngineOptions, FinishReason, GenerateRequest, Model, SamplingControls, SamplingParams, SeqCache,
+};
 
 const TOLERANCE: f32 = 1e-3;
 /// The device KV arena of a test engine (the fixtures are tiny).
@@ -268,6 +272,85 @@ on_each_device!(
         assert_eq!(argmax(&exact), argmax(&fast), "{name}: greedy token differs");
         let diff = exact.iter().zip(&fast).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(diff < 2e-2, "{name}: bf16 prefill log-probabilities differ by {diff}");
+    }
+    Ok(())
+});
+
+/// `controls_expected.json` (tools/record_sampling_controls.py).
+#[derive(Deserialize)]
+struct ControlsExpected {
+    cases: Vec<ControlsCase>,
+}
+
+#[derive(Deserialize)]
+struct ControlsCase {
+    prompt_ids: Vec<u32>,
+    max_tokens: usize,
+    controls: serde_json::Value,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    finish_reason: String,
+}
+
+/// The fixture's controls (vLLM's field names) as the engine takes them.
+fn sampling_controls(v: &serde_json::Value) -> SamplingControls {
+    let f = |k: &str, default: f32| v.get(k).and_then(|x| x.as_f64()).map_or(default, |x| x as f32);
+    let ids = |x: &serde_json::Value| -> Vec<u32> {
+        x.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()
+    };
+    SamplingControls {
+        presence_penalty: f("presence_penalty", 0.0),
+        frequency_penalty: f("frequency_penalty", 0.0),
+        repetition_penalty: f("repetition_penalty", 1.0),
+        logit_bias: v.get("logit_bias").and_then(|b| b.as_object()).map_or_else(Vec::new, |b| {
+            b.iter().map(|(k, x)| (k.parse().unwrap(), x.as_f64().unwrap() as f32)).collect()
+        }),
+        bad_words: v.get("bad_words").and_then(|b| b.as_array()).map_or_else(Vec::new, |b| b.iter().map(ids).collect()),
+        min_tokens: v.get("min_tokens").and_then(|x| x.as_u64()).unwrap_or(0) as usize,
+        ..Default::default()
+    }
+}
+
+on_each_device!(
+    /// Greedy continuations under presence + frequency penalties, a repetition penalty, logit
+    /// bias, banned words and min-tokens are token for token transformers' with the same rules
+    /// (one logits processor per rule). Every case of a fixture runs in one batch, each row
+    /// with its own controls.
+    sampling_controls_match_transformers,
+    sampling_controls_match_transformers_on_cuda,
+    |device| {
+    for name in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"] {
+        let dir = fixtures_dir().join(name);
+        let text = std::fs::read_to_string(dir.join("controls_expected.json"))?;
+        let cases = serde_json::from_str::<ControlsExpected>(&text)?.cases;
+        let engine = load_engine(&dir, device)?;
+        let mut seqs = cases
+            .iter()
+            .map(|c| {
+                let req = GenerateRequest {
+                    prompt_ids: c.prompt_ids.clone(),
+                    max_tokens: c.max_tokens,
+                    sampling: SamplingParams::default(),
+                    top_logprobs: 0,
+                    ignore_eos: false,
+                };
+                engine.start_with(req, sampling_controls(&c.controls))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        while seqs.iter().any(|s| !s.is_finished()) {
+            engine.step(&mut seqs.iter_mut().collect::<Vec<_>>(), usize::MAX)?;
+        }
+        for (c, seq) in cases.iter().zip(seqs) {
+            let what = format!("{name} {}", c.controls);
+            let r#gen = seq.into_generation();
+            let ids: Vec<u32> = r#gen.tokens.iter().map(|t| t.id).collect();
+            assert_eq!(ids, c.tokens, "{what}: greedy tokens differ");
+            for (step, (tok, want)) in r#gen.tokens.iter().zip(&c.logprobs).enumerate() {
+                assert!((tok.logprob - want).abs() < TOLERANCE, "{what} step {step}: raw logprob {} vs {want}", tok.logprob);
+            }
+            let want_finish = if c.finish_reason == "stop" { FinishReason::Stop } else { FinishReason::Length };
+            assert_eq!(r#gen.finish_reason, want_finish, "{what}: finish reason");
+        }
     }
     Ok(())
 });

@@ -17,7 +17,7 @@ use metrics::{counter, gauge, histogram};
 
 use switchyard_model::engine::GeneratedToken;
 use switchyard_model::kv_cache::{BLOCK_TOKENS, blocks_for};
-use switchyard_model::{Engine, FinishReason, GenerateRequest, ModelError, Sequence};
+use switchyard_model::{Engine, FinishReason, GenerateRequest, ModelError, SamplingControls, Sequence};
 use switchyard_proto::MAX_DISPATCH_TOKENS;
 
 use crate::metric_names as names;
@@ -105,6 +105,8 @@ pub type Events = mpsc::UnboundedSender<Result<Event, ServeError>>;
 /// `events`, the first being `Started` or an error. Dropping the receiver cancels it.
 pub struct Submission {
     pub request: GenerateRequest,
+    /// Penalties, logit bias, banned words, min-p, min-tokens and stop token ids.
+    pub controls: SamplingControls,
     pub events: Events,
     /// Whose request it is (for fair sharing between tenants); `None` when the API is open.
     pub tenant: Option<String>,
@@ -145,6 +147,8 @@ pub struct Scheduler {
     pub load: Arc<Load>,
     pub health: Arc<EngineHealth>,
     max_queue: usize,
+    /// The model's vocabulary size, for checking token ids before a request is queued.
+    pub vocab_size: usize,
 }
 
 impl Scheduler {
@@ -154,6 +158,7 @@ impl Scheduler {
         let (submissions, rx) = mpsc::unbounded_channel::<(Submission, Instant)>();
         let load = Arc::new(Load::default());
         let health = Arc::new(EngineHealth::default());
+        let vocab_size = engine.model.spec.vocab_size;
         let engine_loop = EngineLoop {
             engine,
             max_batch: max_batch.max(1),
@@ -165,7 +170,7 @@ impl Scheduler {
             waiting: Vec::new(),
         };
         std::thread::Builder::new().name("router-engine".into()).spawn(move || engine_loop.run(rx))?;
-        Ok(Scheduler { submissions, load, health, max_queue: max_queue.max(1) })
+        Ok(Scheduler { submissions, load, health, max_queue: max_queue.max(1), vocab_size })
     }
 
     /// Queues `s`, or refuses it when the queue is full or the engine has stopped.
@@ -249,7 +254,8 @@ impl EngineLoop {
             while self.running.len() < self.max_batch && !self.waiting.is_empty() {
                 let i = self.pick();
                 // A request the model cannot serve is refused before it is weighed for memory.
-                if let Err(e) = self.engine.validate(&self.waiting[i].0.request) {
+                let (request, controls) = (&self.waiting[i].0.request, &self.waiting[i].0.controls);
+                if let Err(e) = self.engine.validate_with(request, controls) {
                     let (s, _) = self.waiting.remove(i);
                     self.load.queued.fetch_sub(1, Ordering::Relaxed);
                     let _ = s.events.send(Err(ServeError::Invalid(Arc::new(e))));
@@ -303,7 +309,7 @@ impl EngineLoop {
     fn admit(&mut self, (s, submitted): (Submission, Instant)) {
         self.load.queued.fetch_sub(1, Ordering::Relaxed);
         histogram!(names::QUEUE_TIME).record(submitted.elapsed().as_secs_f64());
-        match self.engine.start(s.request) {
+        match self.engine.start_with(s.request, s.controls) {
             Ok(seq) => {
                 let started = Event::Started { prompt_ids: seq.request.prompt_ids.clone() };
                 counter!(names::PROMPT_TOKENS).increment(seq.request.prompt_ids.len() as u64);

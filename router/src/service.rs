@@ -102,7 +102,9 @@ impl Router for RouterService {
             None => None,
         };
         let (tenant_name, priority) = tenant.as_ref().map_or((None, 0), |t| (Some(t.name.clone()), t.priority));
-        self.scheduler.submit(Submission { request, events, tenant: tenant_name, priority, span })?;
+        // The gRPC request has no field for sampling controls yet: none apply.
+        let controls = Default::default();
+        self.scheduler.submit(Submission { request, controls, events, tenant: tenant_name, priority, span })?;
         // The first event says whether the request was accepted; a rejection is the call's
         // status rather than an error inside the stream.
         let mut ids = Vec::new();

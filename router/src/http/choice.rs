@@ -1,12 +1,13 @@
 //! [`Choice`]: one generated sequence of an OpenAI request, from submission to finish: turns
 //! the engine's tokens into text deltas (holding back an incomplete UTF-8 character and
-//! anything that may be the start of a stop string), stops at stop strings, and cancels the
-//! sequence in the engine when it stops early or is dropped.
+//! anything that may be the start of a stop string), stops at stop strings (searched once
+//! `min_tokens` are out, as vLLM does), leaves a stop token id out of the text, and cancels
+//! the sequence in the engine when it stops early or is dropped.
 
 use serde_json::{Value, json};
 use switchyard_model::engine::GeneratedToken;
 use switchyard_model::tokenizer::Tokenizer;
-use switchyard_model::{FinishReason, GenerateRequest, SamplingParams};
+use switchyard_model::{FinishReason, GenerateRequest, SamplingControls, SamplingParams};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
@@ -19,6 +20,10 @@ use crate::tenants::Reservation;
 pub struct Params {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// Penalties, logit bias, banned words (as token ids), min-p, min-tokens, stop token ids.
+    pub controls: SamplingControls,
+    /// `bad_words` as sent, until they are tokenized into `controls`.
+    pub bad_words: Vec<String>,
     /// Alternatives to report per token; `None`: no log-probabilities at all.
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
@@ -54,6 +59,11 @@ pub struct Choice {
     /// Bytes of `text` already handed out.
     sent: usize,
     stop: Vec<String>,
+    /// Stop strings are searched only once more than this many tokens are out.
+    min_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    /// Whether the choice ended on a stop token id (counted, but not part of the text).
+    on_stop_token: bool,
     finish: Option<&'static str>,
 }
 
@@ -77,6 +87,7 @@ impl Choice {
         let tenant = reservation.as_ref().map(|r| (r.tenant().name.clone(), r.tenant().priority));
         scheduler.submit(Submission {
             request,
+            controls: params.controls.clone(),
             events,
             priority: tenant.as_ref().map_or(0, |t| t.1),
             tenant: tenant.map(|t| t.0),
@@ -103,12 +114,15 @@ impl Choice {
             read_offset: 0,
             sent: 0,
             stop: params.stop.clone(),
+            min_tokens: params.controls.min_tokens,
+            stop_token_ids: params.controls.stop_token_ids.clone(),
+            on_stop_token: false,
             finish: None,
         })
     }
 
     pub fn completion_tokens(&self) -> usize {
-        self.ids.len()
+        self.ids.len() + usize::from(self.on_stop_token)
     }
 
     pub fn is_finished(&self) -> bool {
@@ -129,13 +143,26 @@ impl Choice {
                     r.generated(1);
                 }
                 delta.offsets.push(self.text.len());
-                self.ids.push(t.id);
-                delta.tokens.push(t);
-                let searched_from = self.text.len();
-                self.decode_new(tokenizer, false);
-                if let Some(at) = self.find_stop(searched_from) {
-                    self.text.truncate(at);
+                if self.stop_token_ids.contains(&t.id) {
+                    // The engine ends the sequence on it; like an end-of-sequence token it is
+                    // counted but not shown, and what was held back goes out.
+                    delta.tokens.push(t);
+                    self.on_stop_token = true;
+                    let searched_from = self.text.len();
+                    self.decode_new(tokenizer, true);
+                    if let Some(at) = self.find_stop(searched_from) {
+                        self.text.truncate(at);
+                    }
                     self.end("stop");
+                } else {
+                    self.ids.push(t.id);
+                    delta.tokens.push(t);
+                    let searched_from = self.text.len();
+                    self.decode_new(tokenizer, false);
+                    if let Some(at) = self.find_stop(searched_from) {
+                        self.text.truncate(at);
+                        self.end("stop");
+                    }
                 }
             }
             Some(Ok(Event::Finished(reason))) => {
@@ -193,6 +220,9 @@ impl Choice {
     /// Where the first stop string starts in the text, if one has appeared; only text from
     /// `from` on (less the longest stop string) is new and searched.
     fn find_stop(&self, from: usize) -> Option<usize> {
+        if self.ids.len() <= self.min_tokens {
+            return None;
+        }
         let longest = self.stop.iter().map(String::len).max()?;
         let mut start = from.saturating_sub(longest);
         while !self.text.is_char_boundary(start) {
@@ -225,7 +255,7 @@ impl Choice {
             out.offsets.extend(d.offsets);
             out.finish = d.finish.unwrap_or(out.finish);
         }
-        out.completion_tokens = self.ids.len();
+        out.completion_tokens = self.completion_tokens();
         Ok(out)
     }
 }

@@ -20,8 +20,9 @@ use tracing::Instrument;
 
 use super::choice::{Choice, Collected, Delta, Params, chat_logprobs, completion_logprobs};
 use super::error::ApiError;
-use super::openai::{ChatRequest, CompletionRequest, Prompt, Sampling, prompts, stops};
+use super::openai::{ChatRequest, CompletionRequest, Controls, Prompt, Sampling, prompts, stops};
 use super::{ApiJson, Caller, HttpState};
+use crate::tokenize::TokenizeError;
 
 /// Most choices one request may ask for (`n` times the prompts).
 const MAX_CHOICES: usize = 128;
@@ -59,12 +60,14 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Checks the shared fields and builds the generation settings.
+/// Checks the shared fields and builds the generation settings; the bad words they name are
+/// left to [`tokenize_bad_words`].
 fn params(
     s: &Sampling,
     max_tokens: Option<u64>,
     default_max: usize,
     logprobs: Option<u32>,
+    vocab_size: usize,
 ) -> Result<Params, ApiError> {
     let temperature = s.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
@@ -92,14 +95,63 @@ fn params(
     {
         return Err(ApiError::invalid(format!("`logprobs` must be at most {MAX_LOGPROBS}, got {n}"), Some("logprobs")));
     }
+    let Controls { controls, bad_words, best_of } = s.controls()?;
+    controls.validate(Some(vocab_size), max_tokens).map_err(|e| ApiError::invalid(e.to_string(), Some(e.field)))?;
+    let n = choices_per_prompt(s)?;
+    match best_of {
+        Some(b) if b < n as u64 => {
+            return Err(ApiError::invalid(format!("`best_of` must be at least `n` ({n}), got {b}"), Some("best_of")));
+        }
+        Some(b) if b > n as u64 => {
+            return Err(ApiError::invalid(
+                format!(
+                    "`best_of` greater than `n` is not supported (got best_of {b}, n {n}): every generated \
+                     sequence is returned; leave `best_of` out or set it to `n`"
+                ),
+                Some("best_of"),
+            ));
+        }
+        _ => {}
+    }
     Ok(Params {
         max_tokens,
         sampling: SamplingParams { temperature, top_p, top_k, seed: s.seed },
+        controls,
+        bad_words,
         logprobs: logprobs.map(|n| n as usize),
         ignore_eos: s.ignore_eos,
         stop: stops(s.stop.as_ref())?,
         tokens_as_ids: s.return_tokens_as_token_ids,
     })
+}
+
+/// Turns `params.bad_words` into the token sequences the engine bans, as vLLM does: each word
+/// as written (leading spaces dropped) and, where the tokenizer gives it a different
+/// first token of the same count, with one leading space (a word in the middle of a text).
+async fn tokenize_bad_words(state: &HttpState, params: &mut Params) -> Result<(), ApiError> {
+    let words = std::mem::take(&mut params.bad_words);
+    if words.is_empty() {
+        return Ok(());
+    }
+    let bytes = words.iter().map(|w| w.len() + 1).sum();
+    state.tokenizing.check_size("bad_words", bytes)?;
+    let texts: Vec<String> =
+        words.iter().flat_map(|w| [w.trim_start().to_string(), format!(" {}", w.trim_start())]).collect();
+    let encoded = state.tokenizing.encode(texts, false).await.map_err(|e| match e {
+        TokenizeError::Failed { message, .. } => TokenizeError::Failed { field: "bad_words", message },
+        e => e,
+    })?;
+    for (word, pair) in words.iter().zip(encoded.chunks(2)) {
+        let (plain, spaced) = (&pair[0], &pair[1]);
+        if plain.is_empty() {
+            return Err(ApiError::invalid(format!("`bad_words` holds an empty word: {word:?}"), Some("bad_words")));
+        }
+        params.controls.bad_words.push(plain.clone());
+        if spaced.len() == plain.len() && spaced[0] != plain[0] {
+            params.controls.bad_words.push(spaced.clone());
+        }
+    }
+    Ok(())
 }
 
 fn choices_per_prompt(s: &Sampling) -> Result<usize, ApiError> {
@@ -211,9 +263,10 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
     if r.echo && r.logprobs.is_some() {
         return Err(ApiError::invalid("`echo` together with `logprobs` is not supported", Some("echo")));
     }
-    let params = params(&r.sampling, r.sampling.max_tokens, 16, r.logprobs)?;
+    let mut params = params(&r.sampling, r.sampling.max_tokens, 16, r.logprobs, state.scheduler.vocab_size)?;
     // Refused cheaply, before the prompt is tokenized, when over a limit now.
     state.precheck(&caller)?;
+    tokenize_bad_words(&state, &mut params).await?;
     let prompts = prompts(&r.prompt)?;
     let texts: Vec<String> = prompts
         .iter()
@@ -265,7 +318,8 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
         let n = r.sampling.n.unwrap_or(1).max(1) as usize;
         default_max = default_max.min((limit / n).saturating_sub(ids.len()).max(1));
     }
-    let params = params(&r.sampling, max_tokens, default_max, logprobs)?;
+    let mut params = params(&r.sampling, max_tokens, default_max, logprobs, state.scheduler.vocab_size)?;
+    tokenize_bad_words(&state, &mut params).await?;
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, vec![ids], n, &params).await?;
     respond(state, Api::Chat, choices, n, params, &r.sampling, false).await

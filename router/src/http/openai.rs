@@ -1,10 +1,11 @@
 //! The request bodies of the OpenAI API as clients send them, checked strictly, each error
 //! naming its field. A field is either honoured, or accepted because it cannot change the
-//! answer (`user`, `metadata`, a penalty of 0…), or refused with a 400 that names it: a
+//! answer (`user`, `metadata`, empty `tools`…), or refused with a 400 that names it: a
 //! request never means something other than what it says.
 
 use serde::Deserialize;
 use serde_json::Value;
+use switchyard_model::SamplingControls;
 use switchyard_model::chat::ChatMessage;
 
 use super::error::ApiError;
@@ -36,6 +37,94 @@ pub struct Sampling {
     /// vLLM's extension: keep going past end-of-sequence tokens.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// The sampling controls, read by [`Sampling::controls`] (so that a value of the wrong
+    /// type is refused naming its field).
+    pub presence_penalty: Option<Value>,
+    pub frequency_penalty: Option<Value>,
+    pub repetition_penalty: Option<Value>,
+    pub logit_bias: Option<Value>,
+    pub min_p: Option<Value>,
+    pub min_tokens: Option<Value>,
+    pub stop_token_ids: Option<Value>,
+    pub bad_words: Option<Value>,
+    pub best_of: Option<Value>,
+}
+
+/// What a request's controls say, before its bad words are tokenized.
+pub struct Controls {
+    /// Every control but `bad_words` (left empty).
+    pub controls: SamplingControls,
+    pub bad_words: Vec<String>,
+    pub best_of: Option<u64>,
+}
+
+fn wrong_type(field: &'static str, expected: &str, got: &Value) -> ApiError {
+    ApiError::invalid(format!("`{field}` must be {expected}, got {got}"), Some(field))
+}
+
+fn number(field: &'static str, v: &Option<Value>, default: f32) -> Result<f32, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| wrong_type(field, "a number", x)),
+    }
+}
+
+fn count(field: &'static str, v: &Option<Value>) -> Result<Option<u64>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_u64().map(Some).ok_or_else(|| wrong_type(field, "a non-negative integer", x)),
+    }
+}
+
+fn list<T>(
+    field: &'static str,
+    v: &Option<Value>,
+    expected: &str,
+    item: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a.iter().map(|x| item(x).ok_or_else(|| wrong_type(field, expected, x))).collect(),
+        Some(x) => Err(wrong_type(field, expected, x)),
+    }
+}
+
+impl Sampling {
+    /// The sampling controls as sent, each of the type it must have; their ranges are checked
+    /// by [`SamplingControls::validate`].
+    pub fn controls(&self) -> Result<Controls, ApiError> {
+        let token = |x: &Value| x.as_u64().and_then(|n| u32::try_from(n).ok());
+        let logit_bias = match &self.logit_bias {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(k, v)| {
+                    let id = k.trim().parse::<u32>().map_err(|_| {
+                        ApiError::invalid(
+                            format!("`logit_bias` keys must be token ids (integers as strings), got \"{k}\""),
+                            Some("logit_bias"),
+                        )
+                    })?;
+                    let bias =
+                        v.as_f64().ok_or_else(|| wrong_type("logit_bias", "a map of token ids to numbers", v))?;
+                    Ok((id, bias as f32))
+                })
+                .collect::<Result<_, ApiError>>()?,
+            Some(x) => return Err(wrong_type("logit_bias", "a map of token ids to numbers", x)),
+        };
+        let controls = SamplingControls {
+            presence_penalty: number("presence_penalty", &self.presence_penalty, 0.0)?,
+            frequency_penalty: number("frequency_penalty", &self.frequency_penalty, 0.0)?,
+            repetition_penalty: number("repetition_penalty", &self.repetition_penalty, 1.0)?,
+            logit_bias,
+            bad_words: Vec::new(),
+            min_p: number("min_p", &self.min_p, 0.0)?,
+            min_tokens: count("min_tokens", &self.min_tokens)?.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            stop_token_ids: list("stop_token_ids", &self.stop_token_ids, "a list of token ids", token)?,
+        };
+        let bad_words = list("bad_words", &self.bad_words, "a list of strings", |x| x.as_str().map(String::from))?;
+        Ok(Controls { controls, bad_words, best_of: count("best_of", &self.best_of)? })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,14 +209,10 @@ const NO_EFFECT: [&str; 6] = ["user", "metadata", "store", "service_tier", "para
 
 /// Fields the server does not implement, accepted only with the value that means "off".
 fn neutral(field: &str, v: &Value) -> Option<bool> {
-    let zero = || v.is_null() || v.as_f64() == Some(0.0);
     let empty =
         || v.is_null() || v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty());
     Some(match field {
-        "presence_penalty" | "frequency_penalty" | "min_p" | "min_tokens" => zero(),
-        "repetition_penalty" => v.is_null() || v.as_f64() == Some(1.0),
-        "best_of" => v.is_null() || v.as_u64() == Some(1),
-        "logit_bias" | "stop_token_ids" | "bad_words" | "tools" | "functions" => empty(),
+        "tools" | "functions" => empty(),
         "suffix" | "prompt_logprobs" | "response_format" | "tool_choice" | "function_call" => {
             v.is_null()
                 || v.as_str().is_some_and(|s| s.is_empty() || s == "none")
@@ -226,21 +311,19 @@ mod tests {
     #[test]
     fn every_field_is_honoured_accepted_as_neutral_or_refused_by_name() {
         let ok = completion(
-            r#"{"model": "m", "prompt": "x", "max_tokens": 3, "user": "u", "metadata": {"a": 1}, "presence_penalty": 0,
-                "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1, "suffix": null, "stream_options": {"include_usage": true}}"#,
+            r#"{"model": "m", "prompt": "x", "max_tokens": 3, "user": "u", "metadata": {"a": 1}, "tools": [],
+                "suffix": null, "stream_options": {"include_usage": true}}"#,
         )
         .unwrap();
         assert_eq!(ok.sampling.max_tokens, Some(3));
         assert!(ok.sampling.stream_options.unwrap().include_usage);
 
-        let err = completion(r#"{"model": "m", "prompt": "x", "logit_bias": {"50": 100}}"#).unwrap_err();
-        assert!(err.contains("`logit_bias` is not supported"), "{err}");
-        let err = completion(r#"{"model": "m", "prompt": "x", "presence_penalty": 0.5}"#).unwrap_err();
-        assert!(err.contains("`presence_penalty`"), "{err}");
         let err = completion(r#"{"model": "m", "prompt": "x", "temprature": 0.5}"#).unwrap_err();
         assert!(err.contains("unknown field `temprature`"), "{err}");
         let err = completion(r#"{"model": "m", "prompt": "x", "max_completion_tokens": 5}"#).unwrap_err();
         assert!(err.contains("unknown field `max_completion_tokens` for /v1/completions"), "{err}");
+        let err = completion(r#"{"model": "m", "prompt": "x", "suffix": "y"}"#).unwrap_err();
+        assert!(err.contains("`suffix` is not supported"), "{err}");
 
         let chat: ChatRequest =
             serde_json::from_str(r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "tools": [], "tool_choice": "none"}"#)
@@ -252,5 +335,42 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("`response_format` is not supported"), "{err}");
+    }
+
+    #[test]
+    fn sampling_controls_are_read_with_their_types() {
+        let r = completion(
+            r#"{"model": "m", "prompt": "x", "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+                "logit_bias": {"50": 100, " 7": -3.5}, "min_p": 0.1, "min_tokens": 2, "stop_token_ids": [4, 9],
+                "bad_words": ["foo", " bar"], "best_of": 1}"#,
+        )
+        .unwrap();
+        let Controls { controls: c, bad_words, best_of } = r.sampling.controls().map_err(|e| e.message).unwrap();
+        assert_eq!((c.presence_penalty, c.frequency_penalty, c.repetition_penalty), (0.5, -1.0, 1.2));
+        let mut bias = c.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(7, -3.5), (50, 100.0)]);
+        assert_eq!((c.min_p, c.min_tokens, c.stop_token_ids), (0.1, 2, vec![4, 9]));
+        assert_eq!((bad_words, best_of), (vec!["foo".to_string(), " bar".to_string()], Some(1)));
+
+        // Left out or null: neutral.
+        let r = completion(r#"{"model": "m", "prompt": "x", "presence_penalty": null}"#).unwrap();
+        assert_eq!(r.sampling.controls().map_err(|e| e.message).unwrap().controls, SamplingControls::default());
+
+        for (body, field) in [
+            (r#""presence_penalty": "high""#, "presence_penalty"),
+            (r#""logit_bias": {"abc": 1}"#, "logit_bias"),
+            (r#""logit_bias": {"5": "up"}"#, "logit_bias"),
+            (r#""logit_bias": [5]"#, "logit_bias"),
+            (r#""min_tokens": -1"#, "min_tokens"),
+            (r#""stop_token_ids": [-1]"#, "stop_token_ids"),
+            (r#""bad_words": "foo""#, "bad_words"),
+            (r#""best_of": 1.5"#, "best_of"),
+        ] {
+            let r = completion(&format!(r#"{{"model": "m", "prompt": "x", {body}}}"#)).unwrap();
+            let e = r.sampling.controls().err().unwrap_or_else(|| panic!("{body} is accepted"));
+            assert_eq!(e.param.as_deref(), Some(field), "{body}: {}", e.message);
+            assert!(e.message.contains(&format!("`{field}`")), "{}", e.message);
+        }
     }
 }
