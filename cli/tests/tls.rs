@@ -172,3 +172,32 @@ fn every_internal_call_needs_a_certificate_of_the_right_role() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--tls-ca") && err.contains("--insecure-plaintext"), "{err}");
 }
+
+#[test]
+fn plaintext_is_only_an_explicit_choice_and_says_what_it_gives_up() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let model = fixture("mixtral");
+    // Without TLS flags a role refuses to start, naming what to give.
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["expert-node", "--model", &model, "--experts", "all"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--tls-ca, --tls-cert and --tls-key"), "{err}");
+    // With --insecure-plaintext it serves, and warns.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["expert-node", "--model", &model, "--experts", "all", "--insecure-plaintext"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready =
+        BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok).find(|l| l.starts_with("ready: "));
+    signal(child.id(), libc::SIGKILL);
+    child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(ready.is_some(), "{err}");
+    assert!(err.contains("neither encrypted nor authenticated"), "{err}");
+}
