@@ -255,6 +255,7 @@ fn a_router_whose_engine_thread_panics_stops_serving_and_says_why() {
     );
     let http = cluster.http.trim_start_matches("http://").trim_end_matches("/v1").to_string();
     assert_eq!(http_get(&http, "/health").0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(&http, "/ready").0, "HTTP/1.1 200 OK");
     assert_eq!(grpc_health(&cluster.addr), tonic_health::pb::health_check_response::ServingStatus::Serving);
 
     // The request in the engine when it panics fails with the reason, not a hang.
@@ -265,6 +266,9 @@ fn a_router_whose_engine_thread_panics_stops_serving_and_says_why() {
     let (status, body) = http_get(&http, "/health");
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
     assert!(body.contains("engine failed") && body.contains("injected fault at step 5"), "{body}");
+    // Orchestrators' probes: not ready, but the process still answers.
+    assert_eq!(http_get(&http, "/ready").0, "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(http_get(&http, "/live").0, "HTTP/1.1 200 OK");
     assert!(wait_until(Duration::from_secs(5), || {
         grpc_health(&cluster.addr) == tonic_health::pb::health_check_response::ServingStatus::NotServing
     }));

@@ -93,6 +93,9 @@ pub struct Config {
     pub limits: switchyard_proto::server::ConnectionLimits,
     #[command(flatten)]
     pub tls: switchyard_proto::tls::TlsFlags,
+    /// Ready: a leader is known and this member has applied everything it knows committed.
+    #[command(flatten)]
+    pub probes: switchyard_proto::probe::ProbeFlags,
 }
 
 impl Config {
@@ -133,6 +136,7 @@ pub struct Coordinator {
     raft_token: Option<String>,
     security: Security,
     limits: switchyard_proto::server::ConnectionLimits,
+    probes: switchyard_proto::probe::ProbeFlags,
 }
 
 impl Coordinator {
@@ -165,6 +169,7 @@ impl Coordinator {
             raft_token: config.raft_token.clone(),
             security,
             limits: config.limits.clone(),
+            probes: config.probes.clone(),
         })
     }
 
@@ -181,6 +186,23 @@ impl Coordinator {
         let service =
             CoordinatorServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         let mut server = self.security.server(self.limits.builder()).map_err(CoordinatorError::Config)?;
+        let views = self.handle.view.clone();
+        let ready: switchyard_proto::probe::Readiness = std::sync::Arc::new(move || {
+            let view = views.borrow();
+            match view.leader() {
+                None => Err("no leader is known".into()),
+                Some(_) if view.applied < view.commit => {
+                    Err(format!("catching up: applied {} of {} committed entries", view.applied, view.commit))
+                }
+                Some(_) => Ok(()),
+            }
+        });
+        let (stop_probes, probes_stopped) = tokio::sync::oneshot::channel::<()>();
+        switchyard_proto::probe::start(&self.probes, ready.clone(), async move {
+            let _ = probes_stopped.await;
+        })
+        .await?;
+        let health = switchyard_proto::probe::grpc_health(ready);
         let node::Thread { join, failed } = self.raft_thread;
         let (stop, stopped) = tokio::sync::oneshot::channel::<CoordinatorError>();
         let until = async move {
@@ -193,10 +215,12 @@ impl Coordinator {
             let _ = stop_watches.send(true);
         };
         let served = server
+            .add_service(health)
             .add_service(service)
             .serve_with_incoming_shutdown(self.limits.incoming(listener), until)
             .await
             .map_err(std::io::Error::other);
+        drop(stop_probes);
         self.handle.send(node::Msg::Stop).ok();
         let _ = tokio::task::spawn_blocking(move || join.join()).await;
         if let Ok(e) = stopped.await {

@@ -26,6 +26,7 @@ fn config(dir: &std::path::Path) -> Config {
         raft_token: Some("members-only".into()),
         limits: Default::default(),
         tls: switchyard_proto::tls::TlsFlags::plaintext(),
+        probes: Default::default(),
     }
 }
 

@@ -73,6 +73,10 @@ pub struct Config {
     pub limits: switchyard_proto::server::ConnectionLimits,
     #[command(flatten)]
     pub tls: switchyard_proto::tls::TlsFlags,
+    /// Ready: serving, and (with coordinators) registered, in the active epoch and holding
+    /// every expert it gives this node.
+    #[command(flatten)]
+    pub probes: switchyard_proto::probe::ProbeFlags,
     #[command(flatten)]
     pub faults: FaultFlags,
 }
@@ -171,15 +175,31 @@ impl ExpertNode {
             Compute::start(self.store, self.held, self.config.threads, self.config.faults.faults(), health.clone())?;
         // A JoinSet aborts its tasks when dropped: membership ends with the server.
         let mut membership = tokio::task::JoinSet::new();
+        let placed = Arc::new(std::sync::Mutex::new(Ok(())));
         if !self.config.coordinators.is_empty() {
+            *placed.lock().expect("placed lock") = Err("not registered with the coordinators yet".to_string());
             let client = switchyard_coordinator::client::Client::new(&self.config.coordinators, &self.security)
                 .map_err(std::io::Error::other)?;
             let address = match &self.config.advertise {
                 Some(a) => a.clone(),
                 None => listener.local_addr()?.to_string(),
             };
-            membership.spawn(membership::run(client, compute.clone(), address));
+            membership.spawn(membership::run(client, compute.clone(), address, placed.clone()));
         }
+        let ready: switchyard_proto::probe::Readiness = {
+            let (health, placed) = (health.clone(), placed.clone());
+            Arc::new(move || match health.state() {
+                compute::HealthState::Serving => placed.lock().expect("placed lock").clone(),
+                compute::HealthState::Stopping => Err("shutting down".into()),
+                compute::HealthState::Failed(why) => Err(format!("failed: {why}")),
+            })
+        };
+        let (stop_probes, probes_stopped) = tokio::sync::oneshot::channel::<()>();
+        switchyard_proto::probe::start(&self.config.probes, ready.clone(), async move {
+            let _ = probes_stopped.await;
+        })
+        .await?;
+        let grpc_health = switchyard_proto::probe::grpc_health(ready);
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let limit = switchyard_proto::max_dispatch_message_bytes(hidden);
         let service = NodeService { compute, stopping, security: self.security.clone() };
@@ -197,10 +217,13 @@ impl ExpertNode {
         builder
             .initial_stream_window_size(switchyard_proto::DISPATCH_STREAM_WINDOW)
             .initial_connection_window_size(switchyard_proto::DISPATCH_CONNECTION_WINDOW)
+            .add_service(grpc_health)
             .add_service(server)
             .serve_with_incoming_shutdown(limits.incoming(listener), shutdown)
             .await
-            .map_err(std::io::Error::other)
+            .map_err(std::io::Error::other)?;
+        drop(stop_probes);
+        Ok(())
     }
 }
 

@@ -6,12 +6,12 @@
 //! declare it dead and re-place its experts.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_coordinator::client::Client;
-use switchyard_coordinator::convert::{held_by, newest_epoch};
+use switchyard_coordinator::convert::{active, held_by, newest_epoch};
 use switchyard_proto::v1::{EpochState, ModelShape, NodeHeartbeat, Placement, RegisterNodeRequest};
 
 use crate::compute::Compute;
@@ -30,7 +30,9 @@ enum Silence {
 
 /// Registers `address` with the coordinators and keeps the store on the placement, until
 /// the task is dropped or the node fails.
-pub async fn run(client: Client, compute: Compute, address: String) {
+/// `placed` says whether the node is ready: in the active epoch, holding what it gives it.
+pub async fn run(client: Client, compute: Compute, address: String, placed: Arc<Mutex<Result<(), String>>>) {
+    let set = |why: Result<(), String>| *placed.lock().expect("placed lock") = why;
     let catalog = compute.catalog().clone();
     let spec = catalog.spec();
     let model = ModelShape {
@@ -61,6 +63,7 @@ pub async fn run(client: Client, compute: Compute, address: String) {
             }
         };
         tracing::info!(node = id, %address, "registered with the coordinators");
+        set(Err(format!("registered as node {id}; no active epoch places it yet")));
         let loaded = Arc::new(AtomicU64::new(0));
         let mut heartbeats = tokio::spawn(heartbeat(client.clone(), id, loaded.clone(), compute.clone()));
         placements.mark_changed();
@@ -78,13 +81,23 @@ pub async fn run(client: Client, compute: Compute, address: String) {
                         Ok(()) => {
                             loaded.fetch_max(epoch, Ordering::Relaxed);
                             tracing::debug!(node = id, epoch, "placement loaded");
+                            let in_active = active(&placement).is_some_and(|(_, a)| a.values().any(|n| n.contains(&id)));
+                            set(if in_active {
+                                Ok(())
+                            } else {
+                                Err(format!("node {id} is in no active epoch"))
+                            });
                         }
-                        Err(e) => tracing::error!(node = id, epoch, "cannot load the placement: {e}"),
+                        Err(e) => {
+                            tracing::error!(node = id, epoch, "cannot load the placement: {e}");
+                            set(Err(format!("cannot load the placement: {e}")));
+                        }
                     }
                 }
             }
         };
         heartbeats.abort();
+        set(Err("declared dead by the coordinators; registering again".into()));
         if let Silence::Failed = silence {
             tracing::error!(node = id, "the node failed; heartbeats stopped so the coordinators re-place its experts");
             return;

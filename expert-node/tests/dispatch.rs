@@ -34,6 +34,7 @@ fn config(experts: &str, budget: Option<usize>) -> Config {
         device: switchyard_kernels::Device::Cpu,
         limits: Default::default(),
         tls: switchyard_proto::tls::TlsFlags::plaintext(),
+        probes: Default::default(),
         faults: Default::default(),
     }
 }

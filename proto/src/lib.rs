@@ -14,7 +14,9 @@
 //! - [`server`]: what every gRPC server accepts (connection limit, handshake deadline,
 //!   keepalives).
 //! - [`tls`]: mutual TLS between the roles, and who may call what.
+//! - [`probe`]: `/live` and `/ready` for orchestrators, and the same readiness as gRPC health.
 
+pub mod probe;
 pub mod server;
 pub mod tensor;
 pub mod tls;

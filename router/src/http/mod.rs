@@ -174,6 +174,9 @@ pub fn app(state: Arc<HttpState>) -> Router {
         .route("/v1/models/{id}", get(model))
         .route("/version", get(version))
         .route("/health", get(health))
+        // Orchestrators' probes: `/live` while the process answers, `/ready` as `/health`.
+        .route("/live", get(|| async { "live" }))
+        .route("/ready", get(health))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
