@@ -29,6 +29,16 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Make DIR's CA if it has none, and issue a certificate for each ROLE:NAME given (for a
+    /// deployment's one-shot setup step, as in deploy/compose.yaml).
+    Init {
+        /// Where the CA and the certificates go.
+        #[arg(long)]
+        dir: PathBuf,
+        /// `ROLE:NAME` each, e.g. `coordinator:c1 expert-node:n1 router:r1 admin:ops`.
+        #[arg(required = true)]
+        certificates: Vec<String>,
+    },
     /// Issue a certificate for one process of a role, signed by DIR's CA: DIR/NAME.pem and
     /// DIR/NAME-key.pem. Pass them as --tls-cert/--tls-key, with --tls-ca DIR/ca.pem.
     Issue {
@@ -59,6 +69,20 @@ pub fn run(args: Args) -> Result<()> {
             }
             Authority::create(&dir)?;
             println!("{}", dir.join(CA_CERT).display());
+        }
+        Command::Init { dir, certificates } => {
+            let wanted = certificates
+                .iter()
+                .map(|c| {
+                    let (role, name) = c.split_once(':').with_context(|| format!("{c:?} is not ROLE:NAME"))?;
+                    Ok((parse_role(role).map_err(anyhow::Error::msg)?, name.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let authority = Authority::open_or_create(&dir)?;
+            for (role, name) in &wanted {
+                authority.issue(*role, name)?;
+            }
+            println!("{} certificates in {}", wanted.len(), dir.display());
         }
         Command::Issue { dir, role, name } => {
             let authority = Authority::open(&dir)?;

@@ -59,6 +59,8 @@ enum Command {
     Cluster(cluster::Args),
     /// Make the cluster's CA and the roles' certificates (mutual TLS between the roles).
     Tls(certs::Args),
+    /// Ask a role's readiness probe; exits 0 only on 200 (for container health checks).
+    Probe(serve::ProbeArgs),
     /// Measure engine throughput against the memory-bandwidth floor.
     Bench(bench::Args),
 }
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
         Command::Up(_) => "switchyard-up",
         Command::Cluster(_) => "switchyard-cluster",
         Command::Tls(_) => "switchyard-tls",
+        Command::Probe(_) => "switchyard-probe",
         Command::Bench(_) => "switchyard-bench",
     };
     let telemetry = match telemetry::init(service, cli.otlp_endpoint.as_deref()) {
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
         Command::Up(args) => up::run(args, otlp),
         Command::Cluster(args) => cluster::run(args),
         Command::Tls(args) => certs::run(args),
+        Command::Probe(args) => serve::probe(args),
         Command::Bench(args) => bench::run(args),
     };
     drop(telemetry);

@@ -40,6 +40,40 @@ pub struct CoordinatorArgs {
     listen: SocketAddr,
 }
 
+#[derive(clap::Args)]
+pub struct ProbeArgs {
+    /// `host:port` of a role's probe listener (or a router's HTTP port).
+    address: String,
+    /// The path to ask.
+    #[arg(long, default_value = "/ready")]
+    path: String,
+}
+
+/// `switchyard probe`: asks a role's `/ready` (or `--path`) and fails unless it answers 200
+/// (for health checks in images that hold nothing but the binary).
+pub fn probe(args: ProbeArgs) -> Result<()> {
+    use std::io::{Read, Write as _};
+    let address = std::net::ToSocketAddrs::to_socket_addrs(&args.address)
+        .with_context(|| format!("cannot resolve {}", args.address))?
+        .next()
+        .with_context(|| format!("{} resolves to nothing", args.address))?;
+    let timeout = std::time::Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)
+        .with_context(|| format!("cannot connect to {}", args.address))?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", args.path, args.address)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.lines().next().unwrap_or_default();
+    if status.split(' ').nth(1) == Some("200") {
+        println!("{}", body.trim());
+        Ok(())
+    } else {
+        anyhow::bail!("{} {}: {status}: {}", args.address, args.path, body.trim())
+    }
+}
+
 fn announce(what: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready: {what}")?;
