@@ -22,6 +22,10 @@ use crate::tokenizer::{self, Tokenizer};
 /// Prompt tokens fed to one forward pass at most (bounds activation memory).
 pub const PREFILL_CHUNK: usize = 512;
 
+/// Bytes of logits one sequence that scores its prompt may bring out of one pass (a row of
+/// `vocab` floats per prompt token fed): its prefill chunks are cut shorter to stay under it.
+pub const PROMPT_LOGITS_BYTES: usize = 256 << 20;
+
 /// What to generate for one prompt.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
@@ -329,7 +333,8 @@ impl Engine {
 
     /// Runs one forward pass over the unfinished sequences of `seqs`: decoding ones feed their
     /// last token, prefilling ones their next prompt piece (at most [`PREFILL_CHUNK`] tokens,
-    /// and no more than `token_budget` tokens in all, decode tokens first). Every sequence
+    /// fewer where [`PROMPT_LOGITS_BYTES`] asks, and no more than `token_budget` tokens in all,
+    /// decode tokens first). Every sequence
     /// whose prompt is now fed samples its next token, which is returned in its slot (but one
     /// with `max_tokens` 0, which finishes). Sequences that asked for prompt log-probabilities
     /// get them for every position of the piece they feed, so any chunking gives the same.
@@ -347,7 +352,11 @@ impl Engine {
         }
         for (feed, s) in feeds.iter_mut().zip(seqs.iter()) {
             if !s.is_finished() && !s.is_decoding() && budget > 0 {
-                let n = (s.request.prompt_ids.len() - s.fed).min(PREFILL_CHUNK).min(budget);
+                let mut n = (s.request.prompt_ids.len() - s.fed).min(PREFILL_CHUNK).min(budget);
+                if s.request.prompt_logprobs.is_some() {
+                    let row = self.model.spec.vocab_size * std::mem::size_of::<f32>();
+                    n = n.min((PROMPT_LOGITS_BYTES / row.max(1)).max(1));
+                }
                 *feed = Some(s.fed..s.fed + n);
                 budget -= n;
             }
