@@ -128,6 +128,7 @@ fn local(args: &Args) -> Result<Output> {
         sampling: sampling(args),
         top_logprobs: args.logprobs,
         ignore_eos: args.ignore_eos,
+        prompt_logprobs: None,
     };
     engine.validate(&req)?;
     // A KV cache just large enough for this request.

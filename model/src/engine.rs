@@ -22,6 +22,10 @@ use crate::tokenizer::{self, Tokenizer};
 /// Prompt tokens fed to one forward pass at most (bounds activation memory).
 pub const PREFILL_CHUNK: usize = 512;
 
+/// Bytes of logits one sequence that scores its prompt may bring out of one pass (a row of
+/// `vocab` floats per prompt token fed): its prefill chunks are cut shorter to stay under it.
+pub const PROMPT_LOGITS_BYTES: usize = 256 << 20;
+
 /// What to generate for one prompt.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
@@ -32,12 +36,28 @@ pub struct GenerateRequest {
     pub top_logprobs: usize,
     /// Keep generating past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Compute every prompt token's log-probability (but the first's) in the prefill, with
+    /// this many of the most likely alternatives each; `None`: not computed. With it,
+    /// `max_tokens` 0 runs the prefill and generates nothing.
+    pub prompt_logprobs: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TopLogprob {
     pub id: u32,
     pub logprob: f32,
+}
+
+/// A prompt token's log-probability given the tokens before it, from the prefill.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PromptLogprob {
+    pub id: u32,
+    /// Under the model's raw distribution, as [`GeneratedToken::logprob`].
+    pub logprob: f32,
+    /// 1 + how many tokens the model found more likely (vLLM's rank).
+    pub rank: usize,
+    /// The most likely tokens at that position, best first (as many as the request asked).
+    pub top_logprobs: Vec<TopLogprob>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -70,6 +90,8 @@ impl FinishReason {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Generation {
     pub prompt_ids: Vec<u32>,
+    /// Log-probabilities of `prompt_ids[1..]` where the request asked for them (else empty).
+    pub prompt_logprobs: Vec<PromptLogprob>,
     pub tokens: Vec<GeneratedToken>,
     pub finish_reason: FinishReason,
 }
@@ -83,6 +105,10 @@ pub struct Sequence {
     processor: Processor,
     /// Prompt tokens fed so far.
     fed: usize,
+    /// Log-probabilities of the prompt tokens fed so far, from the second on (where asked).
+    pub prompt_logprobs: Vec<PromptLogprob>,
+    /// Whether [`Sequence::take_prompt_logprobs`] has handed them out.
+    prompt_logprobs_taken: bool,
     pub tokens: Vec<GeneratedToken>,
     pub finish_reason: Option<FinishReason>,
 }
@@ -101,17 +127,29 @@ impl Sequence {
         self.fed == self.request.prompt_ids.len()
     }
 
+    /// The prompt's log-probabilities, once, as soon as the whole prompt is fed (`None`
+    /// before, after, and where the request did not ask for them).
+    pub fn take_prompt_logprobs(&mut self) -> Option<Vec<PromptLogprob>> {
+        if self.request.prompt_logprobs.is_none() || !self.is_decoding() || self.prompt_logprobs_taken {
+            return None;
+        }
+        self.prompt_logprobs_taken = true;
+        Some(std::mem::take(&mut self.prompt_logprobs))
+    }
+
     pub fn into_generation(self) -> Generation {
         Generation {
             prompt_ids: self.request.prompt_ids,
+            prompt_logprobs: self.prompt_logprobs,
             tokens: self.tokens,
             finish_reason: self.finish_reason.unwrap_or(FinishReason::Length),
         }
     }
 }
 
-/// What a forward pass returned for one sequence: its last position's logits, or the greedy
-/// pick already made on the device.
+/// What a forward pass returned for one sequence: its logits (every position's, one row after
+/// another, where it asked for prompt log-probabilities; else the last position's), or the
+/// greedy pick already made on the device.
 enum Scores {
     Logits(Vec<f32>),
     Picked((u32, f32)),
@@ -260,8 +298,11 @@ impl Engine {
             sampler: Sampler::new(req.sampling.clone()).with_min_p(controls.min_p),
             processor: Processor::new(controls, &req.prompt_ids, &self.eos_token_ids, req.ignore_eos),
             fed: 0,
+            prompt_logprobs: Vec::new(),
+            prompt_logprobs_taken: false,
             tokens: Vec::new(),
-            finish_reason: (req.max_tokens == 0).then_some(FinishReason::Length),
+            // Nothing to compute, unless the prompt's log-probabilities are asked for.
+            finish_reason: (req.max_tokens == 0 && req.prompt_logprobs.is_none()).then_some(FinishReason::Length),
             request: req,
         })
     }
@@ -292,8 +333,11 @@ impl Engine {
 
     /// Runs one forward pass over the unfinished sequences of `seqs`: decoding ones feed their
     /// last token, prefilling ones their next prompt piece (at most [`PREFILL_CHUNK`] tokens,
-    /// and no more than `token_budget` tokens in all, decode tokens first). Every sequence
-    /// whose prompt is now fed samples its next token, which is returned in its slot.
+    /// fewer where [`PROMPT_LOGITS_BYTES`] asks, and no more than `token_budget` tokens in all,
+    /// decode tokens first). Every sequence
+    /// whose prompt is now fed samples its next token, which is returned in its slot (but one
+    /// with `max_tokens` 0, which finishes). Sequences that asked for prompt log-probabilities
+    /// get them for every position of the piece they feed, so any chunking gives the same.
     ///
     /// On error no sequence has changed, so the step can be run again.
     pub fn step(&self, seqs: &mut [&mut Sequence], token_budget: usize) -> Result<Vec<Option<GeneratedToken>>> {
@@ -308,7 +352,11 @@ impl Engine {
         }
         for (feed, s) in feeds.iter_mut().zip(seqs.iter()) {
             if !s.is_finished() && !s.is_decoding() && budget > 0 {
-                let n = (s.request.prompt_ids.len() - s.fed).min(PREFILL_CHUNK).min(budget);
+                let mut n = (s.request.prompt_ids.len() - s.fed).min(PREFILL_CHUNK).min(budget);
+                if s.request.prompt_logprobs.is_some() {
+                    let row = self.model.spec.vocab_size * std::mem::size_of::<f32>();
+                    n = n.min((PROMPT_LOGITS_BYTES / row.max(1)).max(1));
+                }
                 *feed = Some(s.fed..s.fed + n);
                 budget -= n;
             }
@@ -322,11 +370,16 @@ impl Engine {
         // row of logits.
         let greedy = feeds.iter().zip(seqs.iter()).all(|(feed, s)| {
             feed.is_none()
-                || (s.request.sampling.is_greedy() && s.request.top_logprobs == 0 && !s.processor.changes_greedy())
+                || (s.request.sampling.is_greedy()
+                    && s.request.top_logprobs == 0
+                    && !s.processor.changes_greedy()
+                    && (s.is_decoding() || s.request.prompt_logprobs.is_none()))
         });
         let mut chunks = Vec::new();
+        let mut every_position = Vec::new();
         for (feed, s) in feeds.iter().zip(seqs.iter_mut()) {
             let Some(range) = feed.clone() else { continue };
+            every_position.push(!s.is_decoding() && s.request.prompt_logprobs.is_some());
             let Sequence { request, cache, tokens, fed, .. } = &mut **s;
             let tokens: &[u32] = if *fed == request.prompt_ids.len() {
                 std::slice::from_ref(&tokens.last().expect("a decoding sequence has sampled").id)
@@ -339,7 +392,7 @@ impl Engine {
         let (picks, logits) = if greedy {
             (Some(self.model.greedy(&mut chunks, experts)?.into_iter()), Vec::new())
         } else {
-            (None, self.model.logits(&mut chunks, experts)?)
+            (None, self.model.logits_with(&mut chunks, experts, &every_position)?)
         };
         drop(chunks);
 
@@ -352,9 +405,19 @@ impl Engine {
                 Some(p) => Scores::Picked(p.next().expect("one pick per chunk")),
                 None => Scores::Logits(logits.next().expect("one logits row per chunk")),
             };
+            let scores = match scores {
+                Scores::Logits(rows) if !s.is_decoding() && s.request.prompt_logprobs.is_some() => {
+                    Scores::Logits(Self::record_prompt_logprobs(rows, range.clone(), s))
+                }
+                scores => scores,
+            };
             if !s.is_decoding() {
                 s.fed = range.end;
                 if !s.is_decoding() {
+                    continue;
+                }
+                if s.request.max_tokens == 0 {
+                    s.finish_reason = Some(FinishReason::Length);
                     continue;
                 }
             }
@@ -373,6 +436,26 @@ impl Engine {
             *slot = Some(tok);
         }
         Ok(out)
+    }
+
+    /// Records, from the logits of every position of `s`'s prompt piece `range` (`rows`, one
+    /// after another), the log-probability of each prompt token they predict; returns the last
+    /// position's logits.
+    fn record_prompt_logprobs(rows: Vec<f32>, range: std::ops::Range<usize>, s: &mut Sequence) -> Vec<f32> {
+        let vocab = rows.len() / range.len();
+        let n_top = s.request.prompt_logprobs.unwrap_or(0);
+        for (row, pos) in rows.chunks_exact(vocab).zip(range.clone()) {
+            // Position `pos` predicts the token after it; the last prompt position predicts
+            // the first generated token, which is not the prompt's.
+            let Some(&id) = s.request.prompt_ids.get(pos + 1) else { break };
+            let lp = log_softmax(row);
+            let logprob = lp[id as usize];
+            let rank = 1 + lp.iter().filter(|&&x| x > logprob).count();
+            let top_logprobs =
+                top_k(&lp, n_top).into_iter().map(|i| TopLogprob { id: i as u32, logprob: lp[i] }).collect();
+            s.prompt_logprobs.push(PromptLogprob { id, logprob, rank, top_logprobs });
+        }
+        rows[rows.len() - vocab..].to_vec()
     }
 
     /// Picks `s`'s next token from the model's `logits`: log-probabilities come from them as

@@ -46,7 +46,9 @@ pub mod units;
 pub use checkpoint::{Checkpoint, Tensor};
 pub use config::{Arch, ModelSpec};
 pub use controls::SamplingControls;
-pub use engine::{Engine, EngineOptions, FinishReason, GenerateRequest, GeneratedToken, Generation, Sequence};
+pub use engine::{
+    Engine, EngineOptions, FinishReason, GenerateRequest, GeneratedToken, Generation, PromptLogprob, Sequence,
+};
 pub use error::{ModelError, NonFiniteAt, Result};
 pub use kv_cache::SeqCache;
 pub use model::{Chunk, Model};

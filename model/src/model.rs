@@ -123,8 +123,27 @@ impl Model {
     /// On error no cache has advanced: the rows written so far are overwritten when the same
     /// chunks run again.
     pub fn forward(&self, chunks: &mut [Chunk<'_>], experts: Option<&dyn Experts>) -> Result<Tensor> {
+        self.forward_with(chunks, experts, &vec![false; chunks.len()])
+    }
+
+    /// [`Model::forward`] with the logits of every position of each chunk whose
+    /// `every_position` entry is set (prompt log-probabilities), of the last position of the
+    /// others: `[rows, vocab]`, the chunks' rows in order.
+    pub fn forward_with(
+        &self,
+        chunks: &mut [Chunk<'_>],
+        experts: Option<&dyn Experts>,
+        every_position: &[bool],
+    ) -> Result<Tensor> {
         let ops = self.exec.ops();
         let s = &self.spec;
+        if every_position.len() != chunks.len() {
+            return Err(ModelError::InvalidRequest(format!(
+                "{} every-position flags for {} chunks",
+                every_position.len(),
+                chunks.len()
+            )));
+        }
         let Some(pool) = self.check(chunks)? else { return Ok(ops.zeros(0, s.vocab_size)?) };
         let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let mut x = ops.embed(&self.embed, &ids)?;
@@ -205,16 +224,19 @@ impl Model {
         }
         drop(arena);
 
-        // Only each chunk's last position needs logits.
+        // Each chunk's last position needs logits; every position where asked.
         let mut end = 0;
-        let last: Vec<u32> = chunks
-            .iter()
-            .map(|c| {
-                end += c.tokens.len();
-                (end - 1) as u32
-            })
-            .collect();
-        let mut last = ops.gather_rows(&x, &last)?;
+        let mut rows: Vec<u32> = Vec::with_capacity(chunks.len());
+        for (c, &every) in chunks.iter().zip(every_position) {
+            let start = end;
+            end += c.tokens.len();
+            if every {
+                rows.extend(start as u32..end as u32);
+            } else {
+                rows.push((end - 1) as u32);
+            }
+        }
+        let mut last = ops.gather_rows(&x, &rows)?;
         ops.rms_norm_inplace(&mut last, &self.norm, s.rms_norm_eps)?;
         let logits = self.exec.linear(&last, &self.lm_head)?;
         if !ops.non_finite_rows(&logits)?.is_empty() {
@@ -231,6 +253,29 @@ impl Model {
         let logits = self.forward(chunks, experts)?;
         let v = self.spec.vocab_size;
         Ok(self.exec.ops().download(&logits)?.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    }
+
+    /// [`Model::forward_with`] with the logits in host memory: per chunk, its rows one after
+    /// another (`tokens × vocab` values where `every_position`, else `vocab`).
+    pub fn logits_with(
+        &self,
+        chunks: &mut [Chunk<'_>],
+        experts: Option<&dyn Experts>,
+        every_position: &[bool],
+    ) -> Result<Vec<Vec<f32>>> {
+        let rows: Vec<usize> =
+            chunks.iter().zip(every_position).map(|(c, &every)| if every { c.tokens.len() } else { 1 }).collect();
+        let logits = self.forward_with(chunks, experts, every_position)?;
+        let v = self.spec.vocab_size;
+        let all = self.exec.ops().download(&logits)?;
+        let mut at = 0;
+        Ok(rows
+            .into_iter()
+            .map(|n| {
+                at += n * v;
+                all[at - n * v..at].to_vec()
+            })
+            .collect())
     }
 
     /// [`Model::forward`] with the greedy pick made where the logits are: per chunk, the most

@@ -111,6 +111,7 @@ fn check_dir(name: &str, dir: &Path, device: Device) -> Result<()> {
             sampling: SamplingParams::default(),
             top_logprobs: 5,
             ignore_eos: false,
+            prompt_logprobs: None,
         };
         let r#gen = engine.generate(&req)?;
         let ids: Vec<u32> = r#gen.tokens.iter().map(|t| t.id).collect();
@@ -200,6 +201,7 @@ on_each_device!(
                 sampling: SamplingParams::default(),
                 top_logprobs: 0,
                 ignore_eos: true,
+                prompt_logprobs: None,
             })
             .collect();
         let batched = engine.generate_batch(&reqs)?;
@@ -333,6 +335,7 @@ on_each_device!(
                     sampling: SamplingParams::default(),
                     top_logprobs: 0,
                     ignore_eos: false,
+                    prompt_logprobs: None,
                 };
                 engine.start_with(req, sampling_controls(&c.controls))
             })

@@ -29,8 +29,8 @@ impl From<ServeError> for tonic::Status {
 }
 
 /// The `GenerateResponse` of an engine event; `ids` collects the generated ids for the final
-/// text.
-pub fn event(e: Event, ids: &mut Vec<u32>, tokenizer: Option<&Tokenizer>) -> v1::GenerateResponse {
+/// text. `None` for prompt log-probabilities, which a gRPC request never asks for.
+pub fn event(e: Event, ids: &mut Vec<u32>, tokenizer: Option<&Tokenizer>) -> Option<v1::GenerateResponse> {
     use switchyard_model::FinishReason;
     use v1::generate_response::Event as E;
     let event = match e {
@@ -47,8 +47,9 @@ pub fn event(e: Event, ids: &mut Vec<u32>, tokenizer: Option<&Tokenizer>) -> v1:
             let text = tokenizer.and_then(|t| t.decode(ids).ok()).unwrap_or_default();
             E::Finished(v1::Finished { reason: reason as i32, text })
         }
+        Event::PromptLogprobs(_) => return None,
     };
-    v1::GenerateResponse { event: Some(event) }
+    Some(v1::GenerateResponse { event: Some(event) })
 }
 
 pub fn token(t: &GeneratedToken, tokenizer: Option<&Tokenizer>) -> v1::GeneratedToken {
@@ -88,6 +89,7 @@ pub fn request(r: v1::GenerateRequest) -> Result<(Prompt, GenerateRequest), toni
         },
         top_logprobs: r.top_logprobs as usize,
         ignore_eos: r.ignore_eos,
+        prompt_logprobs: None,
     };
     Ok((prompt, request))
 }

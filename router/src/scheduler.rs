@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
 
-use switchyard_model::engine::GeneratedToken;
+use switchyard_model::engine::{GeneratedToken, PromptLogprob};
 use switchyard_model::kv_cache::{BLOCK_TOKENS, blocks_for};
 use switchyard_model::{Engine, FinishReason, GenerateRequest, ModelError, SamplingControls, Sequence};
 use switchyard_proto::MAX_DISPATCH_TOKENS;
@@ -23,11 +23,17 @@ use switchyard_proto::MAX_DISPATCH_TOKENS;
 use crate::metric_names as names;
 use tokio::sync::mpsc;
 
-/// What happens to a request, in order: `Started`, a `Token` per generated token, `Finished`;
+/// What happens to a request, in order: `Started`, `PromptLogprobs` where asked, a `Token` per
+/// generated token, `Finished`;
 /// or an error at any point, after which nothing follows.
 #[derive(Debug)]
 pub enum Event {
-    Started { prompt_ids: Vec<u32> },
+    Started {
+        prompt_ids: Vec<u32>,
+    },
+    /// The prompt tokens' log-probabilities (all but the first), once the prefill is done and
+    /// before any `Token`; only where the request asked for them.
+    PromptLogprobs(Vec<PromptLogprob>),
     Token(GeneratedToken),
     Finished(FinishReason),
 }
@@ -345,6 +351,9 @@ impl EngineLoop {
             Ok(tokens) => {
                 let now = Instant::now();
                 for (r, token) in self.running.iter_mut().zip(tokens) {
+                    if let Some(p) = r.seq.take_prompt_logprobs() {
+                        let _ = r.events.send(Ok(Event::PromptLogprobs(p)));
+                    }
                     if let Some(t) = token {
                         counter!(names::GENERATION_TOKENS).increment(1);
                         match r.last_token {

@@ -109,7 +109,8 @@ impl Router for RouterService {
         // status rather than an error inside the stream.
         let mut ids = Vec::new();
         let first = match rx.recv().await {
-            Some(Ok(e)) => convert::event(e, &mut ids, tokenizer.as_deref()),
+            Some(Ok(e)) => convert::event(e, &mut ids, tokenizer.as_deref())
+                .ok_or_else(|| Status::internal("the engine's first event was not `Started`"))?,
             Some(Err(e)) => return Err(e.into()),
             None => return Err(Status::unavailable("the router is shutting down")),
         };
@@ -118,14 +119,14 @@ impl Router for RouterService {
         if let Some(r) = &mut reservation {
             r.started();
         }
-        let rest = UnboundedReceiverStream::new(rx).map(move |e| match e {
+        let rest = UnboundedReceiverStream::new(rx).filter_map(move |e| match e {
             Ok(e) => {
                 if let (Some(r), crate::scheduler::Event::Token(_)) = (&mut reservation, &e) {
                     r.generated(1);
                 }
-                Ok(convert::event(e, &mut ids, tokenizer.as_deref()))
+                convert::event(e, &mut ids, tokenizer.as_deref()).map(Ok)
             }
-            Err(e) => Err(Status::from(e)),
+            Err(e) => Some(Err(Status::from(e))),
         });
         let stream = tokio_stream::once(Ok(first)).chain(rest);
         Ok(Response::new(Box::pin(stream)))

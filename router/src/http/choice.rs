@@ -5,7 +5,7 @@
 //! the sequence in the engine when it stops early or is dropped.
 
 use serde_json::{Value, json};
-use switchyard_model::engine::GeneratedToken;
+use switchyard_model::engine::{GeneratedToken, PromptLogprob};
 use switchyard_model::tokenizer::Tokenizer;
 use switchyard_model::{FinishReason, GenerateRequest, SamplingControls, SamplingParams};
 use tokio::sync::mpsc;
@@ -26,6 +26,11 @@ pub struct Params {
     pub bad_words: Vec<String>,
     /// Alternatives to report per token; `None`: no log-probabilities at all.
     pub logprobs: Option<usize>,
+    /// The prompt's log-probabilities are computed in the prefill, with this many
+    /// alternatives per token (`echo` with `logprobs`, or `prompt_logprobs`); `None`: not.
+    pub prompt_logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs` as asked (alternatives per prompt token); `None`: not asked.
+    pub vllm_prompt_logprobs: Option<usize>,
     pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub tokens_as_ids: bool,
@@ -36,7 +41,7 @@ pub struct Params {
 pub struct Delta {
     pub text: String,
     pub tokens: Vec<GeneratedToken>,
-    /// Byte offset in the choice's text where each of `tokens` starts.
+    /// Where in the choice's text each of `tokens` starts, in characters (as OpenAI counts).
     pub offsets: Vec<usize>,
     pub finish: Option<&'static str>,
 }
@@ -47,6 +52,8 @@ pub struct Choice {
     /// ends; generated tokens are counted against it and the rest given back at the end.
     reservation: Option<Reservation>,
     pub prompt_ids: Vec<u32>,
+    /// Log-probabilities of `prompt_ids[1..]`, where [`Params::prompt_logprobs`] asks.
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
     events: Option<mpsc::UnboundedReceiver<Result<Event, ServeError>>>,
     ids: Vec<u32>,
     /// The decoded text of `ids` so far (cut at a stop string once one is seen); an
@@ -68,7 +75,8 @@ pub struct Choice {
 }
 
 impl Choice {
-    /// Submits one sequence and waits until the engine accepts it.
+    /// Submits one sequence and waits until the engine accepts it (and, where the prompt's
+    /// log-probabilities are asked for, until its prefill has computed them).
     pub async fn start(
         scheduler: &Scheduler,
         prompt_ids: Vec<u32>,
@@ -83,6 +91,7 @@ impl Choice {
             sampling: params.sampling.clone(),
             top_logprobs: params.logprobs.unwrap_or(0),
             ignore_eos: params.ignore_eos,
+            prompt_logprobs: params.prompt_logprobs,
         };
         let tenant = reservation.as_ref().map(|r| (r.tenant().name.clone(), r.tenant().priority));
         scheduler.submit(Submission {
@@ -103,10 +112,25 @@ impl Choice {
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ServeError::ShuttingDown.into()),
         }
+        // They come before any token.
+        let prompt_logprobs = match params.prompt_logprobs {
+            None => None,
+            Some(_) => match rx.recv().await {
+                Some(Ok(Event::PromptLogprobs(p))) => Some(p),
+                Some(Ok(other)) => {
+                    return Err(
+                        ServeError::Internal(format!("expected prompt log-probabilities, got {other:?}")).into()
+                    );
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(ServeError::ShuttingDown.into()),
+            },
+        };
         Ok(Choice {
             index,
             reservation,
             prompt_ids,
+            prompt_logprobs,
             events: Some(rx),
             ids: Vec::new(),
             text: String::new(),
@@ -142,7 +166,7 @@ impl Choice {
                 if let Some(r) = &mut self.reservation {
                     r.generated(1);
                 }
-                delta.offsets.push(self.text.len());
+                delta.offsets.push(self.text.chars().count());
                 if self.stop_token_ids.contains(&t.id) {
                     // The engine ends the sequence on it; like an end-of-sequence token it is
                     // counted but not shown, and what was held back goes out.
@@ -177,7 +201,7 @@ impl Choice {
                     FinishReason::Length => "length",
                 });
             }
-            Some(Ok(Event::Started { .. })) => {}
+            Some(Ok(Event::Started { .. } | Event::PromptLogprobs(_))) => {}
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ServeError::ShuttingDown.into()),
         }
@@ -294,6 +318,83 @@ pub fn completion_logprobs(
         }).collect::<Vec<_>>(),
         "text_offset": offsets,
     })
+}
+
+/// Where each of `ids` starts in their decoded text (as [`Tokenizer::decode`] gives it), in
+/// characters, decoded incrementally as [`Choice`] decodes generated tokens.
+pub fn text_offsets(ids: &[u32], tokenizer: Option<&Tokenizer>) -> Vec<usize> {
+    let Some(tk) = tokenizer else { return vec![0; ids.len()] };
+    let (mut len, mut prefix_offset, mut read_offset) = (0, 0, 0);
+    let mut offsets = Vec::with_capacity(ids.len());
+    for i in 0..ids.len() {
+        offsets.push(len);
+        let prefix = tk.decode(&ids[prefix_offset..read_offset]).unwrap_or_default();
+        let full = tk.decode(&ids[prefix_offset..=i]).unwrap_or_default();
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            len += full[prefix.len()..].chars().count();
+            prefix_offset = read_offset;
+            read_offset = i + 1;
+        }
+    }
+    offsets
+}
+
+/// The legacy completions `logprobs` object of an echoed prompt: the first token has no
+/// log-probability (`null`s), each other one its own and its `top` most likely alternatives,
+/// with itself added where it is not among them (as vLLM reports them).
+pub fn prompt_completion_logprobs(
+    prompt_ids: &[u32],
+    logprobs: &[PromptLogprob],
+    offsets: &[usize],
+    top: usize,
+    tk: Option<&Tokenizer>,
+    as_ids: bool,
+) -> Value {
+    let mut token_logprobs = vec![Value::Null];
+    let mut top_logprobs = vec![Value::Null];
+    for p in logprobs {
+        token_logprobs.push(json!(p.logprob));
+        let mut alternatives: serde_json::Map<String, Value> =
+            p.top_logprobs.iter().take(top).map(|x| (token_str(x.id, tk, as_ids), json!(x.logprob))).collect();
+        alternatives.entry(token_str(p.id, tk, as_ids)).or_insert(json!(p.logprob));
+        top_logprobs.push(Value::Object(alternatives));
+    }
+    json!({
+        "tokens": prompt_ids.iter().map(|&id| token_str(id, tk, as_ids)).collect::<Vec<_>>(),
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    })
+}
+
+/// Appends the lists of legacy completions `logprobs` object `more` to those of `to`.
+pub fn extend_completion_logprobs(to: &mut Value, more: Value) {
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(a), Value::Array(b)) = (to[key].as_array_mut(), more[key].clone()) {
+            a.extend(b);
+        }
+    }
+}
+
+/// vLLM's `prompt_logprobs`: `null` for the first prompt token, then per token a map from
+/// token id (as a string) to its `logprob`, `rank` and `decoded_token`, holding the token itself
+/// and its `top` most likely alternatives.
+pub fn vllm_prompt_logprobs(logprobs: &[PromptLogprob], top: usize, tk: Option<&Tokenizer>, as_ids: bool) -> Value {
+    let entry = |id: u32, logprob: f32, rank: usize| {
+        (id.to_string(), json!({"logprob": logprob, "rank": rank, "decoded_token": token_str(id, tk, as_ids)}))
+    };
+    let mut out = vec![Value::Null];
+    for p in logprobs {
+        let mut m = serde_json::Map::new();
+        let (id, logprob) = entry(p.id, p.logprob, p.rank);
+        m.insert(id, logprob);
+        for (i, x) in p.top_logprobs.iter().take(top).enumerate() {
+            let (id, logprob) = entry(x.id, x.logprob, if x.id == p.id { p.rank } else { i + 1 });
+            m.insert(id, logprob);
+        }
+        out.push(Value::Object(m));
+    }
+    Value::Array(out)
 }
 
 /// The chat `logprobs` object.

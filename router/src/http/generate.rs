@@ -18,7 +18,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use super::choice::{Choice, Collected, Delta, Params, chat_logprobs, completion_logprobs};
+use super::choice::{
+    Choice, Collected, Delta, Params, chat_logprobs, completion_logprobs, extend_completion_logprobs,
+    prompt_completion_logprobs, text_offsets, vllm_prompt_logprobs,
+};
 use super::error::ApiError;
 use super::openai::{ChatRequest, CompletionRequest, Controls, Prompt, Sampling, prompts, stops};
 use super::{ApiJson, Caller, HttpState};
@@ -61,13 +64,14 @@ fn now() -> u64 {
 }
 
 /// Checks the shared fields and builds the generation settings; the bad words they name are
-/// left to [`tokenize_bad_words`].
+/// left to [`tokenize_bad_words`]. `max_tokens` 0 is accepted only with `echo`.
 fn params(
     s: &Sampling,
     max_tokens: Option<u64>,
     default_max: usize,
     logprobs: Option<u32>,
     vocab_size: usize,
+    echo: bool,
 ) -> Result<Params, ApiError> {
     let temperature = s.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
@@ -86,7 +90,13 @@ fn params(
         Some(k) => return Err(ApiError::invalid(format!("`top_k` must be -1, 0 or positive, got {k}"), Some("top_k"))),
     };
     let max_tokens = match max_tokens {
-        Some(0) => return Err(ApiError::invalid("`max_tokens` must be at least 1", Some("max_tokens"))),
+        Some(0) if echo => 0,
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "`max_tokens` must be at least 1 (0 only with `echo`, to score the prompt alone)",
+                Some("max_tokens"),
+            ));
+        }
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         None => default_max,
     };
@@ -119,6 +129,8 @@ fn params(
         controls,
         bad_words,
         logprobs: logprobs.map(|n| n as usize),
+        prompt_logprobs: None,
+        vllm_prompt_logprobs: None,
         ignore_eos: s.ignore_eos,
         stop: stops(s.stop.as_ref())?,
         tokens_as_ids: s.return_tokens_as_token_ids,
@@ -260,10 +272,23 @@ pub async fn completions(
 
 async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequest) -> Result<Response, ApiError> {
     state.check_model(&r.sampling.model)?;
-    if r.echo && r.logprobs.is_some() {
-        return Err(ApiError::invalid("`echo` together with `logprobs` is not supported", Some("echo")));
+    let mut params = params(&r.sampling, r.sampling.max_tokens, 16, r.logprobs, state.scheduler.vocab_size, r.echo)?;
+    if let Some(k) = r.prompt_logprobs()? {
+        if k > MAX_LOGPROBS as u64 {
+            return Err(ApiError::invalid(
+                format!("`prompt_logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
+                Some("prompt_logprobs"),
+            ));
+        }
+        params.vllm_prompt_logprobs = Some(k as usize);
     }
-    let mut params = params(&r.sampling, r.sampling.max_tokens, 16, r.logprobs, state.scheduler.vocab_size)?;
+    // The echoed prompt's log-probabilities and vLLM's `prompt_logprobs` both come from the
+    // prefill, with as many alternatives as either shows.
+    let echoed = if r.echo { params.logprobs } else { None };
+    params.prompt_logprobs = match (echoed, params.vllm_prompt_logprobs) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0))),
+    };
     // Refused cheaply, before the prompt is tokenized, when over a limit now.
     state.precheck(&caller)?;
     tokenize_bad_words(&state, &mut params).await?;
@@ -318,7 +343,7 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
         let n = r.sampling.n.unwrap_or(1).max(1) as usize;
         default_max = default_max.min((limit / n).saturating_sub(ids.len()).max(1));
     }
-    let mut params = params(&r.sampling, max_tokens, default_max, logprobs, state.scheduler.vocab_size)?;
+    let mut params = params(&r.sampling, max_tokens, default_max, logprobs, state.scheduler.vocab_size, false)?;
     tokenize_bad_words(&state, &mut params).await?;
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, vec![ids], n, &params).await?;
@@ -347,6 +372,7 @@ async fn respond(
     let tk = state.tokenizer.as_deref();
     let mut done: Vec<Collected> = Vec::with_capacity(choices.len());
     let prompt_texts: Vec<String> = choices.iter().map(|c| echo_text(&state, c, echo)).collect();
+    let prompt_parts: Vec<PromptParts> = choices.iter().map(|c| prompt_parts(c, &params, echo, tk)).collect();
     for c in choices {
         done.push(c.collect(tk).await?);
     }
@@ -356,14 +382,30 @@ async fn respond(
     let body: Vec<Value> = done
         .iter()
         .zip(prompt_texts)
-        .map(|(c, prefix)| {
+        .zip(prompt_parts)
+        .map(|((c, prefix), parts)| {
             let logprobs = params.logprobs.map(|_| match api {
-                Api::Completions => completion_logprobs(&c.tokens, &c.offsets, tk, params.tokens_as_ids),
+                Api::Completions => {
+                    let prefix_chars = prefix.chars().count();
+                    let offsets: Vec<usize> = c.offsets.iter().map(|o| o + prefix_chars).collect();
+                    let generated = completion_logprobs(&c.tokens, &offsets, tk, params.tokens_as_ids);
+                    match parts.logprobs {
+                        Some(mut echoed) => {
+                            extend_completion_logprobs(&mut echoed, generated);
+                            echoed
+                        }
+                        None => generated,
+                    }
+                }
                 Api::Chat => chat_logprobs(&c.tokens, tk, params.tokens_as_ids),
             });
             match api {
                 Api::Completions => {
-                    json!({"index": c.index, "text": prefix + &c.text, "logprobs": logprobs, "finish_reason": c.finish})
+                    let mut choice = json!({"index": c.index, "text": prefix + &c.text, "logprobs": logprobs, "finish_reason": c.finish});
+                    if let Some(p) = parts.vllm {
+                        choice["prompt_logprobs"] = p;
+                    }
+                    choice
                 }
                 Api::Chat => json!({
                     "index": c.index,
@@ -378,6 +420,38 @@ async fn respond(
     out["choices"] = Value::Array(body);
     out["usage"] = usage(prompt_tokens, completion_tokens);
     Ok(Json(out).into_response())
+}
+
+/// What a completions choice shows of its prompt's log-probabilities.
+struct PromptParts {
+    /// The echoed prompt's part of `logprobs` (`echo` with `logprobs`).
+    logprobs: Option<Value>,
+    /// vLLM's `prompt_logprobs`, where asked.
+    vllm: Option<Value>,
+}
+
+fn prompt_parts(
+    c: &Choice,
+    params: &Params,
+    echo: bool,
+    tk: Option<&switchyard_model::tokenizer::Tokenizer>,
+) -> PromptParts {
+    let empty = Vec::new();
+    let lps = c.prompt_logprobs.as_ref().unwrap_or(&empty);
+    debug_assert!(c.prompt_logprobs.is_none() || lps.len() + 1 == c.prompt_ids.len());
+    let logprobs = match (echo, params.logprobs) {
+        (true, Some(top)) => Some(prompt_completion_logprobs(
+            &c.prompt_ids,
+            lps,
+            &text_offsets(&c.prompt_ids, tk),
+            top,
+            tk,
+            params.tokens_as_ids,
+        )),
+        _ => None,
+    };
+    let vllm = params.vllm_prompt_logprobs.map(|top| vllm_prompt_logprobs(lps, top, tk, params.tokens_as_ids));
+    PromptParts { logprobs, vllm }
 }
 
 fn echo_text(state: &HttpState, c: &Choice, echo: bool) -> String {
@@ -421,15 +495,25 @@ async fn stream(
 ) {
     let tk = state.tokenizer.as_deref();
     let prompt_tokens = prompt_tokens(&choices, n);
-    // Opening chunks: the assistant role (chat) or the echoed prompt (completions).
+    // Opening chunks: the assistant role (chat) or the echoed prompt (completions), with the
+    // prompt's log-probabilities where asked.
+    let mut prefix_lens = Vec::with_capacity(choices.len());
     for c in &choices {
+        let prefix = echo_text(&state, c, echo);
+        prefix_lens.push(prefix.chars().count());
+        let parts = prompt_parts(c, &params, echo, tk);
         let first = match head.api {
             Api::Chat => Some(
                 json!({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
             ),
-            Api::Completions if echo => Some(
-                json!({"index": c.index, "text": echo_text(&state, c, true), "logprobs": null, "finish_reason": null}),
-            ),
+            Api::Completions if echo || parts.vllm.is_some() => {
+                let mut first =
+                    json!({"index": c.index, "text": prefix, "logprobs": parts.logprobs, "finish_reason": null});
+                if let Some(p) = parts.vllm {
+                    first["prompt_logprobs"] = p;
+                }
+                Some(first)
+            }
             Api::Completions => None,
         };
         if let Some(first) = first
@@ -440,8 +524,8 @@ async fn stream(
     }
     // Round-robin over the unfinished choices; each waits for its next token.
     while choices.iter().any(|c| !c.is_finished()) {
-        for c in choices.iter_mut().filter(|c| !c.is_finished()) {
-            let delta = match c.next(tk).await {
+        for (c, &prefix_len) in choices.iter_mut().zip(&prefix_lens).filter(|(c, _)| !c.is_finished()) {
+            let mut delta = match c.next(tk).await {
                 Ok(Some(d)) => d,
                 Ok(None) => continue,
                 Err(e) => {
@@ -455,6 +539,8 @@ async fn stream(
             if delta.text.is_empty() && delta.finish.is_none() && params.logprobs.is_none() {
                 continue;
             }
+            // Offsets count from the start of the text, which begins with the echoed prompt.
+            delta.offsets.iter_mut().for_each(|o| *o += prefix_len);
             if tx.send(Ok(head.chunk(delta_json(&head, c.index, &delta, &params, tk)))).await.is_err() {
                 return; // the client left: dropping the choices cancels them
             }

@@ -132,9 +132,20 @@ impl Sampling {
 pub struct CompletionRequest {
     pub sampling: Sampling,
     pub prompt: Value,
-    /// How many alternatives to report per token (0–20).
+    /// How many alternatives to report per token (0–20); with `echo`, for the prompt's tokens
+    /// too.
     pub logprobs: Option<u32>,
     pub echo: bool,
+    /// vLLM's extension: the prompt tokens' log-probabilities with this many alternatives
+    /// each, read by [`CompletionRequest::prompt_logprobs`].
+    pub prompt_logprobs: Option<Value>,
+}
+
+impl CompletionRequest {
+    /// `prompt_logprobs` as sent (`None`: left out or null).
+    pub fn prompt_logprobs(&self) -> Result<Option<u64>, ApiError> {
+        count("prompt_logprobs", &self.prompt_logprobs)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +165,7 @@ pub struct CompletionFields {
     logprobs: Option<u32>,
     #[serde(default)]
     echo: bool,
+    prompt_logprobs: Option<Value>,
 }
 
 /// `/v1/chat/completions`' own fields.
@@ -184,7 +196,13 @@ impl TryFrom<Checked<CompletionFields>> for CompletionRequest {
     fn try_from(c: Checked<CompletionFields>) -> Result<Self, String> {
         check_rest(&c.rest, false)?;
         let f = c.fields;
-        Ok(CompletionRequest { sampling: c.sampling, prompt: f.prompt, logprobs: f.logprobs, echo: f.echo })
+        Ok(CompletionRequest {
+            sampling: c.sampling,
+            prompt: f.prompt,
+            logprobs: f.logprobs,
+            echo: f.echo,
+            prompt_logprobs: f.prompt_logprobs,
+        })
     }
 }
 
