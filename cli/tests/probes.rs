@@ -70,7 +70,8 @@ fn every_role_says_when_it_is_live_and_when_it_is_ready() {
         address_of(&procs.start(name, &args, &[]), "expert-node")
     };
     let first = node(&mut procs, "n1", &first_probe);
-    assert_eq!(probe(&first_probe, "/live").unwrap().0, "HTTP/1.1 200 OK");
+    let live = || probe(&first_probe, "/live").is_some_and(|(status, _)| status == "HTTP/1.1 200 OK");
+    assert!(wait_until(Duration::from_secs(10), live));
     let (status, why) = probe(&first_probe, "/ready").unwrap();
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{why}");
     assert!(why.contains("not registered") || why.contains("no active epoch"), "{why}");
