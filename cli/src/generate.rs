@@ -179,6 +179,7 @@ fn remote(args: &Args, router: &str) -> Result<Output> {
         seed: s.seed,
         top_logprobs: args.logprobs as u32,
         ignore_eos: args.ignore_eos,
+        ..Default::default()
     };
     crate::launch::runtime()?.block_on(async {
         let mut client = crate::cluster::router_client(router).await?;

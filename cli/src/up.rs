@@ -203,8 +203,7 @@ fn coordinator_addresses(count: usize, data_dir: &Path) -> Result<Vec<String>> {
     }
     let mut addresses = Vec::new();
     for _ in 0..count {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        addresses.push(probe.local_addr()?.to_string());
+        addresses.push(switchyard_proto::server::stable_loopback_address()?.to_string());
     }
     std::fs::create_dir_all(data_dir)?;
     std::fs::write(&file, serde_json::to_string(&addresses)?)?;

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 /// A free loopback port (bound, then released for a child to take).
 fn free_address() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+    switchyard_proto::server::stable_loopback_address().unwrap().to_string()
 }
 
 /// A three-member group on fixed ports with its data in `dir`.

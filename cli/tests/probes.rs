@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 
 fn free_address() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+    switchyard_proto::server::stable_loopback_address().unwrap().to_string()
 }
 
 /// The status line and body of `GET path`, or `None` while nothing listens.

@@ -522,3 +522,65 @@ fn routers_following_the_coordinators_share_one_budget_per_tenant() {
     drop(procs);
     cluster.stop();
 }
+
+#[test]
+fn grpc_generate_is_checked_and_detokenized_as_http() {
+    use switchyard_proto::v1::generate_request::Prompt;
+    use switchyard_proto::v1::router_client::RouterClient;
+    use switchyard_proto::v1::{GenerateRequest, generate_response};
+
+    let model = fixture("mixtral");
+    let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1"], &[]);
+    let http = host(&cluster);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let addr = format!("http://{}", cluster.addr);
+    // (the streamed deltas joined, the finished text), or the refusal.
+    let grpc = |request: GenerateRequest| {
+        rt.block_on(async {
+            let mut client = RouterClient::connect(addr.clone()).await.unwrap();
+            let mut stream = client.generate(request).await?.into_inner();
+            let (mut deltas, mut finished) = (String::new(), None);
+            while let Some(event) = stream.message().await? {
+                match event.event {
+                    Some(generate_response::Event::Token(t)) => deltas.push_str(&t.delta),
+                    Some(generate_response::Event::Finished(f)) => finished = Some(f.text),
+                    _ => {}
+                }
+            }
+            Ok::<_, tonic::Status>((deltas, finished.expect("a finished event")))
+        })
+    };
+    let prompt = "def fibonacci(n):";
+    let base = GenerateRequest {
+        prompt: Some(Prompt::Text(prompt.into())),
+        max_tokens: 24,
+        presence_penalty: Some(0.5),
+        logit_bias: [(5, -100.0)].into(),
+        ..Default::default()
+    };
+    let body = |stop: &[String]| {
+        json!({"model": "mixtral", "prompt": prompt, "max_tokens": 24, "temperature": 0, "presence_penalty": 0.5,
+               "logit_bias": {"5": -100}, "stop": stop})
+    };
+    let (code, full) = post(&http, "/v1/completions", None, &body(&[]));
+    assert_eq!(code, 200, "{full}");
+    let full = full["choices"][0]["text"].as_str().unwrap().to_string();
+    // The same controls give the same text on both APIs.
+    let (deltas, finished) = grpc(base.clone()).unwrap();
+    assert_eq!((deltas.as_str(), finished.as_str()), (full.as_str(), full.as_str()));
+    // A stop string from the middle of that text cuts both at the same place.
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 6, "{full:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let (_, cut) = post(&http, "/v1/completions", None, &body(std::slice::from_ref(&stop)));
+    let cut = cut["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(cut.len() < full.len() && !cut.contains(&stop), "{cut:?} / {full:?}");
+    let (deltas, finished) = grpc(GenerateRequest { stop: vec![stop], ..base.clone() }).unwrap();
+    assert_eq!((deltas.as_str(), finished.as_str()), (cut.as_str(), cut.as_str()));
+    // A value out of range is refused with the HTTP API's message, naming the field.
+    let (_, refused) = post(&http, "/v1/completions", None, &json!({"model": "mixtral", "prompt": "x", "min_p": 2}));
+    let status = grpc(GenerateRequest { min_p: Some(2.0), ..base }).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains(refused["error"]["message"].as_str().unwrap()), "{status:?} / {refused}");
+    cluster.stop();
+}

@@ -86,6 +86,29 @@ impl ConnectionLimits {
     }
 }
 
+/// A free loopback address for a listener that must come back on the same port after a
+/// restart (a coordinator, whose raft state records its address): a port below the kernel's
+/// ephemeral range, so that no outgoing connection can take it meanwhile (a port from
+/// `bind(0)` is in that range). Falls back to `bind(0)` when the range below is full.
+pub fn stable_loopback_address() -> io::Result<std::net::SocketAddr> {
+    let lowest_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (20_000u16.min(lowest_ephemeral / 2), lowest_ephemeral);
+    let span = u32::from(high - low).max(1);
+    // A different starting point per process and call, so parallel callers do not collide.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let seed = std::process::id() ^ nanos;
+    for i in 0..span.min(512) {
+        let port = low + ((seed.wrapping_add(i.wrapping_mul(7919))) % span) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr();
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
 /// Whether `given` equals `secret`, in a time that depends on their lengths only (not on where
 /// they first differ), so a secret cannot be guessed byte by byte from response times. Every
 /// server comparing a caller's secret (a raft token, an API key's hash) uses this.

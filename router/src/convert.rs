@@ -58,11 +58,48 @@ pub fn token(t: &GeneratedToken, tokenizer: Option<&Tokenizer>) -> v1::Generated
         text: tokenizer.map(|tk| tk.token_text(t.id)).unwrap_or_default(),
         logprob: t.logprob,
         top_logprobs: t.top_logprobs.iter().map(|x| v1::TopLogprob { id: x.id, logprob: x.logprob }).collect(),
+        delta: String::new(),
     }
 }
 
 /// Most alternatives per token, as on the HTTP API (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// A `GenerateRequest`'s generation fields as the HTTP API's, so that both are checked by the
+/// same code with the same messages (the field names are the same).
+pub fn sampling(r: &v1::GenerateRequest) -> Result<crate::http::openai::Sampling, tonic::Status> {
+    use serde_json::json;
+    let mut fields = json!({
+        "model": "",
+        "temperature": r.temperature,
+        "top_k": r.top_k,
+        "ignore_eos": r.ignore_eos,
+        "seed": r.seed,
+        "top_p": r.top_p,
+        "presence_penalty": r.presence_penalty,
+        "frequency_penalty": r.frequency_penalty,
+        "repetition_penalty": r.repetition_penalty,
+        "min_p": r.min_p,
+    });
+    let more = [
+        ("stop", (!r.stop.is_empty()).then(|| json!(r.stop))),
+        (
+            "logit_bias",
+            (!r.logit_bias.is_empty()).then(|| {
+                json!(r.logit_bias.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>())
+            }),
+        ),
+        ("min_tokens", (r.min_tokens > 0).then(|| json!(r.min_tokens))),
+        ("stop_token_ids", (!r.stop_token_ids.is_empty()).then(|| json!(r.stop_token_ids))),
+        ("bad_words", (!r.bad_words.is_empty()).then(|| json!(r.bad_words))),
+    ];
+    for (k, v) in more {
+        if let Some(v) = v {
+            fields[k] = v;
+        }
+    }
+    serde_json::from_value(fields).map_err(|e| tonic::Status::invalid_argument(e.to_string()))
+}
 
 /// The prompt and the generation request (without prompt ids yet) of a `GenerateRequest`.
 pub fn request(r: v1::GenerateRequest) -> Result<(Prompt, GenerateRequest), tonic::Status> {

@@ -5,17 +5,20 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use switchyard_proto::v1::router_server::Router;
+use switchyard_proto::v1::{self, generate_response::Event};
 use switchyard_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, ExpertNodeInfo, GenerateRequest, GenerateResponse,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::cluster::Cluster;
 use crate::convert::{self, Prompt};
-use crate::scheduler::{Scheduler, Submission};
+use crate::http::choice::Choice;
+use crate::scheduler::Scheduler;
 use crate::tenants::{NoTenant, Reservation, Tenant, TenantList};
 use crate::tokenize::Tokenizing;
 
@@ -70,9 +73,20 @@ impl Router for RouterService {
         if let Some(t) = &tenant {
             t.precheck().map_err(|e| over_limit(t, e))?;
         }
-        let (prompt, mut request) = convert::request(request.into_inner())?;
+        let r = request.into_inner();
+        // The HTTP API's checks, with its messages: the request read as the same fields.
+        let (prompt, _) = convert::request(r.clone())?;
+        let sampling = convert::sampling(&r)?;
+        let max_tokens = (r.max_tokens > 0).then_some(u64::from(r.max_tokens));
+        let logprobs = Some(r.top_logprobs).filter(|&k| k > 0);
+        let mut params =
+            crate::http::generate::params(&sampling, max_tokens, 16, logprobs, self.scheduler.vocab_size, false)?;
+        if r.top_logprobs > 0 {
+            params.logprobs = Some(r.top_logprobs as usize);
+        }
+        crate::http::generate::tokenize_bad_words(&self.tokenizing, &mut params).await?;
         let tokenizer = self.tokenizing.tokenizer.clone();
-        request.prompt_ids = match prompt {
+        let prompt_ids = match prompt {
             Prompt::Ids(ids) => ids,
             Prompt::Text(text) => {
                 let mut ids = self.tokenizing.encode(vec![text], true).await.map_err(|e| match e {
@@ -84,51 +98,65 @@ impl Router for RouterService {
                 ids.pop().unwrap_or_default()
             }
         };
-        let (events, mut rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!(
             "generate",
             otel.kind = "server",
             rpc.system = "grpc",
-            prompt_tokens = request.prompt_ids.len()
+            prompt_tokens = prompt_ids.len()
         );
         // A caller's W3C trace context in the call's metadata makes this request part of its trace.
         crate::trace::join_caller(&span, |k| Some(metadata.get(k)?.to_str().ok()?.to_string()));
-        let mut reservation: Option<Reservation> = match &tenant {
+        let reservation: Option<Reservation> = match &tenant {
             Some(t) => {
                 let reserved =
-                    t.admit(&[request.prompt_ids.len()], 1, request.max_tokens).await.map_err(|e| over_limit(t, e))?;
+                    t.admit(&[prompt_ids.len()], 1, params.max_tokens).await.map_err(|e| over_limit(t, e))?;
                 reserved.into_iter().next()
             }
             None => None,
         };
-        let (tenant_name, priority) = tenant.as_ref().map_or((None, 0), |t| (Some(t.name.clone()), t.priority));
-        // The gRPC request has no field for sampling controls yet: none apply.
-        let controls = Default::default();
-        self.scheduler.submit(Submission { request, controls, events, tenant: tenant_name, priority, span })?;
-        // The first event says whether the request was accepted; a rejection is the call's
-        // status rather than an error inside the stream.
-        let mut ids = Vec::new();
-        let first = match rx.recv().await {
-            Some(Ok(e)) => convert::event(e, &mut ids, tokenizer.as_deref())
-                .ok_or_else(|| Status::internal("the engine's first event was not `Started`"))?,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(Status::unavailable("the router is shutting down")),
-        };
-        // The tenant's reservation lives as long as the stream: each token is charged to it,
-        // and what was not generated goes back when the stream ends or the caller leaves.
-        if let Some(r) = &mut reservation {
-            r.started();
-        }
-        let rest = UnboundedReceiverStream::new(rx).filter_map(move |e| match e {
-            Ok(e) => {
-                if let (Some(r), crate::scheduler::Event::Token(_)) = (&mut reservation, &e) {
-                    r.generated(1);
+        // The HTTP API's choice: the same incremental detokenizer, stop strings and stop token
+        // ids; the tenant's reservation lives as long as the stream and gives back the rest.
+        let mut choice =
+            Choice::start(&self.scheduler, prompt_ids, &params, 0, reservation).instrument(span.clone()).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let started =
+            GenerateResponse { event: Some(Event::Started(v1::Started { prompt_ids: choice.prompt_ids.clone() })) };
+        tokio::spawn(
+            async move {
+                let mut text = String::new();
+                loop {
+                    let delta = match choice.next(tokenizer.as_deref()).await {
+                        Ok(Some(delta)) => delta,
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return;
+                        }
+                    };
+                    text.push_str(&delta.text);
+                    let last = delta.tokens.len().saturating_sub(1);
+                    for (i, t) in delta.tokens.iter().enumerate() {
+                        let mut token = convert::token(t, tokenizer.as_deref());
+                        if i == last {
+                            token.delta = delta.text.clone();
+                        }
+                        let event = GenerateResponse { event: Some(Event::Token(token)) };
+                        // The caller left: dropping the choice cancels the sequence.
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let Some(reason) = delta.finish {
+                        let reason = if reason == "length" { v1::FinishReason::Length } else { v1::FinishReason::Stop };
+                        let finished = v1::Finished { reason: reason as i32, text: std::mem::take(&mut text) };
+                        let _ = tx.send(Ok(GenerateResponse { event: Some(Event::Finished(finished)) })).await;
+                        return;
+                    }
                 }
-                convert::event(e, &mut ids, tokenizer.as_deref()).map(Ok)
             }
-            Err(e) => Some(Err(Status::from(e))),
-        });
-        let stream = tokio_stream::once(Ok(first)).chain(rest);
+            .instrument(span),
+        );
+        let stream = tokio_stream::once(Ok(started)).chain(ReceiverStream::new(rx));
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -114,3 +114,26 @@ impl IntoResponse for ApiError {
         (self.status, Json(body)).into_response()
     }
 }
+
+/// The same refusal on the gRPC API: the HTTP status's gRPC counterpart, the same message
+/// (naming the field, as `field: message` where the message does not already).
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        use tonic::Code;
+        let code = match e.status.as_u16() {
+            400 | 413 | 422 => Code::InvalidArgument,
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            404 => Code::NotFound,
+            408 => Code::DeadlineExceeded,
+            429 => Code::ResourceExhausted,
+            503 => Code::Unavailable,
+            _ => Code::Internal,
+        };
+        let message = match &e.param {
+            Some(p) if !e.message.contains(p.as_ref()) => format!("{p}: {}", e.message),
+            _ => e.message,
+        };
+        tonic::Status::new(code, message)
+    }
+}

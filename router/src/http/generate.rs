@@ -25,7 +25,7 @@ use super::choice::{
 use super::error::ApiError;
 use super::openai::{ChatRequest, CompletionRequest, Controls, Prompt, Sampling, prompts, stops};
 use super::{ApiJson, Caller, HttpState};
-use crate::tokenize::TokenizeError;
+use crate::tokenize::{TokenizeError, Tokenizing};
 
 /// Most choices one request may ask for (`n` times the prompts).
 const MAX_CHOICES: usize = 128;
@@ -65,7 +65,7 @@ fn now() -> u64 {
 
 /// Checks the shared fields and builds the generation settings; the bad words they name are
 /// left to [`tokenize_bad_words`]. `max_tokens` 0 is accepted only with `echo`.
-fn params(
+pub(crate) fn params(
     s: &Sampling,
     max_tokens: Option<u64>,
     default_max: usize,
@@ -140,16 +140,16 @@ fn params(
 /// Turns `params.bad_words` into the token sequences the engine bans, as vLLM does: each word
 /// as written (leading spaces dropped) and, where the tokenizer gives it a different
 /// first token of the same count, with one leading space (a word in the middle of a text).
-async fn tokenize_bad_words(state: &HttpState, params: &mut Params) -> Result<(), ApiError> {
+pub(crate) async fn tokenize_bad_words(tokenizing: &Tokenizing, params: &mut Params) -> Result<(), ApiError> {
     let words = std::mem::take(&mut params.bad_words);
     if words.is_empty() {
         return Ok(());
     }
     let bytes = words.iter().map(|w| w.len() + 1).sum();
-    state.tokenizing.check_size("bad_words", bytes)?;
+    tokenizing.check_size("bad_words", bytes)?;
     let texts: Vec<String> =
         words.iter().flat_map(|w| [w.trim_start().to_string(), format!(" {}", w.trim_start())]).collect();
-    let encoded = state.tokenizing.encode(texts, false).await.map_err(|e| match e {
+    let encoded = tokenizing.encode(texts, false).await.map_err(|e| match e {
         TokenizeError::Failed { message, .. } => TokenizeError::Failed { field: "bad_words", message },
         e => e,
     })?;
@@ -291,7 +291,7 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
     };
     // Refused cheaply, before the prompt is tokenized, when over a limit now.
     state.precheck(&caller)?;
-    tokenize_bad_words(&state, &mut params).await?;
+    tokenize_bad_words(&state.tokenizing, &mut params).await?;
     let prompts = prompts(&r.prompt)?;
     let texts: Vec<String> = prompts
         .iter()
@@ -344,7 +344,7 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
         default_max = default_max.min((limit / n).saturating_sub(ids.len()).max(1));
     }
     let mut params = params(&r.sampling, max_tokens, default_max, logprobs, state.scheduler.vocab_size, false)?;
-    tokenize_bad_words(&state, &mut params).await?;
+    tokenize_bad_words(&state.tokenizing, &mut params).await?;
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, vec![ids], n, &params).await?;
     respond(state, Api::Chat, choices, n, params, &r.sampling, false).await
