@@ -12,11 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// A free loopback port (bound, then released for a child to take).
-fn free_address() -> String {
-    switchyard_proto::server::stable_loopback_address().unwrap().to_string()
-}
-
 /// A three-member group on fixed ports with its data in `dir`.
 struct Group {
     addresses: Vec<String>,

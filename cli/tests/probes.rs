@@ -7,10 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn free_address() -> String {
-    switchyard_proto::server::stable_loopback_address().unwrap().to_string()
-}
-
 /// The status line and body of `GET path`, or `None` while nothing listens.
 fn probe(address: &str, path: &str) -> Option<(String, String)> {
     std::net::TcpStream::connect(address).ok()?;
@@ -42,24 +38,8 @@ fn every_role_says_when_it_is_live_and_when_it_is_ready() {
     let data = tempfile::tempdir().unwrap();
     let mut procs = Procs::default();
     let coordinator_probe = free_address();
-    let ready_line = procs.start(
-        "coordinator",
-        &[
-            "coordinator",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--min-nodes",
-            "2",
-            "--probe-listen",
-            &coordinator_probe,
-        ],
-        &[],
-    );
-    let coordinator = ready_line.rsplit(' ').next().unwrap().to_string();
+    let coordinator =
+        start_lone_coordinator(&mut procs, data.path(), &["--min-nodes", "2", "--probe-listen", &coordinator_probe]);
     assert!(wait_until(Duration::from_secs(20), || ready(&coordinator_probe)), "a lone member leads: ready");
     assert!(wait_until(Duration::from_secs(5), || grpc_ready(&coordinator, Role::Coordinator)));
 

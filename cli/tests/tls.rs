@@ -44,24 +44,7 @@ fn every_internal_call_needs_a_certificate_of_the_right_role() {
     let model = fixture("mixtral");
     let data = tempfile::tempdir().unwrap();
     let mut procs = Procs::default();
-    let ready = procs.start(
-        "coordinator",
-        &[
-            "coordinator",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--min-nodes",
-            "1",
-            "--replicas",
-            "1",
-        ],
-        &[],
-    );
-    let coordinator_address = ready.rsplit(' ').next().unwrap().to_string();
+    let coordinator_address = start_lone_coordinator(&mut procs, data.path(), &["--min-nodes", "1", "--replicas", "1"]);
     let node_ready =
         procs.start("node", &["expert-node", "--model", &model, "--coordinators", &coordinator_address], &[]);
     let node_address = address_of(&node_ready, "expert-node");

@@ -13,6 +13,9 @@
 //! skipped; on a GPU machine `cargo nextest run --features switchyard/cuda --run-ignored only`
 //! runs them.
 
+#[macro_use]
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -25,27 +28,6 @@ use switchyard_model::{
 const TOLERANCE: f32 = 1e-3;
 /// The device KV arena of a test engine (the fixtures are tiny).
 const KV_BYTES: usize = 64 << 20;
-
-/// One test body per device: `$cpu` on the CPU, `$cuda` on `cuda:0` (ignored unless asked
-/// for: it needs a GPU).
-macro_rules! on_each_device {
-    ($(#[$doc:meta])* $cpu:ident, $cuda:ident, |$device:ident| $body:block) => {
-        $(#[$doc])*
-        #[test]
-        fn $cpu() -> Result<()> {
-            let $device = Device::Cpu;
-            $body
-        }
-
-        $(#[$doc])*
-        #[test]
-        #[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
-        fn $cuda() -> Result<()> {
-            let $device = Device::Cuda(0);
-            $body
-        }
-    };
-}
 
 fn load_engine(dir: &Path, device: Device) -> Result<Engine> {
     let options = EngineOptions { device, kv_bytes: Some(KV_BYTES), ..Default::default() };

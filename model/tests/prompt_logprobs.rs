@@ -7,6 +7,9 @@
 //! As in `parity.rs`, every test runs on the CPU and (`..._on_cuda`, ignored unless asked
 //! for) on `cuda:0`.
 
+#[macro_use]
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
@@ -21,25 +24,6 @@ const TIE: f32 = 1e-4;
 const KV_BYTES: usize = 64 << 20;
 /// Alternatives recorded per position.
 const TOP: usize = 5;
-
-macro_rules! on_each_device {
-    ($(#[$doc:meta])* $cpu:ident, $cuda:ident, |$device:ident| $body:block) => {
-        $(#[$doc])*
-        #[test]
-        fn $cpu() -> Result<()> {
-            let $device = Device::Cpu;
-            $body
-        }
-
-        $(#[$doc])*
-        #[test]
-        #[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
-        fn $cuda() -> Result<()> {
-            let $device = Device::Cuda(0);
-            $body
-        }
-    };
-}
 
 #[derive(Deserialize)]
 struct Recorded {

@@ -2,10 +2,9 @@
 
 use switchyard_model::engine::GeneratedToken;
 use switchyard_model::tokenizer::Tokenizer;
-use switchyard_model::{GenerateRequest, SamplingParams};
 use switchyard_proto::v1;
 
-use crate::scheduler::{Event, ServeError};
+use crate::scheduler::ServeError;
 
 /// A request's prompt before tokenization.
 pub enum Prompt {
@@ -26,30 +25,6 @@ impl From<ServeError> for tonic::Status {
             ServeError::StepFailed(_) | ServeError::Internal(_) => tonic::Status::internal(message),
         }
     }
-}
-
-/// The `GenerateResponse` of an engine event; `ids` collects the generated ids for the final
-/// text. `None` for prompt log-probabilities, which a gRPC request never asks for.
-pub fn event(e: Event, ids: &mut Vec<u32>, tokenizer: Option<&Tokenizer>) -> Option<v1::GenerateResponse> {
-    use switchyard_model::FinishReason;
-    use v1::generate_response::Event as E;
-    let event = match e {
-        Event::Started { prompt_ids } => E::Started(v1::Started { prompt_ids }),
-        Event::Token(t) => {
-            ids.push(t.id);
-            E::Token(token(&t, tokenizer))
-        }
-        Event::Finished(reason) => {
-            let reason = match reason {
-                FinishReason::Stop => v1::FinishReason::Stop,
-                FinishReason::Length => v1::FinishReason::Length,
-            };
-            let text = tokenizer.and_then(|t| t.decode(ids).ok()).unwrap_or_default();
-            E::Finished(v1::Finished { reason: reason as i32, text })
-        }
-        Event::PromptLogprobs(_) => return None,
-    };
-    Some(v1::GenerateResponse { event: Some(event) })
 }
 
 pub fn token(t: &GeneratedToken, tokenizer: Option<&Tokenizer>) -> v1::GeneratedToken {
@@ -101,32 +76,17 @@ pub fn sampling(r: &v1::GenerateRequest) -> Result<crate::http::openai::Sampling
     serde_json::from_value(fields).map_err(|e| tonic::Status::invalid_argument(e.to_string()))
 }
 
-/// The prompt and the generation request (without prompt ids yet) of a `GenerateRequest`.
-pub fn request(r: v1::GenerateRequest) -> Result<(Prompt, GenerateRequest), tonic::Status> {
+/// A `GenerateRequest`'s prompt, taken out of it, once its `top_logprobs` is checked.
+pub fn prompt(r: &mut v1::GenerateRequest) -> Result<Prompt, tonic::Status> {
     if r.top_logprobs > MAX_TOP_LOGPROBS {
         return Err(tonic::Status::invalid_argument(format!(
             "top_logprobs: at most {MAX_TOP_LOGPROBS}, got {}",
             r.top_logprobs
         )));
     }
-    let prompt = match r.prompt {
-        Some(v1::generate_request::Prompt::Text(t)) => Prompt::Text(t),
-        Some(v1::generate_request::Prompt::TokenIds(ids)) => Prompt::Ids(ids.ids),
-        None => return Err(tonic::Status::invalid_argument("prompt: missing (set text or token_ids)")),
-    };
-    let request = GenerateRequest {
-        prompt_ids: Vec::new(),
-        // Unset (0) means the CLI's default of 16.
-        max_tokens: if r.max_tokens == 0 { 16 } else { r.max_tokens as usize },
-        sampling: SamplingParams {
-            temperature: r.temperature,
-            top_p: r.top_p.unwrap_or(1.0),
-            top_k: r.top_k as usize,
-            seed: r.seed,
-        },
-        top_logprobs: r.top_logprobs as usize,
-        ignore_eos: r.ignore_eos,
-        prompt_logprobs: None,
-    };
-    Ok((prompt, request))
+    match r.prompt.take() {
+        Some(v1::generate_request::Prompt::Text(t)) => Ok(Prompt::Text(t)),
+        Some(v1::generate_request::Prompt::TokenIds(ids)) => Ok(Prompt::Ids(ids.ids)),
+        None => Err(tonic::Status::invalid_argument("prompt: missing (set text or token_ids)")),
+    }
 }

@@ -52,14 +52,10 @@ impl RouterService {
     }
 }
 
-/// A tenant's refusal as a status: over a limit for now (RESOURCE_EXHAUSTED), or a request that
-/// can never fit it (INVALID_ARGUMENT naming the field).
+/// A tenant's refusal as the HTTP API words and counts it: over a limit for now
+/// (RESOURCE_EXHAUSTED), or a request that can never fit it (INVALID_ARGUMENT naming the field).
 fn over_limit(tenant: &Tenant, e: crate::tenants::OverLimit) -> Status {
-    metrics::counter!(crate::metric_names::TENANT_REJECTED, "tenant" => tenant.name.clone()).increment(1);
-    match e.permanent {
-        Some(field) => Status::invalid_argument(format!("{field}: {e}")),
-        None => Status::resource_exhausted(e.to_string()),
-    }
+    crate::http::error::ApiError::over_limit(tenant, e).into()
 }
 
 #[tonic::async_trait]
@@ -73,17 +69,14 @@ impl Router for RouterService {
         if let Some(t) = &tenant {
             t.precheck().map_err(|e| over_limit(t, e))?;
         }
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         // The HTTP API's checks, with its messages: the request read as the same fields.
-        let (prompt, _) = convert::request(r.clone())?;
+        let prompt = convert::prompt(&mut r)?;
         let sampling = convert::sampling(&r)?;
         let max_tokens = (r.max_tokens > 0).then_some(u64::from(r.max_tokens));
         let logprobs = Some(r.top_logprobs).filter(|&k| k > 0);
         let mut params =
             crate::http::generate::params(&sampling, max_tokens, 16, logprobs, self.scheduler.vocab_size, false)?;
-        if r.top_logprobs > 0 {
-            params.logprobs = Some(r.top_logprobs as usize);
-        }
         crate::http::generate::tokenize_bad_words(&self.tokenizing, &mut params).await?;
         let tokenizer = self.tokenizing.tokenizer.clone();
         let prompt_ids = match prompt {

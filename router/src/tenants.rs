@@ -131,6 +131,12 @@ impl Reservation {
             .increment(n as u64);
     }
 
+    /// Nothing of it was taken from a budget, so nothing goes back when it ends.
+    fn owe_nothing(&mut self) {
+        self.max_tokens = 0;
+        self.started = true;
+    }
+
     /// Tokens reserved and not used (yet).
     fn unused(&self) -> usize {
         let prompt = if self.started { 0 } else { self.prompt };
@@ -241,8 +247,7 @@ impl Tenant {
             Ok(grant) if grant.granted => Ok(reservations),
             Ok(grant) => {
                 // Nothing was taken: the reservations must not refund what they never had.
-                reservations.iter_mut().for_each(|r| r.max_tokens = 0);
-                reservations.iter_mut().for_each(|r| r.started = true);
+                reservations.iter_mut().for_each(Reservation::owe_nothing);
                 let wait = grant.retry_after_seconds.clamp(0.0, 60.0);
                 let what = format!("{} at most and the request reserves {reserve}; retry in {wait:.1}s", grant.limit);
                 *shared.retry_at.lock().expect("retry lock") =
@@ -252,10 +257,7 @@ impl Tenant {
             Err(status) => {
                 // The coordinators are out of reach: serve rather than fail every request;
                 // the budget holds again once they answer.
-                reservations.iter_mut().for_each(|r| {
-                    r.max_tokens = 0;
-                    r.started = true;
-                });
+                reservations.iter_mut().for_each(Reservation::owe_nothing);
                 tracing::warn!(tenant = %self.name, "the coordinators' budget is out of reach, admitted unchecked: {}", status.message());
                 counter!(crate::metric_names::TENANT_UNCHECKED, "tenant" => self.name.clone()).increment(1);
                 Ok(reservations)

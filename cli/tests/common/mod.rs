@@ -77,6 +77,13 @@ pub fn tls_env(args: &[&str], env: &[(&str, &str)]) -> Vec<(String, String)> {
         Some("cluster") => "admin",
         _ => return Vec::new(),
     };
+    if role == "admin" {
+        // One for every CLI call (status polls call often): it identifies no process.
+        static ADMIN: OnceLock<Vec<(String, String)>> = OnceLock::new();
+        return ADMIN
+            .get_or_init(|| certificate_env(test_ca(), "admin", &format!("admin-{}", std::process::id())))
+            .clone();
+    }
     static SERIAL: AtomicUsize = AtomicUsize::new(0);
     let name = format!("{role}-{}-{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed));
     certificate_env(test_ca(), role, &name)
@@ -163,6 +170,20 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     cond()
+}
+
+/// A free loopback address for a process the test may restart on the same port.
+pub fn free_address() -> String {
+    switchyard_proto::server::stable_loopback_address().unwrap().to_string()
+}
+
+/// Starts a one-member coordinator group (it leads at once) as `coordinator` in `procs`, with
+/// its data in `data` and `extra` flags; returns its address.
+pub fn start_lone_coordinator(procs: &mut Procs, data: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["coordinator", "--id", "1", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let ready = procs.start("coordinator", &args, &[]);
+    ready.rsplit(' ').next().unwrap().to_string()
 }
 
 /// Processes started by a test, killed when it ends.
