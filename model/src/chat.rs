@@ -11,14 +11,36 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
-/// One message of a conversation; `content` is a string or a list of parts.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+/// One message of a conversation; `content` is a string or a list of parts. Other fields
+/// (`name`, `tool_calls`, …) go to the template as they are.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ChatMessage {
+    /// `system`, `user`, `assistant`, … as the model's chat template knows them.
     pub role: String,
     #[serde(default)]
+    #[schema(value_type = MessageContent)]
     pub content: Value,
     #[serde(flatten)]
+    #[schema(ignore)]
     pub extra: serde_json::Map<String, Value>,
+}
+
+/// The shapes a message's `content` takes.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // a schema: `content` goes to the template as JSON
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<TextPart>),
+}
+
+/// A part of a message: `{"type": "text", "text": …}`.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)] // a schema, as `MessageContent`
+pub struct TextPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
 }
 
 pub struct ChatTemplate {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 use switchyard_model::chat::{ChatMessage, ChatTemplate};
-use switchyard_model::tokenizer::Tokenizer;
+use switchyard_model::tokenizer::{Fim, Tokenizer};
 use tokio::sync::Semaphore;
 
 /// Why a prompt could not be turned into token ids.
@@ -84,6 +84,11 @@ impl Tokenizing {
                 .map_err(|e| TokenizeError::Failed { field: "prompt", message: e.to_string() })
         })
         .await
+    }
+
+    /// The fill-in-the-middle format of the model's tokenizer, if it has one.
+    pub fn fim(&self) -> Option<Fim> {
+        self.tokenizer.as_ref()?.fim()
     }
 
     /// Token ids of a chat, rendered through the checkpoint's template (with the generation

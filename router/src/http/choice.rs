@@ -4,12 +4,14 @@
 //! `min_tokens` are out, as vLLM does), leaves a stop token id out of the text, and cancels
 //! the sequence in the engine when it stops early or is dropped.
 
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
 use switchyard_model::engine::{GeneratedToken, PromptLogprob};
 use switchyard_model::tokenizer::Tokenizer;
 use switchyard_model::{FinishReason, GenerateRequest, SamplingControls, SamplingParams};
 use tokio::sync::mpsc;
 
+use super::api::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptTokenLogprob, TopLogprob};
 use super::error::ApiError;
 
 use crate::scheduler::{Event, Scheduler, ServeError, Submission};
@@ -309,15 +311,16 @@ pub fn completion_logprobs(
     offsets: &[usize],
     tk: Option<&Tokenizer>,
     as_ids: bool,
-) -> Value {
-    json!({
-        "tokens": tokens.iter().map(|t| token_str(t.id, tk, as_ids)).collect::<Vec<_>>(),
-        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": tokens.iter().map(|t| {
-            t.top_logprobs.iter().map(|x| (token_str(x.id, tk, as_ids), json!(x.logprob))).collect::<serde_json::Map<_, _>>()
-        }).collect::<Vec<_>>(),
-        "text_offset": offsets,
-    })
+) -> CompletionLogprobs {
+    CompletionLogprobs {
+        tokens: tokens.iter().map(|t| token_str(t.id, tk, as_ids)).collect(),
+        token_logprobs: tokens.iter().map(|t| Some(t.logprob)).collect(),
+        top_logprobs: tokens
+            .iter()
+            .map(|t| Some(t.top_logprobs.iter().map(|x| (token_str(x.id, tk, as_ids), x.logprob)).collect()))
+            .collect(),
+        text_offset: offsets.to_vec(),
+    }
 }
 
 /// Where each of `ids` starts in their decoded text (as [`Tokenizer::decode`] gives it), in
@@ -349,67 +352,63 @@ pub fn prompt_completion_logprobs(
     top: usize,
     tk: Option<&Tokenizer>,
     as_ids: bool,
-) -> Value {
-    let mut token_logprobs = vec![Value::Null];
-    let mut top_logprobs = vec![Value::Null];
+) -> CompletionLogprobs {
+    let mut token_logprobs = vec![None];
+    let mut top_logprobs = vec![None];
     for p in logprobs {
-        token_logprobs.push(json!(p.logprob));
-        let mut alternatives: serde_json::Map<String, Value> =
-            p.top_logprobs.iter().take(top).map(|x| (token_str(x.id, tk, as_ids), json!(x.logprob))).collect();
-        alternatives.entry(token_str(p.id, tk, as_ids)).or_insert(json!(p.logprob));
-        top_logprobs.push(Value::Object(alternatives));
+        token_logprobs.push(Some(p.logprob));
+        let mut alternatives: BTreeMap<String, f32> =
+            p.top_logprobs.iter().take(top).map(|x| (token_str(x.id, tk, as_ids), x.logprob)).collect();
+        alternatives.entry(token_str(p.id, tk, as_ids)).or_insert(p.logprob);
+        top_logprobs.push(Some(alternatives));
     }
-    json!({
-        "tokens": prompt_ids.iter().map(|&id| token_str(id, tk, as_ids)).collect::<Vec<_>>(),
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": offsets,
-    })
-}
-
-/// Appends the lists of legacy completions `logprobs` object `more` to those of `to`.
-pub fn extend_completion_logprobs(to: &mut Value, more: Value) {
-    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
-        if let (Some(a), Value::Array(b)) = (to[key].as_array_mut(), more[key].clone()) {
-            a.extend(b);
-        }
+    CompletionLogprobs {
+        tokens: prompt_ids.iter().map(|&id| token_str(id, tk, as_ids)).collect(),
+        token_logprobs,
+        top_logprobs,
+        text_offset: offsets.to_vec(),
     }
 }
 
 /// vLLM's `prompt_logprobs`: `null` for the first prompt token, then per token a map from
 /// token id (as a string) to its `logprob`, `rank` and `decoded_token`, holding the token itself
 /// and its `top` most likely alternatives.
-pub fn vllm_prompt_logprobs(logprobs: &[PromptLogprob], top: usize, tk: Option<&Tokenizer>, as_ids: bool) -> Value {
+pub fn vllm_prompt_logprobs(
+    logprobs: &[PromptLogprob],
+    top: usize,
+    tk: Option<&Tokenizer>,
+    as_ids: bool,
+) -> Vec<Option<BTreeMap<String, PromptTokenLogprob>>> {
     let entry = |id: u32, logprob: f32, rank: usize| {
-        (id.to_string(), json!({"logprob": logprob, "rank": rank, "decoded_token": token_str(id, tk, as_ids)}))
+        (id.to_string(), PromptTokenLogprob { logprob, rank, decoded_token: token_str(id, tk, as_ids) })
     };
-    let mut out = vec![Value::Null];
+    let mut out = vec![None];
     for p in logprobs {
-        let mut m = serde_json::Map::new();
+        let mut m = BTreeMap::new();
         let (id, logprob) = entry(p.id, p.logprob, p.rank);
         m.insert(id, logprob);
         for (i, x) in p.top_logprobs.iter().take(top).enumerate() {
             let (id, logprob) = entry(x.id, x.logprob, if x.id == p.id { p.rank } else { i + 1 });
             m.insert(id, logprob);
         }
-        out.push(Value::Object(m));
+        out.push(Some(m));
     }
-    Value::Array(out)
+    out
 }
 
 /// The chat `logprobs` object.
-pub fn chat_logprobs(tokens: &[GeneratedToken], tk: Option<&Tokenizer>, as_ids: bool) -> Value {
-    let entry = |id: u32, logprob: f32| {
+pub fn chat_logprobs(tokens: &[GeneratedToken], tk: Option<&Tokenizer>, as_ids: bool) -> ChatLogprobs {
+    let top = |id: u32, logprob: f32| {
         let token = token_str(id, tk, as_ids);
-        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+        TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
     };
-    let content: Vec<Value> = tokens
+    let content = tokens
         .iter()
         .map(|t| {
-            let mut e = entry(t.id, t.logprob);
-            e["top_logprobs"] = t.top_logprobs.iter().map(|x| entry(x.id, x.logprob)).collect();
-            e
+            let TopLogprob { token, logprob, bytes } = top(t.id, t.logprob);
+            let top_logprobs = t.top_logprobs.iter().map(|x| top(x.id, x.logprob)).collect();
+            ChatTokenLogprob { token, logprob, bytes, top_logprobs }
         })
         .collect();
-    json!({ "content": content })
+    ChatLogprobs { content }
 }

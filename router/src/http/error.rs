@@ -6,7 +6,8 @@ use std::borrow::Cow;
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+use super::api::{ErrorBody, ErrorResponse};
 
 use crate::scheduler::ServeError;
 use crate::tenants::{OverLimit, Tenant};
@@ -107,11 +108,23 @@ impl From<TokenizeError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The body OpenAI's clients read.
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorBody {
+                message: self.message.clone(),
+                kind: self.kind(),
+                param: self.param.as_ref().map(|p| p.to_string()),
+                code: self.code,
+            },
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body =
-            json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.code}});
-        (self.status, Json(body)).into_response()
+        (self.status, Json(self.body())).into_response()
     }
 }
 

@@ -2,6 +2,7 @@
 //! checkpoint's template), start every choice (`n` per prompt), then answer with one JSON
 //! body or stream server-sent events ending in `data: [DONE]`.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,15 +13,18 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as Sse, Sse as SseBody};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
 use switchyard_model::SamplingParams;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
+use super::api::{
+    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, Completion, CompletionChoice,
+    CompletionLogprobs, GenerateRefusals, PromptTokenLogprob, Usage,
+};
 use super::choice::{
-    Choice, Collected, Delta, Params, chat_logprobs, completion_logprobs, extend_completion_logprobs,
-    prompt_completion_logprobs, text_offsets, vllm_prompt_logprobs,
+    Choice, Collected, Delta, Params, chat_logprobs, completion_logprobs, prompt_completion_logprobs, text_offsets,
+    vllm_prompt_logprobs,
 };
 use super::error::ApiError;
 use super::openai::{ChatRequest, CompletionRequest, Controls, Prompt, Sampling, prompts, stops};
@@ -39,16 +43,6 @@ const MAX_LOGPROBS: u32 = 20;
 enum Api {
     Completions,
     Chat,
-}
-
-impl Api {
-    fn object(self, stream: bool) -> &'static str {
-        match (self, stream) {
-            (Api::Completions, _) => "text_completion",
-            (Api::Chat, false) => "chat.completion",
-            (Api::Chat, true) => "chat.completion.chunk",
-        }
-    }
 }
 
 fn request_id(api: Api) -> String {
@@ -217,10 +211,6 @@ async fn start(
     Ok(choices)
 }
 
-fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
-}
-
 /// Prompt tokens of a request: each distinct prompt once, however many choices it has.
 fn prompt_tokens(choices: &[Choice], n: usize) -> usize {
     choices.iter().step_by(n).map(|c| c.prompt_ids.len()).sum()
@@ -259,6 +249,17 @@ fn join_caller_trace(span: &tracing::Span, headers: &HeaderMap) {
     crate::trace::join_caller(span, |k| Some(headers.get(k)?.to_str().ok()?.to_string()));
 }
 
+/// Generates text after each prompt (or between it and `suffix`).
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion; with `stream`, server-sent events of completions ending in `data: [DONE]`",
+            content((Completion = "application/json"), (String = "text/event-stream"))),
+        GenerateRefusals,
+    ),
+)]
 pub async fn completions(
     State(state): State<Arc<HttpState>>,
     caller: Caller,
@@ -293,13 +294,16 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
     state.precheck(&caller)?;
     tokenize_bad_words(&state.tokenizing, &mut params).await?;
     let prompts = prompts(&r.prompt)?;
-    let texts: Vec<String> = prompts
+    let mut texts: Vec<String> = prompts
         .iter()
         .filter_map(|p| match p {
             Prompt::Text(t) => Some(t.clone()),
             Prompt::Ids(_) => None,
         })
         .collect();
+    if let Some(suffix) = r.suffix()? {
+        texts = fill_in_the_middle(&state, &r, texts, prompts.len(), suffix)?;
+    }
     let mut encoded = state.tokenizing.encode(texts, true).await?.into_iter();
     let ids: Vec<Vec<u32>> = prompts
         .into_iter()
@@ -313,6 +317,48 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
     respond(state, Api::Completions, choices, n, params, &r.sampling, r.echo).await
 }
 
+/// The model's fill-in-the-middle prompts for text `prompts` and `suffix`: the completion is
+/// what goes between them (an empty suffix: the end of the file). A model without FIM tokens
+/// takes an empty suffix as the plain completion it means; any other suffix is refused, naming
+/// `suffix`, as is a request that cannot be a FIM one.
+fn fill_in_the_middle(
+    state: &HttpState,
+    r: &CompletionRequest,
+    prompts: Vec<String>,
+    sent: usize,
+    suffix: &str,
+) -> Result<Vec<String>, ApiError> {
+    let refuse = |why: &str| ApiError::invalid(format!("`suffix` {why}"), Some("suffix"));
+    let Some(fim) = state.tokenizing.fim() else {
+        if suffix.is_empty() {
+            return Ok(prompts);
+        }
+        return Err(refuse(
+            "needs a model trained for fill-in-the-middle; this model's tokenizer has none of the FIM token \
+             families (<|fim_prefix|>, <fim_prefix>, <\u{ff5c}fim\u{2581}begin\u{ff5c}>, [PREFIX])",
+        ));
+    };
+    if prompts.len() != sent {
+        return Err(refuse("needs a text prompt (token ids cannot be placed around the suffix)"));
+    }
+    if r.echo {
+        return Err(refuse("cannot be combined with `echo`"));
+    }
+    state.tokenizing.check_size("prompt", prompts.iter().map(|p| p.len() + suffix.len()).sum())?;
+    Ok(prompts.iter().map(|prefix| fim.prompt(prefix, suffix)).collect())
+}
+
+/// Generates the assistant's next message.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The message; with `stream`, server-sent events of chunks ending in `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (ChatChunk = "text/event-stream"))),
+        GenerateRefusals,
+    ),
+)]
 pub async fn chat(
     State(state): State<Arc<HttpState>>,
     caller: Caller,
@@ -379,55 +425,68 @@ async fn respond(
     let completion_tokens = done.iter().map(|c| c.completion_tokens).sum();
     let reasons: Vec<&str> = done.iter().map(|c| c.finish).collect();
     record_usage(&head.id, prompt_tokens, completion_tokens, &reasons);
-    let body: Vec<Value> = done
-        .iter()
-        .zip(prompt_texts)
-        .zip(prompt_parts)
-        .map(|((c, prefix), parts)| {
-            let logprobs = params.logprobs.map(|_| match api {
-                Api::Completions => {
-                    let prefix_chars = prefix.chars().count();
-                    let offsets: Vec<usize> = c.offsets.iter().map(|o| o + prefix_chars).collect();
-                    let generated = completion_logprobs(&c.tokens, &offsets, tk, params.tokens_as_ids);
-                    match parts.logprobs {
-                        Some(mut echoed) => {
-                            extend_completion_logprobs(&mut echoed, generated);
-                            echoed
-                        }
-                        None => generated,
-                    }
+    let usage = Some(Usage::new(prompt_tokens, completion_tokens));
+    let logprobs = |c: &Collected, prefix: &str, echoed: Option<CompletionLogprobs>| {
+        params.logprobs.map(|_| {
+            let prefix_chars = prefix.chars().count();
+            let offsets: Vec<usize> = c.offsets.iter().map(|o| o + prefix_chars).collect();
+            let generated = completion_logprobs(&c.tokens, &offsets, tk, params.tokens_as_ids);
+            match echoed {
+                Some(mut echoed) => {
+                    echoed.extend(generated);
+                    echoed
                 }
-                Api::Chat => chat_logprobs(&c.tokens, tk, params.tokens_as_ids),
-            });
-            match api {
-                Api::Completions => {
-                    let mut choice = json!({"index": c.index, "text": prefix + &c.text, "logprobs": logprobs, "finish_reason": c.finish});
-                    if let Some(p) = parts.vllm {
-                        choice["prompt_logprobs"] = p;
-                    }
-                    choice
-                }
-                Api::Chat => json!({
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": logprobs,
-                    "finish_reason": c.finish,
-                }),
+                None => generated,
             }
         })
-        .collect();
-    let mut out = head.json(false);
-    out["choices"] = Value::Array(body);
-    out["usage"] = usage(prompt_tokens, completion_tokens);
-    Ok(Json(out).into_response())
+    };
+    let body = match api {
+        Api::Completions => {
+            let choices = done
+                .iter()
+                .zip(prompt_texts)
+                .zip(prompt_parts)
+                .map(|((c, prefix), parts)| CompletionChoice {
+                    index: c.index,
+                    logprobs: logprobs(c, &prefix, parts.logprobs),
+                    text: prefix + &c.text,
+                    finish_reason: Some(c.finish),
+                    prompt_logprobs: parts.vllm,
+                })
+                .collect();
+            Json(head.completion(choices, usage)).into_response()
+        }
+        Api::Chat => {
+            let choices = done
+                .iter()
+                .map(|c| ChatChoice {
+                    index: c.index,
+                    message: AssistantMessage { role: "assistant", content: c.text.clone() },
+                    logprobs: params.logprobs.map(|_| chat_logprobs(&c.tokens, tk, params.tokens_as_ids)),
+                    finish_reason: c.finish,
+                })
+                .collect();
+            let Head { id, created, model, .. } = head;
+            Json(ChatCompletion {
+                id,
+                object: "chat.completion",
+                created,
+                model,
+                choices,
+                usage: Usage::new(prompt_tokens, completion_tokens),
+            })
+            .into_response()
+        }
+    };
+    Ok(body)
 }
 
 /// What a completions choice shows of its prompt's log-probabilities.
 struct PromptParts {
     /// The echoed prompt's part of `logprobs` (`echo` with `logprobs`).
-    logprobs: Option<Value>,
+    logprobs: Option<CompletionLogprobs>,
     /// vLLM's `prompt_logprobs`, where asked.
-    vllm: Option<Value>,
+    vllm: Option<Vec<Option<BTreeMap<String, PromptTokenLogprob>>>>,
 }
 
 fn prompt_parts(
@@ -461,6 +520,7 @@ fn echo_text(state: &HttpState, c: &Choice, echo: bool) -> String {
     }
 }
 
+#[derive(Clone)]
 struct Head {
     id: String,
     created: u64,
@@ -469,15 +529,30 @@ struct Head {
 }
 
 impl Head {
-    fn json(&self, stream: bool) -> Value {
-        json!({"id": self.id, "object": self.api.object(stream), "created": self.created, "model": self.model})
+    fn completion(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Completion {
+        let Head { id, created, model, .. } = self.clone();
+        Completion { id, object: "text_completion", created, model, choices, usage }
     }
 
-    fn chunk(&self, choice: Value) -> Sse {
-        let mut v = self.json(true);
-        v["choices"] = json!([choice]);
-        Sse::default().data(v.to_string())
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> ChatChunk {
+        let Head { id, created, model, .. } = self.clone();
+        ChatChunk { id, object: "chat.completion.chunk", created, model, choices, usage }
     }
+
+    /// An event of a stream.
+    fn event(&self, choice: StreamChoice, usage: Option<Usage>) -> Sse {
+        let data = match choice {
+            StreamChoice::Completion(c) => serde_json::to_string(&self.completion(c.into_iter().collect(), usage)),
+            StreamChoice::Chat(c) => serde_json::to_string(&self.chat_chunk(c.into_iter().collect(), usage)),
+        };
+        Sse::default().data(data.expect("response bodies serialize"))
+    }
+}
+
+/// The choice an event of a stream carries (none: the closing usage event).
+enum StreamChoice {
+    Completion(Option<CompletionChoice>),
+    Chat(Option<ChatChunkChoice>),
 }
 
 /// Drives every choice and sends their deltas as server-sent events. Stops early, cancelling
@@ -503,21 +578,25 @@ async fn stream(
         prefix_lens.push(prefix.chars().count());
         let parts = prompt_parts(c, &params, echo, tk);
         let first = match head.api {
-            Api::Chat => Some(
-                json!({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
-            ),
+            Api::Chat => Some(StreamChoice::Chat(Some(ChatChunkChoice {
+                index: c.index,
+                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                logprobs: None,
+                finish_reason: None,
+            }))),
             Api::Completions if echo || parts.vllm.is_some() => {
-                let mut first =
-                    json!({"index": c.index, "text": prefix, "logprobs": parts.logprobs, "finish_reason": null});
-                if let Some(p) = parts.vllm {
-                    first["prompt_logprobs"] = p;
-                }
-                Some(first)
+                Some(StreamChoice::Completion(Some(CompletionChoice {
+                    index: c.index,
+                    text: prefix,
+                    logprobs: parts.logprobs,
+                    finish_reason: None,
+                    prompt_logprobs: parts.vllm,
+                })))
             }
             Api::Completions => None,
         };
         if let Some(first) = first
-            && tx.send(Ok(head.chunk(first))).await.is_err()
+            && tx.send(Ok(head.event(first, None))).await.is_err()
         {
             return;
         }
@@ -529,9 +608,9 @@ async fn stream(
                 Ok(Some(d)) => d,
                 Ok(None) => continue,
                 Err(e) => {
-                    let err =
-                        json!({"error": {"message": e.message, "type": "server_error", "param": null, "code": null}});
-                    let _ = tx.send(Ok(Sse::default().data(err.to_string()))).await;
+                    let body = e.body();
+                    let _ =
+                        tx.send(Ok(Sse::default().data(serde_json::to_string(&body).expect("errors serialize")))).await;
                     let _ = tx.send(Ok(Sse::default().data("[DONE]"))).await;
                     return;
                 }
@@ -541,7 +620,7 @@ async fn stream(
             }
             // Offsets count from the start of the text, which begins with the echoed prompt.
             delta.offsets.iter_mut().for_each(|o| *o += prefix_len);
-            if tx.send(Ok(head.chunk(delta_json(&head, c.index, &delta, &params, tk)))).await.is_err() {
+            if tx.send(Ok(head.event(stream_choice(head.api, c.index, &delta, &params, tk), None))).await.is_err() {
                 return; // the client left: dropping the choices cancels them
             }
         }
@@ -549,30 +628,38 @@ async fn stream(
     let completion_tokens = choices.iter().map(Choice::completion_tokens).sum();
     record_usage(&head.id, prompt_tokens, completion_tokens, &[]);
     if include_usage {
-        let mut v = head.json(true);
-        v["choices"] = json!([]);
-        v["usage"] = usage(prompt_tokens, completion_tokens);
-        let _ = tx.send(Ok(Sse::default().data(v.to_string()))).await;
+        let last = match head.api {
+            Api::Completions => StreamChoice::Completion(None),
+            Api::Chat => StreamChoice::Chat(None),
+        };
+        let _ = tx.send(Ok(head.event(last, Some(Usage::new(prompt_tokens, completion_tokens))))).await;
     }
     let _ = tx.send(Ok(Sse::default().data("[DONE]"))).await;
 }
 
-fn delta_json(
-    head: &Head,
+fn stream_choice(
+    api: Api,
     index: usize,
     d: &Delta,
     params: &Params,
     tk: Option<&switchyard_model::tokenizer::Tokenizer>,
-) -> Value {
-    let logprobs = params.logprobs.map(|_| match head.api {
-        Api::Completions => completion_logprobs(&d.tokens, &d.offsets, tk, params.tokens_as_ids),
-        Api::Chat => chat_logprobs(&d.tokens, tk, params.tokens_as_ids),
-    });
-    match head.api {
-        Api::Completions => json!({"index": index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish}),
+) -> StreamChoice {
+    match api {
+        Api::Completions => StreamChoice::Completion(Some(CompletionChoice {
+            index,
+            text: d.text.clone(),
+            logprobs: params.logprobs.map(|_| completion_logprobs(&d.tokens, &d.offsets, tk, params.tokens_as_ids)),
+            finish_reason: d.finish,
+            prompt_logprobs: None,
+        })),
         Api::Chat => {
-            let delta = if d.text.is_empty() && d.finish.is_some() { json!({}) } else { json!({"content": d.text}) };
-            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish})
+            let content = (!(d.text.is_empty() && d.finish.is_some())).then(|| d.text.clone());
+            StreamChoice::Chat(Some(ChatChunkChoice {
+                index,
+                delta: ChatDelta { role: None, content },
+                logprobs: params.logprobs.map(|_| chat_logprobs(&d.tokens, tk, params.tokens_as_ids)),
+                finish_reason: d.finish,
+            }))
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP API of the router (axum): `/v1/completions`,
-//! `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}`, `/version`, `/health`, `/metrics`,
-//! `/tokenize`, `/detokenize`.
+//! `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}`, `/version`, `/health`, `/live`,
+//! `/ready`, `/metrics`, `/tokenize`, `/detokenize`, and its OpenAPI document at `/openapi.json`.
 //!
 //! Connections are served by hyper directly ([`serve`]) so that a client cannot hold one
 //! for free: request headers must arrive within `--http-header-timeout-secs` (which also
@@ -11,8 +11,10 @@
 //! - [`generate`]: the completions and chat handlers, streaming (server-sent events) or not.
 //! - [`choice`]: one generated sequence: detokenizing, stop strings, logprob objects.
 //! - [`openai`]: request bodies as clients send them.
+//! - [`api`]: response bodies, and the OpenAPI document generated from both.
 //! - [`error`]: errors in OpenAI's shape, and the status of each.
 
+pub mod api;
 pub mod choice;
 pub mod error;
 pub mod generate;
@@ -28,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 use switchyard_model::chat::ChatMessage;
 use switchyard_model::tokenizer::Tokenizer;
 use tokio::net::TcpListener;
@@ -37,6 +39,7 @@ use crate::cluster::Cluster;
 use crate::scheduler::Scheduler;
 use crate::tenants::{NoTenant, Tenant, TenantList};
 use crate::tokenize::Tokenizing;
+use api::{Detokenized, ErrorResponse, Model, ModelList, TokenizeRefusals, Tokenized, Version};
 use error::ApiError;
 
 /// Limits on HTTP connections (`switchyard router`).
@@ -144,6 +147,10 @@ impl HttpState {
 
 /// Readiness: 200 while the router can serve; 503 with the reason once its engine has
 /// failed, or while some expert has no reachable replica.
+#[utoipa::path(get, path = "/health", security(()), responses(
+    (status = 200, description = "Ready to serve", body = String, content_type = "text/plain"),
+    (status = 503, description = "Not ready, and why", body = ErrorResponse),
+))]
 async fn health(State(state): State<Arc<HttpState>>) -> Result<&'static str, ApiError> {
     if let Some(reason) = state.scheduler.health.failure() {
         return Err(crate::scheduler::ServeError::EngineFailed { reason: reason.to_string() }.into());
@@ -157,6 +164,31 @@ async fn health(State(state): State<Arc<HttpState>>) -> Result<&'static str, Api
         });
     }
     Ok("")
+}
+
+/// The orchestrator's readiness probe: `/health`.
+#[utoipa::path(get, path = "/ready", security(()), responses(
+    (status = 200, description = "Ready to serve", body = String, content_type = "text/plain"),
+    (status = 503, description = "Not ready, and why", body = ErrorResponse),
+))]
+async fn ready(state: State<Arc<HttpState>>) -> Result<&'static str, ApiError> {
+    health(state).await
+}
+
+/// The orchestrator's liveness probe: 200 while the process answers.
+#[utoipa::path(get, path = "/live", security(()), responses(
+    (status = 200, description = "The process answers", body = String, content_type = "text/plain"),
+))]
+async fn live() -> &'static str {
+    "live"
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", security(()), responses(
+    (status = 200, description = "The OpenAPI document of this server", body = Object),
+))]
+async fn openapi(State(s): State<Arc<HttpState>>) -> Json<Value> {
+    Json(api::document(&s.model_name))
 }
 
 /// Largest request body accepted: room for `--max-prompt-bytes` of prompt written as JSON
@@ -175,8 +207,9 @@ pub fn app(state: Arc<HttpState>) -> Router {
         .route("/version", get(version))
         .route("/health", get(health))
         // Orchestrators' probes: `/live` while the process answers, `/ready` as `/health`.
-        .route("/live", get(|| async { "live" }))
-        .route("/ready", get(health))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -287,35 +320,54 @@ impl<T: DeserializeOwned> FromRequest<Arc<HttpState>> for ApiJson<T> {
 }
 
 /// The served model as OpenAI's model object.
-fn model_object(s: &HttpState) -> Value {
-    json!({
-        "id": s.model_name,
-        "object": "model",
-        "created": s.created,
-        "owned_by": "switchyard",
-        "max_model_len": s.max_context,
-    })
+fn model_object(s: &HttpState) -> Model {
+    Model {
+        id: s.model_name.clone(),
+        object: "model",
+        created: s.created,
+        owned_by: "switchyard",
+        max_model_len: s.max_context,
+    }
 }
 
-async fn models(State(s): State<Arc<HttpState>>, _: Caller) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_object(&s)]}))
+/// The served model, the only one.
+#[utoipa::path(get, path = "/v1/models", responses(
+    (status = 200, description = "The served model", body = ModelList),
+    (status = 401, description = "Missing or unknown API key (with tenants)", body = ErrorResponse),
+))]
+async fn models(State(s): State<Arc<HttpState>>, _: Caller) -> Json<ModelList> {
+    Json(ModelList { object: "list", data: vec![model_object(&s)] })
 }
 
 /// `GET /v1/models/{id}`: the served model, or 404 naming the id asked for.
+#[utoipa::path(get, path = "/v1/models/{id}", params(("id" = String, Path, description = "A model's name")), responses(
+    (status = 200, description = "The served model", body = Model),
+    (status = 401, description = "Missing or unknown API key (with tenants)", body = ErrorResponse),
+    (status = 404, description = "Not the served model", body = ErrorResponse),
+))]
 async fn model(
     State(s): State<Arc<HttpState>>,
     _: Caller,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Model>, ApiError> {
     s.check_model(&id)?;
     Ok(Json(model_object(&s)))
 }
 
 /// `GET /version`: what clients probe to tell servers apart (as vLLM answers it).
-async fn version() -> Json<Value> {
-    Json(json!({"version": env!("CARGO_PKG_VERSION"), "server": "switchyard"}))
+#[utoipa::path(get, path = "/version", security(()), responses(
+    (status = 200, description = "The server's version", body = Version),
+))]
+async fn version() -> Json<Version> {
+    Json(Version { version: env!("CARGO_PKG_VERSION"), server: "switchyard" })
 }
 
+/// Prometheus metrics: open without tenants, else for tenants with `metrics = true`.
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "Metrics in Prometheus' text format", body = String, content_type = "text/plain"),
+    (status = 401, description = "Missing or unknown API key (with tenants)", body = ErrorResponse),
+    (status = 403, description = "The tenant may not read metrics", body = ErrorResponse),
+))]
 async fn metrics(State(s): State<Arc<HttpState>>, _: MetricsReader) -> Response {
     match &s.metrics {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
@@ -323,12 +375,16 @@ async fn metrics(State(s): State<Arc<HttpState>>, _: MetricsReader) -> Response 
     }
 }
 
-#[derive(serde::Deserialize)]
+/// Exactly one of `prompt` and `messages`.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<ChatMessage>>,
+    /// With `prompt`: add the tokenizer's special tokens (BOS) as generation does.
     #[serde(default = "yes")]
+    #[schema(default = true)]
     add_special_tokens: bool,
 }
 
@@ -336,11 +392,16 @@ fn yes() -> bool {
     true
 }
 
+/// The token ids of a prompt, or of a chat rendered through the template.
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses(
+    (status = 200, description = "The token ids", body = Tokenized),
+    TokenizeRefusals,
+))]
 async fn tokenize(
     State(s): State<Arc<HttpState>>,
     caller: Caller,
     ApiJson(r): ApiJson<TokenizeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Tokenized>, ApiError> {
     if let Some(m) = &r.model {
         s.check_model(m)?;
     }
@@ -350,23 +411,30 @@ async fn tokenize(
         (None, Some(messages)) => s.tokenizing.chat(messages).await?,
         _ => return Err(ApiError::invalid("send exactly one of `prompt` and `messages`", None)),
     };
-    Ok(Json(json!({"count": ids.len(), "max_model_len": s.max_context, "tokens": ids})))
+    Ok(Json(Tokenized { count: ids.len(), max_model_len: s.max_context, tokens: ids }))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 struct DetokenizeRequest {
     model: Option<String>,
     tokens: Vec<u32>,
 }
 
+/// The text of token ids.
+#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses(
+    (status = 200, description = "The text", body = Detokenized),
+    TokenizeRefusals,
+))]
 async fn detokenize(
     State(s): State<Arc<HttpState>>,
-    _: Caller,
+    caller: Caller,
     ApiJson(r): ApiJson<DetokenizeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Detokenized>, ApiError> {
     if let Some(m) = &r.model {
         s.check_model(m)?;
     }
+    s.precheck(&caller)?;
     let text = s.tokenizing.decode(r.tokens).await?;
-    Ok(Json(json!({"prompt": text})))
+    Ok(Json(Detokenized { prompt: text }))
 }

@@ -7,26 +7,39 @@ use serde::Deserialize;
 use serde_json::Value;
 use switchyard_model::SamplingControls;
 use switchyard_model::chat::ChatMessage;
+use utoipa::ToSchema;
 
+use super::api::{PromptInput, StopInput};
 use super::error::ApiError;
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// Fields `/v1/completions` and `/v1/chat/completions` share.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct Sampling {
+    /// The served model's name (`GET /v1/models`).
     pub model: String,
+    /// Most tokens to generate; `0` only with `echo`, to score the prompt alone.
     pub max_tokens: Option<u64>,
+    /// 0 is greedy; at most 2.
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
     /// vLLM's extension; -1 or 0 means all tokens.
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
+    /// Choice `i` of a seeded request samples with `seed + i`.
     pub seed: Option<u64>,
+    /// Choices per prompt.
+    #[schema(minimum = 1)]
     pub n: Option<u32>,
+    /// Text that ends a choice, left out of it.
+    #[schema(value_type = Option<StopInput>)]
     pub stop: Option<Value>,
     #[serde(default)]
     pub stream: bool,
@@ -37,16 +50,35 @@ pub struct Sampling {
     /// vLLM's extension: keep going past end-of-sequence tokens.
     #[serde(default)]
     pub ignore_eos: bool,
-    /// The sampling controls, read by [`Sampling::controls`] (so that a value of the wrong
-    /// type is refused naming its field).
+    // The sampling controls are read by [`Sampling::controls`], so that a value of the wrong
+    // type is refused naming its field; vLLM's semantics.
+    /// Subtracted once from the logit of every token generated so far.
+    #[schema(value_type = Option<f32>, minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<Value>,
+    /// Subtracted from the logit of every generated token once per time it was generated.
+    #[schema(value_type = Option<f32>, minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<Value>,
+    /// Over the prompt's and the generated tokens: positive logits divided by it, negative
+    /// ones multiplied.
+    #[schema(value_type = Option<f32>, exclusive_minimum = 0.0)]
     pub repetition_penalty: Option<Value>,
+    /// Token id (as a string) to a bias in [-100, 100] added to its logit.
+    #[schema(value_type = Option<std::collections::HashMap<String, f32>>)]
     pub logit_bias: Option<Value>,
+    /// Tokens less likely than `min_p` times the most likely one are dropped.
+    #[schema(value_type = Option<f32>, minimum = 0.0, maximum = 1.0)]
     pub min_p: Option<Value>,
+    /// End of sequence, stop token ids and stop strings wait until this many tokens are out.
+    #[schema(value_type = Option<u64>)]
     pub min_tokens: Option<Value>,
+    /// Tokens that end a choice (counted, not shown).
+    #[schema(value_type = Option<Vec<u32>>)]
     pub stop_token_ids: Option<Value>,
+    /// Words never generated.
+    #[schema(value_type = Option<Vec<String>>)]
     pub bad_words: Option<Value>,
+    /// Must equal `n` where set.
+    #[schema(value_type = Option<u64>)]
     pub best_of: Option<Value>,
 }
 
@@ -127,18 +159,30 @@ impl Sampling {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A `/v1/completions` request. Fields not listed here are refused by name, except those
+/// that cannot change the answer (`user`, `metadata`, `store`, `service_tier`, …).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(try_from = "Checked<CompletionFields>")]
 pub struct CompletionRequest {
+    #[serde(flatten)]
     pub sampling: Sampling,
+    #[schema(value_type = PromptInput)]
     pub prompt: Value,
-    /// How many alternatives to report per token (0–20); with `echo`, for the prompt's tokens
-    /// too.
+    /// How many alternatives to report per token; with `echo`, for the prompt's tokens too.
+    #[schema(maximum = 20)]
     pub logprobs: Option<u32>,
+    /// Answer with the prompt in front of the completion.
+    #[serde(default)]
     pub echo: bool,
     /// vLLM's extension: the prompt tokens' log-probabilities with this many alternatives
-    /// each, read by [`CompletionRequest::prompt_logprobs`].
+    /// each.
+    // Read by [`CompletionRequest::prompt_logprobs`].
+    #[schema(value_type = Option<u32>, maximum = 20)]
     pub prompt_logprobs: Option<Value>,
+    /// The text after the completion (fill-in-the-middle, for models with FIM tokens).
+    // Read by [`CompletionRequest::suffix`].
+    #[schema(value_type = Option<String>)]
+    pub suffix: Option<Value>,
 }
 
 impl CompletionRequest {
@@ -146,15 +190,32 @@ impl CompletionRequest {
     pub fn prompt_logprobs(&self) -> Result<Option<u64>, ApiError> {
         count("prompt_logprobs", &self.prompt_logprobs)
     }
+
+    /// `suffix` as sent; `None` when left out or null.
+    pub fn suffix(&self) -> Result<Option<&str>, ApiError> {
+        match &self.suffix {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(x) => Err(wrong_type("suffix", "a string", x)),
+        }
+    }
 }
 
-#[derive(Debug, Deserialize)]
+/// A `/v1/chat/completions` request, rendered through the model's chat template. Fields not
+/// listed here are refused by name, except those that cannot change the answer (`user`,
+/// `metadata`, empty `tools`, …).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(try_from = "Checked<ChatFields>")]
 pub struct ChatRequest {
+    #[serde(flatten)]
     pub sampling: Sampling,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
+    /// Takes precedence over `max_tokens`.
     pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
     pub logprobs: bool,
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<u32>,
 }
 
@@ -166,6 +227,7 @@ pub struct CompletionFields {
     #[serde(default)]
     echo: bool,
     prompt_logprobs: Option<Value>,
+    suffix: Option<Value>,
 }
 
 /// `/v1/chat/completions`' own fields.
@@ -202,6 +264,7 @@ impl TryFrom<Checked<CompletionFields>> for CompletionRequest {
             logprobs: f.logprobs,
             echo: f.echo,
             prompt_logprobs: f.prompt_logprobs,
+            suffix: f.suffix,
         })
     }
 }
@@ -231,7 +294,7 @@ fn neutral(field: &str, v: &Value) -> Option<bool> {
         || v.is_null() || v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty());
     Some(match field {
         "tools" | "functions" => empty(),
-        "suffix" | "prompt_logprobs" | "response_format" | "tool_choice" | "function_call" => {
+        "prompt_logprobs" | "response_format" | "tool_choice" | "function_call" => {
             v.is_null()
                 || v.as_str().is_some_and(|s| s.is_empty() || s == "none")
                 || v.get("type").and_then(Value::as_str) == Some("text")
@@ -340,8 +403,14 @@ mod tests {
         assert!(err.contains("unknown field `temprature`"), "{err}");
         let err = completion(r#"{"model": "m", "prompt": "x", "max_completion_tokens": 5}"#).unwrap_err();
         assert!(err.contains("unknown field `max_completion_tokens` for /v1/completions"), "{err}");
-        let err = completion(r#"{"model": "m", "prompt": "x", "suffix": "y"}"#).unwrap_err();
-        assert!(err.contains("`suffix` is not supported"), "{err}");
+        let fim = completion(r#"{"model": "m", "prompt": "x", "suffix": "y"}"#).unwrap();
+        assert_eq!(fim.suffix().map_err(|e| e.message).unwrap(), Some("y"));
+        let end = completion(r#"{"model": "m", "prompt": "x", "suffix": ""}"#).unwrap();
+        assert_eq!(end.suffix().map_err(|e| e.message).unwrap(), Some(""));
+        let plain = completion(r#"{"model": "m", "prompt": "x", "suffix": null}"#).unwrap();
+        assert_eq!(plain.suffix().map_err(|e| e.message).unwrap(), None);
+        let e = completion(r#"{"model": "m", "prompt": "x", "suffix": 3}"#).unwrap().suffix().unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("suffix"), "{}", e.message);
 
         let chat: ChatRequest =
             serde_json::from_str(r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "tools": [], "tool_choice": "none"}"#)
