@@ -344,7 +344,7 @@ fn fill_in_the_middle(
     if r.echo {
         return Err(refuse("cannot be combined with `echo`"));
     }
-    state.tokenizing.check_size("prompt", prompts.iter().map(|p| p.len() + suffix.len()).sum())?;
+    // Tokenizing checks the size of the prompts built, suffixes included.
     Ok(prompts.iter().map(|prefix| fim.prompt(prefix, suffix)).collect())
 }
 
