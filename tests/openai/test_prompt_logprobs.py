@@ -170,9 +170,36 @@ def test_bad_values_are_refused_by_name(qwen, body, field):
     assert e.value.param == field, (e.value.param, e.value.message)
 
 
-def test_chat_refuses_prompt_logprobs_by_name(qwen):
-    with pytest.raises(openai.BadRequestError) as e:
-        qwen.client().chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1, extra_body={"prompt_logprobs": 1}
-        )
-    assert "`prompt_logprobs`" in e.value.message, e.value.message
+def test_chat_prompt_logprobs_score_the_rendered_prompt(qwen):
+    """On chat, `prompt_logprobs` scores the prompt the template rendered: the same numbers as
+    `/v1/completions` gives for those token ids (checked against transformers above)."""
+    import json as _json
+    import urllib.request
+
+    messages = [{"role": "user", "content": "def fibonacci(n):"}]
+    req = urllib.request.Request(qwen.http + "/tokenize", data=_json.dumps({"messages": messages}).encode(),
+                                 headers={"content-type": "application/json"})
+    ids = _json.load(urllib.request.urlopen(req))["tokens"]
+    chat = qwen.client().chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, temperature=0, n=2,
+        extra_body={"prompt_logprobs": 2, "return_tokens_as_token_ids": True},
+    )
+    got = chat.model_extra["prompt_logprobs"]
+    want = complete(qwen, ids, max_tokens=1, extra_body={"prompt_logprobs": 2}).choices[0].model_extra["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(ids) == len(want)
+    for p in range(1, len(ids)):
+        assert got[p].keys() == want[p].keys(), p
+        for token, entry in got[p].items():
+            assert abs(entry["logprob"] - want[p][token]["logprob"]) <= 1e-5
+            assert entry["rank"] == want[p][token]["rank"]
+    # The choices share the prompt, so the response carries its log-probabilities once.
+    assert all("prompt_logprobs" not in (c.model_extra or {}) for c in chat.choices)
+
+
+def test_chat_refuses_prompt_logprobs_when_streamed_or_out_of_range(qwen):
+    for extra, stream in (({"prompt_logprobs": 1}, True), ({"prompt_logprobs": 21}, False)):
+        with pytest.raises(openai.BadRequestError) as e:
+            qwen.client().chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1, stream=stream, extra_body=extra
+            )
+        assert e.value.param == "prompt_logprobs", e.value.message

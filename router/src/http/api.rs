@@ -52,6 +52,11 @@ pub struct CompletionChoice {
     pub prompt_logprobs: Option<Vec<Option<BTreeMap<String, PromptTokenLogprob>>>>,
 }
 
+/// vLLM's prompt log-probabilities: `null` for the first prompt token, then per token a map
+/// from token id to its log-probability, rank and text. (Spelt out in the response types, whose
+/// schemas are derived from the field types as written.)
+pub type PromptLogprobs = Vec<Option<BTreeMap<String, PromptTokenLogprob>>>;
+
 /// The legacy completions log-probabilities: four lists, one entry per token.
 #[derive(Serialize, ToSchema, Debug, Default)]
 pub struct CompletionLogprobs {
@@ -92,6 +97,10 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM's `prompt_logprobs` of the rendered prompt, where asked (as on
+    /// [`CompletionChoice::prompt_logprobs`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<BTreeMap<String, PromptTokenLogprob>>>>,
 }
 
 #[derive(Serialize, ToSchema, Debug)]

@@ -11,7 +11,7 @@ use switchyard_model::tokenizer::Tokenizer;
 use switchyard_model::{FinishReason, GenerateRequest, SamplingControls, SamplingParams};
 use tokio::sync::mpsc;
 
-use super::api::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptTokenLogprob, TopLogprob};
+use super::api::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprobs, PromptTokenLogprob, TopLogprob};
 use super::error::ApiError;
 
 use crate::scheduler::{Event, Scheduler, ServeError, Submission};
@@ -378,7 +378,7 @@ pub fn vllm_prompt_logprobs(
     top: usize,
     tk: Option<&Tokenizer>,
     as_ids: bool,
-) -> Vec<Option<BTreeMap<String, PromptTokenLogprob>>> {
+) -> PromptLogprobs {
     let entry = |id: u32, logprob: f32, rank: usize| {
         (id.to_string(), PromptTokenLogprob { logprob, rank, decoded_token: token_str(id, tk, as_ids) })
     };

@@ -2,7 +2,6 @@
 //! checkpoint's template), start every choice (`n` per prompt), then answer with one JSON
 //! body or stream server-sent events ending in `data: [DONE]`.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +19,7 @@ use tracing::Instrument;
 
 use super::api::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, Completion, CompletionChoice,
-    CompletionLogprobs, GenerateRefusals, PromptTokenLogprob, Usage,
+    CompletionLogprobs, GenerateRefusals, PromptLogprobs, Usage,
 };
 use super::choice::{
     Choice, Collected, Delta, Params, chat_logprobs, completion_logprobs, prompt_completion_logprobs, text_offsets,
@@ -274,15 +273,7 @@ pub async fn completions(
 async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequest) -> Result<Response, ApiError> {
     state.check_model(&r.sampling.model)?;
     let mut params = params(&r.sampling, r.sampling.max_tokens, 16, r.logprobs, state.scheduler.vocab_size, r.echo)?;
-    if let Some(k) = r.prompt_logprobs()? {
-        if k > MAX_LOGPROBS as u64 {
-            return Err(ApiError::invalid(
-                format!("`prompt_logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
-                Some("prompt_logprobs"),
-            ));
-        }
-        params.vllm_prompt_logprobs = Some(k as usize);
-    }
+    params.vllm_prompt_logprobs = vllm_prompt_logprobs_asked(r.prompt_logprobs()?)?;
     // The echoed prompt's log-probabilities and vLLM's `prompt_logprobs` both come from the
     // prefill, with as many alternatives as either shows.
     let echoed = if r.echo { params.logprobs } else { None };
@@ -315,6 +306,17 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, ids, n, &params).await?;
     respond(state, Api::Completions, choices, n, params, &r.sampling, r.echo).await
+}
+
+/// vLLM's `prompt_logprobs` as asked: at most [`MAX_LOGPROBS`] alternatives.
+fn vllm_prompt_logprobs_asked(k: Option<u64>) -> Result<Option<usize>, ApiError> {
+    match k {
+        Some(k) if k > MAX_LOGPROBS as u64 => Err(ApiError::invalid(
+            format!("`prompt_logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
+            Some("prompt_logprobs"),
+        )),
+        k => Ok(k.map(|k| k as usize)),
+    }
 }
 
 /// The model's fill-in-the-middle prompts for text `prompts` and `suffix`: the completion is
@@ -375,6 +377,13 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
     if r.messages.is_empty() {
         return Err(ApiError::invalid("`messages` is empty", Some("messages")));
     }
+    let prompt_logprobs = vllm_prompt_logprobs_asked(r.prompt_logprobs()?)?;
+    if prompt_logprobs.is_some() && r.sampling.stream {
+        return Err(ApiError::invalid(
+            "`prompt_logprobs` is not supported with `stream` on /v1/chat/completions; ask without `stream`",
+            Some("prompt_logprobs"),
+        ));
+    }
     // Refused cheaply, before the chat is rendered and tokenized, when over a limit now.
     state.precheck(&caller)?;
     let ids = state.tokenizing.chat(r.messages).await?;
@@ -390,6 +399,8 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
         default_max = default_max.min((limit / n).saturating_sub(ids.len()).max(1));
     }
     let mut params = params(&r.sampling, max_tokens, default_max, logprobs, state.scheduler.vocab_size, false)?;
+    params.vllm_prompt_logprobs = prompt_logprobs;
+    params.prompt_logprobs = prompt_logprobs;
     tokenize_bad_words(&state.tokenizing, &mut params).await?;
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, vec![ids], n, &params).await?;
@@ -466,16 +477,12 @@ async fn respond(
                     finish_reason: c.finish,
                 })
                 .collect();
+            // Every choice has the same prompt: its log-probabilities are the response's.
+            let prompt_logprobs = prompt_parts.into_iter().next().and_then(|p| p.vllm);
             let Head { id, created, model, .. } = head;
-            Json(ChatCompletion {
-                id,
-                object: "chat.completion",
-                created,
-                model,
-                choices,
-                usage: Usage::new(prompt_tokens, completion_tokens),
-            })
-            .into_response()
+            let usage = Usage::new(prompt_tokens, completion_tokens);
+            Json(ChatCompletion { id, object: "chat.completion", created, model, choices, usage, prompt_logprobs })
+                .into_response()
         }
     };
     Ok(body)
@@ -486,7 +493,7 @@ struct PromptParts {
     /// The echoed prompt's part of `logprobs` (`echo` with `logprobs`).
     logprobs: Option<CompletionLogprobs>,
     /// vLLM's `prompt_logprobs`, where asked.
-    vllm: Option<Vec<Option<BTreeMap<String, PromptTokenLogprob>>>>,
+    vllm: Option<PromptLogprobs>,
 }
 
 fn prompt_parts(

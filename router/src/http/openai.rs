@@ -217,6 +217,18 @@ pub struct ChatRequest {
     pub logprobs: bool,
     #[schema(maximum = 20)]
     pub top_logprobs: Option<u32>,
+    /// vLLM's extension: the rendered prompt's log-probabilities with this many alternatives
+    /// each (not with `stream`).
+    // Read by [`ChatRequest::prompt_logprobs`].
+    #[schema(value_type = Option<u32>, maximum = 20)]
+    pub prompt_logprobs: Option<Value>,
+}
+
+impl ChatRequest {
+    /// `prompt_logprobs` as sent (`None`: left out or null).
+    pub fn prompt_logprobs(&self) -> Result<Option<u64>, ApiError> {
+        count("prompt_logprobs", &self.prompt_logprobs)
+    }
 }
 
 /// `/v1/completions`' own fields.
@@ -238,6 +250,7 @@ pub struct ChatFields {
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<u32>,
+    prompt_logprobs: Option<Value>,
 }
 
 /// A request as sent: the shared fields, the endpoint's own, and everything else, which
@@ -281,6 +294,7 @@ impl TryFrom<Checked<ChatFields>> for ChatRequest {
             max_completion_tokens: f.max_completion_tokens,
             logprobs: f.logprobs,
             top_logprobs: f.top_logprobs,
+            prompt_logprobs: f.prompt_logprobs,
         })
     }
 }
@@ -294,7 +308,7 @@ fn neutral(field: &str, v: &Value) -> Option<bool> {
         || v.is_null() || v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty());
     Some(match field {
         "tools" | "functions" => empty(),
-        "prompt_logprobs" | "response_format" | "tool_choice" | "function_call" => {
+        "response_format" | "tool_choice" | "function_call" => {
             v.is_null()
                 || v.as_str().is_some_and(|s| s.is_empty() || s == "none")
                 || v.get("type").and_then(Value::as_str) == Some("text")
