@@ -627,7 +627,7 @@ async fn stream(
             }
             // Offsets count from the start of the text, which begins with the echoed prompt.
             delta.offsets.iter_mut().for_each(|o| *o += prefix_len);
-            if tx.send(Ok(head.event(stream_choice(head.api, c.index, &delta, &params, tk), None))).await.is_err() {
+            if tx.send(Ok(head.event(stream_choice(head.api, c.index, delta, &params, tk), None))).await.is_err() {
                 return; // the client left: dropping the choices cancels them
             }
         }
@@ -647,20 +647,20 @@ async fn stream(
 fn stream_choice(
     api: Api,
     index: usize,
-    d: &Delta,
+    d: Delta,
     params: &Params,
     tk: Option<&switchyard_model::tokenizer::Tokenizer>,
 ) -> StreamChoice {
     match api {
         Api::Completions => StreamChoice::Completion(Some(CompletionChoice {
             index,
-            text: d.text.clone(),
             logprobs: params.logprobs.map(|_| completion_logprobs(&d.tokens, &d.offsets, tk, params.tokens_as_ids)),
+            text: d.text,
             finish_reason: d.finish,
             prompt_logprobs: None,
         })),
         Api::Chat => {
-            let content = (!(d.text.is_empty() && d.finish.is_some())).then(|| d.text.clone());
+            let content = (!(d.text.is_empty() && d.finish.is_some())).then_some(d.text);
             StreamChoice::Chat(Some(ChatChunkChoice {
                 index,
                 delta: ChatDelta { role: None, content },
