@@ -1,6 +1,9 @@
 //! `switchyard bench serve`: N concurrent streaming clients against a running OpenAI API,
 //! reporting requests/s, output tokens/s, time to first token and inter-token latency
 //! (p50/p99), and each concurrency's output throughput against one request at a time.
+//! With `--shared-prefix-tokens N` it then measures what prefix caching saves: the time to
+//! first token of prompts that share N leading tokens with one sent before, against prompts
+//! of the same length that share nothing, one request at a time.
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +42,15 @@ pub struct Args {
     /// tokenizer, such as `switchyard bench`'s random one).
     #[arg(long)]
     prompt_tokens: Option<usize>,
+    /// Also measure the shared-prefix workload: prompts of this many token ids shared (an
+    /// agent's system prompt and history), each followed by 16 ids of its own, against
+    /// prompts as long that share nothing.
+    #[arg(long)]
+    shared_prefix_tokens: Option<usize>,
 }
+
+/// Ids after the shared prefix, distinct per request.
+const OWN_TOKENS: usize = 16;
 
 type Http = Client<HttpConnector, Full<Bytes>>;
 
@@ -47,25 +58,29 @@ struct Sample {
     ttft: Duration,
     gaps: Vec<Duration>,
     tokens: usize,
+    /// Prompt tokens the server took from its prefix cache.
+    cached: usize,
+}
+
+/// `n` token ids derived from `seed`'s bytes (distinct seeds, distinct ids).
+fn token_ids(seed: &str, n: usize) -> Vec<u32> {
+    let seed = seed.bytes().fold(17u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    (0..n as u32).map(|i| (seed.wrapping_add(i.wrapping_mul(2_654_435_761))) % 1000 + 3).collect()
+}
+
+/// The prompt of a request of the concurrency table.
+fn prompt_of(args: &Args, text: String) -> Value {
+    match args.prompt_tokens {
+        Some(n) => json!(token_ids(&text, n)),
+        None => json!(text),
+    }
 }
 
 /// One streaming completion; returns its timings.
-async fn one(http: &Http, args: &Args, model: &str, prompt: String) -> Result<Sample> {
-    let prompt = match args.prompt_tokens {
-        // Distinct ids per request, derived from the prompt text's bytes.
-        Some(n) => {
-            let seed = prompt.bytes().fold(17u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-            json!(
-                (0..n as u32)
-                    .map(|i| (seed.wrapping_add(i.wrapping_mul(2_654_435_761))) % 1000 + 3)
-                    .collect::<Vec<_>>()
-            )
-        }
-        None => json!(prompt),
-    };
+async fn one(http: &Http, args: &Args, model: &str, prompt: Value) -> Result<Sample> {
     let body = json!({
         "model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0,
-        "stream": true, "ignore_eos": true, "logprobs": 0,
+        "stream": true, "ignore_eos": true, "logprobs": 0, "stream_options": {"include_usage": true},
     });
     let mut req = hyper::Request::post(format!("{}/v1/completions", args.url.trim_end_matches('/')))
         .header("content-type", "application/json");
@@ -80,7 +95,7 @@ async fn one(http: &Http, args: &Args, model: &str, prompt: String) -> Result<Sa
         bail!("{status}: {}", String::from_utf8_lossy(&text));
     }
     let mut body = resp.into_body();
-    let (mut pending, mut stamps) = (String::new(), Vec::new());
+    let (mut pending, mut stamps, mut cached) = (String::new(), Vec::new(), 0);
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else { continue };
         pending.push_str(&String::from_utf8_lossy(&data));
@@ -91,6 +106,9 @@ async fn one(http: &Http, args: &Args, model: &str, prompt: String) -> Result<Sa
                 continue;
             }
             let v: Value = serde_json::from_str(payload).context("an SSE chunk that is not JSON")?;
+            if let Some(n) = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() {
+                cached = n as usize;
+            }
             // Every token comes with its log-probability, text or not.
             let tokens = v["choices"][0]["logprobs"]["tokens"].as_array().map_or(0, Vec::len);
             stamps.extend(std::iter::repeat_n(start.elapsed(), tokens));
@@ -98,7 +116,7 @@ async fn one(http: &Http, args: &Args, model: &str, prompt: String) -> Result<Sa
     }
     let ttft = *stamps.first().context("the stream carried no token")?;
     let gaps = stamps.windows(2).map(|w| w[1] - w[0]).collect();
-    Ok(Sample { ttft, gaps, tokens: args.max_tokens })
+    Ok(Sample { ttft, gaps, tokens: args.max_tokens, cached })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -129,7 +147,7 @@ pub fn run(args: Args) -> Result<()> {
             }
         };
         // Warm-up: one request pages everything in.
-        one(&http, &args, &model, args.prompt.clone()).await?;
+        one(&http, &args, &model, prompt_of(&args, args.prompt.clone())).await?;
         println!(
             "server: {} model {model}, {} tokens per request, {} requests per client",
             args.url, args.max_tokens, args.requests_per_client
@@ -150,7 +168,8 @@ pub fn run(args: Args) -> Result<()> {
                 clients.spawn(async move {
                     let mut out = Vec::new();
                     for r in 0..args2.requests_per_client {
-                        out.push(one(&http, &args2, &model, format!("{} # {i}.{r}", args2.prompt)).await?);
+                        let prompt = prompt_of(&args2, format!("{} # {i}.{r}", args2.prompt));
+                        out.push(one(&http, &args2, &model, prompt).await?);
                     }
                     Ok::<_, anyhow::Error>(out)
                 });
@@ -177,6 +196,45 @@ pub fn run(args: Args) -> Result<()> {
                 percentile(&itl, 0.99),
             );
         }
+        if let Some(n) = args.shared_prefix_tokens {
+            shared_prefix(&http, &args, &model, n).await?;
+        }
         Ok(())
     })
+}
+
+/// The shared-prefix workload: `requests_per_client` prompts of `n` shared ids and
+/// [`OWN_TOKENS`] of their own, after one that sent the prefix first, against as many prompts
+/// of the same length that share nothing; one request at a time, in turns.
+async fn shared_prefix(http: &Http, args: &Args, model: &str, n: usize) -> Result<()> {
+    let shared = token_ids("shared prefix", n);
+    let with_shared =
+        |i: usize| json!(shared.iter().copied().chain(token_ids(&format!("own {i}"), OWN_TOKENS)).collect::<Vec<_>>());
+    one(http, args, model, with_shared(0)).await?;
+    let (mut hits, mut misses) = (Vec::new(), Vec::new());
+    for i in 1..=args.requests_per_client {
+        misses.push(one(http, args, model, json!(token_ids(&format!("unshared {i}"), n + OWN_TOKENS))).await?);
+        hits.push(one(http, args, model, with_shared(i)).await?);
+    }
+    println!();
+    println!("shared prefix: {n} tokens shared + {OWN_TOKENS} of each request's own, {} requests each", hits.len());
+    println!();
+    println!("| prompts            | prompt tokens | cached tokens | TTFT p50 | TTFT p99 | TTFT p50 vs unshared |");
+    println!("|--------------------|--------------:|--------------:|---------:|---------:|---------------------:|");
+    let p50 = |s: &[Sample]| {
+        let mut t: Vec<Duration> = s.iter().map(|s| s.ttft).collect();
+        t.sort();
+        (percentile(&t, 0.5), percentile(&t, 0.99))
+    };
+    let base = p50(&misses).0;
+    for (name, samples) in [("share nothing", &misses), ("share the prefix", &hits)] {
+        let (median, p99) = p50(samples);
+        let cached = samples.iter().map(|s| s.cached).sum::<usize>() / samples.len().max(1);
+        println!(
+            "| {name:<18} | {:>13} | {cached:>13} | {median:>5.1} ms | {p99:>5.1} ms | {:>19.1}x |",
+            n + OWN_TOKENS,
+            base / median.max(1e-9)
+        );
+    }
+    Ok(())
 }

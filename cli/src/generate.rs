@@ -112,7 +112,7 @@ fn local(args: &Args) -> Result<Output> {
     let progress = Progress::new(&format!("loading onto {device}"));
     // One KV block for now: the cache is sized to the request once it is tokenized.
     let block = KvPool::block_floats(&switchyard_model::ModelSpec::from_dir(model)?) * 4;
-    let options = EngineOptions { device, kv_bytes: Some(block), precision };
+    let options = EngineOptions { device, kv_bytes: Some(block), precision, prefix_caching: false };
     let mut engine = Engine::load(model, &options, &mut |d, t| progress.update(d, t))
         .with_context(|| format!("cannot load {}", model.display()))?;
     progress.finish();
@@ -129,6 +129,7 @@ fn local(args: &Args) -> Result<Output> {
         top_logprobs: args.logprobs,
         ignore_eos: args.ignore_eos,
         prompt_logprobs: None,
+        cache_salt: None,
     };
     engine.validate(&req)?;
     // A KV cache just large enough for this request.

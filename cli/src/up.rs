@@ -72,6 +72,9 @@ pub struct Args {
     /// Passed to the router: memory of the paged KV cache.
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "4GiB")]
     kv_cache_memory: String,
+    /// Passed to the router: no prefix caching.
+    #[arg(long, env = "SWITCHYARD_NO_PREFIX_CACHING")]
+    no_prefix_caching: bool,
     /// Tenants with API keys and limits (TOML): given to the coordinators, so the router
     /// enforces one budget per tenant with them (to the router itself with `--coordinators 0`).
     #[arg(long, env = "SWITCHYARD_TENANTS")]
@@ -366,6 +369,9 @@ fn run_cluster(
                 args.device.to_string(),
             ];
             let mut router_args = router_args;
+            if args.no_prefix_caching {
+                router_args.push("--no-prefix-caching".into());
+            }
             router_args.extend(placement);
             router_args.extend(tls_args(tls, Role::Router, "router")?);
             router_args.extend(otlp.iter().cloned());

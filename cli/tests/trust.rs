@@ -584,3 +584,64 @@ fn grpc_generate_is_checked_and_detokenized_as_http() {
     assert!(status.message().contains(refused["error"]["message"].as_str().unwrap()), "{status:?} / {refused}");
     cluster.stop();
 }
+
+#[test]
+fn grpc_generate_reports_prompt_logprobs_and_cached_tokens() {
+    use switchyard_proto::v1::generate_request::Prompt;
+    use switchyard_proto::v1::router_client::RouterClient;
+    use switchyard_proto::v1::{GenerateRequest, Started, TokenIds, generate_response};
+
+    #[derive(serde::Deserialize)]
+    struct Case {
+        ids: Vec<u32>,
+        logprobs: Vec<f32>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Recorded {
+        cases: Vec<Case>,
+    }
+    let model = fixture("mixtral");
+    let text = std::fs::read_to_string(std::path::Path::new(&model).join("prompt_logprobs.json")).unwrap();
+    let recorded: Recorded = serde_json::from_str(&text).unwrap();
+    let case = recorded.cases.iter().max_by_key(|c| c.ids.len()).unwrap();
+    let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "1"], &[]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let addr = format!("http://{}", cluster.addr);
+    let started = |request: GenerateRequest| -> Result<Started, tonic::Status> {
+        rt.block_on(async {
+            let mut client = RouterClient::connect(addr.clone()).await.unwrap();
+            let mut stream = client.generate(request).await?.into_inner();
+            let mut first = None;
+            while let Some(event) = stream.message().await? {
+                if let Some(generate_response::Event::Started(s)) = event.event {
+                    first.get_or_insert(s);
+                }
+            }
+            Ok(first.expect("a started event"))
+        })
+    };
+    let base = GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: case.ids.clone() })),
+        max_tokens: 1,
+        ..Default::default()
+    };
+    // transformers' log-probability of every prompt token but the first.
+    let scored = started(GenerateRequest { prompt_logprobs: Some(5), ..base.clone() }).unwrap();
+    assert_eq!(scored.prompt_logprobs.len(), case.ids.len() - 1);
+    for (i, (got, want)) in scored.prompt_logprobs.iter().zip(&case.logprobs).enumerate() {
+        assert_eq!(got.id, case.ids[i + 1]);
+        assert!((got.logprob - want).abs() < 1e-3, "position {}: {} vs transformers {want}", i + 1, got.logprob);
+        assert_eq!(got.top_logprobs.len(), 5);
+    }
+    let status = started(GenerateRequest { prompt_logprobs: Some(21), ..base.clone() }).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("prompt_logprobs"), "{status:?}");
+    // The scored prompt's blocks are cached: the same prompt again takes all but its last
+    // (partial) block from them; another salt takes none.
+    let servable = (case.ids.len() - 1) / 16 * 16;
+    assert!(servable > 0);
+    assert_eq!(started(base.clone()).unwrap().cached_tokens as usize, servable);
+    assert!(started(base.clone()).unwrap().prompt_logprobs.is_empty(), "not asked for");
+    assert_eq!(started(GenerateRequest { cache_salt: "other".into(), ..base }).unwrap().cached_tokens, 0);
+    cluster.stop();
+}

@@ -40,6 +40,9 @@ pub struct GenerateRequest {
     /// this many of the most likely alternatives each; `None`: not computed. With it,
     /// `max_tokens` 0 runs the prefill and generates nothing.
     pub prompt_logprobs: Option<usize>,
+    /// Where prefix caching is on, only sequences of the same salt share KV blocks (the
+    /// router salts with the tenant, so one tenant cannot time another's prompts).
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -118,6 +121,11 @@ impl Sequence {
         self.finish_reason.is_some()
     }
 
+    /// Leading prompt tokens whose keys and values came from the prefix cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.prefix_hit().tokens
+    }
+
     pub fn controls(&self) -> &SamplingControls {
         self.processor.controls()
     }
@@ -163,6 +171,8 @@ pub struct EngineOptions {
     /// Bytes of the KV cache every sequence reserves from; `None`: one whole context.
     pub kv_bytes: Option<usize>,
     pub precision: Precision,
+    /// Reuse the KV blocks of prompt prefixes seen before (see [`KvPool`]).
+    pub prefix_caching: bool,
 }
 
 pub struct Engine {
@@ -204,6 +214,7 @@ impl Engine {
         let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
         let eos_token_ids = tokenizer::eos_token_ids(dir, tokenizer.as_ref(), &model.spec.eos_token_ids)?;
         let kv_pool = Self::pool(&model, options.kv_bytes)?;
+        kv_pool.set_prefix_caching(options.prefix_caching);
         Ok(Engine { model, tokenizer, eos_token_ids, experts, kv_pool })
     }
 
@@ -226,7 +237,9 @@ impl Engine {
 
     /// Replaces the KV cache with one of `bytes` (sequences already started keep theirs).
     pub fn set_kv_bytes(&mut self, bytes: usize) -> Result<()> {
+        let caching = self.kv_pool.prefix_caching();
         self.kv_pool = Self::pool(&self.model, Some(bytes))?;
+        self.kv_pool.set_prefix_caching(caching);
         Ok(())
     }
 
@@ -288,16 +301,23 @@ impl Engine {
         }
         let pool = &self.kv_pool;
         let tokens = Self::kv_tokens(&req);
-        let cache = SeqCache::reserve(pool, tokens).ok_or_else(|| ModelError::KvCacheFull {
-            blocks: blocks_for(tokens),
-            available: pool.available(),
-            capacity: pool.capacity(),
+        let (salt, max_hit) = (req.cache_salt.as_deref().unwrap_or(""), Self::max_prefix_hit(&req));
+        let cache = SeqCache::reserve_for(pool, tokens, &req.prompt_ids, salt, max_hit).ok_or_else(|| {
+            ModelError::KvCacheFull {
+                blocks: pool.blocks_needed(tokens, &req.prompt_ids, salt, max_hit),
+                available: pool.available(),
+                capacity: pool.capacity(),
+            }
         })?;
+        let hit = cache.prefix_hit().tokens;
+        if hit > 0 {
+            tracing::debug!(cached_tokens = hit, prompt_tokens = req.prompt_ids.len(), "prefix cache hit");
+        }
         Ok(Sequence {
             cache,
             sampler: Sampler::new(req.sampling.clone()).with_min_p(controls.min_p),
             processor: Processor::new(controls, &req.prompt_ids, &self.eos_token_ids, req.ignore_eos),
-            fed: 0,
+            fed: hit,
             prompt_logprobs: Vec::new(),
             prompt_logprobs_taken: false,
             tokens: Vec::new(),
@@ -305,6 +325,20 @@ impl Engine {
             finish_reason: (req.max_tokens == 0 && req.prompt_logprobs.is_none()).then_some(FinishReason::Length),
             request: req,
         })
+    }
+
+    /// Prompt positions `req` may take from the prefix cache: all but the last (whose logits
+    /// pick the first token), none where the prompt's log-probabilities are asked for (they
+    /// come from the prefill).
+    fn max_prefix_hit(req: &GenerateRequest) -> usize {
+        if req.prompt_logprobs.is_some() { 0 } else { req.prompt_ids.len().saturating_sub(1) }
+    }
+
+    /// KV blocks `req` would reserve from [`KvPool::available`] now (less the cached blocks
+    /// of its prefix that other sequences hold: those it shares).
+    pub fn blocks_needed(&self, req: &GenerateRequest) -> usize {
+        let salt = req.cache_salt.as_deref().unwrap_or("");
+        self.kv_pool.blocks_needed(Self::kv_tokens(req), &req.prompt_ids, salt, Self::max_prefix_hit(req))
     }
 
     pub fn generate(&self, req: &GenerateRequest) -> Result<Generation> {
@@ -395,6 +429,14 @@ impl Engine {
             (None, self.model.logits_with(&mut chunks, experts, &every_position)?)
         };
         drop(chunks);
+        // The blocks this pass filled are ready for other sequences to reuse.
+        for (feed, s) in feeds.iter().zip(seqs.iter_mut()) {
+            if feed.is_some() {
+                let Sequence { request, tokens, cache, .. } = &mut **s;
+                let prompt = &request.prompt_ids;
+                cache.register_full_blocks(|p| prompt.get(p).copied().unwrap_or_else(|| tokens[p - prompt.len()].id));
+            }
+        }
 
         let mut logits = logits.into_iter();
         let mut picks = picks;

@@ -94,6 +94,7 @@ fn check_dir(name: &str, dir: &Path, device: Device) -> Result<()> {
             top_logprobs: 5,
             ignore_eos: false,
             prompt_logprobs: None,
+            cache_salt: None,
         };
         let r#gen = engine.generate(&req)?;
         let ids: Vec<u32> = r#gen.tokens.iter().map(|t| t.id).collect();
@@ -184,6 +185,7 @@ on_each_device!(
                 top_logprobs: 0,
                 ignore_eos: true,
                 prompt_logprobs: None,
+                cache_salt: None,
             })
             .collect();
         let batched = engine.generate_batch(&reqs)?;
@@ -318,6 +320,7 @@ on_each_device!(
                     top_logprobs: 0,
                     ignore_eos: false,
                     prompt_logprobs: None,
+                    cache_salt: None,
                 };
                 engine.start_with(req, sampling_controls(&c.controls))
             })
@@ -337,5 +340,149 @@ on_each_device!(
             assert_eq!(r#gen.finish_reason, want_finish, "{what}: finish reason");
         }
     }
+    Ok(())
+});
+
+/// A greedy generation of `prompt_ids` (up to `max_tokens`) on `engine`, and how many of its
+/// prompt tokens came from the prefix cache.
+fn generate_counting_hits(
+    engine: &Engine,
+    prompt_ids: &[u32],
+    max_tokens: usize,
+) -> Result<(switchyard_model::Generation, usize)> {
+    let req = GenerateRequest {
+        prompt_ids: prompt_ids.to_vec(),
+        max_tokens,
+        sampling: SamplingParams::default(),
+        top_logprobs: 0,
+        ignore_eos: false,
+        prompt_logprobs: None,
+        cache_salt: None,
+    };
+    let mut seq = engine.start(req)?;
+    let hit = seq.cached_tokens();
+    while !seq.is_finished() {
+        engine.step(&mut [&mut seq], usize::MAX)?;
+    }
+    Ok((seq.into_generation(), hit))
+}
+
+/// Asserts that `r#gen` is transformers' greedy continuation `tokens` with log-probabilities
+/// `logprobs`.
+fn assert_continues(what: &str, r#gen: &switchyard_model::Generation, tokens: &[u32], logprobs: &[f32]) {
+    let ids: Vec<u32> = r#gen.tokens.iter().map(|t| t.id).collect();
+    assert_eq!(ids, tokens, "{what}: greedy tokens differ");
+    for (step, (tok, want)) in r#gen.tokens.iter().zip(logprobs).enumerate() {
+        assert!(
+            (tok.logprob - want).abs() < TOLERANCE,
+            "{what} step {step}: logprob {} vs transformers {want}",
+            tok.logprob
+        );
+    }
+}
+
+/// Leading positions of a prompt of `n` tokens the prefix cache can serve: its whole blocks
+/// but the last position.
+fn servable(n: usize) -> usize {
+    (n - 1) / switchyard_model::kv_cache::BLOCK_TOKENS * switchyard_model::kv_cache::BLOCK_TOKENS
+}
+
+on_each_device!(
+    /// Prefix caching changes where keys and values come from, not what is generated: a
+    /// prompt sent again (bit for bit what it got the first time), and a conversation's next
+    /// turn (an earlier prompt with its generated tokens and more), take their leading blocks
+    /// from the cache and still reproduce transformers; every block is given back when the requests end. (qwen2_moe's fixture
+    /// uses dynamic NTK RoPE, whose frequencies depend on how far a forward pass reaches: a
+    /// next turn computed in one pass differs from transformers' token-by-token decode of the
+    /// same positions, cached or not; it is left out.)
+    prefix_cache_hits_reproduce_transformers,
+    prefix_cache_hits_reproduce_transformers_on_cuda,
+    |device| {
+    let mut turns = 0;
+    for name in ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "qwen3_moe_fp8"] {
+        let dir = fixtures_dir().join(name);
+        let expected = load_expected(&dir)?;
+        let options = EngineOptions { device, kv_bytes: Some(KV_BYTES), prefix_caching: true, ..Default::default() };
+        let engine = Engine::load(&dir, &options, &mut |_, _| {})?;
+        for (c, case) in expected.cases.iter().enumerate() {
+            let max_tokens = case.tokens.len().max(20);
+            let (first, _) = generate_counting_hits(&engine, &case.prompt_ids, max_tokens)?;
+            assert_continues(&format!("{name} case {c}"), &first, &case.tokens, &case.logprobs);
+            let (again, hit) = generate_counting_hits(&engine, &case.prompt_ids, max_tokens)?;
+            assert_eq!(hit, servable(case.prompt_ids.len()), "{name} case {c}: cached prompt tokens");
+            // On the CPU not just close: a row's arithmetic does not depend on the rows computed
+            // with it. (The CUDA kernels are not held to bits here.)
+            if device == Device::Cpu {
+                assert_eq!(again.tokens, first.tokens, "{name} case {c}: a hit differs from the miss");
+            } else {
+                assert_continues(&format!("{name} case {c}, again"), &again, &case.tokens, &case.logprobs);
+            }
+            // The next turn: the prompt, 16 of its generated tokens (cached as they were
+            // decoded), then transformers' continuation from there.
+            let k = 16;
+            if case.tokens.len() > k {
+                let prompt: Vec<u32> = case.prompt_ids.iter().chain(&case.tokens[..k]).copied().collect();
+                let (r#gen, hit) = generate_counting_hits(&engine, &prompt, case.tokens.len() - k)?;
+                assert_eq!(hit, servable(prompt.len()), "{name} case {c}: cached tokens of the next turn");
+                assert_continues(&format!("{name} case {c}, next turn"), &r#gen, &case.tokens[k..], &case.logprobs[k..]);
+                turns += 1;
+            }
+        }
+        let pool = &engine.kv_pool;
+        assert_eq!((pool.held(), pool.available()), (0, pool.capacity()), "{name}: blocks still held");
+        assert!(pool.cached() > 0, "{name}: nothing was kept for reuse");
+    }
+    assert!(turns >= 10, "only {turns} cases continued a turn");
+    Ok(())
+});
+
+on_each_device!(
+    /// A KV cache far smaller than what its requests' prefixes fill: registered blocks are
+    /// given up for new ones and overwritten, and no request is ever served a block that was
+    /// given up (each still reproduces transformers). A request dropped in the middle of its
+    /// prefill gives its blocks back too.
+    evicted_prefix_blocks_are_never_served,
+    evicted_prefix_blocks_are_never_served_on_cuda,
+    |device| {
+    let dir = fixtures_dir().join("mixtral");
+    let expected = load_expected(&dir)?;
+    let spec = switchyard_model::ModelSpec::from_dir(&dir)?;
+    let block_bytes = switchyard_model::kv_cache::KvPool::block_floats(&spec) * 4;
+    // Five blocks: case 2 (36 prompt tokens, 20 generated) alone needs four.
+    let options = EngineOptions { device, kv_bytes: Some(5 * block_bytes), prefix_caching: true, ..Default::default() };
+    let engine = Engine::load(&dir, &options, &mut |_, _| {})?;
+    let (mut hits, mut misses) = (0, 0);
+    for &c in &[2, 0, 2, 1, 2, 2, 0, 1, 2, 1, 0, 2] {
+        let case = &expected.cases[c];
+        // Each case once as sent and once with a different first token, so that prompts
+        // compete for the blocks.
+        let (r#gen, hit) = generate_counting_hits(&engine, &case.prompt_ids, case.tokens.len().max(20))?;
+        assert_continues(&format!("case {c}"), &r#gen, &case.tokens, &case.logprobs);
+        if servable(case.prompt_ids.len()) > 0 {
+            if hit > 0 { hits += 1 } else { misses += 1 }
+        }
+        let mut other = case.prompt_ids.clone();
+        other[1] = other[1] % 400 + 7;
+        generate_counting_hits(&engine, &other, 20)?;
+        assert!(engine.kv_pool.cached() <= engine.kv_pool.capacity());
+    }
+    assert!(hits > 0 && misses > 1, "the cache should both serve and lose case 2's blocks: {hits} hits, {misses} misses");
+
+    let case = &expected.cases[2];
+    let req = GenerateRequest {
+        prompt_ids: case.prompt_ids.clone(),
+        max_tokens: 4,
+        sampling: SamplingParams::default(),
+        top_logprobs: 0,
+        ignore_eos: false,
+        prompt_logprobs: None,
+        cache_salt: Some("cancelled".into()),
+    };
+    let mut seq = engine.start(req)?;
+    engine.step(&mut [&mut seq], 20)?;
+    assert!(!seq.is_decoding(), "the prefill is half done");
+    drop(seq);
+    let pool = &engine.kv_pool;
+    assert_eq!((pool.held(), pool.available()), (0, pool.capacity()), "blocks still held");
     Ok(())
 });

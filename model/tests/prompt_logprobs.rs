@@ -77,6 +77,7 @@ fn request(ids: &[u32], max_tokens: usize, prompt_logprobs: Option<usize>) -> Ge
         top_logprobs: 0,
         ignore_eos: true,
         prompt_logprobs,
+        cache_salt: None,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Conversions between the model crate's types and the protobuf messages.
 
-use switchyard_model::engine::GeneratedToken;
+use switchyard_model::engine::{GeneratedToken, PromptLogprob};
 use switchyard_model::tokenizer::Tokenizer;
 use switchyard_proto::v1;
 
@@ -37,6 +37,15 @@ pub fn token(t: &GeneratedToken, tokenizer: Option<&Tokenizer>) -> v1::Generated
     }
 }
 
+pub fn prompt_logprob(p: &PromptLogprob) -> v1::PromptLogprob {
+    v1::PromptLogprob {
+        id: p.id,
+        logprob: p.logprob,
+        rank: p.rank as u32,
+        top_logprobs: p.top_logprobs.iter().map(|x| v1::TopLogprob { id: x.id, logprob: x.logprob }).collect(),
+    }
+}
+
 /// Most alternatives per token, as on the HTTP API (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
@@ -67,6 +76,7 @@ pub fn sampling(r: &v1::GenerateRequest) -> Result<crate::http::openai::Sampling
         ("min_tokens", (r.min_tokens > 0).then(|| json!(r.min_tokens))),
         ("stop_token_ids", (!r.stop_token_ids.is_empty()).then(|| json!(r.stop_token_ids))),
         ("bad_words", (!r.bad_words.is_empty()).then(|| json!(r.bad_words))),
+        ("cache_salt", (!r.cache_salt.is_empty()).then(|| json!(r.cache_salt))),
     ];
     for (k, v) in more {
         if let Some(v) = v {

@@ -92,6 +92,11 @@ pub struct Config {
     /// GiB). Requests wait while it is full.
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", default_value = "4GiB", value_parser = switchyard_model::units::parse_bytes)]
     pub kv_cache_memory: usize,
+    /// Compute every prompt in full: no reuse of the KV blocks of prefixes seen before
+    /// (prefix caching is on by default; only requests of the same tenant and `cache_salt`
+    /// share blocks).
+    #[arg(long, env = "SWITCHYARD_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
     /// Tenants with API keys and limits (TOML; see `switchyard_router::tenants`), for a router
     /// with `--expert-nodes`. Without it the APIs are open. With `--coordinators` the tenants
     /// are theirs (`switchyard cluster set-tenants`), with one budget for all routers.
@@ -182,8 +187,12 @@ impl Router {
         );
         let dir = config.model.clone();
         let mut progress = progress;
-        let options =
-            EngineOptions { device: config.device, kv_bytes: Some(config.kv_cache_memory), ..Default::default() };
+        let options = EngineOptions {
+            device: config.device,
+            kv_bytes: Some(config.kv_cache_memory),
+            prefix_caching: !config.no_prefix_caching,
+            ..Default::default()
+        };
         let engine = tokio::task::spawn_blocking(move || -> Result<Engine, RouterError> {
             Ok(Engine::load_dense(&dir, Box::new(experts), &options, &mut *progress)?)
         })

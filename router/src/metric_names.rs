@@ -10,6 +10,13 @@ pub const WAITING: &str = "switchyard:num_requests_waiting";
 /// Fraction of the KV-cache blocks reserved by running sequences (0–1).
 pub const KV_CACHE_USAGE: &str = "switchyard:kv_cache_usage_perc";
 pub const PROMPT_TOKENS: &str = "switchyard:prompt_tokens_total";
+/// Prompt tokens of admitted requests that could have come from the prefix cache, and
+/// those that did (vLLM's `prefix_cache_queries` and `prefix_cache_hits`): their ratio is
+/// the hit rate.
+pub const PREFIX_CACHE_QUERIES: &str = "switchyard:prefix_cache_queries_total";
+pub const PREFIX_CACHE_HITS: &str = "switchyard:prefix_cache_hits_total";
+/// KV-cache blocks kept for reuse by prefix caching (held or idle).
+pub const PREFIX_CACHE_BLOCKS: &str = "switchyard:prefix_cache_blocks";
 pub const GENERATION_TOKENS: &str = "switchyard:generation_tokens_total";
 pub const REQUESTS: &str = "switchyard:request_success_total";
 pub const TIME_TO_FIRST_TOKEN: &str = "switchyard:time_to_first_token_seconds";

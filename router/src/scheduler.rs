@@ -30,6 +30,8 @@ use tokio::sync::mpsc;
 pub enum Event {
     Started {
         prompt_ids: Vec<u32>,
+        /// Leading prompt tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
     },
     /// The prompt tokens' log-probabilities (all but the first), once the prefill is done and
     /// before any `Token`; only where the request asked for them.
@@ -276,7 +278,7 @@ impl EngineLoop {
                     let _ = s.events.send(Err(ServeError::KvCacheTooSmall { need, capacity }));
                     continue;
                 }
-                if need > pool.available() {
+                if self.engine.blocks_needed(&self.waiting[i].0.request) > pool.available() {
                     break; // waits until running sequences give blocks back
                 }
                 let next = self.waiting.remove(i);
@@ -310,6 +312,7 @@ impl EngineLoop {
         let pool = &self.engine.kv_pool;
         let used = pool.capacity() - pool.available();
         gauge!(names::KV_CACHE_USAGE).set(used as f64 / pool.capacity().max(1) as f64);
+        gauge!(names::PREFIX_CACHE_BLOCKS).set(pool.cached() as f64);
     }
 
     fn admit(&mut self, (s, submitted): (Submission, Instant)) {
@@ -317,8 +320,13 @@ impl EngineLoop {
         histogram!(names::QUEUE_TIME).record(submitted.elapsed().as_secs_f64());
         match self.engine.start_with(s.request, s.controls) {
             Ok(seq) => {
-                let started = Event::Started { prompt_ids: seq.request.prompt_ids.clone() };
+                let cached_tokens = seq.cached_tokens();
+                let started = Event::Started { prompt_ids: seq.request.prompt_ids.clone(), cached_tokens };
                 counter!(names::PROMPT_TOKENS).increment(seq.request.prompt_ids.len() as u64);
+                if self.engine.kv_pool.prefix_caching() {
+                    counter!(names::PREFIX_CACHE_QUERIES).increment(seq.request.prompt_ids.len() as u64);
+                    counter!(names::PREFIX_CACHE_HITS).increment(cached_tokens as u64);
+                }
                 if s.events.send(Ok(started)).is_ok() {
                     self.running.push(Running {
                         seq,

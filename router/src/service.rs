@@ -77,6 +77,8 @@ impl Router for RouterService {
         let logprobs = Some(r.top_logprobs).filter(|&k| k > 0);
         let mut params =
             crate::http::generate::params(&sampling, max_tokens, 16, logprobs, self.scheduler.vocab_size, false)?;
+        let prompt_logprobs = crate::http::generate::vllm_prompt_logprobs_asked(r.prompt_logprobs.map(u64::from))?;
+        (params.prompt_logprobs, params.vllm_prompt_logprobs) = (prompt_logprobs, prompt_logprobs);
         crate::http::generate::tokenize_bad_words(&self.tokenizing, &mut params).await?;
         let tokenizer = self.tokenizing.tokenizer.clone();
         let prompt_ids = match prompt {
@@ -112,8 +114,19 @@ impl Router for RouterService {
         let mut choice =
             Choice::start(&self.scheduler, prompt_ids, &params, 0, reservation).instrument(span.clone()).await?;
         let (tx, rx) = mpsc::channel(16);
-        let started =
-            GenerateResponse { event: Some(Event::Started(v1::Started { prompt_ids: choice.prompt_ids.clone() })) };
+        let started = GenerateResponse {
+            event: Some(Event::Started(v1::Started {
+                prompt_ids: choice.prompt_ids.clone(),
+                cached_tokens: choice.cached_tokens as u32,
+                prompt_logprobs: choice
+                    .prompt_logprobs
+                    .take()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(convert::prompt_logprob)
+                    .collect(),
+            })),
+        };
         tokio::spawn(
             async move {
                 let mut text = String::new();

@@ -36,6 +36,8 @@ pub struct Params {
     pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub tokens_as_ids: bool,
+    /// `cache_salt` as sent.
+    pub cache_salt: Option<String>,
 }
 
 /// What a choice produced since the last call.
@@ -56,6 +58,8 @@ pub struct Choice {
     pub prompt_ids: Vec<u32>,
     /// Log-probabilities of `prompt_ids[1..]`, where [`Params::prompt_logprobs`] asks.
     pub prompt_logprobs: Option<Vec<PromptLogprob>>,
+    /// Leading prompt tokens the prefix cache held.
+    pub cached_tokens: usize,
     events: Option<mpsc::UnboundedReceiver<Result<Event, ServeError>>>,
     ids: Vec<u32>,
     /// The decoded text of `ids` so far (cut at a stop string once one is seen); an
@@ -87,6 +91,16 @@ impl Choice {
         mut reservation: Option<Reservation>,
     ) -> Result<Self, ApiError> {
         let (events, mut rx) = mpsc::unbounded_channel();
+        let tenant = reservation.as_ref().map(|r| (r.tenant().name.clone(), r.tenant().priority));
+        // Tenants share no cached prefix (one could time another's prompts), nor do requests
+        // of different salts.
+        let cache_salt = match (&tenant, &params.cache_salt) {
+            (None, None) => None,
+            (t, salt) => {
+                let t = t.as_ref().map_or("", |t| t.0.as_str());
+                Some(format!("{}:{t}{}", t.len(), salt.as_deref().unwrap_or("")))
+            }
+        };
         let request = GenerateRequest {
             prompt_ids: prompt_ids.clone(),
             max_tokens: params.max_tokens,
@@ -94,8 +108,8 @@ impl Choice {
             top_logprobs: params.logprobs.unwrap_or(0),
             ignore_eos: params.ignore_eos,
             prompt_logprobs: params.prompt_logprobs,
+            cache_salt,
         };
-        let tenant = reservation.as_ref().map(|r| (r.tenant().name.clone(), r.tenant().priority));
         scheduler.submit(Submission {
             request,
             controls: params.controls.clone(),
@@ -104,16 +118,17 @@ impl Choice {
             tenant: tenant.map(|t| t.0),
             span: tracing::Span::current(),
         })?;
-        match rx.recv().await {
-            Some(Ok(Event::Started { .. })) => {
+        let cached_tokens = match rx.recv().await {
+            Some(Ok(Event::Started { cached_tokens, .. })) => {
                 if let Some(r) = &mut reservation {
                     r.started();
                 }
+                cached_tokens
             }
             Some(Ok(other)) => return Err(ServeError::Internal(format!("unexpected first event {other:?}")).into()),
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ServeError::ShuttingDown.into()),
-        }
+        };
         // They come before any token.
         let prompt_logprobs = match params.prompt_logprobs {
             None => None,
@@ -132,6 +147,7 @@ impl Choice {
             index,
             reservation,
             prompt_ids,
+            cached_tokens,
             prompt_logprobs,
             events: Some(rx),
             ids: Vec::new(),

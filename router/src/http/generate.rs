@@ -127,7 +127,23 @@ pub(crate) fn params(
         ignore_eos: s.ignore_eos,
         stop: stops(s.stop.as_ref())?,
         tokens_as_ids: s.return_tokens_as_token_ids,
+        cache_salt: cache_salt(s)?,
     })
+}
+
+/// Most bytes of a `cache_salt`.
+const MAX_CACHE_SALT_BYTES: usize = 256;
+
+fn cache_salt(s: &Sampling) -> Result<Option<String>, ApiError> {
+    match s.cache_salt.as_deref() {
+        None => Ok(None),
+        Some("") => Err(ApiError::invalid("`cache_salt` must be a non-empty string", Some("cache_salt"))),
+        Some(salt) if salt.len() > MAX_CACHE_SALT_BYTES => Err(ApiError::invalid(
+            format!("`cache_salt` must be at most {MAX_CACHE_SALT_BYTES} bytes, got {}", salt.len()),
+            Some("cache_salt"),
+        )),
+        Some(salt) => Ok(Some(salt.to_string())),
+    }
 }
 
 /// Turns `params.bad_words` into the token sequences the engine bans, as vLLM does: each word
@@ -211,8 +227,11 @@ async fn start(
 }
 
 /// Prompt tokens of a request: each distinct prompt once, however many choices it has.
-fn prompt_tokens(choices: &[Choice], n: usize) -> usize {
-    choices.iter().step_by(n).map(|c| c.prompt_ids.len()).sum()
+/// Prompt tokens of a request's choices, each distinct prompt once, and how many of them
+/// came from the prefix cache.
+fn prompt_tokens(choices: &[Choice], n: usize) -> (usize, usize) {
+    let distinct = || choices.iter().step_by(n);
+    (distinct().map(|c| c.prompt_ids.len()).sum(), distinct().map(|c| c.cached_tokens).sum())
 }
 
 /// The request's span, named and attributed after the OpenTelemetry GenAI conventions.
@@ -309,7 +328,7 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
 }
 
 /// vLLM's `prompt_logprobs` as asked: at most [`MAX_LOGPROBS`] alternatives.
-fn vllm_prompt_logprobs_asked(k: Option<u64>) -> Result<Option<usize>, ApiError> {
+pub(crate) fn vllm_prompt_logprobs_asked(k: Option<u64>) -> Result<Option<usize>, ApiError> {
     match k {
         Some(k) if k > MAX_LOGPROBS as u64 => Err(ApiError::invalid(
             format!("`prompt_logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
@@ -425,7 +444,7 @@ async fn respond(
         tokio::spawn(task.instrument(tracing::Span::current()));
         return Ok(SseBody::new(ReceiverStream::new(rx)).into_response());
     }
-    let prompt_tokens = prompt_tokens(&choices, n);
+    let (prompt_tokens, cached_tokens) = prompt_tokens(&choices, n);
     let tk = state.tokenizer.as_deref();
     let mut done: Vec<Collected> = Vec::with_capacity(choices.len());
     let prompt_texts: Vec<String> = choices.iter().map(|c| echo_text(&state, c, echo)).collect();
@@ -436,7 +455,7 @@ async fn respond(
     let completion_tokens = done.iter().map(|c| c.completion_tokens).sum();
     let reasons: Vec<&str> = done.iter().map(|c| c.finish).collect();
     record_usage(&head.id, prompt_tokens, completion_tokens, &reasons);
-    let usage = Some(Usage::new(prompt_tokens, completion_tokens));
+    let usage = Some(Usage::new(prompt_tokens, cached_tokens, completion_tokens));
     let logprobs = |c: &Collected, prefix: &str, echoed: Option<CompletionLogprobs>| {
         params.logprobs.map(|_| {
             let prefix_chars = prefix.chars().count();
@@ -480,7 +499,7 @@ async fn respond(
             // Every choice has the same prompt: its log-probabilities are the response's.
             let prompt_logprobs = prompt_parts.into_iter().next().and_then(|p| p.vllm);
             let Head { id, created, model, .. } = head;
-            let usage = Usage::new(prompt_tokens, completion_tokens);
+            let usage = Usage::new(prompt_tokens, cached_tokens, completion_tokens);
             Json(ChatCompletion { id, object: "chat.completion", created, model, choices, usage, prompt_logprobs })
                 .into_response()
         }
@@ -576,7 +595,7 @@ async fn stream(
     tx: mpsc::Sender<Result<Sse, Infallible>>,
 ) {
     let tk = state.tokenizer.as_deref();
-    let prompt_tokens = prompt_tokens(&choices, n);
+    let (prompt_tokens, cached_tokens) = prompt_tokens(&choices, n);
     // Opening chunks: the assistant role (chat) or the echoed prompt (completions), with the
     // prompt's log-probabilities where asked.
     let mut prefix_lens = Vec::with_capacity(choices.len());
@@ -639,7 +658,7 @@ async fn stream(
             Api::Completions => StreamChoice::Completion(None),
             Api::Chat => StreamChoice::Chat(None),
         };
-        let _ = tx.send(Ok(head.event(last, Some(Usage::new(prompt_tokens, completion_tokens))))).await;
+        let _ = tx.send(Ok(head.event(last, Some(Usage::new(prompt_tokens, cached_tokens, completion_tokens))))).await;
     }
     let _ = tx.send(Ok(Sse::default().data("[DONE]"))).await;
 }

@@ -80,6 +80,10 @@ pub struct Sampling {
     /// Must equal `n` where set.
     #[schema(value_type = Option<u64>)]
     pub best_of: Option<Value>,
+    /// vLLM's extension: only requests with the same salt (and tenant) share cached prompt
+    /// prefixes. A non-empty string.
+    #[schema(min_length = 1, max_length = 256)]
+    pub cache_salt: Option<String>,
 }
 
 /// What a request's controls say, before its bad words are tokenized.
