@@ -80,6 +80,15 @@ pub fn attention(q: &[f32], keys: &[&[f32]], values: &[&[f32]], out: &mut [f32],
         // P · V summed position by position for every row alike (the QKᵀ product's sums are
         // per element too), a few rows at a time so each value row is loaded once for them.
         for (rows, outs) in scores.chunks(PV_ROWS * total).zip(oh.chunks_mut(PV_ROWS * hd)) {
+            if rows.len() == total {
+                // One row (decode): straight through its positions.
+                for (&w, vj) in rows.iter().zip(v.chunks_exact(hd)) {
+                    if w != 0.0 {
+                        outs.iter_mut().zip(vj).for_each(|(o, &x)| *o += w * x);
+                    }
+                }
+                continue;
+            }
             for (j, vj) in v.chunks_exact(hd).enumerate() {
                 for (row, o) in rows.chunks_exact(total).zip(outs.chunks_exact_mut(hd)) {
                     let w = row[j];
