@@ -344,3 +344,67 @@ fn expert_nodes_serve_quantized_experts_packed() {
         cluster.stop();
     }
 }
+
+/// Waits until the router at `grpc` runs `n` requests.
+fn wait_running(grpc: &str, n: u64) {
+    let mut last = Value::Null;
+    let running = wait_until(Duration::from_secs(30), || {
+        last = serde_json::from_str(&stdout_of(&["cluster", "status", "--router", grpc, "--json"])).unwrap();
+        last["running_requests"].as_u64() == Some(n)
+    });
+    assert!(running, "the router never ran {n} requests: {last:#}");
+}
+
+#[test]
+fn a_router_given_sigterm_finishes_what_it_holds_within_its_bound() {
+    let model = fixture("mixtral");
+    let mut procs = Procs::default();
+    // Each dispatch waits 10 ms, so requests are still running when the signal comes.
+    let delay = [("SWITCHYARD_FAULT_DISPATCH_DELAY_MS", "10")];
+    let node = address_of(
+        &procs.start("node", &["expert-node", "--model", &model, "--experts", "all"], &delay),
+        "expert-node",
+    );
+    let router = |procs: &mut Procs, name: &str, extra: &[&str]| {
+        let args =
+            [&["router", "--model", &model, "--expert-nodes", &node, "--http", "127.0.0.1:0"][..], extra].concat();
+        let ready = procs.start(name, &args, &[]);
+        (address_of(&ready, "grpc"), address_of(&ready, "http"))
+    };
+    let client = |grpc: &str, max_tokens: usize| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(with(&generate_args("mixtral", 2, max_tokens), &["--ignore-eos", "--router", grpc]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let exit_of = |procs: &mut Procs, name: &str| {
+        let i = procs.0.iter().position(|(n, _)| n == name).unwrap();
+        procs.0.remove(i).1.wait().unwrap()
+    };
+
+    // The request it holds completes, exactly; new connections are refused meanwhile.
+    let (grpc, http) = router(&mut procs, "router", &[]);
+    let want = run(&with(&generate_args("mixtral", 2, 60), &["--ignore-eos", "--model", &model]));
+    let running = client(&grpc, 60);
+    wait_running(&grpc, 1);
+    signal(procs.pid("router"), libc::SIGTERM);
+    let refused = wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&http).is_err() && std::net::TcpStream::connect(&grpc).is_err()
+    });
+    assert!(refused, "the draining router still takes connections");
+    let out = running.wait_with_output().unwrap();
+    assert!(out.status.success(), "the request was cut: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), want, "the drained request differs from the single process");
+    assert!(exit_of(&mut procs, "router").success(), "the router did not exit cleanly after its drain");
+
+    // A drain that outlasts its bound is cut: the router exits, the request fails.
+    let (grpc, _) = router(&mut procs, "bounded", &["--drain-timeout-secs", "0.2"]);
+    let running = client(&grpc, 200);
+    wait_running(&grpc, 1);
+    signal(procs.pid("bounded"), libc::SIGTERM);
+    assert!(exit_of(&mut procs, "bounded").success(), "the router did not exit cleanly at its bound");
+    let out = running.wait_with_output().unwrap();
+    assert!(!out.status.success(), "a 200-token request at 20 ms a token cannot finish in a 0.2 s drain");
+}

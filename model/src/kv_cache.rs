@@ -250,7 +250,7 @@ impl KvPool {
     /// [`KvPool::available`] now, counting the blocks of its prefix it would share.
     pub fn blocks_needed(&self, tokens: usize, prompt: &[u32], salt: &str, max_hit: usize) -> usize {
         let s = self.state();
-        let (ids, _) = self.matching(&s, prompt, salt, max_hit / BLOCK_TOKENS);
+        let (ids, _) = self.matching(&s, prompt, salt, (max_hit / BLOCK_TOKENS).min(blocks_for(tokens)));
         let live = ids.iter().filter(|&&id| s.blocks[id as usize].refs > 0).count();
         blocks_for(tokens) - live
     }

@@ -36,6 +36,7 @@ pub mod trace;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -97,6 +98,12 @@ pub struct Config {
     /// share blocks).
     #[arg(long, env = "SWITCHYARD_NO_PREFIX_CACHING")]
     pub no_prefix_caching: bool,
+    /// On SIGTERM the router stops taking connections (so it reads as not ready, and load
+    /// balancers send new requests elsewhere) and finishes the requests it holds, for at most
+    /// this many seconds; what is still running then is cut. Keep it below the orchestrator's
+    /// grace period (Kubernetes' `terminationGracePeriodSeconds`).
+    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub drain_timeout_secs: f64,
     /// Tenants with API keys and limits (TOML; see `switchyard_router::tenants`), for a router
     /// with `--expert-nodes`. Without it the APIs are open. With `--coordinators` the tenants
     /// are theirs (`switchyard cluster set-tenants`), with one budget for all routers.
@@ -142,6 +149,7 @@ pub struct Router {
     service: RouterService,
     http: Arc<http::HttpState>,
     limits: switchyard_proto::server::ConnectionLimits,
+    drain_timeout: Duration,
 }
 
 impl Router {
@@ -149,6 +157,12 @@ impl Router {
     /// weights (reporting `progress(layers_done, layers_total)`). Must run inside a tokio
     /// runtime.
     pub async fn start(config: Config, progress: Box<dyn FnMut(usize, usize) + Send>) -> Result<Self, RouterError> {
+        let drain_timeout = Duration::try_from_secs_f64(config.drain_timeout_secs).map_err(|_| {
+            RouterError::Config(format!(
+                "--drain-timeout-secs must be a non-negative number of seconds, got {}",
+                config.drain_timeout_secs
+            ))
+        })?;
         let spec = ModelSpec::from_dir(&config.model)?;
         let block_bytes = switchyard_model::kv_cache::KvPool::block_floats(&spec) * 4;
         if config.kv_cache_memory < block_bytes {
@@ -231,7 +245,7 @@ impl Router {
             tenants: tenants.clone(),
         });
         let service = RouterService { scheduler, tokenizing, cluster, tenants, model_type: spec.arch.model_type() };
-        Ok(Router { service, http, limits: config.limits })
+        Ok(Router { service, http, limits: config.limits, drain_timeout })
     }
 
     /// The name the HTTP API answers to.
@@ -262,6 +276,17 @@ impl Router {
         // gRPC health (grpc.health.v1): SERVING until the engine fails or shutdown begins.
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<RouterServer<RouterService>>().await;
+        // The drain: once shutdown begins, the servers finish what they hold, within the bound.
+        let load = self.service.scheduler.load.clone();
+        let (drain_timeout, mut draining) = (self.drain_timeout, stopped.clone());
+        let deadline = async move {
+            let _ = draining.wait_for(|&s| s).await;
+            let (running, queued) = (load.running.load(Ordering::Relaxed), load.queued.load(Ordering::Relaxed));
+            tracing::info!(running, queued, timeout_s = drain_timeout.as_secs_f64(), "draining: no new connections");
+            tokio::time::sleep(drain_timeout).await;
+            let running = load.running.load(Ordering::Relaxed) + load.queued.load(Ordering::Relaxed);
+            tracing::warn!(running, "the drain timed out: cutting the requests still running");
+        };
         let engine = self.service.scheduler.health.clone();
         let cluster = self.service.cluster.clone();
         let mut stopping = stopped.clone();
@@ -291,17 +316,24 @@ impl Router {
             }
             reporter.set_not_serving::<RouterServer<RouterService>>().await;
         });
-        self.limits
-            .builder()
-            .add_service(health)
-            .add_service(RouterServer::new(self.service))
-            .serve_with_incoming_shutdown(self.limits.incoming(grpc), until(stopped))
-            .await
-            .map_err(std::io::Error::other)?;
-        if let Some(h) = http_server {
-            h.await.map_err(std::io::Error::other)??;
+        let serving = async move {
+            self.limits
+                .builder()
+                .add_service(health)
+                .add_service(RouterServer::new(self.service))
+                .serve_with_incoming_shutdown(self.limits.incoming(grpc), until(stopped))
+                .await
+                .map_err(std::io::Error::other)?;
+            if let Some(h) = http_server {
+                h.await.map_err(std::io::Error::other)??;
+            }
+            tracing::info!("drained");
+            Ok::<_, RouterError>(())
+        };
+        tokio::select! {
+            served = serving => served,
+            () = deadline => Ok(()),
         }
-        Ok(())
     }
 }
 
