@@ -19,8 +19,8 @@ FIM = json.loads((FIXTURES / "code-model-fim" / "cases.json").read_text())
 # Below this top-1/top-2 log-probability margin somewhere in transformers' middle, float
 # rounding may pick the other token; the text is compared only above it.
 CLEAR_MARGIN = 0.05
-# The share of filled functions that must parse.
-PARSE_FLOOR = 0.4
+# Most filled functions must parse (the issue's bar: "in most held-out cases").
+PARSE_FLOOR = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_the_embedded_model_fills_the_middle_of_held_out_functions(code_model):
                 print(f"differs from transformers: {middle!r} != {case['expected']!r}")
     n = len(FIM["cases"])
     print(f"FIM: {parsed}/{n} parse, {exact}/{n} exact lines, {same}/{compared} as transformers")
-    assert parsed >= PARSE_FLOOR * n, f"only {parsed} of {n} filled functions parse"
+    assert parsed > PARSE_FLOOR * n, f"only {parsed} of {n} filled functions parse"
     assert compared >= n / 4 and same == compared, f"{same} of {compared} clear cases match transformers"
 
 
