@@ -387,13 +387,14 @@ fn a_router_given_sigterm_finishes_what_it_holds_within_its_bound() {
     // The request it holds completes, exactly; new connections are refused meanwhile.
     let (grpc, http) = router(&mut procs, "router", &[]);
     let want = run(&with(&generate_args("mixtral", 2, 60), &["--ignore-eos", "--model", &model]));
-    let running = client(&grpc, 60);
+    let mut running = client(&grpc, 60);
     wait_running(&grpc, 1);
     signal(procs.pid("router"), libc::SIGTERM);
     let refused = wait_until(Duration::from_secs(10), || {
         std::net::TcpStream::connect(&http).is_err() && std::net::TcpStream::connect(&grpc).is_err()
     });
     assert!(refused, "the draining router still takes connections");
+    assert!(running.try_wait().unwrap().is_none(), "refused only once the request ended: not during the drain");
     let out = running.wait_with_output().unwrap();
     assert!(out.status.success(), "the request was cut: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8(out.stdout).unwrap(), want, "the drained request differs from the single process");

@@ -33,15 +33,20 @@ def test_chat_and_streamed_chat_answer_what_the_openai_client_gets(qwen):
 
 
 def test_text_completion_and_the_async_client(qwen):
-    direct = qwen.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
-    assert litellm.text_completion(prompt=PROMPT, **kw(qwen)).choices[0].text == direct
+    client = qwen.client()
+    direct = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    text = litellm.text_completion(prompt=PROMPT, **kw(qwen))
+    assert text.choices[0].text == direct.choices[0].text
+    assert text.usage.completion_tokens == direct.usage.completion_tokens
 
-    async def chat():
-        messages = [{"role": "user", "content": PROMPT}]
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+
+    async def concurrently():
         return await asyncio.gather(*(litellm.acompletion(messages=messages, **kw(qwen)) for _ in range(3)))
 
-    answers = asyncio.run(chat())
-    assert len({a.choices[0].message.content for a in answers}) == 1
+    answers = asyncio.run(concurrently())
+    assert [a.choices[0].message.content for a in answers] == [chat.choices[0].message.content] * 3
 
 
 def test_a_refused_field_is_a_bad_request_naming_it(qwen):
