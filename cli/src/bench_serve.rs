@@ -221,14 +221,14 @@ async fn shared_prefix(http: &Http, args: &Args, model: &str, n: usize) -> Resul
     println!();
     println!("| prompts            | prompt tokens | cached tokens | TTFT p50 | TTFT p99 | TTFT p50 vs unshared |");
     println!("|--------------------|--------------:|--------------:|---------:|---------:|---------------------:|");
-    let p50 = |s: &[Sample]| {
+    let ttft = |s: &[Sample]| {
         let mut t: Vec<Duration> = s.iter().map(|s| s.ttft).collect();
         t.sort();
         (percentile(&t, 0.5), percentile(&t, 0.99))
     };
-    let base = p50(&misses).0;
+    let base = ttft(&misses).0;
     for (name, samples) in [("share nothing", &misses), ("share the prefix", &hits)] {
-        let (median, p99) = p50(samples);
+        let (median, p99) = ttft(samples);
         let cached = samples.iter().map(|s| s.cached).sum::<usize>() / samples.len().max(1);
         println!(
             "| {name:<18} | {:>13} | {cached:>13} | {median:>5.1} ms | {p99:>5.1} ms | {:>19.1}x |",

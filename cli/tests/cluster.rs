@@ -345,16 +345,6 @@ fn expert_nodes_serve_quantized_experts_packed() {
     }
 }
 
-/// Waits until the router at `grpc` runs `n` requests.
-fn wait_running(grpc: &str, n: u64) {
-    let mut last = Value::Null;
-    let running = wait_until(Duration::from_secs(30), || {
-        last = serde_json::from_str(&stdout_of(&["cluster", "status", "--router", grpc, "--json"])).unwrap();
-        last["running_requests"].as_u64() == Some(n)
-    });
-    assert!(running, "the router never ran {n} requests: {last:#}");
-}
-
 #[test]
 fn a_router_given_sigterm_finishes_what_it_holds_within_its_bound() {
     let model = fixture("mixtral");

@@ -136,16 +136,6 @@ fn start_clients(router: &str, prompts: &[String], max_tokens: usize) -> Vec<Chi
         .collect()
 }
 
-/// Waits until the router at `router` is running `n` requests: they are mid-generation.
-fn wait_mid_generation(router: &str, n: usize) {
-    let mut last = Value::Null;
-    let running = wait_until(Duration::from_secs(20), || {
-        last = serde_json::from_str(&stdout_of(&["cluster", "status", "--router", router, "--json"])).unwrap();
-        last["running_requests"].as_u64() == Some(n as u64)
-    });
-    assert!(running, "the router never ran {n} requests at once: {last:#}");
-}
-
 /// Waits for the clients and checks each answer is the single-process engine's on `model`,
 /// byte for byte (tokens, log-probabilities, top-3).
 fn check_clients(clients: Vec<Child>, model: &str, prompts: &[String], max_tokens: usize) {
@@ -177,7 +167,7 @@ fn a_killed_leader_is_replaced_without_losing_the_placement() {
 
     let prompts: Vec<String> = (0..3).map(prompt).collect();
     let clients = start_clients(&router, &prompts, 80);
-    wait_mid_generation(&router, clients.len());
+    wait_running(&router, clients.len());
     let leader = before["leader"].as_u64().unwrap() as usize;
     let killed = Instant::now();
     procs.kill(&format!("coordinator-{leader}"));
@@ -246,7 +236,7 @@ fn a_killed_expert_node_is_replaced_and_every_request_completes() {
     let victim_address = status["nodes"][0]["address"].as_str().unwrap().to_string();
     let prompts: Vec<String> = (0..3).map(prompt).collect();
     let clients = start_clients(&cluster.addr, &prompts, 100);
-    wait_mid_generation(&cluster.addr, clients.len());
+    wait_running(&cluster.addr, clients.len());
     let killed = Instant::now();
     signal(victim, libc::SIGKILL);
     let mut replaced = Value::Null;

@@ -159,7 +159,8 @@ impl KvPool {
         Self::new(backend, spec, bytes / (Self::block_floats(spec) * 4).max(1))
     }
 
-    /// Turns prefix caching on or off (off forgets every registered block).
+    /// Turns prefix caching on or off for the sequences reserved from now on (off also forgets
+    /// every registered block, and registers no more).
     pub fn set_prefix_caching(&self, on: bool) {
         let mut s = self.state();
         s.prefix_caching = on;
@@ -306,6 +307,9 @@ pub struct SeqCache {
     /// Blocks this sequence may hold (held, or reserved in the pool and not yet taken).
     reserved: usize,
     len: usize,
+    /// Whether the pool cached prefixes when the cache was reserved: if not, its blocks are
+    /// never registered (the per-step check costs no lock).
+    caching: bool,
     /// The salt its blocks are registered under, and the hash of each full block so far.
     salt: String,
     hashes: Vec<u64>,
@@ -334,9 +338,11 @@ impl SeqCache {
             s.hold(id);
         }
         s.outstanding += n - ids.len();
+        let caching = s.prefix_caching;
         drop(s);
         let hit = PrefixHit { tokens: ids.len() * BLOCK_TOKENS };
-        Some(SeqCache { pool: pool.clone(), len: hit.tokens, ids, reserved: n, salt: salt.to_string(), hashes, hit })
+        let salt = salt.to_string();
+        Some(SeqCache { pool: pool.clone(), len: hit.tokens, ids, reserved: n, caching, salt, hashes, hit })
     }
 
     /// Positions cached so far.
@@ -382,7 +388,7 @@ impl SeqCache {
     /// Registers every block filled since the last call for reuse (where the pool caches
     /// prefixes); `token_at(p)` is the token at position `p`.
     pub(crate) fn register_full_blocks(&mut self, token_at: impl Fn(usize) -> u32) {
-        if !self.pool.prefix_caching() {
+        if !self.caching {
             return;
         }
         while (self.hashes.len() + 1) * BLOCK_TOKENS <= self.len {

@@ -75,3 +75,8 @@ def qwen():
 
 def expected(model):
     return json.loads((FIXTURES / model / "expected.json").read_text())
+
+
+def ids_of(tokens):
+    """Token ids of tokens shown as `token_id:N` (`return_tokens_as_token_ids`)."""
+    return [int(t.removeprefix("token_id:")) for t in tokens]

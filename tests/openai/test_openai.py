@@ -10,13 +10,9 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import FIXTURES, Server, expected, up
+from conftest import FIXTURES, Server, expected, ids_of, up
 
 MODEL = "qwen3_moe"
-
-
-def ids_of(tokens):
-    return [int(t.removeprefix("token_id:")) for t in tokens]
 
 
 def test_models_lists_the_served_model(qwen):

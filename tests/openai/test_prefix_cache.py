@@ -9,7 +9,7 @@ import uuid
 import openai
 import pytest
 
-from conftest import expected, up
+from conftest import expected, ids_of, up
 
 MODEL = "qwen3_moe"
 BLOCK = 16
@@ -18,10 +18,6 @@ BLOCK = 16
 def servable(prompt_tokens):
     """Leading prompt tokens the cache can serve: whole blocks, never the last position."""
     return (prompt_tokens - 1) // BLOCK * BLOCK
-
-
-def ids_of(tokens):
-    return [int(t.removeprefix("token_id:")) for t in tokens]
 
 
 def cached(r):

@@ -8,17 +8,13 @@ import json
 import openai
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, ids_of
 
 MODEL = "qwen3_moe"
 TOLERANCE = 1e-3
 # Ranks and orders are compared only where the nearest other token is farther than this.
 TIE = 1e-4
 CASES = json.loads((FIXTURES / MODEL / "prompt_logprobs.json").read_text())["cases"]
-
-
-def ids_of(tokens):
-    return [int(t.removeprefix("token_id:")) for t in tokens]
 
 
 def complete(server, prompt, **kw):

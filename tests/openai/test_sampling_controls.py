@@ -9,15 +9,11 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, ids_of
 
 MODEL = "qwen3_moe"
 CHAT = [{"role": "user", "content": "def fibonacci(n):"}]
 PROMPT = "def f(x):\n    return"
-
-
-def ids_of(tokens):
-    return [int(t.removeprefix("token_id:")) for t in tokens]
 
 
 def post(server, path, body):

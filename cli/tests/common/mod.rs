@@ -350,3 +350,14 @@ pub fn grpc_health(address: &str) -> tonic_health::pb::health_check_response::Se
         client.check(request).await.expect("a health answer").into_inner().status()
     })
 }
+
+/// Waits until the router at `router` (gRPC) runs `n` requests at once: they are
+/// mid-generation.
+pub fn wait_running(router: &str, n: usize) {
+    let mut last = Value::Null;
+    let running = wait_until(Duration::from_secs(30), || {
+        last = serde_json::from_str(&stdout_of(&["cluster", "status", "--router", router, "--json"])).unwrap();
+        last["running_requests"].as_u64() == Some(n as u64)
+    });
+    assert!(running, "the router never ran {n} requests at once: {last:#}");
+}
