@@ -24,7 +24,7 @@ pub const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5,
 /// An E8M0 scale: `2^(s - 127)` (255, NaN in the OCP spec, is taken as `2^128`, infinity, as
 /// `ldexp` gives it).
 #[inline]
-pub fn e8m0(s: u8) -> f32 {
+pub const fn e8m0(s: u8) -> f32 {
     match s {
         0 => f32::from_bits(1 << 22),
         255 => f32::INFINITY,

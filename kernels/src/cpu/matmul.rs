@@ -5,7 +5,9 @@
 //! checkpoint is streamed from memory at two bytes a weight. With few rows (decode) every
 //! weight is converted once per token group straight from memory; with many rows (prefill)
 //! each block of four weight rows is widened once into a small buffer and reused by every
-//! token. Work is split across the rayon pool by blocks of output columns.
+//! token. Work is split across the rayon pool by blocks of output columns. Quantized weights
+//! (MXFP4, FP8) are decoded in registers by the AVX-512 kernels of `quant512` where the CPU
+//! has them, by the AVX2 ones of `widen` otherwise.
 //!
 //! With [`Precision::Bf16Products`], prefill-sized products (at least
 //! [`BF16_PRODUCT_MIN_ROWS`] rows) against bf16 weights use the AVX-512 BF16 dot-product unit
@@ -73,6 +75,16 @@ pub fn linear_with(
         split_columns(n, m * n * k, |cols| {
             // SAFETY: AVX-512 BF16 is present; tasks write disjoint column ranges of `out`.
             unsafe { avx512::bf16_products(&xb, wb, bias, out_ptr.get(), m, n, k, cols) }
+        });
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::quant512::reads(&w) {
+        let x = super::quant512::prepare(&x[..m * k], &w);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        split_columns(n, m * n * k, |cols| {
+            // SAFETY: the kernel reads `w` on this CPU; tasks write disjoint column ranges.
+            unsafe { super::quant512::columns(&x, w, bias, out_ptr.get(), [m, n, k], cols) }
         });
         return;
     }
@@ -316,18 +328,29 @@ mod avx512 {
         }
     }
 
-    /// Dot products of `T` token rows with `R` weight rows over `k` elements.
+    /// Dot products of `T` token rows with `R` weight rows over `k` elements. With `ahead`
+    /// non-zero, the bytes `ahead` past each row's are prefetched as it is read (the next
+    /// block of rows, so the weights stream in faster than the hardware prefetcher alone
+    /// brings them).
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn block<const D: u8, const T: usize, const R: usize>(
         x: [*const f32; T],
         w: [*const u8; R],
         k: usize,
+        ahead: usize,
     ) -> [[f32; R]; T] {
         let mut acc = [[_mm512_setzero_ps(); R]; T];
         let k16 = k / 16 * 16;
+        let elem = if D == F32 { 4 } else { 2 };
         let mut i = 0;
         while i < k16 {
+            if ahead != 0 && (i * elem).is_multiple_of(64) {
+                for &row in &w {
+                    // A prefetch never faults, past the matrix included.
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead + i * elem).cast());
+                }
+            }
             let mut wv = [_mm512_setzero_ps(); R];
             for r in 0..R {
                 wv[r] = unsafe { load16::<D>(w[r], i) };
@@ -399,6 +422,8 @@ mod avx512 {
         // Many token rows (two token blocks or more): widen each block of weight rows once
         // into a buffer, then reuse it; fewer rows widen in registers as they go.
         let widen = D != F32 && m >= 2 * TOKEN_BLOCK;
+        // Read straight from memory, each block of rows prefetches the next one.
+        let next = ROW_BLOCK * k * elem;
         let mut buf = if widen { vec![0.0f32; ROW_BLOCK * k] } else { Vec::new() };
 
         let mut j = cols.start;
@@ -407,7 +432,7 @@ mod avx512 {
             if rows < ROW_BLOCK {
                 for jj in j..j + rows {
                     for t in 0..m {
-                        let [[v]] = unsafe { block::<D, 1, 1>([xp(t)], [row_ptr(jj)], k) };
+                        let [[v]] = unsafe { block::<D, 1, 1>([xp(t)], [row_ptr(jj)], k, 0) };
                         store(t, jj, v);
                     }
                 }
@@ -430,9 +455,9 @@ mod avx512 {
             let mut t = 0;
             while t + TOKEN_BLOCK <= m {
                 let res = if widen {
-                    unsafe { block::<F32, TOKEN_BLOCK, ROW_BLOCK>([xp(t), xp(t + 1), xp(t + 2), xp(t + 3)], wr, k) }
+                    unsafe { block::<F32, TOKEN_BLOCK, ROW_BLOCK>([xp(t), xp(t + 1), xp(t + 2), xp(t + 3)], wr, k, 0) }
                 } else {
-                    unsafe { block::<D, TOKEN_BLOCK, ROW_BLOCK>([xp(t), xp(t + 1), xp(t + 2), xp(t + 3)], wr, k) }
+                    unsafe { block::<D, TOKEN_BLOCK, ROW_BLOCK>([xp(t), xp(t + 1), xp(t + 2), xp(t + 3)], wr, k, next) }
                 };
                 for (dt, row) in res.iter().enumerate() {
                     for (r, &v) in row.iter().enumerate() {
@@ -447,9 +472,9 @@ mod avx512 {
                 ($n:literal) => {{
                     let xs: [*const f32; $n] = std::array::from_fn(|i| xp(t + i));
                     let res = if widen {
-                        unsafe { block::<F32, $n, ROW_BLOCK>(xs, wr, k) }
+                        unsafe { block::<F32, $n, ROW_BLOCK>(xs, wr, k, 0) }
                     } else {
-                        unsafe { block::<D, $n, ROW_BLOCK>(xs, wr, k) }
+                        unsafe { block::<D, $n, ROW_BLOCK>(xs, wr, k, next) }
                     };
                     for (dt, row) in res.iter().enumerate() {
                         for (r, &v) in row.iter().enumerate() {
@@ -504,7 +529,16 @@ mod tests {
 
     /// Every format that can store an `n × k` matrix.
     fn formats(k: usize) -> Vec<Format> {
-        let mut f = vec![Format::F32, Format::BF16, Format::F16, Format::Fp8 { block: [3, 5] }];
+        // FP8 blocks 32 and 64 wide take the AVX-512 kernel (edge blocks and a `k % 32` tail
+        // included); 5 wide, the AVX2 one.
+        let mut f = vec![
+            Format::F32,
+            Format::BF16,
+            Format::F16,
+            Format::Fp8 { block: [3, 5] },
+            Format::Fp8 { block: [3, 32] },
+            Format::Fp8 { block: [2, 64] },
+        ];
         if k.is_multiple_of(32) {
             f.push(Format::Mxfp4);
         }
@@ -526,6 +560,15 @@ mod tests {
                 crate::cpu::widen::columns(x, w, b, out.as_mut_ptr(), [m, n, k], 0..n)
             }));
         }
+        #[cfg(target_arch = "x86_64")]
+        k.push(("avx512 quantized", |x, w, b, out, [m, n, k]| {
+            if crate::cpu::quant512::reads(&w) {
+                let x = crate::cpu::quant512::prepare(&x[..m * k], &w);
+                unsafe { crate::cpu::quant512::columns(&x, w, b, out.as_mut_ptr(), [m, n, k], 0..n) }
+            } else {
+                linear(x, w, b, out, m, n, k)
+            }
+        }));
         k
     }
 
@@ -555,7 +598,18 @@ mod tests {
     #[test]
     fn every_kernel_and_format_matches_the_reference_across_shapes() {
         // One row (the single-token kernels, with and without a `k % 32` tail) and many.
-        let shapes = [(1, 1, 1), (1, 7, 19), (1, 9, 96), (1, 5, 200), (1, 3, 64), (3, 9, 33), (4, 8, 64), (5, 13, 48)];
+        let shapes = [
+            (1, 1, 1),
+            (1, 7, 19),
+            (1, 9, 96),
+            (1, 5, 200),
+            (1, 3, 64),
+            (3, 9, 33),
+            (4, 8, 64),
+            (5, 13, 48),
+            (7, 10, 96),
+            (6, 5, 200),
+        ];
         for &(m, n, k) in shapes.iter().chain(&[(17, 70, 130), (31, 256, 256), (2, 6, 96)]) {
             check(m, n, k);
         }

@@ -6,6 +6,7 @@
 //! - [`matmul`]: linear layers (`x · Wᵀ + b`), the hot path.
 //! - `widen` (x86-64): products over weight rows widened to `f32` a few at a time: every
 //!   format, the quantized ones included, with AVX2 and FMA.
+//! - `quant512` (x86-64): MXFP4 and FP8 products decoded in registers with AVX-512.
 //! - [`norm`]: RMSNorm (root-mean-square normalisation).
 //! - [`rope`]: rotary position embeddings, applied from precomputed cos/sin tables.
 //! - [`attention`]: causal attention over a KV cache with GQA, sliding windows and sinks.
@@ -18,6 +19,8 @@ pub mod attention;
 pub mod bandwidth;
 pub mod matmul;
 pub mod norm;
+#[cfg(target_arch = "x86_64")]
+pub mod quant512;
 pub mod rope;
 pub mod routing;
 #[cfg(target_arch = "x86_64")]
@@ -46,6 +49,7 @@ pub fn isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
         match (has_avx512(), widen::available()) {
+            (true, _) if quant512::available() => return "avx512",
             (true, true) => return "avx512 (avx2 for quantized formats)",
             (true, false) => return "avx512 (portable for quantized formats)",
             (false, true) => return "avx2",
