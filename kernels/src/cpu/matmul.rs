@@ -80,6 +80,7 @@ pub fn linear_with(
     }
     #[cfg(target_arch = "x86_64")]
     if super::quant512::reads(&w) {
+        super::quant512::check(&w, n, k);
         let x = super::quant512::prepare(&x[..m * k], &w);
         let out_ptr = SendPtr(out.as_mut_ptr());
         split_columns(n, m * n * k, |cols| {
@@ -560,16 +561,54 @@ mod tests {
                 crate::cpu::widen::columns(x, w, b, out.as_mut_ptr(), [m, n, k], 0..n)
             }));
         }
+        // Quantized formats it reads; the others go through the dispatch.
         #[cfg(target_arch = "x86_64")]
-        k.push(("avx512 quantized", |x, w, b, out, [m, n, k]| {
-            if crate::cpu::quant512::reads(&w) {
-                let x = crate::cpu::quant512::prepare(&x[..m * k], &w);
-                unsafe { crate::cpu::quant512::columns(&x, w, b, out.as_mut_ptr(), [m, n, k], 0..n) }
-            } else {
-                linear(x, w, b, out, m, n, k)
-            }
-        }));
+        if crate::cpu::quant512::available() {
+            k.push(("avx512 quantized", |x, w, b, out, [m, n, k]| {
+                if crate::cpu::quant512::reads(&w) {
+                    crate::cpu::quant512::check(&w, n, k);
+                    let x = crate::cpu::quant512::prepare(&x[..m * k], &w);
+                    unsafe { crate::cpu::quant512::columns(&x, w, b, out.as_mut_ptr(), [m, n, k], 0..n) }
+                } else {
+                    linear(x, w, b, out, m, n, k)
+                }
+            }));
+        }
         k
+    }
+
+    /// Every FP8 byte but the NaNs (subnormals included), with block scales that are not powers
+    /// of two, in Hub-sized 128-wide blocks (four kernel steps a scale) and partial edge blocks,
+    /// through every kernel against an f64 reference.
+    #[test]
+    fn every_fp8_value_in_hub_sized_blocks_matches_the_reference() {
+        use crate::quant::{FP8_E4M3, blocks_along};
+        let (n, k) = (9, 300);
+        let bytes: Vec<u8> =
+            (0..n * k).map(|i| (i * 7 % 256) as u8).map(|b| if b & 0x7f == 0x7f { 0 } else { b }).collect();
+        for block in [[128, 128], [5, 128]] {
+            let count = blocks_along(n, block[0]) * blocks_along(k, block[1]);
+            let scales: Vec<f32> = (0..count).map(|i| 0.37 + 0.11 * i as f32).collect();
+            let per_row = blocks_along(k, block[1]);
+            let dense: Vec<f32> = (0..n * k)
+                .map(|i| {
+                    let (r, c) = (i / k, i % k);
+                    FP8_E4M3[bytes[i] as usize] * scales[(r / block[0]) * per_row + c / block[1]]
+                })
+                .collect();
+            let w = Weights::Fp8 { values: &bytes, scales: &scales, cols: k, block };
+            for m in 1..=5 {
+                let x = pseudo_random(m * k, 11);
+                let want = reference(&x, &dense, None, m, n, k);
+                for (name, kernel) in kernels() {
+                    let mut got = vec![0.0; m * n];
+                    kernel(&x, w, None, &mut got, [m, n, k]);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - e).abs() < 1e-3 * (1.0 + e.abs()), "{name} {block:?} m={m} [{i}]: {g} vs {e}");
+                    }
+                }
+            }
+        }
     }
 
     /// Every kernel and format against an f64 reference over the stored (decoded) values.

@@ -11,9 +11,10 @@
 //! - **FP8** (column blocks a multiple of 32 wide, as the Hub's 128 × 128 are). 32 bytes are
 //!   widened to 16-bit lanes and their bits moved into binary16: e4m3's exponent and mantissa
 //!   are binary16's low ones, `2^8` apart, subnormals included, and the hardware converts
-//!   binary16 to `f32` exactly. The block scale multiplies each step's partial sum and the `2^8`
-//!   the finished dot product, both exact. (The NaN byte decodes as 480, as in the AVX2 kernel;
-//!   checkpoints hold none.) Other block widths take the AVX2 kernel.
+//!   binary16 to `f32` exactly. The block scale is factored out of each step's partial sum, and
+//!   the `2^8` out of the finished dot product (exact). (The NaN byte decodes as 480 in the
+//!   vector steps, as in the AVX2 kernel, and as NaN in the scalar tail past the last whole
+//!   step; checkpoints hold none.) Other block widths take the AVX2 kernel.
 
 use std::arch::x86_64::*;
 use std::borrow::Cow;
@@ -56,6 +57,25 @@ pub fn reads(w: &Weights<'_>) -> bool {
         Weights::Mxfp4 { .. } => available(),
         Weights::Fp8 { block, .. } => block[1].is_multiple_of(STEP) && available(),
         _ => false,
+    }
+}
+
+/// Panics unless `w` holds an `n × k` matrix with all its scales: the kernels read the scales
+/// through raw pointers, with `k` as the row length.
+pub fn check(w: &Weights<'_>, n: usize, k: usize) {
+    match *w {
+        Weights::Mxfp4 { blocks, scales, cols } => {
+            assert!(cols == k && k.is_multiple_of(MXFP4_BLOCK), "MXFP4 product: {cols} columns, k = {k}");
+            assert!(blocks.len() >= n * k / 2, "MXFP4 product: {} block bytes for {n}x{k}", blocks.len());
+            assert!(scales.len() >= n * k / MXFP4_BLOCK, "MXFP4 product: {} scales for {n}x{k}", scales.len());
+        }
+        Weights::Fp8 { values, scales, cols, block } => {
+            let want = crate::quant::blocks_along(n, block[0]) * crate::quant::blocks_along(k, block[1]);
+            assert!(cols == k, "FP8 product: {cols} columns, k = {k}");
+            assert!(values.len() >= n * k, "FP8 product: {} values for {n}x{k}", values.len());
+            assert!(scales.len() >= want, "FP8 product: {} scales, {want} blocks", scales.len());
+        }
+        _ => {}
     }
 }
 
@@ -258,7 +278,7 @@ unsafe fn block<const F: u8, const T: usize, const R: usize>(
 /// returned it.
 ///
 /// # Safety
-/// [`reads`]`(&w)` holds; `out` points to `m × n` writable floats of which no other thread
+/// [`reads`]`(&w)` holds and [`check`]`(&w, n, k)` passes; `out` points to `m × n` writable floats of which no other thread
 /// writes columns `cols`; `x` holds `m × k` values and `w` `n × k`.
 pub(super) unsafe fn columns(
     x: &[f32],
