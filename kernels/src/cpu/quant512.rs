@@ -278,8 +278,8 @@ unsafe fn block<const F: u8, const T: usize, const R: usize>(
 /// returned it.
 ///
 /// # Safety
-/// [`reads`]`(&w)` holds and [`check`]`(&w, n, k)` passes; `out` points to `m × n` writable floats of which no other thread
-/// writes columns `cols`; `x` holds `m × k` values and `w` `n × k`.
+/// [`reads`]`(&w)` holds and [`check`]`(&w, n, k)` passes; `out` points to `m × n` writable
+/// floats of which no other thread writes columns `cols`; `x` holds `m × k` values.
 pub(super) unsafe fn columns(
     x: &[f32],
     w: Weights<'_>,
