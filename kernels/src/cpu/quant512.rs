@@ -103,12 +103,13 @@ struct Packed {
     /// E8M0 bytes (MXFP4) or `f32` block scales (FP8).
     scales: *const u8,
     k: usize,
-    /// FP8: rows and columns of a scale block, and scale blocks along a row.
-    block: [usize; 2],
-    per_row: usize,
+    /// Bytes of one row's data.
+    row_bytes: usize,
+    /// Rows that share one row of scales (FP8: a block's height), and that row's bytes.
+    scale_rows: usize,
+    scale_row_bytes: usize,
     /// Steps that share one scale.
     steps_per_scale: usize,
-    mxfp4: bool,
 }
 
 impl Packed {
@@ -118,19 +119,19 @@ impl Packed {
                 data: blocks.as_ptr(),
                 scales: scales.as_ptr(),
                 k,
-                block: [1, MXFP4_BLOCK],
-                per_row: k / MXFP4_BLOCK,
+                row_bytes: k / 2,
+                scale_rows: 1,
+                scale_row_bytes: k / MXFP4_BLOCK,
                 steps_per_scale: 1,
-                mxfp4: true,
             },
             Weights::Fp8 { values, scales, block, .. } => Packed {
                 data: values.as_ptr(),
                 scales: scales.as_ptr().cast(),
                 k,
-                block,
-                per_row: crate::quant::blocks_along(k, block[1]),
+                row_bytes: k,
+                scale_rows: block[0],
+                scale_row_bytes: crate::quant::blocks_along(k, block[1]) * 4,
                 steps_per_scale: block[1] / STEP,
-                mxfp4: false,
             },
             _ => unreachable!("reads() admits only quantized formats"),
         }
@@ -139,11 +140,10 @@ impl Packed {
     /// Row `j`'s first data byte and first scale (a byte for MXFP4, an `f32` for FP8). Rows
     /// past the end give addresses only good for prefetching.
     fn row(&self, j: usize) -> (*const u8, *const u8) {
-        if self.mxfp4 {
-            (self.data.wrapping_add(j * self.per_row * MXFP4_BLOCK_BYTES), self.scales.wrapping_add(j * self.per_row))
-        } else {
-            (self.data.wrapping_add(j * self.k), self.scales.wrapping_add((j / self.block[0]) * self.per_row * 4))
-        }
+        (
+            self.data.wrapping_add(j * self.row_bytes),
+            self.scales.wrapping_add(j / self.scale_rows * self.scale_row_bytes),
+        )
     }
 
     /// Step `s` (values `32s .. 32s + 32`) of a row (from [`Packed::row`]) whose step takes
@@ -184,19 +184,18 @@ impl Packed {
         }
     }
 
-    /// FP8 values `range` of row `j` times `x` (unreordered), one at a time: the tail past the
-    /// last whole step.
+    /// FP8 values `range` of a row (from [`Packed::row`]) times `x` (unreordered), one at a
+    /// time: the tail past the last whole step.
     ///
     /// # Safety
-    /// Row `j` and `range` lie inside the matrix; `x` holds `range.end` values.
-    unsafe fn fp8_tail(&self, j: usize, range: Range<usize>, x: *const f32) -> f32 {
+    /// `range` lies inside the row; `x` holds `range.end` values.
+    unsafe fn fp8_tail(&self, (data, scales): (*const u8, *const u8), range: Range<usize>, x: *const f32) -> f32 {
+        let width = self.steps_per_scale * STEP;
         let mut sum = 0.0;
         for i in range {
             unsafe {
-                let scale = (self.scales as *const f32)
-                    .add((j / self.block[0]) * self.per_row + i / self.block[1])
-                    .read_unaligned();
-                sum += FP8_E4M3[*self.data.add(j * self.k + i) as usize] * scale * *x.add(i);
+                let scale = (scales as *const f32).add(i / width).read_unaligned();
+                sum += FP8_E4M3[*data.add(i) as usize] * scale * *x.add(i);
             }
         }
         sum
@@ -265,7 +264,7 @@ unsafe fn block<const F: u8, const T: usize, const R: usize>(
             let sum = _mm512_reduce_add_ps(acc[t][r]);
             res[t][r] = if F == FP8 {
                 // SAFETY: the tail lies inside row j + r and token row t.
-                sum * 256.0 + unsafe { p.fp8_tail(j + r, steps * STEP..p.k, x[t]) }
+                sum * 256.0 + unsafe { p.fp8_tail(rows[r], steps * STEP..p.k, x[t]) }
             } else {
                 sum
             };
