@@ -17,12 +17,17 @@ Usage:
     tools/.venv/bin/python tools/make_fixtures.py                  # all archs, seed 0
     tools/.venv/bin/python tools/make_fixtures.py --seed 1 --out /tmp/heldout
     tools/.venv/bin/python tools/make_fixtures.py --arch gpt_oss --arch olmoe
+
+DeepSeek-V3 fixtures are saved as the Hub ships DeepSeek-V3 instead (transformers 4.x
+config.json layout, per-expert weights, a float32 `e_score_correction_bias`, and a
+multi-token-prediction layer at `model.layers.<num_hidden_layers>.*` that transformers ignores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -35,6 +40,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DeepseekV2Config,
+    DeepseekV3Config,
     GenerationConfig,
     GptOssConfig,
     MixtralConfig,
@@ -45,13 +52,37 @@ from transformers import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "qwen3_moe_fp8"]
+ARCHS = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "gpt_oss",
+    "gpt_oss_mxfp4",
+    "qwen3_moe_fp8",
+    "deepseek_v3",
+    "deepseek_v3_fp8",
+    "deepseek_v2",
+]
 # Quantized fixtures: a base architecture saved as the Hub ships its quantized checkpoints.
-QUANTIZED = {"gpt_oss_mxfp4": "gpt_oss", "qwen3_moe_fp8": "qwen3_moe"}
+QUANTIZED = {"gpt_oss_mxfp4": "gpt_oss", "qwen3_moe_fp8": "qwen3_moe", "deepseek_v3_fp8": "deepseek_v3"}
+# Saved as the Hub ships DeepSeek-V3 (see deepseek_hub_layout).
+DEEPSEEK = ("deepseek_v3", "deepseek_v3_fp8")
 # Added to the seed so every arch draws different weights. Seeds are combined as
 # seed * SEED_STRIDE + offset * REDRAW_STRIDE + redraw, so no (seed, redraw) pair
 # of one --seed can ever collide with another --seed's weights.
-ARCH_OFFSET = {"mixtral": 1, "qwen2_moe": 2, "qwen3_moe": 3, "olmoe": 4, "gpt_oss": 5, "gpt_oss_mxfp4": 6, "qwen3_moe_fp8": 7}
+ARCH_OFFSET = {
+    "mixtral": 1,
+    "qwen2_moe": 2,
+    "qwen3_moe": 3,
+    "olmoe": 4,
+    "gpt_oss": 5,
+    "gpt_oss_mxfp4": 6,
+    "qwen3_moe_fp8": 7,
+    "deepseek_v3": 8,
+    "deepseek_v3_fp8": 9,
+    "deepseek_v2": 10,
+}
 SEED_STRIDE = 1_000_000
 REDRAW_STRIDE = 10_000
 MAX_REDRAWS = 500
@@ -103,14 +134,28 @@ SINK_STD = 1.0
 # common 0.15 std those activations are ~N(0, 1.2^2) and the clamp would never
 # fire, so gpt_oss expert gate_up weights get a larger std to really exercise it.
 GPT_OSS_GATE_UP_STD = 0.6
+# DeepSeek-V3's `e_score_correction_bias` (added to the sigmoid scores, [0, 1], for choosing
+# experts only): large enough to change some of the choices, as deepseek_checks counts.
+SCORE_BIAS_STD = 0.08
 
 # MXFP4 (gpt-oss experts): hidden and expert width 96, so every row is 3 blocks of 32.
 MXFP4_HIDDEN = 96
 FP4_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-# FP8 (qwen3_moe): 24 x 24 scale blocks over 64- and 32-wide matrices, so there are several
-# blocks a side and partial ones at the edges.
+# FP8 (qwen3_moe, deepseek_v3): 24 x 24 scale blocks over 16- to 112-wide matrices, so there
+# are several blocks a side and partial ones at the edges.
 FP8_BLOCK = [24, 24]
 FP8_MAX = 448.0
+
+
+# DeepSeek-V3's YaRN, as its config.json's `rope_scaling` holds it (without `type`).
+DEEPSEEK_YARN = {
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.9,
+    "mscale_all_dim": 0.7,
+}
 
 
 def common_kwargs(num_layers: int = 2, eps: float = 1e-6) -> dict:
@@ -198,6 +243,63 @@ def make_config(arch: str):
             },
             max_position_embeddings=256,
         )
+    if arch in DEEPSEEK:
+        kwargs = common_kwargs(num_layers=3)
+        del kwargs["head_dim"]  # DeepseekV3Config sets it to qk_rope_head_dim
+        kwargs.update(num_key_value_heads=4, num_experts_per_tok=4)
+        return DeepseekV3Config(
+            **kwargs,
+            # Both query paths: low-rank q_a_proj / q_a_layernorm / q_b_proj, and a plain q_proj.
+            q_lora_rank=48 if arch == "deepseek_v3" else None,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_routed_experts=16,
+            n_group=4,
+            topk_group=2,
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            n_shared_experts=2,
+            moe_intermediate_size=16,
+            intermediate_size=96,
+            first_k_dense_replace=1,
+            moe_layer_freq=1,
+            rope_interleave=True,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **DEEPSEEK_YARN},
+            max_position_embeddings=128,
+            attention_bias=False,
+            num_nextn_predict_layers=1,
+        )
+    if arch == "deepseek_v2":
+        # As DeepSeek-V2-Lite (a plain q_proj) but with V2's group-limited routing, saved as
+        # transformers 5 writes it (fused experts, `rope_parameters`).
+        kwargs = common_kwargs(num_layers=3)
+        del kwargs["head_dim"]
+        kwargs.update(num_key_value_heads=4, num_experts_per_tok=4)
+        return DeepseekV2Config(
+            **kwargs,
+            q_lora_rank=None,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_routed_experts=16,
+            n_group=4,
+            topk_group=2,
+            topk_method="group_limited_greedy",
+            norm_topk_prob=False,
+            routed_scaling_factor=1.5,
+            n_shared_experts=2,
+            moe_intermediate_size=16,
+            intermediate_size=96,
+            first_k_dense_replace=1,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **DEEPSEEK_YARN},
+            max_position_embeddings=128,
+            attention_bias=False,
+        )
     raise ValueError(f"unknown arch {arch!r}")
 
 
@@ -235,7 +337,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 @torch.no_grad()
 def randomize(model: torch.nn.Module, arch: str, gen: torch.Generator) -> None:
-    """Overwrite every parameter with large random values (deterministic order)."""
+    """Overwrite every parameter with large random values (deterministic order), then
+    DeepSeek-V3's `e_score_correction_bias` buffers (none elsewhere)."""
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         leaf = name.rsplit(".", 1)[-1]
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
@@ -253,26 +356,131 @@ def randomize(model: torch.nn.Module, arch: str, gen: torch.Generator) -> None:
             assert p.ndim >= 2, name
             val = WEIGHT_STD * noise
         p.copy_(val.to(p.dtype))
+    for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(SCORE_BIAS_STD * torch.randn(b.shape, generator=gen, dtype=torch.float32))
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path, arch: str) -> None:
+@torch.no_grad()
+def make_mtp_layer(config, arch: str, gen: torch.Generator) -> torch.nn.Module:
+    """DeepSeek-V3's multi-token-prediction layer as the Hub stores it under
+    `model.layers.<num_hidden_layers>.`: a full MoE decoder layer plus `embed_tokens`, `enorm`,
+    `hnorm`, `eh_proj` [hidden, 2 hidden] and `shared_head.{norm,head}`; random like the rest.
+    transformers builds no such layer and ignores these tensors."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+    h, v = config.hidden_size, config.vocab_size
+    layer = DeepseekV3DecoderLayer(config, layer_idx=config.num_hidden_layers)
+    assert hasattr(layer.mlp, "experts"), "the MTP layer is an MoE layer"
+    layer.embed_tokens = torch.nn.Embedding(v, h)
+    layer.enorm = DeepseekV3RMSNorm(h, eps=config.rms_norm_eps)
+    layer.hnorm = DeepseekV3RMSNorm(h, eps=config.rms_norm_eps)
+    layer.eh_proj = torch.nn.Linear(2 * h, h, bias=False)
+    layer.shared_head = torch.nn.Module()
+    layer.shared_head.norm = DeepseekV3RMSNorm(h, eps=config.rms_norm_eps)
+    layer.shared_head.head = torch.nn.Linear(h, v, bias=False)
+    randomize(layer, arch, gen)
+    return layer
+
+
+def split_experts(prefix: str, experts: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """transformers' fused experts as the Hub stores them, one Linear weight per expert:
+    `gate_up_proj` [E, 2I, H] holds gate rows then up rows (its forward takes
+    `linear(x, gate_up_proj[e]).chunk(2, -1)`); `down_proj` [E, H, I] is already [out, in]."""
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    inter = gate_up.shape[1] // 2
+    out = {}
+    for e in range(gate_up.shape[0]):
+        out[f"{prefix}.{e}.gate_proj.weight"] = gate_up[e, :inter].clone()
+        out[f"{prefix}.{e}.up_proj.weight"] = gate_up[e, inter:].clone()
+        out[f"{prefix}.{e}.down_proj.weight"] = down[e].clone()
+    return out
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, arch: str, mtp: torch.nn.Module | None = None) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     kwargs = {}
-    if arch in QUANTIZED:
-        kwargs["max_shard_size"] = "100MB"  # one file, rewritten quantized
+    if arch in QUANTIZED or arch in DEEPSEEK:
+        kwargs["max_shard_size"] = "100MB"  # one file, rewritten (quantized / Hub layout)
     if arch == "qwen3_moe":
         kwargs["max_shard_size"] = "150KB"  # force >= 2 shards + index.json
+    # DeepSeek-V3 ships its routing bias in float32: keep it before the bf16 cast.
+    fp32 = {n: b.detach().clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
     model.to(torch.bfloat16).save_pretrained(out_dir, **kwargs)
     if arch == "gpt_oss_mxfp4":
         quantize_mxfp4_experts(out_dir)
+    if arch in DEEPSEEK:
+        deepseek_hub_layout(out_dir, model, fp32, mtp)
     if arch == "qwen3_moe_fp8":
         quantize_fp8_linears(out_dir)
+    if arch == "deepseek_v3_fp8":
+        # As DeepSeek-V3: the attention and MLP projections only (not the MTP's eh_proj), and
+        # no `modules_to_not_convert`.
+        quantize_fp8_linears(out_dir, only=(".self_attn.", ".mlp."), modules_to_not_convert=None)
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     for f in out_dir.iterdir():  # save_pretrained writes safetensors as 0600
         f.chmod(0o644)
+
+
+# ------------------------------------------------------- DeepSeek-V3 layout
+
+
+def deepseek_hub_layout(out_dir: Path, model, fp32: dict[str, torch.Tensor], mtp: torch.nn.Module) -> None:
+    """Rewrites a saved DeepSeek-V3 checkpoint as the Hub ships DeepSeek-V3:
+
+    * config.json in the transformers 4.x layout: `rope_theta` + `rope_scaling` {"type": "yarn",
+      ...} instead of `rope_parameters`, `torch_dtype` instead of `dtype`, and without the
+      `head_dim` / `qk_head_dim` that transformers 5 derives;
+    * `mlp.gate.e_score_correction_bias` in float32;
+    * the MTP layer's tensors under `model.layers.<num_hidden_layers>.` (bf16, the bias float32).
+
+    Routed experts are already per expert (`mlp.experts.N.{gate,up,down}_proj.weight`):
+    transformers 5 saves its fused experts that way; `split_experts` must agree with it."""
+    from safetensors.torch import load_file, save_file
+
+    path = out_dir / "model.safetensors"
+    tensors = load_file(path)
+    n = model.config.num_hidden_layers
+    for i, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            prefix = f"model.layers.{i}.mlp.experts"
+            for name, t in split_experts(prefix, layer.mlp.experts).items():
+                assert torch.equal(tensors[name], t), f"transformers saved {name} differently from split_experts"
+            fused = [k for k in tensors if k.startswith(prefix) and not k.startswith(prefix + ".")]
+            assert not fused, fused
+    for name, b in fp32.items():
+        assert tensors[name].shape == b.shape, name
+        tensors[name] = b.float()
+    assert not any(k.startswith(f"model.layers.{n}.") for k in tensors)
+    mtp_state = {}
+    for name, t in mtp.state_dict().items():
+        if name.startswith("mlp.experts."):
+            continue
+        mtp_state[name] = t.float() if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
+    mtp_state.update({k: t.to(torch.bfloat16) for k, t in split_experts("mlp.experts", mtp.mlp.experts).items()})
+    tensors.update({f"model.layers.{n}.{k}": t.contiguous() for k, t in mtp_state.items()})
+    save_file({k: tensors[k] for k in sorted(tensors)}, path, metadata={"format": "pt"})
+
+    cfg = json.loads((out_dir / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    assert rope["rope_type"] == "yarn" and {k: rope[k] for k in DEEPSEEK_YARN} == DEEPSEEK_YARN, rope
+    cfg["rope_theta"] = rope["rope_theta"]
+    cfg["rope_scaling"] = {"type": "yarn", **DEEPSEEK_YARN}
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    for derived in ("head_dim", "qk_head_dim"):
+        cfg.pop(derived, None)
+    for field in (
+        "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+        "num_experts_per_tok", "n_group", "topk_group", "topk_method", "scoring_func", "norm_topk_prob",
+        "routed_scaling_factor", "n_shared_experts", "moe_intermediate_size", "intermediate_size",
+        "first_k_dense_replace", "moe_layer_freq", "rope_interleave", "num_nextn_predict_layers",
+    ):  # fmt: skip
+        assert field in cfg, f"config.json lacks {field}"
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["model_type"] == "deepseek_v3", cfg
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------- quantizing
@@ -352,13 +560,23 @@ def check_fp8_semantics() -> None:
     assert torch.equal(theirs, fp8_dequantize(q, scale, FP8_BLOCK)), "FP8 block semantics differ from transformers'"
 
 
-def quantize_fp8_linears(out_dir: Path) -> None:
+FP8_NOT_CONVERTED = ["model.embed_tokens", "lm_head", "model.layers.*.mlp.gate"]
+
+
+def quantize_fp8_linears(
+    out_dir: Path, only: tuple[str, ...] | None = None, modules_to_not_convert: list[str] | None = FP8_NOT_CONVERTED
+) -> None:
     """Every linear layer's weight in float8_e4m3fn with one float32 `weight_scale_inv` per
     24 x 24 block (each block's largest magnitude maps to 448), as DeepSeek-V3 and the
-    Qwen3 FP8 checkpoints store them; the routers, norms, embeddings and head stay bf16."""
+    Qwen3 FP8 checkpoints store them; the routers, norms, embeddings and head stay bf16.
+    `only`: quantize just the `*_proj.weight`s whose names contain one of these strings.
+    `modules_to_not_convert`: declared in the quantization_config unless None."""
 
     def transform(name: str, t: torch.Tensor) -> dict:
-        quantized = t.ndim == 2 and name.endswith("_proj.weight")
+        # DeepSeek-V3's kv_a_proj_with_mqa is quantized like every other projection.
+        quantized = t.ndim == 2 and name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
+        if only is not None:
+            quantized = quantized and any(part in name for part in only)
         if not quantized:
             return {name: t}
         w = t.float()
@@ -375,17 +593,15 @@ def quantize_fp8_linears(out_dir: Path) -> None:
         q = (w / full).to(torch.float8_e4m3fn)
         return {name: q, name.removesuffix("weight") + "weight_scale_inv": scale}
 
-    _rewrite(
-        out_dir,
-        transform,
-        {
-            "quant_method": "fp8",
-            "activation_scheme": "dynamic",
-            "fmt": "e4m3",
-            "weight_block_size": FP8_BLOCK,
-            "modules_to_not_convert": ["model.embed_tokens", "lm_head", "model.layers.*.mlp.gate"],
-        },
-    )
+    quantization_config = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": FP8_BLOCK,
+    }
+    if modules_to_not_convert is not None:
+        quantization_config["modules_to_not_convert"] = modules_to_not_convert
+    _rewrite(out_dir, transform, quantization_config)
 
 
 def fp8_dequantized(ckpt: Path) -> Path:
@@ -555,6 +771,102 @@ def swiglu_clamp_fraction(ckpt: Path, tokenizer, prompts: list[str]) -> float:
     return stats[0] / max(stats[1], 1)
 
 
+def yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def noaux_tc_choice(scores: torch.Tensor, bias: torch.Tensor, groups: int, topk_group: int, top_k: int, limit=True):
+    """DeepSeek-V3's expert choice (transformers' DeepseekV3TopkRouter): the groups whose two
+    best biased scores sum highest, then the top-k biased scores within them (`limit=False`:
+    over all experts)."""
+    s = scores + bias
+    t, e = s.shape
+    if limit:
+        group_scores = s.view(t, groups, e // groups).topk(2, dim=-1)[0].sum(-1)
+        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1)[1], 1).bool()
+        s = s.masked_fill(~keep[:, :, None].expand(t, groups, e // groups).reshape(t, e), float("-inf"))
+    return s.topk(top_k, dim=-1)[1].sort(-1).values
+
+
+@torch.no_grad()
+def deepseek_checks(ckpt: Path, cases: list[dict]) -> None:
+    """What the reloaded DeepSeek-V3 checkpoint really runs: YaRN with mscale / mscale_all_dim,
+    interleaved RoPE, the MTP tensors left out, and routing that the random
+    `e_score_correction_bias` changes (choices with the bias against without it)."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    load_dir = fp8_dequantized(ckpt) if "quantization_config" in cfg else ckpt
+    model, info = AutoModelForCausalLM.from_pretrained(
+        load_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
+    model.eval()
+    c = model.config
+    n = c.num_hidden_layers
+    unexpected = sorted(info["unexpected_keys"])
+    assert unexpected and all(k.startswith(f"model.layers.{n}.") for k in unexpected), unexpected
+    assert not info["missing_keys"], info["missing_keys"]
+    print(f"  MTP: transformers ignored {len(unexpected)} model.layers.{n}.* tensors (its unexpected keys)")
+
+    rope = c.rope_parameters
+    factor = rope["factor"]
+    attn_factor = yarn_mscale(factor, rope["mscale"]) / yarn_mscale(factor, rope["mscale_all_dim"])
+    softmax_scale = (c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5 * yarn_mscale(factor, rope["mscale_all_dim"]) ** 2
+    rot = model.model.rotary_emb
+    scalings = {layer.self_attn.scaling for layer in model.model.layers}
+    print(
+        f"  rope: type={rot.rope_type} theta={rope['rope_theta']} factor={factor} "
+        f"original_max_pos={rope['original_max_position_embeddings']} interleave={c.rope_interleave} "
+        f"inv_freq={[round(f, 6) for f in rot.inv_freq.tolist()]}"
+    )
+    print(
+        f"  rotary_emb.attention_scaling={rot.attention_scaling!r} (mscale(factor, mscale) / mscale(factor, "
+        f"mscale_all_dim) = {attn_factor!r}); self_attn.scaling={sorted(scalings)} (qk_head_dim^-0.5 * "
+        f"mscale(factor, mscale_all_dim)^2 = {softmax_scale!r}; without YaRN {(c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5!r})"
+    )
+    assert rot.rope_type == "yarn" and c.rope_interleave is True
+    assert math.isclose(rot.attention_scaling, attn_factor, rel_tol=1e-12), rot.attention_scaling
+    assert len(scalings) == 1 and math.isclose(scalings.pop(), softmax_scale, rel_tol=1e-12)
+
+    gates = [(i, layer.mlp.gate) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+    stats = {"tokens": 0, "bias_changed": 0, "group_limited": 0, "group_gap": math.inf, "expert_gap": math.inf}
+
+    def hook(gate, args, out):
+        hs = args[0].reshape(-1, gate.hidden_dim).float()
+        scores = torch.nn.functional.linear(hs, gate.weight.float()).sigmoid()
+        k, g, tg = gate.top_k, gate.num_group, gate.topk_group
+        biased = noaux_tc_choice(scores, gate.e_score_correction_bias, g, tg, k)
+        assert torch.equal(biased, out[2].sort(-1).values), "routing replica differs from transformers'"
+        unbiased = noaux_tc_choice(scores, torch.zeros_like(gate.e_score_correction_bias), g, tg, k)
+        plain = noaux_tc_choice(scores, gate.e_score_correction_bias, g, tg, k, limit=False)
+        stats["tokens"] += scores.shape[0]
+        stats["bias_changed"] += int((biased != unbiased).any(-1).sum())
+        stats["group_limited"] += int((biased != plain).any(-1).sum())
+        # How close the choices are to ties (the last group / expert in against the first out).
+        s = scores + gate.e_score_correction_bias
+        t, e = s.shape
+        gs = s.view(t, g, e // g).topk(2, dim=-1)[0].sum(-1).sort(-1, descending=True).values
+        stats["group_gap"] = min(stats["group_gap"], (gs[:, tg - 1] - gs[:, tg]).min().item())
+        keep = torch.zeros(t, e, dtype=torch.bool).scatter_(1, biased, True)
+        inside = s.view(t, g, e // g).topk(2, dim=-1)[0].sum(-1) >= gs[:, tg - 1 : tg]
+        eligible = s.masked_fill(~inside[:, :, None].expand(t, g, e // g).reshape(t, e), float("-inf"))
+        chosen_min = s.masked_fill(~keep, float("inf")).min(-1).values
+        best_out = eligible.masked_fill(keep, float("-inf")).max(-1).values
+        stats["expert_gap"] = min(stats["expert_gap"], (chosen_min - best_out).min().item())
+
+    hooks = [gate.register_forward_hook(hook) for _, gate in gates]
+    for case in cases:
+        model(torch.tensor([case["prompt_ids"] + case["tokens"]]))
+    for h in hooks:
+        h.remove()
+    print(
+        f"  routing over {stats['tokens']} token x MoE-layer choices (layers {[i for i, _ in gates]}): "
+        f"e_score_correction_bias changes {stats['bias_changed']}, group limit changes {stats['group_limited']}; "
+        f"bias std {SCORE_BIAS_STD}, max |bias| "
+        f"{max(g.e_score_correction_bias.abs().max().item() for _, g in gates):.3f}; "
+        f"smallest gap: group choice {stats['group_gap']:.2e}, expert choice {stats['expert_gap']:.2e}"
+    )
+    assert stats["bias_changed"] > 0 and stats["group_limited"] > 0, stats
+
+
 def build_arch(arch: str, seed: int, tokenizer, out_root: Path) -> dict:
     ckpt = out_root / arch
     prompts = SHORT_PROMPTS if arch == "qwen2_moe" else PROMPTS
@@ -565,8 +877,24 @@ def build_arch(arch: str, seed: int, tokenizer, out_root: Path) -> dict:
         config = make_config(arch)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         randomize(model, arch, gen)
-        save_checkpoint(model, tokenizer, ckpt, arch)
+        mtp = None
+        if arch in DEEPSEEK:
+            mtp = make_mtp_layer(config, arch, gen)
+            # What the saved checkpoint holds (bf16 weights, float32 routing bias), to check
+            # that the reload, with its 4.x config.json, computes the same logits.
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(torch.bfloat16).float())
+                probe = torch.tensor([list(range(3, 3 + 40))])
+                before = torch.log_softmax(model(probe).logits[0].float(), -1)
+        save_checkpoint(model, tokenizer, ckpt, arch, mtp)
         del model
+        if arch in DEEPSEEK:
+            with torch.no_grad():
+                after = torch.log_softmax(load_model(ckpt)(probe).logits[0].float(), -1)
+            reload_diff = (after - before).abs().max().item()
+            # bf16: the very same weights (fp8: their FP8 quantization error, printed only).
+            assert arch != "deepseek_v3" or reload_diff < 1e-4, reload_diff
 
         saved_tok = AutoTokenizer.from_pretrained(ckpt)
         raw_tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
@@ -601,6 +929,8 @@ def build_arch(arch: str, seed: int, tokenizer, out_root: Path) -> dict:
     (ckpt / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
 
     print(f"[{arch}] seed={seed} redraws={redraw} sub_seed={sub_seed}")
+    if arch in DEEPSEEK:
+        print(f"  saved -> reloaded max |log-prob diff| over 40 positions (in-memory bf16 model vs checkpoint): {reload_diff:.2e}")
     for case, info in zip(cases, infos):
         print(
             f"  prompt_len={len(case['prompt_ids']):2d} gen={len(case['tokens']):2d} "
@@ -622,6 +952,10 @@ def build_arch(arch: str, seed: int, tokenizer, out_root: Path) -> dict:
         fr = clip_fractions(ckpt, saved_tok, prompts, cfg["clip_qkv"])
         print(f"  clip_qkv={cfg['clip_qkv']} clipped fractions: " + ", ".join(f"{k}={v:.3f}" for k, v in fr.items()))
         assert all(0.0 < v < 1.0 for v in fr.values()), fr
+    if arch in DEEPSEEK:
+        deepseek_checks(ckpt, cases)
+    if arch == "deepseek_v2":
+        deepseek_v2_checks(ckpt, cases)
     if arch.startswith("gpt_oss"):
         frac = swiglu_clamp_fraction(ckpt, saved_tok, prompts)
         print(f"  swiglu_limit={cfg['swiglu_limit']} clamped gate/up fraction: {frac:.3f}")
@@ -629,6 +963,32 @@ def build_arch(arch: str, seed: int, tokenizer, out_root: Path) -> dict:
     size = sum(f.stat().st_size for f in ckpt.iterdir())
     print(f"  files: {sorted(f.name for f in ckpt.iterdir())} ({size / 1024:.0f} KiB)")
     return {"arch": arch, "redraws": redraw, "bytes": size}
+
+
+@torch.no_grad()
+def deepseek_v2_checks(ckpt: Path, cases: list[dict]) -> None:
+    """DeepSeek-V2's `group_limited_greedy` really limits the choice: over the fixture's tokens,
+    the experts picked among the `topk_group` groups with the best single score differ from
+    the plain top-k of the softmax scores for some tokens."""
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    stats = {"tokens": 0, "group_limited": 0}
+
+    def hook(gate, args, out):
+        hs = args[0].reshape(-1, gate.hidden_dim).float()
+        scores = torch.nn.functional.linear(hs, gate.weight.float()).softmax(-1)
+        plain = scores.topk(gate.top_k, dim=-1)[1].sort(-1).values
+        stats["tokens"] += scores.shape[0]
+        stats["group_limited"] += int((out[2].sort(-1).values != plain).any(-1).sum())
+
+    hooks = [gate.register_forward_hook(hook) for gate in gates]
+    for case in cases:
+        model(torch.tensor([case["prompt_ids"] + case["tokens"]]))
+    for h in hooks:
+        h.remove()
+    print(f"  routing: the group limit changes {stats['group_limited']} of {stats['tokens']} token x layer choices")
+    assert stats["group_limited"] > 0, stats
 
 
 def main() -> int:

@@ -49,15 +49,20 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: switchyard_kernels::Device,
     /// The random checkpoint written when no --model is given: `small` (Mixtral layout,
-    /// hidden 1024, 8 layers) or `gpt-oss-20b` (its shapes: in the Mixtral layout, 42 GB in
-    /// bf16; with `--quant mxfp4`, gpt-oss itself, 13.8 GB).
+    /// hidden 1024, 8 layers), `gpt-oss-20b` (its shapes: in the Mixtral layout, 42 GB in
+    /// bf16; with `--quant mxfp4`, gpt-oss itself, 13.8 GB) or `deepseek-v3` (DeepSeek-V3's
+    /// latent attention widths over 16 heads, hidden 2048, 3 layers, 16 experts top-4).
     #[arg(long, default_value = "small")]
     shape: String,
     /// How the random checkpoint stores its weights: `none` (bf16), `fp8` (e4m3 with 128x128
-    /// block scales on attention and experts; `small`) or `mxfp4` (gpt-oss's MXFP4 experts;
-    /// `gpt-oss-20b`).
+    /// block scales on attention and experts; `small`, `deepseek-v3`) or `mxfp4` (gpt-oss's
+    /// MXFP4 experts; `gpt-oss-20b`).
     #[arg(long, default_value = "none")]
     quant: String,
+    /// With a latent-attention (DeepSeek) model: the context at which decode is measured with
+    /// the absorbed form against the expanded one.
+    #[arg(long, default_value_t = 4096)]
+    mla_context: usize,
     /// With `--device cuda:N`: a Python with torch and transformers; runs
     /// tools/bench_transformers.py on the same checkpoint and GPU after switchyard, and adds
     /// its figures to the table.
@@ -72,6 +77,9 @@ enum BenchCommand {
     /// The coordinators under load: failover time after a SIGKILLed expert node, and node
     /// load before and after balancing a skewed workload.
     Cluster(crate::bench_cluster::Args),
+    /// The coordinators' placement planner at datacenter size, against the raft election
+    /// timeout.
+    Planner(crate::bench_planner::Args),
 }
 
 struct Row {
@@ -87,6 +95,7 @@ pub fn run(args: Args) -> Result<()> {
     match args.command {
         Some(BenchCommand::Serve(serve)) => return crate::bench_serve::run(serve),
         Some(BenchCommand::Cluster(cluster)) => return crate::bench_cluster::run(cluster),
+        Some(BenchCommand::Planner(planner)) => return crate::bench_planner::run(planner),
         None => {}
     }
     let device = args.device.ensure_available()?;
@@ -102,11 +111,17 @@ pub fn run(args: Args) -> Result<()> {
                 ("gpt-oss-20b", "mxfp4") => {
                     (RandomShape::gpt_oss_20b_native(), RandomFormat::Mxfp4, args.cache_dir.join("gpt-oss-20b-mxfp4"))
                 }
-                (shape @ ("small" | "gpt-oss-20b"), quant) => bail!(
-                    "--quant {quant} is not offered with --shape {shape}: `small` takes none or fp8, `gpt-oss-20b` \
-                     none or mxfp4"
+                ("deepseek-v3", "none") => {
+                    (RandomShape::deepseek_v3_small(), RandomFormat::Bf16, args.cache_dir.join("deepseek-v3"))
+                }
+                ("deepseek-v3", "fp8") => {
+                    (RandomShape::deepseek_v3_small(), RandomFormat::Fp8, args.cache_dir.join("deepseek-v3-fp8"))
+                }
+                (shape @ ("small" | "gpt-oss-20b" | "deepseek-v3"), quant) => bail!(
+                    "--quant {quant} is not offered with --shape {shape}: `small` and `deepseek-v3` take none or \
+                     fp8, `gpt-oss-20b` none or mxfp4"
                 ),
-                (other, _) => bail!("unknown --shape `{other}`: expected `small` or `gpt-oss-20b`"),
+                (other, _) => bail!("unknown --shape `{other}`: expected `small`, `gpt-oss-20b` or `deepseek-v3`"),
             };
             if !dir.join("config.json").exists() {
                 let p = Progress::new("writing");
@@ -229,6 +244,10 @@ pub fn run(args: Args) -> Result<()> {
             per_step * 1e3,
             100.0 * floor / per_step
         );
+    }
+    if model.spec.mla.is_some() {
+        let tokens = random_tokens(args.mla_context + 1);
+        crate::bench_mla::run(&mut model, args.mla_context, args.steps.min(16), &tokens)?;
     }
     if !cluster_rows.is_empty() {
         println!();

@@ -10,6 +10,8 @@
 //! - [`bench`]: `switchyard bench`, throughput against the memory-bandwidth floor and the
 //!   single process.
 //! - [`bench_cluster`]: `switchyard bench cluster`, failover and balancing under load.
+//! - [`bench_mla`]: the latent KV cache and absorbed against expanded decode (DeepSeek).
+//! - [`bench_planner`]: `switchyard bench planner`, the placement planner at datacenter size.
 //! - [`bench_serve`]: `switchyard bench serve`, concurrent clients against the OpenAI API.
 //! - [`launch`]: child processes, signals and the async runtime.
 //! - [`telemetry`]: logs, and span export over OTLP.
@@ -19,6 +21,8 @@ mod bench;
 mod bench_cluster;
 #[cfg(feature = "cuda")]
 mod bench_gpu;
+mod bench_mla;
+mod bench_planner;
 mod bench_serve;
 mod certs;
 mod cluster;

@@ -1,6 +1,6 @@
 //! The sharded cluster end to end, as real processes on loopback: `switchyard up` starts a
 //! router and expert nodes, `switchyard generate --router` is the client, and the answers
-//! must be exactly the single-process engine's.
+//! must be the single-process engine's.
 
 mod common;
 
@@ -30,23 +30,54 @@ fn run(args: &[String]) -> String {
     stdout_of(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-/// Fixture cases 0 and 2 through the router at `router`: byte for byte the single process's
-/// answer on `model`, and transformers' greedy tokens.
+/// Fixture cases 0 and 2 through the router at `router`: the single process's answer on
+/// `model`, and transformers' greedy tokens. Byte for byte with top-2 routing; with more
+/// experts per token a node's partial sum adds them in another order than the single process
+/// does, so there the tokens and texts are the same and the log-probabilities within 1e-4.
 fn answers_like_the_single_process_and_transformers(arch: &str, model: &str, router: &str) {
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{model}/config.json")).unwrap()).unwrap();
+    let top_k = config["num_experts_per_tok"].as_u64();
     for case in [0, 2] {
         let args = generate_args(arch, case, 20);
         let local = run(&with(&args, &["--model", model]));
         let remote = run(&with(&args, &["--router", router]));
-        assert_eq!(remote, local, "{arch} case {case}: the cluster differs from the single process");
         let got: Value = serde_json::from_str(&remote).unwrap();
+        if top_k.is_some_and(|k| k > 2) {
+            let want: Value = serde_json::from_str(&local).unwrap();
+            assert_close(&got, &want, &format!("{arch} case {case}: the cluster against the single process"));
+        } else {
+            assert_eq!(remote, local, "{arch} case {case}: the cluster differs from the single process");
+        }
         let ids: Vec<Value> = got["tokens"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect();
         assert_eq!(&Value::from(ids), &expected(arch)["cases"][case]["tokens"], "{arch} case {case}");
     }
 }
 
+/// `got` and `want` are the same JSON but for numbers, which differ by at most 1e-4.
+fn assert_close(got: &Value, want: &Value, what: &str) {
+    match (got, want) {
+        (Value::Number(a), Value::Number(b)) => {
+            let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-4, "{what}: {a} against {b}");
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{what}: {got} against {want}");
+            a.iter().zip(b).for_each(|(a, b)| assert_close(a, b, what));
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}");
+            a.iter().zip(b.values()).for_each(|((_, a), b)| assert_close(a, b, what));
+        }
+        _ => assert_eq!(got, want, "{what}"),
+    }
+}
+
 #[test]
 fn three_expert_nodes_reproduce_the_single_process_engine_for_every_architecture() {
-    for arch in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"] {
+    let archs =
+        ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "deepseek_v3_fp8", "deepseek_v2"];
+    for arch in archs {
         let model = fixture(arch);
         let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "3"], &[]);
         let status = cluster.status();

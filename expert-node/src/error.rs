@@ -70,6 +70,7 @@ impl From<NodeError> for tonic::Status {
                 | ModelError::InvalidJson { .. }
                 | ModelError::Config { .. }
                 | ModelError::UnsupportedArchitecture(_)
+                | ModelError::UnsupportedOnDevice { .. }
                 | ModelError::Safetensors { .. }
                 | ModelError::MissingTensor(_)
                 | ModelError::ShapeMismatch { .. }

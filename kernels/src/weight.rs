@@ -274,6 +274,40 @@ impl Weight {
         Self::host_with_scales(format, rows, cols, parts, bias)
     }
 
+    /// Rows `rows` of this host matrix, in that order, with their bias entries, as a new host
+    /// weight (a copy). An FP8 matrix's rows keep their scales as blocks one row tall
+    /// (`[1, block[1]]`), so any selection is exact.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Weight> {
+        let op = "select_rows";
+        let Some((values, scales)) = self.host_bytes() else {
+            return Err(KernelError::WrongDevice { op, arg: "weight", expected: Device::Cpu, got: self.device() });
+        };
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.rows) {
+            return Err(KernelError::OutOfRange { op, message: format!("row {r} of {}", self.rows) });
+        }
+        let row_bytes = self.format.data_bytes(1, self.cols);
+        let data: Vec<u8> = rows.iter().flat_map(|&r| &values[r * row_bytes..(r + 1) * row_bytes]).copied().collect();
+        let (format, scales) = match (self.format, scales) {
+            (Format::Fp8 { block }, Some(s)) => {
+                let per_row = quant::blocks_along(self.cols, block[1]) * 4;
+                let picked: Vec<u8> = rows
+                    .iter()
+                    .flat_map(|&r| &s[(r / block[0]) * per_row..(r / block[0] + 1) * per_row])
+                    .copied()
+                    .collect();
+                (Format::Fp8 { block: [1, block[1]] }, Some(HostBytes::copy_of(&picked)))
+            }
+            (Format::Mxfp4, Some(s)) => {
+                let per_row = self.format.scale_bytes(1, self.cols);
+                let picked: Vec<u8> = rows.iter().flat_map(|&r| &s[r * per_row..(r + 1) * per_row]).copied().collect();
+                (Format::Mxfp4, Some(HostBytes::copy_of(&picked)))
+            }
+            (format, _) => (format, None),
+        };
+        let bias = self.host_bias().map(|b| rows.iter().map(|&r| b[r]).collect());
+        Self::host_with_scales(format, rows.len(), self.cols, (HostBytes::copy_of(&data), scales), bias)
+    }
+
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn from_parts(
         format: Format,
@@ -421,5 +455,23 @@ mod tests {
         assert!(Weight::from_f32(Format::F32, 2, 3, &[0.0; 6], Some(vec![0.0; 3])).is_err());
         let odd = HostBytes::new(Arc::new(vec![0u8; 13]), 1..13).unwrap();
         assert!(Weight::host(Format::F32, 1, 3, odd, None).is_err());
+    }
+
+    #[test]
+    fn selected_rows_keep_their_values_bias_and_scales() {
+        // FP8 in 2 x 3 blocks over 5 x 7 (partial edge blocks): rows picked across blocks.
+        let values: Vec<f32> = (0..35).map(|i| (i as f32 - 17.0) * 0.37).collect();
+        let bias: Vec<f32> = (0..5).map(|i| i as f32).collect();
+        let rows = [4, 1, 2, 1];
+        for format in [Format::F32, Format::BF16, Format::Fp8 { block: [2, 3] }] {
+            let w = Weight::from_f32(format, 5, 7, &values, Some(bias.clone())).unwrap();
+            let all = w.view().unwrap().to_f32_vec();
+            let picked = w.select_rows(&rows).unwrap();
+            let want: Vec<f32> = rows.iter().flat_map(|&r| all[r * 7..(r + 1) * 7].to_vec()).collect();
+            assert_eq!(picked.view().unwrap().to_f32_vec(), want, "{}", format.name());
+            assert_eq!(picked.host_bias().unwrap(), &[4.0, 1.0, 2.0, 1.0]);
+        }
+        let w = Weight::from_f32(Format::F32, 5, 7, &values, None).unwrap();
+        assert!(w.select_rows(&[5]).unwrap_err().to_string().contains("row 5 of 5"));
     }
 }

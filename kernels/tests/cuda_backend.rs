@@ -383,7 +383,7 @@ fn kv_pass(b: &dyn Backend, arena: &mut Tensor, layout: KvLayout, spans: &[SeqSp
 #[test]
 #[ignore = "needs a CUDA GPU: cargo nextest run --features switchyard/cuda --run-ignored only"]
 fn kv_cache_and_attention_match_cpu_for_sequences_sharing_an_arena() {
-    let layout = KvLayout { layers: 2, kv_heads: 2, head_dim: 40 };
+    let layout = KvLayout::per_head(2, 2, 40);
     let (a, b_) = ([5u32, 2], [0u32]);
     let mut arenas = Vec::new();
     for b in [&CpuBackend as &dyn Backend, gpu()] {
@@ -460,7 +460,7 @@ fn wrong_sizes_are_refused_on_both_backends() {
     let short = Combine { start: vec![0, 2], src: vec![0], weight: vec![1.0] };
     refused("combine_rows of 2 entries listing 1", |b| b.combine_rows(&t(b, 2, 3), &short).map(drop));
 
-    let layout = KvLayout { layers: 2, kv_heads: 2, head_dim: 8 };
+    let layout = KvLayout::per_head(2, 2, 8);
     let (two, far) = ([0u32, 1], [7u32]);
     let span = [SeqSpan { tokens: 3, first_pos: 0, blocks: &two }];
     refused("kv_batch past its blocks", |b| {
@@ -514,7 +514,7 @@ fn tensors_of_another_device_are_refused() {
     assert!(wrong(cpu.linear(&on_cpu, &g.upload_weight(&w).unwrap(), Precision::F32)));
     assert!(matches!(g.download(&on_cpu), Err(KernelError::WrongDevice { .. })));
     // A batch made by the CPU has no device tables.
-    let layout = KvLayout { layers: 1, kv_heads: 1, head_dim: 4 };
+    let layout = KvLayout::per_head(1, 1, 4);
     let blocks = [0u32];
     let span = [SeqSpan { tokens: 1, first_pos: 0, blocks: &blocks }];
     let cpu_batch = cpu.kv_batch(layout, &cpu.kv_arena(layout, 1).unwrap(), &span).unwrap();

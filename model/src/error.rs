@@ -14,8 +14,13 @@ pub enum ModelError {
     InvalidJson { file: PathBuf, message: String },
     #[error("config.json: `{field}` {problem}")]
     Config { field: &'static str, problem: String },
-    #[error("unsupported model_type `{0}`: supported are mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss")]
+    #[error(
+        "unsupported model_type `{0}`: supported are mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2, deepseek_v3"
+    )]
     UnsupportedArchitecture(String),
+    /// The model needs an operation the device's backend does not have yet.
+    #[error("{what} runs on the CPU backend only so far, not on {device}")]
+    UnsupportedOnDevice { what: String, device: String },
     #[error("{file}: invalid safetensors file: {message}")]
     Safetensors { file: PathBuf, message: String },
     #[error("checkpoint is missing tensor `{0}`")]

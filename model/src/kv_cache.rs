@@ -122,12 +122,16 @@ pub struct KvPool {
 }
 
 impl KvPool {
-    /// The block layout of `spec`'s model.
+    /// The block layout of `spec`'s model: keys and values per KV head, or MLA's latent rows.
     pub fn layout_for(spec: &ModelSpec) -> KvLayout {
-        KvLayout { layers: spec.num_layers, kv_heads: spec.num_kv_heads, head_dim: spec.head_dim }
+        match &spec.mla {
+            Some(m) => KvLayout::latent(spec.num_layers, m.cache_width()),
+            None => KvLayout::per_head(spec.num_layers, spec.num_kv_heads, spec.head_dim),
+        }
     }
 
-    /// Floats of one block of `spec`'s model: keys and values of every layer and KV head.
+    /// Floats of one block of `spec`'s model: keys and values of every layer and KV head, or
+    /// every layer's latent rows (MLA).
     pub fn block_floats(spec: &ModelSpec) -> usize {
         Self::layout_for(spec).block_floats()
     }

@@ -3,7 +3,8 @@
 //! [`Engine`] here is what `switchyard generate` runs and the reference every distributed
 //! topology must reproduce.
 //!
-//! Supported `model_type`s: `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`, `gpt_oss`.
+//! Supported `model_type`s: `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`, `gpt_oss`,
+//! `deepseek_v3`.
 //!
 //! # Layout
 //! - [`config`]: `config.json` (transformers 4.x and 5.x layouts) → [`ModelSpec`].
@@ -14,6 +15,8 @@
 //! - [`rope`]: rotary tables (default, linear, dynamic NTK, YaRN).
 //! - [`layers`]: [`layers::Exec`] (backend, precision, bytes read), the SwiGLU MLP, attention
 //!   weights.
+//! - [`mla`]: DeepSeek's multi-head latent attention (weights split at load, the layer's pass
+//!   over the latent cache).
 //! - [`moe`]: the gate ([`moe::route`]) and the experts ([`moe::ExpertLayer`]), kept apart.
 //! - [`kv_cache`]: the paged KV cache (fixed-size blocks of one arena per pool).
 //! - [`model`]: [`Model`], the batched forward pass, written once over the kernels'
@@ -35,6 +38,7 @@ pub mod error;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;
+pub mod mla;
 pub mod model;
 pub mod moe;
 pub mod random;

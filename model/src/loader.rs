@@ -16,10 +16,11 @@ use switchyard_kernels::quant::{MXFP4_BLOCK, MXFP4_BLOCK_BYTES, blocks_along};
 use switchyard_kernels::{Backend, CpuBackend, DType, Format, HostBytes, Tensor, Weight};
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{Arch, ExpertActivation, LayerMlp, ModelSpec, QkNorm, Quantization};
+use crate::config::{Arch, ExpertActivation, GroupScoring, LayerMlp, ModelSpec, QkNorm, Quantization, Routing};
 use crate::error::{ModelError, Result};
 use crate::layers::{AttentionWeights, Mlp};
-use crate::model::{FeedForward, Layer};
+use crate::mla::LatentAttention;
+use crate::model::{Attention, FeedForward, Layer};
 use crate::moe::{Expert, ExpertLayer, MoeBlock, SharedExpert};
 
 /// Which experts a process loads: all of them (single process) or a placement's share.
@@ -101,23 +102,35 @@ impl Names<'_> {
     }
 
     /// A small vector (a norm's weights, attention sinks), checked to be finite.
-    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
         let v = self.tensor(name, &[len])?.to_f32_vec()?;
         checkpoint::check_finite(name, &v)?;
         Ok(self.backend.upload(&v, 1, len)?)
     }
 
     fn weight(&self, w: &checkpoint::Tensor, bias: Option<&checkpoint::Tensor>) -> Result<Weight> {
-        Ok(self.backend.upload_weight(&w.to_weight(bias)?)?)
+        self.place(w.to_weight(bias)?)
     }
 
-    /// The linear layer `prefix` (`[out, in]`): dense, or FP8 with its `weight_scale_inv`
-    /// where the checkpoint quantized it. Its bias and scales are checked to be finite.
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Weight> {
+    /// A host weight on the model's backend.
+    pub(crate) fn place(&self, w: Weight) -> Result<Weight> {
+        Ok(self.backend.upload_weight(&w)?)
+    }
+
+    /// The linear layer `prefix` (`[out, in]`) on the model's backend: see
+    /// [`Names::host_linear`].
+    pub(crate) fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Weight> {
+        self.place(self.host_linear(prefix, out, inp, bias)?)
+    }
+
+    /// The linear layer `prefix` (`[out, in]`) in host memory: dense, or FP8 with its
+    /// `weight_scale_inv` where the checkpoint quantized it. Its bias and scales are checked
+    /// to be finite.
+    pub(crate) fn host_linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Weight> {
         let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
         let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?.expect_finite()?) } else { None };
         if w.dtype() != DType::F8E4M3 {
-            return self.weight(&w, b.as_ref());
+            return w.to_weight(b.as_ref());
         }
         let Some(Quantization::Fp8 { block }) = self.spec.quantization else {
             return Err(self.undeclared(w.name(), "fp8"));
@@ -129,9 +142,7 @@ impl Names<'_> {
         checkpoint::check_finite(scales.name(), &values)?;
         let scales: Vec<u8> = values.iter().flat_map(|s| s.to_le_bytes()).collect();
         let bias = b.as_ref().map(checkpoint::Tensor::to_f32_vec).transpose()?;
-        let weight =
-            Weight::host_with_scales(format, out, inp, (w.host_bytes(), Some(HostBytes::copy_of(&scales))), bias)?;
-        Ok(self.backend.upload_weight(&weight)?)
+        Ok(Weight::host_with_scales(format, out, inp, (w.host_bytes(), Some(HostBytes::copy_of(&scales))), bias)?)
     }
 
     /// A quantized checkpoint's data or scale tensor, checked against the shape and dtype
@@ -199,7 +210,10 @@ impl Names<'_> {
         let p = format!("model.layers.{l}");
         Ok(Layer {
             input_norm: self.vector(&format!("{p}.input_layernorm.weight"), s.hidden_size)?,
-            attention: self.attention(l)?,
+            attention: match s.mla {
+                Some(_) => Attention::Latent(LatentAttention::load(self, l)?),
+                None => Attention::PerHead(self.attention(l)?),
+            },
             post_norm: self.vector(&format!("{p}.post_attention_layernorm.weight"), s.hidden_size)?,
             ffn: match s.layer_mlps[l] {
                 LayerMlp::Dense => FeedForward::Dense(self.mlp(&format!("{p}.mlp"), s.dense_intermediate_size)?),
@@ -259,18 +273,30 @@ impl Names<'_> {
             Arch::GptOss => self.gate(&format!("{p}.router"), e, s.router_bias)?,
             _ => self.gate(&format!("{p}.gate"), e, false)?,
         };
+        // DeepSeek-V3: a per-expert bias added to the scores for the choice only.
+        let choice_bias = match s.routing {
+            Routing::GroupLimited { scoring: GroupScoring::Sigmoid, .. } => {
+                let name = format!("{p}.gate.e_score_correction_bias");
+                let v = self.tensor(&name, &[e])?.to_f32_vec()?;
+                checkpoint::check_finite(&name, &v)?;
+                Some(v)
+            }
+            _ => None,
+        };
         let keep_layer = |x: usize| keep(l, x);
         let experts = self.experts(&p, &keep_layer)?;
         let shared = match s.shared_expert_intermediate_size {
-            Some(width) => Some(SharedExpert {
+            Some(width) if s.shared_expert_gated => Some(SharedExpert {
                 mlp: self.mlp(&format!("{p}.shared_expert"), width)?,
-                gate: self.gate(&format!("{p}.shared_expert_gate"), 1, false)?,
+                gate: Some(self.gate(&format!("{p}.shared_expert_gate"), 1, false)?),
             }),
+            Some(width) => Some(SharedExpert { mlp: self.mlp(&format!("{p}.shared_experts"), width)?, gate: None }),
             None => None,
         };
         Ok(MoeBlock {
             gate,
             routing: s.routing,
+            choice_bias,
             top_k: s.experts_per_token,
             experts: ExpertLayer::new(self.backend, s.activation, experts)?,
             shared,

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use switchyard_kernels::backend::{Attention, SeqSpan};
+use switchyard_kernels::backend::{self, MlaForm, SeqSpan};
 use switchyard_kernels::cpu::Precision;
 use switchyard_kernels::{Backend, Device, Tensor, Weight};
 
@@ -18,6 +18,7 @@ use crate::error::{ModelError, NonFiniteAt, Result};
 use crate::kv_cache::{KvPool, SeqCache};
 use crate::layers::{AttentionWeights, Exec, Mlp};
 use crate::loader::{ExpertFilter, Names};
+use crate::mla::{self, LatentAttention};
 use crate::moe::{Assignment, Experts, MoeBlock};
 use crate::rope::Rope;
 
@@ -27,9 +28,27 @@ pub enum FeedForward {
     Moe(MoeBlock),
 }
 
+/// Which attention a layer has.
+#[allow(clippy::large_enum_variant)] // one per layer
+pub enum Attention {
+    /// Keys and values per KV head.
+    PerHead(AttentionWeights),
+    /// DeepSeek's multi-head latent attention.
+    Latent(LatentAttention),
+}
+
+impl Attention {
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Attention::PerHead(a) => a.size_in_bytes(),
+            Attention::Latent(a) => a.size_in_bytes(),
+        }
+    }
+}
+
 pub struct Layer {
     pub input_norm: Tensor,
-    pub attention: AttentionWeights,
+    pub attention: Attention,
     pub post_norm: Tensor,
     pub ffn: FeedForward,
 }
@@ -44,6 +63,8 @@ pub struct Model {
     pub norm: Tensor,
     pub lm_head: Weight,
     pub(crate) rope: Rope,
+    /// How MLA layers attend (the benchmark compares the forms; `Auto` otherwise).
+    pub mla_form: MlaForm,
 }
 
 /// New tokens of one sequence for a forward pass.
@@ -70,8 +91,15 @@ impl Model {
             return Err(ModelError::NotACheckpoint { path: dir.to_path_buf(), reason: "no such directory".into() });
         }
         let spec = ModelSpec::from_dir(dir)?;
+        mla::check_device(&spec, device)?;
         let ckpt = Checkpoint::open(dir)?;
         let backend = switchyard_kernels::open(device)?;
+        if spec.mtp_layers > 0 {
+            tracing::info!(
+                layers = spec.mtp_layers,
+                "skipping the checkpoint's multi-token-prediction layers (speculative decoding does not use them)"
+            );
+        }
         let names = Names { ckpt: &ckpt, spec: &spec, backend: &*backend };
         let embed = names.embed()?;
         let mut layers = Vec::with_capacity(spec.num_layers);
@@ -91,7 +119,16 @@ impl Model {
             "loaded checkpoint {}",
             dir.display()
         );
-        Ok(Model { spec, exec: Exec::new(backend, Precision::F32), embed, layers, norm, lm_head, rope })
+        Ok(Model {
+            spec,
+            exec: Exec::new(backend, Precision::F32),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            mla_form: MlaForm::Auto,
+        })
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -179,7 +216,22 @@ impl Model {
         let batch = ops.kv_batch(pool.layout(), &arena, &spans)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = ops.rms_norm(&x, &layer.input_norm, s.rms_norm_eps)?;
-            let a = &layer.attention;
+            let a = match &layer.attention {
+                Attention::PerHead(a) => a,
+                Attention::Latent(a) => {
+                    let step = mla::Step {
+                        layer: l,
+                        cos: &rope.0,
+                        sin: &rope.1,
+                        arena: &mut arena,
+                        batch: &batch,
+                        form: self.mla_form,
+                    };
+                    let o = a.forward(&self.exec, s, step, &h)?;
+                    self.after_attention((l, layer), &mut x, &o, experts)?;
+                    continue;
+                }
+            };
             let mut q = self.exec.linear(&h, &a.q)?;
             let mut k = self.exec.linear(&h, &a.k)?;
             let mut v = self.exec.linear(&h, &a.v)?;
@@ -197,7 +249,7 @@ impl Model {
             ops.rope(&mut q, &rope.0, &rope.1, s.num_heads)?;
             ops.rope(&mut k, &rope.0, &rope.1, s.num_kv_heads)?;
             ops.kv_write(&mut arena, &batch, l, &k, &v)?;
-            let params = Attention {
+            let params = backend::Attention {
                 layer: l,
                 heads: s.num_heads,
                 scale: 1.0 / (s.head_dim as f32).sqrt(),
@@ -205,22 +257,7 @@ impl Model {
                 sinks: a.sinks.as_ref(),
             };
             let o = self.exec.linear(&ops.attention(&q, &arena, &batch, params)?, &a.o)?;
-            ops.add(&mut x, &o)?;
-            // Before the gate sees them: NaN gate logits would route nowhere.
-            if !ops.non_finite_rows(&x)?.is_empty() {
-                return Err(ModelError::NonFinite { at: NonFiniteAt::Attention { layer: l } });
-            }
-
-            let h = ops.rms_norm(&x, &layer.post_norm, s.rms_norm_eps)?;
-            let y = match &layer.ffn {
-                FeedForward::Dense(mlp) => mlp.forward(&self.exec, &h)?,
-                FeedForward::Moe(block) => block.forward(&self.exec, l, &h, experts)?,
-            };
-            ops.add(&mut x, &y)?;
-            if !ops.non_finite_rows(&x)?.is_empty() {
-                let moe = matches!(layer.ffn, FeedForward::Moe(_));
-                return Err(ModelError::NonFinite { at: NonFiniteAt::FeedForward { layer: l, moe } });
-            }
+            self.after_attention((l, layer), &mut x, &o, experts)?;
         }
         drop(arena);
 
@@ -246,6 +283,35 @@ impl Model {
             c.cache.advance(c.tokens.len());
         }
         Ok(logits)
+    }
+
+    /// The rest of layer `l` after its attention returned `o`: the residual, then the
+    /// feed-forward (its experts on `experts` where given) and its residual, each checked for
+    /// NaN and infinities.
+    fn after_attention(
+        &self,
+        (l, layer): (usize, &Layer),
+        x: &mut Tensor,
+        o: &Tensor,
+        experts: Option<&dyn Experts>,
+    ) -> Result<()> {
+        let (ops, s) = (self.exec.ops(), &self.spec);
+        ops.add(x, o)?;
+        // Before the gate sees them: NaN gate logits would route nowhere.
+        if !ops.non_finite_rows(x)?.is_empty() {
+            return Err(ModelError::NonFinite { at: NonFiniteAt::Attention { layer: l } });
+        }
+        let h = ops.rms_norm(x, &layer.post_norm, s.rms_norm_eps)?;
+        let y = match &layer.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(&self.exec, &h)?,
+            FeedForward::Moe(block) => block.forward(&self.exec, l, &h, experts)?,
+        };
+        ops.add(x, &y)?;
+        if !ops.non_finite_rows(x)?.is_empty() {
+            let moe = matches!(layer.ffn, FeedForward::Moe(_));
+            return Err(ModelError::NonFinite { at: NonFiniteAt::FeedForward { layer: l, moe } });
+        }
+        Ok(())
     }
 
     /// [`Model::forward`] with the logits in host memory, one row per chunk.

@@ -9,10 +9,12 @@
 //! and the outputs are summed back per token in expert order (the order transformers adds
 //! them).
 
-use switchyard_kernels::backend::{Combine, Grouped};
+use switchyard_kernels::backend::{Combine, Grouped, TopK};
+use switchyard_kernels::cpu::activation;
+use switchyard_kernels::cpu::routing::{self, GroupScore};
 use switchyard_kernels::{Backend, Tensor, Weight};
 
-use crate::config::{ExpertActivation, Routing};
+use crate::config::{ExpertActivation, GroupScoring, Routing};
 use crate::error::{ModelError, Result};
 use crate::layers::{Exec, Mlp};
 
@@ -231,10 +233,20 @@ impl Grouping {
 }
 
 /// Runs the gate over the rows of `h`: the top-k experts of each token and their weights,
-/// token-major, each token's experts best first.
-pub fn route(exec: &Exec, gate: &Weight, routing: Routing, top_k: usize, h: &Tensor) -> Result<Vec<Assignment>> {
+/// token-major, each token's experts best first. `choice_bias` (DeepSeek-V3's
+/// `e_score_correction_bias`) is added to the scores for choosing only.
+pub fn route(
+    exec: &Exec,
+    gate: &Weight,
+    (routing, choice_bias): (Routing, Option<&[f32]>),
+    top_k: usize,
+    h: &Tensor,
+) -> Result<Vec<Assignment>> {
     let logits = exec.linear(h, gate)?;
-    let picked = exec.ops().top_k_gate(&logits, top_k, routing)?;
+    let picked = match routing.gate() {
+        Some(kernel) => exec.ops().top_k_gate(&logits, top_k, kernel)?,
+        None => group_limited(&exec.ops().download(&logits)?, logits.cols(), routing, choice_bias, top_k)?,
+    };
     Ok(picked
         .ids
         .iter()
@@ -244,10 +256,43 @@ pub fn route(exec: &Exec, gate: &Weight, routing: Routing, top_k: usize, h: &Ten
         .collect())
 }
 
-/// A MoE feed-forward block: gate, experts, and Qwen2-MoE's optional shared expert.
+/// DeepSeek's routing of rows of gate `logits` (`experts` each), on the host: a few hundred
+/// values per token.
+fn group_limited(logits: &[f32], experts: usize, routing: Routing, bias: Option<&[f32]>, k: usize) -> Result<TopK> {
+    let Routing::GroupLimited { scoring, groups, topk_group, renormalize, scale } = routing else {
+        unreachable!("only group-limited routing runs on the host")
+    };
+    if bias.is_some_and(|b| b.len() != experts) {
+        return Err(ModelError::InvalidRequest(format!("a choice bias for other than {experts} experts")));
+    }
+    let mut out = TopK { k, ids: Vec::with_capacity(logits.len() / experts * k), weights: Vec::new() };
+    for row in logits.chunks_exact(experts) {
+        let (scores, group_score) = match scoring {
+            GroupScoring::Sigmoid => (row.iter().map(|&x| activation::sigmoid(x)).collect(), GroupScore::TopTwoSum),
+            GroupScoring::Softmax => {
+                let mut s = row.to_vec();
+                routing::softmax(&mut s);
+                (s, GroupScore::Max)
+            }
+        };
+        let choice: Vec<f32> = match bias {
+            Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+            None => scores.clone(),
+        };
+        let picked = routing::group_limited(&choice, groups, topk_group, group_score, k);
+        let sum: f32 = if renormalize { picked.iter().map(|&e| scores[e]).sum::<f32>() + 1e-20 } else { 1.0 };
+        out.ids.extend(picked.iter().map(|&e| e as u32));
+        out.weights.extend(picked.iter().map(|&e| scores[e] / sum * scale));
+    }
+    Ok(out)
+}
+
+/// A MoE feed-forward block: gate, experts, and an optional shared expert.
 pub struct MoeBlock {
     pub gate: Weight,
     pub routing: Routing,
+    /// Added to the gate's scores for choosing experts only (DeepSeek-V3).
+    pub choice_bias: Option<Vec<f32>>,
     pub top_k: usize,
     pub experts: ExpertLayer,
     pub shared: Option<SharedExpert>,
@@ -257,7 +302,7 @@ impl MoeBlock {
     /// The block over the rows of `h`, with its experts run by `remote` where given (else the
     /// ones held here).
     pub fn forward(&self, exec: &Exec, layer: usize, h: &Tensor, remote: Option<&dyn Experts>) -> Result<Tensor> {
-        let assignments = route(exec, &self.gate, self.routing, self.top_k, h)?;
+        let assignments = route(exec, &self.gate, (self.routing, self.choice_bias.as_deref()), self.top_k, h)?;
         let mut y = match remote {
             Some(experts) => experts.run(exec, layer, h, &assignments)?,
             None => self.experts.run(exec, layer, h, &assignments)?,
@@ -272,21 +317,27 @@ impl MoeBlock {
     pub fn size_in_bytes(&self) -> usize {
         self.gate.size_in_bytes()
             + self.experts.size_in_bytes()
-            + self.shared.as_ref().map_or(0, |s| s.mlp.size_in_bytes() + s.gate.size_in_bytes())
+            + self
+                .shared
+                .as_ref()
+                .map_or(0, |s| s.mlp.size_in_bytes() + s.gate.as_ref().map_or(0, Weight::size_in_bytes))
     }
 }
 
-/// Qwen2-MoE's shared expert: every token goes through it, scaled by `σ(gate · x)`.
+/// A shared expert: every token goes through it, scaled by `σ(gate · x)` where it has a gate
+/// (Qwen2-MoE; DeepSeek's has none).
 pub struct SharedExpert {
     pub mlp: Mlp,
-    pub gate: Weight,
+    pub gate: Option<Weight>,
 }
 
 impl SharedExpert {
     pub fn forward(&self, exec: &Exec, h: &Tensor) -> Result<Tensor> {
         let mut y = self.mlp.forward(exec, h)?;
-        let g = exec.linear(h, &self.gate)?;
-        exec.ops().scale_rows_sigmoid(&mut y, &g)?;
+        if let Some(gate) = &self.gate {
+            let g = exec.linear(h, gate)?;
+            exec.ops().scale_rows_sigmoid(&mut y, &g)?;
+        }
         Ok(y)
     }
 }

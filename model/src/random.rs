@@ -21,7 +21,15 @@ pub enum RandomLayout {
     /// gpt-oss: fused, interleaved gate/up experts with biases, a router with a bias, attention
     /// biases and sinks, alternating sliding and full attention, YaRN RoPE.
     GptOss,
+    /// DeepSeek-V3: multi-head latent attention with V3's own widths ([`V3_MLA`]; the heads
+    /// and `head_dim` of the shape do not apply), the first layer dense, group-limited routing
+    /// over 4 groups (2 kept) with a correction bias, one shared expert, YaRN RoPE.
+    DeepseekV3,
 }
+
+/// DeepSeek-V3's MLA widths: `q_lora_rank`, `kv_lora_rank`, `qk_nope_head_dim`,
+/// `qk_rope_head_dim`, `v_head_dim`.
+pub const V3_MLA: [usize; 5] = [1536, 512, 128, 64, 128];
 
 /// How a random checkpoint stores its linear layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +102,25 @@ impl RandomShape {
         RandomShape { layout: RandomLayout::GptOss, ..Self::gpt_oss_20b() }
     }
 
+    /// DeepSeek-V3 scaled to fit a small machine: its attention widths (latent 512 + rope 64,
+    /// heads of 128 + 64 and 128) over 16 heads instead of 128, hidden 2048, 3 layers (the
+    /// first dense), 16 experts top-4 of width 512; 0.5 GB in bf16.
+    pub fn deepseek_v3_small() -> Self {
+        RandomShape {
+            layout: RandomLayout::DeepseekV3,
+            vocab_size: 32000,
+            hidden_size: 2048,
+            num_layers: 3,
+            num_heads: 16,
+            num_kv_heads: 16,
+            head_dim: V3_MLA[3],
+            num_experts: 16,
+            experts_per_token: 4,
+            expert_intermediate_size: 512,
+            max_position_embeddings: 16384,
+        }
+    }
+
     pub fn config_json(&self, format: RandomFormat) -> serde_json::Value {
         // gpt-oss's special tokens, or the last ids of a smaller vocabulary.
         let special = |id: usize| id.min(self.vocab_size.saturating_sub(200_003 - id));
@@ -126,6 +153,35 @@ impl RandomShape {
                 "eos_token_id": special(200_002),
                 "pad_token_id": special(199_999),
             }),
+            RandomLayout::DeepseekV3 => {
+                let [q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim] = V3_MLA;
+                serde_json::json!({
+                    "architectures": ["DeepseekV3ForCausalLM"],
+                    "model_type": "deepseek_v3",
+                    "q_lora_rank": q_lora_rank,
+                    "kv_lora_rank": kv_lora_rank,
+                    "qk_nope_head_dim": qk_nope_head_dim,
+                    "qk_rope_head_dim": qk_rope_head_dim,
+                    "v_head_dim": v_head_dim,
+                    "n_routed_experts": self.num_experts,
+                    "moe_intermediate_size": self.expert_intermediate_size,
+                    "n_shared_experts": 1,
+                    "first_k_dense_replace": 1,
+                    "topk_method": "noaux_tc",
+                    "scoring_func": "sigmoid",
+                    "n_group": 4,
+                    "topk_group": 2,
+                    "routed_scaling_factor": 2.5,
+                    "rope_theta": 10000.0,
+                    "rope_scaling": {
+                        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+                        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0
+                    },
+                    "rms_norm_eps": 1e-6,
+                    "bos_token_id": 0,
+                    "eos_token_id": 1,
+                })
+            }
         };
         let fields = serde_json::json!({
             "vocab_size": self.vocab_size,
@@ -134,7 +190,7 @@ impl RandomShape {
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "intermediate_size": self.expert_intermediate_size,
+            "intermediate_size": self.dense_intermediate_size(),
             "num_local_experts": self.num_experts,
             "num_experts_per_tok": self.experts_per_token,
             "max_position_embeddings": self.max_position_embeddings,
@@ -165,6 +221,14 @@ impl RandomShape {
             }
         }
         c
+    }
+
+    /// Width of the dense layers' MLP (DeepSeek's leading layers): four experts' worth.
+    fn dense_intermediate_size(&self) -> usize {
+        match self.layout {
+            RandomLayout::DeepseekV3 => 4 * self.expert_intermediate_size,
+            _ => self.expert_intermediate_size,
+        }
     }
 }
 
@@ -284,6 +348,37 @@ pub fn write_random_checkpoint(
         let p = format!("model.layers.{l}");
         let mut t = vec![draw.ones(&format!("{p}.input_layernorm.weight"), h)];
         t.push(draw.ones(&format!("{p}.post_attention_layernorm.weight"), h));
+        if s.layout == RandomLayout::DeepseekV3 {
+            let [q_rank, r, dn, dr, dv] = V3_MLA;
+            let (heads, a) = (s.num_heads, format!("{p}.self_attn"));
+            t.extend(linear(&mut draw, &format!("{a}.q_a_proj"), q_rank, h, false));
+            t.push(draw.ones(&format!("{a}.q_a_layernorm.weight"), q_rank));
+            t.extend(linear(&mut draw, &format!("{a}.q_b_proj"), heads * (dn + dr), q_rank, false));
+            t.extend(linear(&mut draw, &format!("{a}.kv_a_proj_with_mqa"), r + dr, h, false));
+            t.push(draw.ones(&format!("{a}.kv_a_layernorm.weight"), r));
+            t.extend(linear(&mut draw, &format!("{a}.kv_b_proj"), heads * (dn + dv), r, false));
+            t.extend(linear(&mut draw, &format!("{a}.o_proj"), h, heads * dv, false));
+            let mlp = |draw: &mut Draw, p: &str, width: usize| -> Vec<Tensor> {
+                let mut t = linear(draw, &format!("{p}.gate_proj"), width, h, false);
+                t.extend(linear(draw, &format!("{p}.up_proj"), width, h, false));
+                t.extend(linear(draw, &format!("{p}.down_proj"), h, width, false));
+                t
+            };
+            if l == 0 {
+                t.extend(mlp(&mut draw, &format!("{p}.mlp"), s.dense_intermediate_size()));
+            } else {
+                t.push(draw.bf16(&format!("{p}.mlp.gate.weight"), vec![e, h], h));
+                let bias: Vec<f32> = (0..e).map(|_| (draw.rng.next_f64() as f32 - 0.5) * 0.02).collect();
+                t.push(Tensor::from_f32(&format!("{p}.mlp.gate.e_score_correction_bias"), DType::F32, vec![e], &bias));
+                for x in 0..e {
+                    t.extend(mlp(&mut draw, &format!("{p}.mlp.experts.{x}"), i));
+                }
+                t.extend(mlp(&mut draw, &format!("{p}.mlp.shared_experts"), i));
+            }
+            write(l, t)?;
+            progress(l + 1, s.num_layers);
+            continue;
+        }
         let (q, kv) = (s.num_heads * hd, s.num_kv_heads * hd);
         t.extend(linear(&mut draw, &format!("{p}.self_attn.q_proj"), q, h, gpt_oss));
         t.extend(linear(&mut draw, &format!("{p}.self_attn.k_proj"), kv, h, gpt_oss));
@@ -346,6 +441,8 @@ mod tests {
             (RandomLayout::Mixtral, RandomFormat::Bf16),
             (RandomLayout::Mixtral, RandomFormat::Fp8),
             (RandomLayout::GptOss, RandomFormat::Mxfp4),
+            (RandomLayout::DeepseekV3, RandomFormat::Bf16),
+            (RandomLayout::DeepseekV3, RandomFormat::Fp8),
         ] {
             let dir = tempfile::tempdir().unwrap();
             write_random_checkpoint(dir.path(), &small(layout), format, 3, &mut |_, _| {}).unwrap();

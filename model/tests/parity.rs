@@ -156,6 +156,72 @@ on_each_device!(
     |device| { check_arch("qwen3_moe_fp8", device) }
 );
 
+// DeepSeek-V3: multi-head latent attention (which runs on the CPU only so far), group-limited
+// sigmoid routing with a correction bias, shared experts, a leading dense layer, YaRN with
+// mscale, interleaved RoPE, and an MTP layer in the checkpoint to skip.
+
+#[test]
+fn deepseek_v3_matches_transformers() -> Result<()> {
+    check_arch("deepseek_v3", Device::Cpu)
+}
+
+/// FP8 with 24 x 24 blocks on every projection, a plain `q_proj` (no query LoRA).
+#[test]
+fn deepseek_v3_fp8_matches_transformers() -> Result<()> {
+    check_arch("deepseek_v3_fp8", Device::Cpu)
+}
+
+/// DeepSeek-V2 as transformers 5 saves it: a plain `q_proj`, softmax `group_limited_greedy`
+/// routing (groups scored by their best expert), fused experts, `rope_parameters`.
+#[test]
+fn deepseek_v2_matches_transformers() -> Result<()> {
+    check_arch("deepseek_v2", Device::Cpu)
+}
+
+/// The absorbed form (decode: the up-projections folded around attention over the latent
+/// rows) and the expanded one (keys and values per head) give the same logits: a prefill in
+/// either form followed by absorbed decode steps matches a full expanded recompute.
+#[test]
+fn deepseek_absorbed_decode_equals_expanded_recompute() -> Result<()> {
+    use switchyard_kernels::backend::MlaForm;
+    for name in ["deepseek_v3", "deepseek_v3_fp8", "deepseek_v2"] {
+        let dir = fixtures_dir().join(name);
+        let expected = load_expected(&dir)?;
+        let mut model = load_model(&dir, Device::Cpu)?;
+        let pool = new_pool(&model)?;
+        let case = &expected.cases[2];
+        let all: Vec<u32> = case.prompt_ids.iter().chain(&case.tokens).copied().collect();
+        let split = case.prompt_ids.len();
+        model.mla_form = MlaForm::Expanded;
+        let mut fresh = new_cache(&pool, &model);
+        let full = model.logits(&mut [Chunk { tokens: &all, cache: &mut fresh }], None)?.remove(0);
+        for prefill in [MlaForm::Expanded, MlaForm::Absorbed] {
+            model.mla_form = prefill;
+            let mut cache = new_cache(&pool, &model);
+            model.logits(&mut [Chunk { tokens: &all[..split], cache: &mut cache }], None)?;
+            model.mla_form = MlaForm::Absorbed;
+            let mut incremental = Vec::new();
+            for t in &all[split..] {
+                incremental =
+                    model.logits(&mut [Chunk { tokens: std::slice::from_ref(t), cache: &mut cache }], None)?.remove(0);
+            }
+            let max_diff = incremental.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(max_diff < 1e-3, "{name}: {prefill:?} prefill + absorbed decode vs expanded logits: {max_diff}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn deepseek_on_cuda_is_refused_by_name() {
+    let dir = fixtures_dir().join("deepseek_v3");
+    let e = Model::load_with(&dir, Device::Cuda(0), &|_, _| true, &mut |_, _| {}).err().expect("refused");
+    assert_eq!(
+        e.to_string(),
+        "deepseek_v3's multi-head latent attention runs on the CPU backend only so far, not on cuda:0"
+    );
+}
+
 on_each_device!(
     /// The embedded default model (models/, trained by tools/train_code_model.py).
     embedded_code_model_matches_transformers,
@@ -171,7 +237,12 @@ on_each_device!(
     batched_generation_equals_one_at_a_time,
     batched_generation_equals_one_at_a_time_on_cuda,
     |device| {
-    for name in ["mixtral", "gpt_oss", "qwen2_moe"] {
+    // DeepSeek's latent attention runs on the CPU only.
+    let names: &[&str] = match device {
+        Device::Cpu => &["mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3"],
+        Device::Cuda(_) => &["mixtral", "gpt_oss", "qwen2_moe"],
+    };
+    for &name in names {
         let dir = fixtures_dir().join(name);
         let expected = load_expected(&dir)?;
         let engine = load_engine(&dir, device)?;

@@ -3,12 +3,12 @@
 
 use rayon::prelude::*;
 
-use super::{Attention, Backend, Combine, Gate, Grouped, KvBatch, KvLayout, SeqSpan, TopK, check};
-use crate::cpu::{self, Precision, activation, attention, norm, routing};
+use super::{Attention, Backend, Combine, Gate, Grouped, KvBatch, KvLayout, Mla, MlaForm, SeqSpan, TopK, check};
+use crate::cpu::{self, Precision, activation, attention, mla, norm, routing};
 use crate::error::{KernelError, Result};
 use crate::tensor::Data;
 use crate::weight::WeightData;
-use crate::{Device, Tensor, Weight};
+use crate::{Device, Tensor, Weight, Weights};
 
 /// The host: every tensor in RAM, weights read in place from their (memory-mapped) bytes.
 #[derive(Clone, Copy, Debug, Default)]
@@ -324,6 +324,95 @@ impl Backend for CpuBackend {
         Ok(host(q.rows(), q.cols(), out))
     }
 
+    fn mla_write(
+        &self,
+        arena: &mut Tensor,
+        batch: &KvBatch,
+        layer: usize,
+        latent: &Tensor,
+        k_rope: &Tensor,
+    ) -> Result<()> {
+        check::mla_write(batch, layer, latent, k_rope)?;
+        batch.check_arena("mla_write", arena)?;
+        let l = batch.layout;
+        let (bf, w, r) = (l.block_floats(), l.head_dim, latent.cols());
+        let (cs, ks) = (latent.host_f32("mla_write", "latent")?, k_rope.host_f32("mla_write", "k_rope")?);
+        let cache = arena.host_f32_mut("mla_write", "arena")?;
+        for (row0, n, first, blocks) in &batch.seqs {
+            for i in 0..*n {
+                let (pos, t) = (first + i, row0 + i);
+                let at = blocks[pos / super::BLOCK_TOKENS] as usize * bf
+                    + l.offset(layer, 0, 0)
+                    + (pos % super::BLOCK_TOKENS) * w;
+                cache[at..at + r].copy_from_slice(&cs[t * r..(t + 1) * r]);
+                cache[at + r..at + w].copy_from_slice(&ks[t * (w - r)..(t + 1) * (w - r)]);
+            }
+        }
+        Ok(())
+    }
+
+    fn mla_attention(
+        &self,
+        q_nope: &Tensor,
+        q_rope: &Tensor,
+        arena: &Tensor,
+        batch: &KvBatch,
+        p: Mla<'_>,
+    ) -> Result<Tensor> {
+        let op = "mla_attention";
+        check::mla(q_nope, q_rope, batch, &p)?;
+        batch.check_arena(op, arena)?;
+        fn views<'w>(ws: &'w [Weight], arg: &'static str) -> Result<Vec<Weights<'w>>> {
+            ws.iter().map(|w| w.host_parts("mla_attention", arg).map(|(v, _)| v)).collect()
+        }
+        let (uk, uk_t, uv) = (views(p.uk, "uk")?, views(p.uk_t, "uk_t")?, views(p.uv, "uv")?);
+        let l = batch.layout;
+        let (bf, w) = (l.block_floats(), l.head_dim);
+        let cache = arena.host_f32(op, "arena")?;
+        let (qn, qr) = (q_nope.host_f32(op, "q_nope")?, q_rope.host_f32(op, "q_rope")?);
+        let (hn, hr, hv) = (p.heads * p.nope, p.heads * p.rope, p.heads * p.v);
+        let mut out = vec![0.0f32; batch.tokens * hv];
+        let mut pieces = Vec::with_capacity(batch.seqs.len());
+        let mut rest = &mut out[..];
+        for (row0, n, first, blocks) in &batch.seqs {
+            let (a, b) = rest.split_at_mut(n * hv);
+            pieces.push((row0, *n, *first, blocks, a));
+            rest = b;
+        }
+        pieces.into_par_iter().with_max_len(1).filter(|piece| piece.1 > 0).for_each(|(row0, n, first, blocks, o)| {
+            let total = first + n;
+            // The sequence's latent rows of this layer, in position order.
+            let mut latent = Vec::with_capacity(total * w);
+            for (i, &b) in blocks.iter().enumerate() {
+                let rows = total.saturating_sub(i * super::BLOCK_TOKENS).min(super::BLOCK_TOKENS);
+                let start = b as usize * bf + l.offset(p.layer, 0, 0);
+                latent.extend_from_slice(&cache[start..start + rows * w]);
+            }
+            let params = mla::MlaParams {
+                n_tokens: n,
+                first_pos: first,
+                heads: p.heads,
+                rank: p.rank,
+                rope: p.rope,
+                nope: p.nope,
+                v: p.v,
+                scale: p.scale,
+            };
+            let (q_nope, q_rope) = (&qn[row0 * hn..(row0 + n) * hn], &qr[row0 * hr..(row0 + n) * hr]);
+            let expand = match p.form {
+                MlaForm::Auto => params.prefers_expanded(),
+                MlaForm::Absorbed => false,
+                MlaForm::Expanded => true,
+            };
+            if expand {
+                mla::expanded(q_nope, q_rope, &latent, (&uk, &uv), o, params);
+            } else {
+                mla::absorbed(q_nope, q_rope, &latent, (&uk_t, &uv), o, params);
+            }
+        });
+        Ok(host(batch.tokens, hv, out))
+    }
+
     fn greedy(&self, logits: &Tensor) -> Result<Vec<(u32, f32)>> {
         let v = logits.cols().max(1);
         Ok(logits
@@ -356,7 +445,7 @@ mod tests {
         assert!(b.embed(&table, &[3]).unwrap_err().to_string().contains("token id 3"));
         let bad = Combine { start: vec![0, 2], src: vec![0, 5], weight: vec![1.0, 1.0] };
         assert!(b.combine_rows(&x, &bad).unwrap_err().to_string().contains("source row 5"));
-        let layout = KvLayout { layers: 1, kv_heads: 1, head_dim: 2 };
+        let layout = KvLayout::per_head(1, 1, 2);
         let arena = b.kv_arena(layout, 2).unwrap();
         let too_far = SeqSpan { tokens: 1, first_pos: 40, blocks: &[0, 1] };
         assert!(b.kv_batch(layout, &arena, &[too_far]).is_err());
@@ -386,7 +475,7 @@ mod tests {
         // Two sequences in one arena, in blocks out of order: 20 positions in blocks [3, 0]
         // and 5 in block [1]. Written in two passes (prefill, then one more token each).
         let b = CpuBackend;
-        let layout = KvLayout { layers: 2, kv_heads: 2, head_dim: 4 };
+        let layout = KvLayout::per_head(2, 2, 4);
         let mut arena = b.kv_arena(layout, 4).unwrap();
         let (hd, kv) = (layout.head_dim, layout.kv_heads);
         // Keys are 0 (every position scores the same); a value is its position, per head.

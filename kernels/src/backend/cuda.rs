@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use super::{Attention, Backend, Combine, Gate, Grouped, KvBatch, KvLayout, SeqSpan, TopK, check};
+use super::{Attention, Backend, Combine, Gate, Grouped, KvBatch, KvLayout, Mla, SeqSpan, TopK, check};
 use crate::cpu::Precision;
 use crate::cuda::{AttentionArgs, CudaSlice, DeviceTables, Gpu, GpuMatrix, Projection};
 use crate::error::{KernelError, Result};
@@ -298,6 +298,17 @@ impl Backend for CudaBackend {
         let t = self.tables(op, batch)?;
         let (ks, vs) = (self.buf(op, "k", k)?, self.buf(op, "v", v)?);
         self.gpu.kv_write(self.buf_mut(op, "arena", arena)?, t, layer, ks, vs)
+    }
+
+    fn mla_write(&self, _: &mut Tensor, _: &KvBatch, _: usize, _: &Tensor, _: &Tensor) -> Result<()> {
+        Err(KernelError::Unsupported { op: "mla_write", message: "MLA attention on CUDA (it runs on the CPU)".into() })
+    }
+
+    fn mla_attention(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &KvBatch, _: Mla<'_>) -> Result<Tensor> {
+        Err(KernelError::Unsupported {
+            op: "mla_attention",
+            message: "MLA attention on CUDA (it runs on the CPU)".into(),
+        })
     }
 
     fn attention(&self, q: &Tensor, arena: &Tensor, batch: &KvBatch, p: Attention<'_>) -> Result<Tensor> {

@@ -130,24 +130,47 @@ impl Combine {
 pub const BLOCK_TOKENS: usize = 16;
 
 /// The shape of a paged KV cache. Its arena is a tensor of one row per block; a block holds
-/// [`BLOCK_TOKENS`] positions of every layer's keys and values,
-/// `[layer][kv_head][k|v][position][head_dim]`.
+/// [`BLOCK_TOKENS`] positions of every layer's cache rows, `[layer][kv_head][plane][position][head_dim]`:
+/// keys and values (two planes) per KV head, or MLA's one latent row per position
+/// ([`KvLayout::latent`]: one "head", one plane, read as keys and, its first columns, values).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayout {
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// 2 (keys and values) or 1 (MLA's latent).
+    pub planes: usize,
 }
 
 impl KvLayout {
+    /// Keys and values of `kv_heads` heads of `head_dim` per layer.
+    pub const fn per_head(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        KvLayout { layers, kv_heads, head_dim, planes: 2 }
+    }
+
+    /// MLA: one row of `width` values per layer and position (the compressed latent and the
+    /// shared rotary key), whatever the number of heads.
+    pub const fn latent(layers: usize, width: usize) -> Self {
+        KvLayout { layers, kv_heads: 1, head_dim: width, planes: 1 }
+    }
+
+    pub fn is_latent(&self) -> bool {
+        self.planes == 1
+    }
+
     /// Values of one block.
     pub fn block_floats(&self) -> usize {
-        self.layers * self.kv_heads * 2 * BLOCK_TOKENS * self.head_dim
+        self.layers * self.kv_heads * self.planes * BLOCK_TOKENS * self.head_dim
+    }
+
+    /// Values one position takes in every layer.
+    pub fn floats_per_token(&self) -> usize {
+        self.block_floats() / BLOCK_TOKENS
     }
 
     /// Offset in a block of `layer`, KV head `g`, keys (`kv = 0`) or values (`1`).
     pub(crate) fn offset(&self, layer: usize, g: usize, kv: usize) -> usize {
-        ((layer * self.kv_heads + g) * 2 + kv) * BLOCK_TOKENS * self.head_dim
+        ((layer * self.kv_heads + g) * self.planes + kv) * BLOCK_TOKENS * self.head_dim
     }
 }
 
@@ -238,6 +261,41 @@ pub struct Attention<'a> {
     pub sliding_window: Option<usize>,
     /// One logit per query head in the softmax denominator (gpt-oss).
     pub sinks: Option<&'a Tensor>,
+}
+
+/// How [`Backend::mla_attention`] computes: the two forms give the same result up to rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MlaForm {
+    /// Per sequence, whichever form costs fewer multiply-adds: absorbed where the cache holds
+    /// many more rows than the call adds (decode), expanded where it holds few (a prompt's
+    /// first chunk) or the call adds many (in V3's shape, more than about 170 rows).
+    #[default]
+    Auto,
+    /// The key up-projection folded into the query and the value up-projection applied after
+    /// attention: every head attends over the latent rows themselves (FlashMLA's form).
+    Absorbed,
+    /// Keys and values expanded per head from every cached latent row, then attention per head.
+    Expanded,
+}
+
+/// One MLA layer's attention (DeepSeek-V2/V3): its cache rows are `rank` latent values
+/// followed by `rope` rotated key values, shared by every head. Head `h`'s key up-projection
+/// `uk[h]` is `[nope, rank]`, its value up-projection `uv[h]` `[v, rank]`, and `uk_t[h]`
+/// is `uk[h]` transposed (`[rank, nope]`, for the absorbed form).
+#[derive(Clone, Copy, Debug)]
+pub struct Mla<'a> {
+    pub layer: usize,
+    pub heads: usize,
+    pub rank: usize,
+    pub rope: usize,
+    pub nope: usize,
+    pub v: usize,
+    /// Multiplies `q · k` before the softmax.
+    pub scale: f32,
+    pub form: MlaForm,
+    pub uk: &'a [Weight],
+    pub uk_t: &'a [Weight],
+    pub uv: &'a [Weight],
 }
 
 /// The operations of a forward pass on one device. Tensors and weights passed in must live on
@@ -340,6 +398,29 @@ pub trait Backend: Send + Sync {
     /// Causal attention of the new tokens' queries (`[tokens, heads · head_dim]`) over their
     /// sequences' cached positions.
     fn attention(&self, q: &Tensor, arena: &Tensor, batch: &KvBatch, params: Attention<'_>) -> Result<Tensor>;
+
+    /// Writes the new tokens' MLA cache rows of one layer: the normalised latent
+    /// (`[tokens, rank]`) and the rotated shared key (`[tokens, rope]`), side by side.
+    fn mla_write(
+        &self,
+        arena: &mut Tensor,
+        batch: &KvBatch,
+        layer: usize,
+        latent: &Tensor,
+        k_rope: &Tensor,
+    ) -> Result<()>;
+
+    /// Causal MLA attention of the new tokens' queries (`q_nope` `[tokens, heads · nope]`,
+    /// rotated `q_rope` `[tokens, heads · rope]`) over their sequences' latent rows:
+    /// `[tokens, heads · v]`, each head's output through its value up-projection.
+    fn mla_attention(
+        &self,
+        q_nope: &Tensor,
+        q_rope: &Tensor,
+        arena: &Tensor,
+        batch: &KvBatch,
+        params: Mla<'_>,
+    ) -> Result<Tensor>;
 
     // ---- sampling ----
 
@@ -469,6 +550,7 @@ pub(crate) mod check {
     pub fn attention(q: &Tensor, batch: &KvBatch, p: &Attention<'_>) -> Result<()> {
         let op = "attention";
         let l = &batch.layout;
+        per_head(op, l)?;
         if p.sliding_window == Some(0) {
             return Err(KernelError::Unsupported { op, message: "a sliding window of 0 positions".into() });
         }
@@ -488,9 +570,84 @@ pub(crate) mod check {
         Ok(())
     }
 
+    /// The cache holds keys and values per KV head (not MLA's latent rows).
+    fn per_head(op: &'static str, l: &KvLayout) -> Result<()> {
+        if l.is_latent() {
+            return Err(KernelError::Unsupported {
+                op,
+                message: "an MLA latent cache (use the mla_ operations)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn mla_write(batch: &KvBatch, layer: usize, latent: &Tensor, k_rope: &Tensor) -> Result<()> {
+        let op = "mla_write";
+        let l = &batch.layout;
+        if !l.is_latent() || layer >= l.layers || latent.cols() + k_rope.cols() != l.head_dim {
+            return Err(KernelError::Unsupported {
+                op,
+                message: format!(
+                    "layer {layer}: rows of {} + {} values in a cache of {} layers of {}-value {}",
+                    latent.cols(),
+                    k_rope.cols(),
+                    l.layers,
+                    l.head_dim,
+                    if l.is_latent() { "latent rows" } else { "per-head keys and values" }
+                ),
+            });
+        }
+        latent.expect(op, "latent", batch.tokens, latent.cols())?;
+        k_rope.expect(op, "k_rope", batch.tokens, k_rope.cols())
+    }
+
+    pub fn mla(q_nope: &Tensor, q_rope: &Tensor, batch: &KvBatch, p: &Mla<'_>) -> Result<()> {
+        let op = "mla_attention";
+        let l = &batch.layout;
+        if !l.is_latent() || p.layer >= l.layers || p.rank + p.rope != l.head_dim || p.heads == 0 {
+            return Err(KernelError::Unsupported {
+                op,
+                message: format!(
+                    "layer {} of rank {} + rope {} over a cache of {} layers of {}-value rows{}",
+                    p.layer,
+                    p.rank,
+                    p.rope,
+                    l.layers,
+                    l.head_dim,
+                    if l.is_latent() { "" } else { " (per-head keys and values, not latent rows)" }
+                ),
+            });
+        }
+        if [p.rank, p.rope, p.nope, p.v].contains(&0) {
+            return Err(KernelError::Unsupported {
+                op,
+                message: format!(
+                    "rank {}, rope {}, nope {} and v {}: every width must be at least 1",
+                    p.rank, p.rope, p.nope, p.v
+                ),
+            });
+        }
+        q_nope.expect(op, "q_nope", batch.tokens, p.heads * p.nope)?;
+        q_rope.expect(op, "q_rope", batch.tokens, p.heads * p.rope)?;
+        for (arg, ws, rows, cols) in
+            [("uk", p.uk, p.nope, p.rank), ("uk_t", p.uk_t, p.rank, p.nope), ("uv", p.uv, p.v, p.rank)]
+        {
+            if ws.len() != p.heads {
+                return Err(KernelError::shape(op, arg, format!("{} heads", p.heads), format!("{}", ws.len())));
+            }
+            for w in ws {
+                if (w.rows(), w.cols()) != (rows, cols) {
+                    return Err(KernelError::shape(op, arg, Shape(rows, cols), Shape(w.rows(), w.cols())));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn kv_write(batch: &KvBatch, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let op = "kv_write";
         let l = &batch.layout;
+        per_head(op, l)?;
         if layer >= l.layers {
             return Err(KernelError::OutOfRange { op, message: format!("layer {layer} of {}", l.layers) });
         }

@@ -2,7 +2,7 @@
 //! operation returns [`KernelError::NotCompiledWithCuda`], so code that names it builds and
 //! runs everywhere.
 
-use super::{Attention, Backend, Combine, Gate, Grouped, KvBatch, KvLayout, SeqSpan, TopK};
+use super::{Attention, Backend, Combine, Gate, Grouped, KvBatch, KvLayout, Mla, SeqSpan, TopK};
 use crate::cpu::Precision;
 use crate::error::{KernelError, Result};
 use crate::{Device, Tensor, Weight};
@@ -130,6 +130,14 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, _: &Tensor, _: &Tensor, _: &KvBatch, _: Attention<'_>) -> Result<Tensor> {
+        Err(self.missing())
+    }
+
+    fn mla_write(&self, _: &mut Tensor, _: &KvBatch, _: usize, _: &Tensor, _: &Tensor) -> Result<()> {
+        Err(self.missing())
+    }
+
+    fn mla_attention(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &KvBatch, _: Mla<'_>) -> Result<Tensor> {
         Err(self.missing())
     }
 

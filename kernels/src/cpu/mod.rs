@@ -10,6 +10,8 @@
 //! - [`norm`]: RMSNorm (root-mean-square normalisation).
 //! - [`rope`]: rotary position embeddings, applied from precomputed cos/sin tables.
 //! - [`attention`]: causal attention over a KV cache with GQA, sliding windows and sinks.
+//! - [`mla`]: multi-head latent attention (DeepSeek) over latent cache rows, absorbed or
+//!   expanded.
 //! - [`bandwidth`]: measured memory read bandwidth (benchmarks).
 //! - [`routing`]: softmax and top-k for MoE gates.
 //! - [`activation`]: SiLU, SwiGLU and gpt-oss's clamped SwiGLU.
@@ -18,6 +20,7 @@ pub mod activation;
 pub mod attention;
 pub mod bandwidth;
 pub mod matmul;
+pub mod mla;
 pub mod norm;
 #[cfg(target_arch = "x86_64")]
 pub mod quant512;

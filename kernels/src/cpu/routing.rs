@@ -51,9 +51,59 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// How DeepSeek's group-limited gates score a group of experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupScore {
+    /// The sum of its two best (DeepSeek-V3's `noaux_tc`).
+    TopTwoSum,
+    /// Its best (DeepSeek-V2's `group_limited_greedy`).
+    Max,
+}
+
+/// DeepSeek's group-limited choice of `k` experts, best first: `choice` (the scores, plus
+/// V3's correction bias) split into `groups` equal groups, each scored by `group_score`; the
+/// `topk_group` best groups are kept, then the top `k` of their experts. Ties go to the lower
+/// index.
+pub fn group_limited(
+    choice: &[f32],
+    groups: usize,
+    topk_group: usize,
+    group_score: GroupScore,
+    k: usize,
+) -> Vec<usize> {
+    let per_group = choice.len() / groups.max(1);
+    let scores: Vec<f32> = choice
+        .chunks_exact(per_group.max(1))
+        .map(|g| match group_score {
+            GroupScore::Max => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            GroupScore::TopTwoSum => top_k(g, 2).iter().map(|&i| g[i]).sum(),
+        })
+        .collect();
+    let kept = top_k(&scores, topk_group);
+    let masked: Vec<f32> = choice
+        .iter()
+        .enumerate()
+        .map(|(e, &v)| if kept.contains(&(e / per_group)) { v } else { f32::NEG_INFINITY })
+        .collect();
+    top_k(&masked, k)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_limited_keeps_the_best_groups_only() {
+        // Four groups of two. By the sum of their two best: group 1 (1.1) and group 3 (1.0)
+        // win over group 0 (0.95), whose 0.9 is the best single expert.
+        let choice = [0.9, 0.05, 0.6, 0.5, 0.1, 0.1, 0.5, 0.5];
+        assert_eq!(group_limited(&choice, 4, 2, GroupScore::TopTwoSum, 3), vec![2, 3, 6]);
+        // By their best: groups 0 (0.9) and 1 (0.6).
+        assert_eq!(group_limited(&choice, 4, 2, GroupScore::Max, 3), vec![0, 2, 3]);
+        // The kept group's experts win even where their choice values (biased) are negative.
+        let negative = [-0.5, -0.2, -0.1, -0.3];
+        assert_eq!(group_limited(&negative, 2, 1, GroupScore::Max, 2), vec![2, 3]);
+    }
 
     #[test]
     fn top_k_orders_and_breaks_ties_low() {

@@ -3,6 +3,12 @@
 //! Accepts both the transformers 4.x layout (`rope_theta`, `rope_scaling`, `torch_dtype`) and
 //! the 5.x layout (`rope_parameters`, `dtype`), with each architecture's defaults where a
 //! field is absent, as transformers fills them.
+//!
+//! # Layout
+//! - this module: [`ModelSpec`] and the fields every architecture shares.
+//! - [`deepseek`]: DeepSeek-V3's latent attention, routing and layer plan.
+
+mod deepseek;
 
 use std::path::Path;
 
@@ -10,6 +16,8 @@ use serde_json::{Map, Value};
 use switchyard_kernels::DType;
 
 use crate::error::{ModelError, Result};
+
+pub use deepseek::MlaSpec;
 
 /// The supported architectures (`model_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +27,8 @@ pub enum Arch {
     Qwen3Moe,
     Olmoe,
     GptOss,
+    DeepseekV2,
+    DeepseekV3,
 }
 
 impl Arch {
@@ -29,6 +39,8 @@ impl Arch {
             "qwen3_moe" => Arch::Qwen3Moe,
             "olmoe" => Arch::Olmoe,
             "gpt_oss" => Arch::GptOss,
+            "deepseek_v2" => Arch::DeepseekV2,
+            "deepseek_v3" => Arch::DeepseekV3,
             other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
         })
     }
@@ -40,6 +52,8 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3_moe",
             Arch::Olmoe => "olmoe",
             Arch::GptOss => "gpt_oss",
+            Arch::DeepseekV2 => "deepseek_v2",
+            Arch::DeepseekV3 => "deepseek_v3",
         }
     }
 }
@@ -73,9 +87,43 @@ pub struct RopeSpec {
     pub scaling: RopeScaling,
 }
 
-/// How the gate turns logits into (expert, weight) pairs: the kernels' [`Gate`], which runs
-/// it on every backend.
-pub use switchyard_kernels::backend::Gate as Routing;
+/// How the gate turns logits into (expert, weight) pairs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Routing {
+    /// Softmax over all experts, keep the top k, optionally renormalise them (Mixtral,
+    /// Qwen-MoE, OLMoE).
+    SoftmaxTopK { renormalize: bool },
+    /// Top k logits, then softmax over those k (gpt-oss).
+    TopKSoftmax,
+    /// DeepSeek's: experts chosen among the `topk_group` best of `groups` equal groups, the
+    /// scores and the groups' scores as `scoring` says; weighted by the scores, normalised
+    /// where `renormalize`, times `scale` (`routed_scaling_factor`).
+    GroupLimited { scoring: GroupScoring, groups: usize, topk_group: usize, renormalize: bool, scale: f32 },
+}
+
+/// How a group-limited router scores experts and their groups.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GroupScoring {
+    /// DeepSeek-V3's `noaux_tc`: sigmoid scores; chosen by the scores plus the layer's
+    /// `e_score_correction_bias`, a group by the sum of its two best; weighted unbiased.
+    Sigmoid,
+    /// DeepSeek-V2's `greedy` (one group) and `group_limited_greedy`: softmax scores over
+    /// all experts; a group scores its best.
+    Softmax,
+}
+
+impl Routing {
+    /// The backends' gate kernel for this routing, where one runs it (the group-limited
+    /// choice runs on the host).
+    pub fn gate(self) -> Option<switchyard_kernels::backend::Gate> {
+        use switchyard_kernels::backend::Gate;
+        match self {
+            Routing::SoftmaxTopK { renormalize } => Some(Gate::SoftmaxTopK { renormalize }),
+            Routing::TopKSoftmax => Some(Gate::TopKSoftmax),
+            Routing::GroupLimited { .. } => None,
+        }
+    }
+}
 
 /// The expert MLP's activation.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -119,8 +167,16 @@ pub struct ModelSpec {
     pub expert_intermediate_size: usize,
     /// Width of the dense MLP on non-MoE layers.
     pub dense_intermediate_size: usize,
-    /// Width of Qwen2-MoE's shared expert, if any.
+    /// Width of the shared expert every token also goes through, if any (Qwen2-MoE's one;
+    /// DeepSeek's `n_shared_experts` as one MLP).
     pub shared_expert_intermediate_size: Option<usize>,
+    /// Whether the shared expert's output is scaled by a sigmoid gate (Qwen2-MoE).
+    pub shared_expert_gated: bool,
+    /// DeepSeek's multi-head latent attention, where the model uses it (instead of keys and
+    /// values per KV head).
+    pub mla: Option<MlaSpec>,
+    /// Multi-token-prediction layers the checkpoint holds after `num_layers` (skipped).
+    pub mtp_layers: usize,
     pub routing: Routing,
     pub activation: ExpertActivation,
     pub qkv_bias: bool,
@@ -352,7 +408,19 @@ impl ModelSpec {
             .opt_count_at_most("num_hidden_layers", MAX_LAYERS)?
             .ok_or(ModelError::Config { field: "num_hidden_layers", problem: "is missing".into() })?;
         let num_heads = f.count("num_attention_heads")?;
-        let num_kv_heads = f.opt_count("num_key_value_heads")?.unwrap_or(num_heads);
+        let deepseek = match arch {
+            Arch::DeepseekV2 => Some(deepseek::read(f, num_layers, deepseek::Generation::V2)?),
+            Arch::DeepseekV3 => Some(deepseek::read(f, num_layers, deepseek::Generation::V3)?),
+            _ => None,
+        };
+        if let Some(d) = &deepseek {
+            d.mla.check_heads(num_heads)?;
+        }
+        // MLA's heads all read one latent row; RoPE rotates `qk_rope_head_dim` values of each.
+        let num_kv_heads = match &deepseek {
+            Some(_) => num_heads,
+            None => f.opt_count("num_key_value_heads")?.unwrap_or(num_heads),
+        };
         if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(ModelError::Config {
                 field: "num_key_value_heads",
@@ -360,6 +428,7 @@ impl ModelSpec {
             });
         }
         let head_dim = match f.opt_count("head_dim")? {
+            _ if deepseek.is_some() => deepseek.as_ref().map_or(0, |d| d.mla.qk_rope_head_dim),
             Some(d) => d,
             None if hidden_size / num_heads == 0 => {
                 return Err(ModelError::Config {
@@ -380,9 +449,10 @@ impl ModelSpec {
         }
         let max_position_embeddings = f.opt_count("max_position_embeddings")?.unwrap_or(4096);
         // transformers 5 writes `num_local_experts` for every family; 4.x Qwen/OLMoE `num_experts`.
-        let num_experts = match f.opt_count("num_local_experts")? {
-            Some(n) => n,
-            None => f.count("num_experts")?,
+        let num_experts = match (&deepseek, f.opt_count("num_local_experts")?) {
+            (Some(d), _) => d.num_experts,
+            (None, Some(n)) => n,
+            (None, None) => f.count("num_experts")?,
         };
         let experts_per_token = match f.opt_usize("num_experts_per_tok")? {
             Some(k) => k,
@@ -399,20 +469,36 @@ impl ModelSpec {
         let intermediate_size = f.opt_count("intermediate_size")?;
         let expert_intermediate_size = match arch {
             Arch::Qwen2Moe | Arch::Qwen3Moe => f.count("moe_intermediate_size")?,
+            Arch::DeepseekV2 | Arch::DeepseekV3 => deepseek.as_ref().map_or(0, |d| d.expert_intermediate_size),
             _ => f.count("intermediate_size")?,
         };
 
         let sliding_windows = sliding_windows(arch, f, num_layers)?;
-        let layer_mlps = layer_mlps(arch, f, num_layers)?;
+        let layer_mlps = match &deepseek {
+            Some(d) => d.layer_mlps.clone(),
+            None => layer_mlps(arch, f, num_layers)?,
+        };
         let norm_topk = match arch {
             Arch::Mixtral => true,
             Arch::Qwen3Moe => f.bool_or("norm_topk_prob", true)?,
             _ => f.bool_or("norm_topk_prob", false)?,
         };
-        let routing = match arch {
-            Arch::GptOss => Routing::TopKSoftmax,
+        let routing = match (arch, &deepseek) {
+            (_, Some(d)) => d.routing,
+            (Arch::GptOss, _) => Routing::TopKSoftmax,
             _ => Routing::SoftmaxTopK { renormalize: norm_topk },
         };
+        if let Routing::GroupLimited { groups, topk_group, .. } = routing
+            && experts_per_token > topk_group * (num_experts / groups)
+        {
+            return Err(ModelError::Config {
+                field: "num_experts_per_tok",
+                problem: format!(
+                    "must be at most the experts of the topk_group ({topk_group}) groups kept, {}, got {experts_per_token}",
+                    topk_group * (num_experts / groups)
+                ),
+            });
+        }
         let activation = match arch {
             Arch::GptOss => ExpertActivation::ClampedSwiGlu {
                 alpha: f.opt_finite_f32("swiglu_alpha")?.unwrap_or(1.702),
@@ -471,10 +557,14 @@ impl ModelSpec {
             experts_per_token,
             expert_intermediate_size,
             dense_intermediate_size: intermediate_size.unwrap_or(expert_intermediate_size),
-            shared_expert_intermediate_size: match arch {
-                Arch::Qwen2Moe => f.opt_usize("shared_expert_intermediate_size")?.filter(|&n| n > 0),
+            shared_expert_intermediate_size: match (arch, &deepseek) {
+                (Arch::Qwen2Moe, _) => f.opt_usize("shared_expert_intermediate_size")?.filter(|&n| n > 0),
+                (_, Some(d)) => d.shared_width,
                 _ => None,
             },
+            shared_expert_gated: arch == Arch::Qwen2Moe,
+            mla: deepseek.as_ref().map(|d| d.mla),
+            mtp_layers: deepseek.as_ref().map_or(0, |d| d.mtp_layers),
             routing,
             activation,
             qkv_bias,
@@ -532,7 +622,7 @@ fn sliding_windows(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<Vec<
             }
             _ => vec![false; num_layers],
         },
-        Arch::Olmoe => vec![false; num_layers],
+        Arch::Olmoe | Arch::DeepseekV2 | Arch::DeepseekV3 => vec![false; num_layers],
     };
     if sliding.iter().any(|&s| s) && window.is_none() {
         return Err(ModelError::Config {
