@@ -175,6 +175,31 @@ def common_kwargs(num_layers: int = 2, eps: float = 1e-6) -> dict:
     )
 
 
+def deepseek_kwargs() -> dict:
+    """What the DeepSeek fixtures share: latent attention widths, 16 experts in 4 groups (2
+    kept), 2 shared experts, a dense first layer, YaRN with mscale."""
+    kwargs = common_kwargs(num_layers=3)
+    del kwargs["head_dim"]  # DeepSeek's configs set it to qk_rope_head_dim
+    kwargs.update(num_key_value_heads=4, num_experts_per_tok=4)
+    return dict(
+        **kwargs,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=16,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=2,
+        moe_intermediate_size=16,
+        intermediate_size=96,
+        first_k_dense_replace=1,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **DEEPSEEK_YARN},
+        max_position_embeddings=128,
+        attention_bias=False,
+    )
+
+
 def make_config(arch: str):
     if arch == "mixtral":
         return MixtralConfig(
@@ -244,61 +269,27 @@ def make_config(arch: str):
             max_position_embeddings=256,
         )
     if arch in DEEPSEEK:
-        kwargs = common_kwargs(num_layers=3)
-        del kwargs["head_dim"]  # DeepseekV3Config sets it to qk_rope_head_dim
-        kwargs.update(num_key_value_heads=4, num_experts_per_tok=4)
         return DeepseekV3Config(
-            **kwargs,
+            **deepseek_kwargs(),
             # Both query paths: low-rank q_a_proj / q_a_layernorm / q_b_proj, and a plain q_proj.
             q_lora_rank=48 if arch == "deepseek_v3" else None,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=12,
-            n_routed_experts=16,
-            n_group=4,
-            topk_group=2,
             topk_method="noaux_tc",
             scoring_func="sigmoid",
             norm_topk_prob=True,
             routed_scaling_factor=2.5,
-            n_shared_experts=2,
-            moe_intermediate_size=16,
-            intermediate_size=96,
-            first_k_dense_replace=1,
             moe_layer_freq=1,
             rope_interleave=True,
-            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **DEEPSEEK_YARN},
-            max_position_embeddings=128,
-            attention_bias=False,
             num_nextn_predict_layers=1,
         )
     if arch == "deepseek_v2":
         # As DeepSeek-V2-Lite (a plain q_proj) but with V2's group-limited routing, saved as
         # transformers 5 writes it (fused experts, `rope_parameters`).
-        kwargs = common_kwargs(num_layers=3)
-        del kwargs["head_dim"]
-        kwargs.update(num_key_value_heads=4, num_experts_per_tok=4)
         return DeepseekV2Config(
-            **kwargs,
+            **deepseek_kwargs(),
             q_lora_rank=None,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=12,
-            n_routed_experts=16,
-            n_group=4,
-            topk_group=2,
             topk_method="group_limited_greedy",
             norm_topk_prob=False,
             routed_scaling_factor=1.5,
-            n_shared_experts=2,
-            moe_intermediate_size=16,
-            intermediate_size=96,
-            first_k_dense_replace=1,
-            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **DEEPSEEK_YARN},
-            max_position_embeddings=128,
-            attention_bias=False,
         )
     raise ValueError(f"unknown arch {arch!r}")
 
