@@ -43,6 +43,7 @@ from transformers import (
     DeepseekV2Config,
     DeepseekV3Config,
     GenerationConfig,
+    Glm4MoeConfig,
     GptOssConfig,
     MixtralConfig,
     OlmoeConfig,
@@ -63,6 +64,7 @@ ARCHS = [
     "deepseek_v3",
     "deepseek_v3_fp8",
     "deepseek_v2",
+    "glm4_moe",
 ]
 # Quantized fixtures: a base architecture saved as the Hub ships its quantized checkpoints.
 QUANTIZED = {"gpt_oss_mxfp4": "gpt_oss", "qwen3_moe_fp8": "qwen3_moe", "deepseek_v3_fp8": "deepseek_v3"}
@@ -82,6 +84,7 @@ ARCH_OFFSET = {
     "deepseek_v3": 8,
     "deepseek_v3_fp8": 9,
     "deepseek_v2": 10,
+    "glm4_moe": 11,
 }
 SEED_STRIDE = 1_000_000
 REDRAW_STRIDE = 10_000
@@ -290,6 +293,28 @@ def make_config(arch: str):
             topk_method="group_limited_greedy",
             norm_topk_prob=False,
             routed_scaling_factor=1.5,
+        )
+    if arch == "glm4_moe":
+        # GLM-4.5's layout over DeepSeek-V3's routing: GQA with q/k/v biases, per-head q/k
+        # norms and RoPE on half of each head; saved as transformers 5 writes it.
+        kwargs = common_kwargs(num_layers=3)
+        kwargs.update(num_experts_per_tok=4)
+        return Glm4MoeConfig(
+            **kwargs,
+            n_routed_experts=16,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            intermediate_size=96,
+            first_k_dense_replace=1,
+            attention_bias=True,
+            use_qk_norm=True,
+            num_nextn_predict_layers=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            max_position_embeddings=256,
         )
     raise ValueError(f"unknown arch {arch!r}")
 

@@ -75,8 +75,17 @@ fn assert_close(got: &Value, want: &Value, what: &str) {
 
 #[test]
 fn three_expert_nodes_reproduce_the_single_process_engine_for_every_architecture() {
-    let archs =
-        ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "deepseek_v3_fp8", "deepseek_v2"];
+    let archs = [
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "gpt_oss",
+        "deepseek_v3",
+        "deepseek_v3_fp8",
+        "deepseek_v2",
+        "glm4_moe",
+    ];
     for arch in archs {
         let model = fixture(arch);
         let cluster = UpCluster::start(&["--model", &model, "--expert-nodes", "3"], &[]);

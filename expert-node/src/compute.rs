@@ -88,6 +88,7 @@ pub struct Faults {
     pub wrong_answers: Option<f32>,
 }
 
+#[allow(clippy::large_enum_variant)] // one per dispatch or placement, moved once into the channel
 enum Job {
     Dispatch {
         request: DispatchRequest,

@@ -226,20 +226,42 @@ impl Names<'_> {
         let s = self.spec;
         let p = format!("model.layers.{l}.self_attn");
         let (h, q_out, kv_out) = (s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+        // Partial rotary embedding (GLM-4.5): each head's values are reordered in q and k alike
+        // (which leaves every score q · k as it is) so that the rotated ones sit at the pairs
+        // the RoPE tables rotate, and the others at pairs the tables leave alone.
+        let order = (s.rotary_dim < s.head_dim).then(|| partial_rope_order(s.head_dim, s.rotary_dim));
+        let per_head = |name: &str, heads: usize| -> Result<Weight> {
+            let w = self.host_linear(&format!("{p}.{name}"), heads * s.head_dim, h, s.qkv_bias)?;
+            match &order {
+                Some(order) => {
+                    let rows: Vec<usize> =
+                        (0..heads).flat_map(|i| order.iter().map(move |&j| i * s.head_dim + j)).collect();
+                    self.place(w.select_rows(&rows)?)
+                }
+                None => self.place(w),
+            }
+        };
+        let head_norm = |name: &str| -> Result<Tensor> {
+            let name = format!("{p}.{name}.weight");
+            let v = self.tensor(&name, &[s.head_dim])?.to_f32_vec()?;
+            checkpoint::check_finite(&name, &v)?;
+            let v: Vec<f32> = match &order {
+                Some(order) => order.iter().map(|&j| v[j]).collect(),
+                None => v,
+            };
+            Ok(self.backend.upload(&v, 1, s.head_dim)?)
+        };
         let (q_norm, k_norm) = match s.qk_norm {
             QkNorm::None => (None, None),
-            QkNorm::PerHead => (
-                Some(self.vector(&format!("{p}.q_norm.weight"), s.head_dim)?),
-                Some(self.vector(&format!("{p}.k_norm.weight"), s.head_dim)?),
-            ),
+            QkNorm::PerHead => (Some(head_norm("q_norm")?), Some(head_norm("k_norm")?)),
             QkNorm::Full => (
                 Some(self.vector(&format!("{p}.q_norm.weight"), q_out)?),
                 Some(self.vector(&format!("{p}.k_norm.weight"), kv_out)?),
             ),
         };
         Ok(AttentionWeights {
-            q: self.linear(&format!("{p}.q_proj"), q_out, h, s.qkv_bias)?,
-            k: self.linear(&format!("{p}.k_proj"), kv_out, h, s.qkv_bias)?,
+            q: per_head("q_proj", s.num_heads)?,
+            k: per_head("k_proj", s.num_kv_heads)?,
             v: self.linear(&format!("{p}.v_proj"), kv_out, h, s.qkv_bias)?,
             o: self.linear(&format!("{p}.o_proj"), h, q_out, s.o_bias)?,
             q_norm,
@@ -371,5 +393,39 @@ impl Names<'_> {
             });
         }
         Err(ModelError::MissingTensor(format!("{p}.experts.{x}.gate_proj.weight (or {fused})")))
+    }
+}
+
+/// A head's values in the order partial rotary embedding reads them: RoPE rotates the first
+/// `rotary_dim` values as halves (`x[i]` with `x[i + rotary_dim / 2]`), the tables rotate
+/// `x[i]` with `x[i + head_dim / 2]` for the first `rotary_dim / 2` pairs only. Position `n` of
+/// the result is the checkpoint's value `order[n]`: the rotated halves at the rotated pairs,
+/// the unrotated values at the rest.
+fn partial_rope_order(head_dim: usize, rotary_dim: usize) -> Vec<usize> {
+    let (half, r) = (head_dim / 2, rotary_dim / 2);
+    (0..r)
+        .chain(rotary_dim..rotary_dim + half - r)
+        .chain(r..rotary_dim)
+        .chain(rotary_dim + half - r..head_dim)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_rope_order_puts_each_rotated_pair_where_the_tables_rotate() {
+        // head_dim 16, rotary 8: the checkpoint rotates (i, i + 4) for i < 4; the tables rotate
+        // (n, n + 8) for n < 4 and leave n in 4..8 (and n + 8) alone.
+        let order = partial_rope_order(16, 8);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..16).collect::<Vec<_>>(), "a permutation");
+        for i in 0..4 {
+            assert_eq!((order[i], order[i + 8]), (i, i + 4), "rotated pair {i}");
+        }
+        assert!(order[4..8].iter().chain(&order[12..]).all(|&j| j >= 8), "only unrotated values at unrotated pairs");
+        assert_eq!(partial_rope_order(16, 16), (0..16).collect::<Vec<_>>());
     }
 }

@@ -133,8 +133,10 @@ impl LatentAttention {
         ops.rope(&mut q_rope, step.cos, step.sin, spec.num_heads)?;
         ops.rope(&mut k_rope, step.cos, step.sin, 1)?;
         ops.mla_write(step.arena, step.batch, step.layer, &latent, &k_rope)?;
-        let bytes: usize = [&self.uk_t, &self.uv].iter().flat_map(|ws| ws.iter()).map(Weight::size_in_bytes).sum();
-        exec.add(bytes);
+        // The up-projections the pass reads: the absorbed form's unless it is told to expand
+        // (`Auto` expands only prompt chunks, whose floor is not what the figures are for).
+        let uk = if step.form == MlaForm::Expanded { &self.uk } else { &self.uk_t };
+        exec.add([uk, &self.uv].iter().flat_map(|ws| ws.iter()).map(Weight::size_in_bytes).sum());
         let params = Mla {
             layer: step.layer,
             heads: spec.num_heads,

@@ -109,7 +109,7 @@ impl Model {
         }
         let norm = names.final_norm()?;
         let lm_head = names.lm_head()?;
-        let rope = Rope::new(&spec.rope, spec.head_dim, spec.max_position_embeddings);
+        let rope = Rope::new(&spec.rope, (spec.head_dim, spec.rotary_dim), spec.max_position_embeddings);
         tracing::info!(
             model_type = spec.arch.model_type(),
             layers = spec.num_layers,

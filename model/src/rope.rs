@@ -5,7 +5,12 @@ use crate::config::{RopeScaling, RopeSpec};
 
 pub struct Rope {
     spec: RopeSpec,
+    /// Values of a head rotated (the frequencies' dimension).
     dim: usize,
+    /// Pairs per head in the tables: `head_dim / 2`. Pairs past `dim / 2` are not rotated
+    /// (cos 1, sin 0): partial rotary embedding, where the loader has put the rotated values
+    /// of each head at the pairs the tables rotate (see `Names::attention`).
+    pairs: usize,
     max_position_embeddings: usize,
     /// Frequencies for sequences within the trained length.
     inv_freq: Vec<f32>,
@@ -14,8 +19,8 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(spec: &RopeSpec, head_dim: usize, max_position_embeddings: usize) -> Self {
-        let dim = head_dim;
+    pub fn new(spec: &RopeSpec, (head_dim, rotary_dim): (usize, usize), max_position_embeddings: usize) -> Self {
+        let dim = rotary_dim;
         let base_freq =
             |base: f32| -> Vec<f32> { (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect() };
         let (inv_freq, attention_scaling) = match spec.scaling {
@@ -65,7 +70,7 @@ impl Rope {
                 (inv, attention_factor)
             }
         };
-        Rope { spec: spec.clone(), dim, max_position_embeddings, inv_freq, attention_scaling }
+        Rope { spec: spec.clone(), dim, pairs: head_dim / 2, max_position_embeddings, inv_freq, attention_scaling }
     }
 
     /// Inverse frequencies for a forward pass whose largest position is `max_pos`
@@ -83,20 +88,21 @@ impl Rope {
         }
     }
 
-    /// cos and sin tables (`dim / 2` values per position) for `positions`, all from one forward
-    /// pass of one sequence.
+    /// cos and sin tables (`head_dim / 2` values per position) for `positions`, all from one
+    /// forward pass of one sequence.
     pub fn tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let max_pos = positions.iter().copied().max().unwrap_or(0);
         let inv = self.inv_freq_for(max_pos);
-        let half = self.dim / 2;
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
+        let mut cos = Vec::with_capacity(positions.len() * self.pairs);
+        let mut sin = Vec::with_capacity(positions.len() * self.pairs);
         for &p in positions {
             for &f in inv.iter() {
                 let angle = p as f32 * f;
                 cos.push(angle.cos() * self.attention_scaling);
                 sin.push(angle.sin() * self.attention_scaling);
             }
+            cos.resize(cos.len() + self.pairs - inv.len(), 1.0);
+            sin.resize(sin.len() + self.pairs - inv.len(), 0.0);
         }
         (cos, sin)
     }

@@ -156,6 +156,14 @@ on_each_device!(
     |device| { check_arch("qwen3_moe_fp8", device) }
 );
 
+on_each_device!(
+    /// GLM-4.5's layout: DeepSeek-V3's routing and shared expert over GQA attention with q/k/v
+    /// biases, per-head q/k norms and RoPE on half of each head.
+    glm4_moe_matches_transformers,
+    glm4_moe_matches_transformers_on_cuda,
+    |device| { check_arch("glm4_moe", device) }
+);
+
 // DeepSeek-V3: multi-head latent attention (which runs on the CPU only so far), group-limited
 // sigmoid routing with a correction bias, shared experts, a leading dense layer, YaRN with
 // mscale, interleaved RoPE, and an MTP layer in the checkpoint to skip.
@@ -239,8 +247,8 @@ on_each_device!(
     |device| {
     // DeepSeek's latent attention runs on the CPU only.
     let names: &[&str] = match device {
-        Device::Cpu => &["mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3"],
-        Device::Cuda(_) => &["mixtral", "gpt_oss", "qwen2_moe"],
+        Device::Cpu => &["mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "glm4_moe"],
+        Device::Cuda(_) => &["mixtral", "gpt_oss", "qwen2_moe", "glm4_moe"],
     };
     for &name in names {
         let dir = fixtures_dir().join(name);
@@ -280,7 +288,7 @@ on_each_device!(
     prefill_then_decode_equals_full_recompute,
     prefill_then_decode_equals_full_recompute_on_cuda,
     |device| {
-    for name in ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"] {
+    for name in ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"] {
         let dir = fixtures_dir().join(name);
         let expected = load_expected(&dir)?;
         let model = load_model(&dir, device)?;

@@ -1,6 +1,7 @@
 //! DeepSeek's fields (`model_type: "deepseek_v3"`, the architecture of Kimi-K2 and others,
 //! and `"deepseek_v2"`): multi-head latent attention, group-limited routing, shared experts
-//! and the leading dense layers, with transformers' defaults where a field is absent.
+//! and the leading dense layers, with transformers' defaults where a field is absent. GLM-4.5
+//! (`"glm4_moe"`) shares DeepSeek-V3's MoE layers over per-head attention.
 
 use serde_json::Value;
 
@@ -51,9 +52,10 @@ impl MlaSpec {
     }
 }
 
-/// What a DeepSeek-V3 config adds to the common fields.
+/// What a DeepSeek config adds to the common fields.
 pub(super) struct DeepSeek {
-    pub mla: MlaSpec,
+    /// Latent attention (DeepSeek); `None`: per-head attention (GLM-4.5).
+    pub mla: Option<MlaSpec>,
     pub num_experts: usize,
     pub expert_intermediate_size: usize,
     pub shared_width: Option<usize>,
@@ -71,6 +73,8 @@ pub(super) enum Generation {
     V2,
     /// `deepseek_v3` (V3, R1, Kimi-K2): sigmoid `noaux_tc` routing.
     V3,
+    /// `glm4_moe` (GLM-4.5, 4.6): V3's MoE layers, per-head attention.
+    Glm4Moe,
 }
 
 /// transformers' defaults for what a config leaves out.
@@ -79,6 +83,9 @@ struct Defaults {
     topk_method: &'static str,
     topk_methods: &'static [&'static str],
     scoring_func: &'static str,
+    /// `n_group`, `topk_group`.
+    groups: (usize, usize),
+    norm_topk_prob: bool,
     experts: usize,
     expert_width: usize,
     shared_experts: usize,
@@ -94,6 +101,8 @@ impl Generation {
                 topk_method: "greedy",
                 topk_methods: &["greedy", "group_limited_greedy"],
                 scoring_func: "softmax",
+                groups: (1, 1),
+                norm_topk_prob: false,
                 experts: 64,
                 expert_width: 1407,
                 shared_experts: 2,
@@ -105,11 +114,26 @@ impl Generation {
                 topk_method: "noaux_tc",
                 topk_methods: &["noaux_tc"],
                 scoring_func: "sigmoid",
+                groups: (8, 4),
+                norm_topk_prob: true,
                 experts: 256,
                 expert_width: 2048,
                 shared_experts: 1,
                 first_dense: 3,
                 scale: 2.5,
+            },
+            Generation::Glm4Moe => Defaults {
+                model_type: "glm4_moe",
+                topk_method: "noaux_tc",
+                topk_methods: &["noaux_tc"],
+                scoring_func: "sigmoid",
+                groups: (1, 1),
+                norm_topk_prob: true,
+                experts: 128,
+                expert_width: 1408,
+                shared_experts: 1,
+                first_dense: 1,
+                scale: 1.0,
             },
         }
     }
@@ -136,10 +160,10 @@ pub(super) fn read(f: &Fields<'_>, num_layers: usize, generation: Generation) ->
         None => f.opt_count("num_local_experts")?.unwrap_or(d.experts),
     };
     let (groups, topk_group) = match (generation, method) {
-        (Generation::V3, _) => (f.opt_count("n_group")?.unwrap_or(8), f.opt_count("topk_group")?.unwrap_or(4)),
         // `greedy`: the top k of all experts, as one group.
         (Generation::V2, "greedy") => (1, 1),
         (Generation::V2, _) => (f.count("n_group")?, f.count("topk_group")?),
+        _ => (f.opt_count("n_group")?.unwrap_or(d.groups.0), f.opt_count("topk_group")?.unwrap_or(d.groups.1)),
     };
     if !num_experts.is_multiple_of(groups) {
         return Err(ModelError::Config {
@@ -155,7 +179,7 @@ pub(super) fn read(f: &Fields<'_>, num_layers: usize, generation: Generation) ->
     }
     let scale = f.opt_positive_f32("routed_scaling_factor")?.unwrap_or(d.scale);
     let (scoring, renormalize) = match generation {
-        Generation::V3 => (GroupScoring::Sigmoid, f.bool_or("norm_topk_prob", true)?),
+        Generation::V3 | Generation::Glm4Moe => (GroupScoring::Sigmoid, f.bool_or("norm_topk_prob", d.norm_topk_prob)?),
         // transformers' DeepseekV2 never normalises the chosen weights (the Hub's V2 configs
         // all say `false`); a config that asks for it is refused rather than ignored.
         Generation::V2 if f.bool_or("norm_topk_prob", false)? => {
@@ -189,6 +213,22 @@ pub(super) fn read(f: &Fields<'_>, num_layers: usize, generation: Generation) ->
         .map(|l| if l >= first_dense && l % freq == 0 { LayerMlp::Moe } else { LayerMlp::Dense })
         .collect();
 
+    Ok(DeepSeek {
+        mla: if generation == Generation::Glm4Moe { None } else { Some(read_mla(f, generation)?) },
+        num_experts,
+        expert_intermediate_size,
+        shared_width,
+        routing: Routing::GroupLimited { scoring, groups, topk_group, renormalize, scale },
+        layer_mlps,
+        mtp_layers: match f.opt_usize("num_nextn_predict_layers")? {
+            Some(n) => n,
+            None => f.opt_usize("num_mtp_layers")?.unwrap_or(0),
+        },
+    })
+}
+
+/// The latent attention's widths and softmax scale.
+fn read_mla(f: &Fields<'_>, generation: Generation) -> Result<MlaSpec> {
     // Absent: transformers' 1536; `null`: a plain `q_proj`.
     let q_lora_rank = match f.0.get("q_lora_rank") {
         None => Some(1536),
@@ -225,25 +265,14 @@ pub(super) fn read(f: &Fields<'_>, num_layers: usize, generation: Generation) ->
             problem: "`false` is not supported for deepseek_v2 (it rotates interleaved pairs)".into(),
         });
     }
-    Ok(DeepSeek {
-        mla: MlaSpec {
-            q_lora_rank,
-            kv_lora_rank,
-            qk_nope_head_dim,
-            qk_rope_head_dim,
-            v_head_dim,
-            rope_interleave,
-            softmax_scale,
-        },
-        num_experts,
-        expert_intermediate_size,
-        shared_width,
-        routing: Routing::GroupLimited { scoring, groups, topk_group, renormalize, scale },
-        layer_mlps,
-        mtp_layers: match f.opt_usize("num_nextn_predict_layers")? {
-            Some(n) => n,
-            None => f.opt_usize("num_mtp_layers")?.unwrap_or(0),
-        },
+    Ok(MlaSpec {
+        q_lora_rank,
+        kv_lora_rank,
+        qk_nope_head_dim,
+        qk_rope_head_dim,
+        v_head_dim,
+        rope_interleave,
+        softmax_scale,
     })
 }
 
@@ -391,5 +420,46 @@ mod tests {
             .replace(r#""n_group":1,"topk_group":1,"#, "");
         let e = ModelSpec::from_json(&grouped_without_groups).unwrap_err().to_string();
         assert_eq!(e, "config.json: `n_group` is missing");
+    }
+
+    /// GLM-4.5-Air's config.json as the Hub ships it (transformers 4.x layout).
+    const GLM_45_AIR: &str = r#"{"architectures":["Glm4MoeForCausalLM"],"model_type":"glm4_moe",
+        "attention_bias":true,"head_dim":128,"hidden_act":"silu","hidden_size":4096,
+        "partial_rotary_factor":0.5,"intermediate_size":10944,"max_position_embeddings":131072,
+        "moe_intermediate_size":1408,"norm_topk_prob":true,"num_attention_heads":96,"n_group":1,
+        "topk_group":1,"n_routed_experts":128,"n_shared_experts":1,"routed_scaling_factor":1.0,
+        "num_experts_per_tok":8,"first_k_dense_replace":1,"num_hidden_layers":46,
+        "num_key_value_heads":8,"rms_norm_eps":1e-5,"rope_theta":1000000,"num_nextn_predict_layers":1,
+        "tie_word_embeddings":false,"torch_dtype":"bfloat16","use_qk_norm":false,"vocab_size":151552,
+        "pad_token_id":151329,"eos_token_id":[151329,151336,151338]}"#;
+
+    #[test]
+    fn reads_glm_4_5_air_as_the_hub_ships_it() {
+        let s = ModelSpec::from_json(GLM_45_AIR).unwrap();
+        assert_eq!((s.mla, s.head_dim, s.rotary_dim, s.num_kv_heads), (None, 128, 64, 8));
+        assert_eq!((s.qkv_bias, s.o_bias, s.qk_norm), (true, false, crate::config::QkNorm::None));
+        assert_eq!(s.rope.theta, 1e6);
+        let routing = Routing::GroupLimited {
+            scoring: GroupScoring::Sigmoid,
+            groups: 1,
+            topk_group: 1,
+            renormalize: true,
+            scale: 1.0,
+        };
+        assert_eq!(s.routing, routing);
+        assert_eq!((s.num_experts, s.experts_per_token, s.expert_intermediate_size), (128, 8, 1408));
+        assert_eq!((s.shared_expert_intermediate_size, s.shared_expert_gated, s.mtp_layers), (Some(1408), false, 1));
+        assert_eq!(&s.layer_mlps[..2], &[LayerMlp::Dense, LayerMlp::Moe]);
+        // The per-head cache, as any GQA model's.
+        assert_eq!(crate::kv_cache::KvPool::layout_for(&s).floats_per_token(), 46 * 2 * 8 * 128);
+
+        let e = ModelSpec::from_json(
+            &GLM_45_AIR.replace(r#""partial_rotary_factor":0.5"#, r#""partial_rotary_factor":1.5"#),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config.json: `partial_rotary_factor` must rotate an even number of at most head_dim (128) values, got 1.5 (192 values)"
+        );
     }
 }

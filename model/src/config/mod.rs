@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - this module: [`ModelSpec`] and the fields every architecture shares.
-//! - [`deepseek`]: DeepSeek-V3's latent attention, routing and layer plan.
+//! - [`deepseek`]: DeepSeek's latent attention, routing and layer plan (and GLM-4.5's).
 
 mod deepseek;
 
@@ -29,6 +29,7 @@ pub enum Arch {
     GptOss,
     DeepseekV2,
     DeepseekV3,
+    Glm4Moe,
 }
 
 impl Arch {
@@ -41,6 +42,7 @@ impl Arch {
             "gpt_oss" => Arch::GptOss,
             "deepseek_v2" => Arch::DeepseekV2,
             "deepseek_v3" => Arch::DeepseekV3,
+            "glm4_moe" => Arch::Glm4Moe,
             other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
         })
     }
@@ -54,6 +56,7 @@ impl Arch {
             Arch::GptOss => "gpt_oss",
             Arch::DeepseekV2 => "deepseek_v2",
             Arch::DeepseekV3 => "deepseek_v3",
+            Arch::Glm4Moe => "glm4_moe",
         }
     }
 }
@@ -151,6 +154,9 @@ pub struct ModelSpec {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Values of each head RoPE rotates, the first ones: `head_dim` but for GLM-4.5's
+    /// partial rotary embedding.
+    pub rotary_dim: usize,
     pub rms_norm_eps: f32,
     pub max_position_embeddings: usize,
     /// Longest sequence served: `max_position_embeddings`, times the factor of dynamic NTK
@@ -411,13 +417,15 @@ impl ModelSpec {
         let deepseek = match arch {
             Arch::DeepseekV2 => Some(deepseek::read(f, num_layers, deepseek::Generation::V2)?),
             Arch::DeepseekV3 => Some(deepseek::read(f, num_layers, deepseek::Generation::V3)?),
+            Arch::Glm4Moe => Some(deepseek::read(f, num_layers, deepseek::Generation::Glm4Moe)?),
             _ => None,
         };
-        if let Some(d) = &deepseek {
-            d.mla.check_heads(num_heads)?;
+        let mla = deepseek.as_ref().and_then(|d| d.mla);
+        if let Some(m) = &mla {
+            m.check_heads(num_heads)?;
         }
         // MLA's heads all read one latent row; RoPE rotates `qk_rope_head_dim` values of each.
-        let num_kv_heads = match &deepseek {
+        let num_kv_heads = match &mla {
             Some(_) => num_heads,
             None => f.opt_count("num_key_value_heads")?.unwrap_or(num_heads),
         };
@@ -427,10 +435,10 @@ impl ModelSpec {
                 problem: format!("must divide num_attention_heads ({num_heads}), got {num_kv_heads}"),
             });
         }
-        let head_dim = match f.opt_count("head_dim")? {
-            _ if deepseek.is_some() => deepseek.as_ref().map_or(0, |d| d.mla.qk_rope_head_dim),
-            Some(d) => d,
-            None if hidden_size / num_heads == 0 => {
+        let head_dim = match (&mla, f.opt_count("head_dim")?) {
+            (Some(m), _) => m.qk_rope_head_dim,
+            (None, Some(d)) => d,
+            (None, None) if hidden_size / num_heads == 0 => {
                 return Err(ModelError::Config {
                     field: "num_attention_heads",
                     problem: format!(
@@ -438,7 +446,7 @@ impl ModelSpec {
                     ),
                 });
             }
-            None => hidden_size / num_heads,
+            (None, None) => hidden_size / num_heads,
         };
         // Every architecture rotates head_dim / 2 pairs of each head.
         if !head_dim.is_multiple_of(2) {
@@ -447,6 +455,7 @@ impl ModelSpec {
                 problem: format!("must be even (RoPE rotates pairs of values), got {head_dim}"),
             });
         }
+        let rotary_dim = rotary_dim(arch, f, head_dim)?;
         let max_position_embeddings = f.opt_count("max_position_embeddings")?.unwrap_or(4096);
         // transformers 5 writes `num_local_experts` for every family; 4.x Qwen/OLMoE `num_experts`.
         let num_experts = match (&deepseek, f.opt_count("num_local_experts")?) {
@@ -469,7 +478,9 @@ impl ModelSpec {
         let intermediate_size = f.opt_count("intermediate_size")?;
         let expert_intermediate_size = match arch {
             Arch::Qwen2Moe | Arch::Qwen3Moe => f.count("moe_intermediate_size")?,
-            Arch::DeepseekV2 | Arch::DeepseekV3 => deepseek.as_ref().map_or(0, |d| d.expert_intermediate_size),
+            Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => {
+                deepseek.as_ref().map_or(0, |d| d.expert_intermediate_size)
+            }
             _ => f.count("intermediate_size")?,
         };
 
@@ -509,6 +520,8 @@ impl ModelSpec {
         let attention_bias = f.bool_or("attention_bias", arch == Arch::GptOss)?;
         let (qkv_bias, o_bias) = match arch {
             Arch::Qwen2Moe => (f.bool_or("qkv_bias", true)?, false),
+            // GLM-4.5's `attention_bias` is on q, k and v, never on o_proj.
+            Arch::Glm4Moe => (attention_bias, false),
             _ => (attention_bias, attention_bias),
         };
         let hidden_act = f.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
@@ -546,6 +559,7 @@ impl ModelSpec {
             num_heads,
             num_kv_heads,
             head_dim,
+            rotary_dim,
             rms_norm_eps: f.opt_positive_f32("rms_norm_eps")?.unwrap_or(1e-6),
             max_position_embeddings,
             max_context,
@@ -563,7 +577,7 @@ impl ModelSpec {
                 _ => None,
             },
             shared_expert_gated: arch == Arch::Qwen2Moe,
-            mla: deepseek.as_ref().map(|d| d.mla),
+            mla,
             mtp_layers: deepseek.as_ref().map_or(0, |d| d.mtp_layers),
             routing,
             activation,
@@ -571,6 +585,7 @@ impl ModelSpec {
             o_bias,
             qk_norm: match arch {
                 Arch::Qwen3Moe => QkNorm::PerHead,
+                Arch::Glm4Moe if f.bool_or("use_qk_norm", false)? => QkNorm::PerHead,
                 Arch::Olmoe => QkNorm::Full,
                 _ => QkNorm::None,
             },
@@ -622,7 +637,7 @@ fn sliding_windows(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<Vec<
             }
             _ => vec![false; num_layers],
         },
-        Arch::Olmoe | Arch::DeepseekV2 | Arch::DeepseekV3 => vec![false; num_layers],
+        Arch::Olmoe | Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => vec![false; num_layers],
     };
     if sliding.iter().any(|&s| s) && window.is_none() {
         return Err(ModelError::Config {
@@ -653,6 +668,30 @@ fn layer_mlps(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<Vec<Layer
         }
         _ => vec![LayerMlp::Moe; num_layers],
     })
+}
+
+/// How many of each head's `head_dim` values RoPE rotates: all, or GLM-4.5's
+/// `partial_rotary_factor` of them (in `rope_parameters` or at the top level; 0.5 where
+/// absent, as transformers).
+fn rotary_dim(arch: Arch, f: &Fields<'_>, head_dim: usize) -> Result<usize> {
+    if arch != Arch::Glm4Moe {
+        return Ok(head_dim);
+    }
+    let params = f.get("rope_parameters").and_then(Value::as_object).map(Fields);
+    let factor = match params.as_ref().map(|p| p.opt_positive_f32("partial_rotary_factor")).transpose()?.flatten() {
+        Some(factor) => factor,
+        None => f.opt_positive_f32("partial_rotary_factor")?.unwrap_or(0.5),
+    };
+    let dim = (head_dim as f32 * factor) as usize;
+    if factor > 1.0 || dim == 0 || !dim.is_multiple_of(2) {
+        return Err(ModelError::Config {
+            field: "partial_rotary_factor",
+            problem: format!(
+                "must rotate an even number of at most head_dim ({head_dim}) values, got {factor} ({dim} values)"
+            ),
+        });
+    }
+    Ok(dim)
 }
 
 fn rope_spec(arch: Arch, f: &Fields<'_>) -> Result<RopeSpec> {
