@@ -169,8 +169,10 @@ impl RandomShape {
                     "first_k_dense_replace": 1,
                     "topk_method": "noaux_tc",
                     "scoring_func": "sigmoid",
-                    "n_group": 4,
-                    "topk_group": 2,
+                    // Groups of at least 2 experts (a sigmoid router scores a group by its
+                    // best two): 4 groups, half of them kept, where there are 16 experts or more.
+                    "n_group": (self.num_experts / 4).clamp(1, 4),
+                    "topk_group": ((self.num_experts / 4).clamp(1, 4) / 2).max(1),
                     "routed_scaling_factor": 2.5,
                     "rope_theta": 10000.0,
                     "rope_scaling": {

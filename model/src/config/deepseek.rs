@@ -171,6 +171,13 @@ pub(super) fn read(f: &Fields<'_>, num_layers: usize, generation: Generation) ->
             problem: format!("must divide n_routed_experts ({num_experts}), got {groups}"),
         });
     }
+    // A sigmoid router scores a group by its two best experts.
+    if d.scoring_func == "sigmoid" && num_experts / groups < 2 {
+        return Err(ModelError::Config {
+            field: "n_group",
+            problem: format!("must leave at least 2 experts per group ({num_experts} experts), got {groups}"),
+        });
+    }
     if topk_group > groups {
         return Err(ModelError::Config {
             field: "topk_group",
@@ -209,6 +216,19 @@ pub(super) fn read(f: &Fields<'_>, num_layers: usize, generation: Generation) ->
     };
     let first_dense = f.opt_usize("first_k_dense_replace")?.unwrap_or(d.first_dense);
     let freq = f.opt_count("moe_layer_freq")?.unwrap_or(1);
+    if generation == Generation::Glm4Moe && freq != 1 {
+        return Err(ModelError::Config {
+            field: "moe_layer_freq",
+            problem: format!("{freq} is not supported for glm4_moe (every layer from first_k_dense_replace is MoE)"),
+        });
+    }
+    // DeepSeek-V2's dense MLPs and shared experts take `mlp_bias`; no checkpoint sets it.
+    if f.bool_or("mlp_bias", false)? {
+        return Err(ModelError::Config {
+            field: "mlp_bias",
+            problem: format!("`true` is not supported for {}", d.model_type),
+        });
+    }
     let layer_mlps = (0..num_layers)
         .map(|l| if l >= first_dense && l % freq == 0 { LayerMlp::Moe } else { LayerMlp::Dense })
         .collect();
@@ -420,6 +440,10 @@ mod tests {
             .replace(r#""n_group":1,"topk_group":1,"#, "");
         let e = ModelSpec::from_json(&grouped_without_groups).unwrap_err().to_string();
         assert_eq!(e, "config.json: `n_group` is missing");
+        assert_eq!(
+            refusal(r#""attention_bias":false"#, r#""attention_bias":false,"mlp_bias":true"#),
+            "config.json: `mlp_bias` `true` is not supported for deepseek_v2"
+        );
     }
 
     /// GLM-4.5-Air's config.json as the Hub ships it (transformers 4.x layout).
@@ -460,6 +484,24 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "config.json: `partial_rotary_factor` must rotate an even number of at most head_dim (128) values, got 1.5 (192 values)"
+        );
+        let refusal =
+            |from: &str, to: &str| ModelSpec::from_json(&GLM_45_AIR.replace(from, to)).unwrap_err().to_string();
+        assert_eq!(
+            refusal(r#""first_k_dense_replace":1"#, r#""first_k_dense_replace":1,"moe_layer_freq":2"#),
+            "config.json: `moe_layer_freq` 2 is not supported for glm4_moe (every layer from first_k_dense_replace is MoE)"
+        );
+        assert_eq!(
+            refusal(r#""n_group":1"#, r#""n_group":128"#),
+            "config.json: `n_group` must leave at least 2 experts per group (128 experts), got 128"
+        );
+        // Another architecture's partial rotary factor would go unread.
+        let mixtral = r#"{"model_type":"mixtral","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
+            "num_attention_heads":2,"intermediate_size":4,"num_local_experts":2,"num_experts_per_tok":1,
+            "partial_rotary_factor":0.5}"#;
+        assert_eq!(
+            ModelSpec::from_json(mixtral).unwrap_err().to_string(),
+            "config.json: `partial_rotary_factor` 0.5 is not supported for mixtral (it rotates whole heads)"
         );
     }
 }

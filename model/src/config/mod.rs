@@ -318,6 +318,17 @@ impl Fields<'_> {
         }
     }
 
+    /// `key`, which must be a finite number > 0 where present, in full precision.
+    fn opt_positive_f64(&self, key: &'static str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(n) if n.is_finite() && n > 0.0 => Ok(Some(n)),
+                _ => Err(positive(key, Some(v))),
+            },
+        }
+    }
+
     /// `key`, which must be a finite number where present.
     fn opt_finite_f32(&self, key: &'static str) -> Result<Option<f32>> {
         match self.opt_f32(key)? {
@@ -427,7 +438,7 @@ impl ModelSpec {
         // MLA's heads all read one latent row; RoPE rotates `qk_rope_head_dim` values of each.
         let num_kv_heads = match &mla {
             Some(_) => num_heads,
-            None => f.opt_count("num_key_value_heads")?.unwrap_or(num_heads),
+            None => f.opt_count("num_key_value_heads")?.unwrap_or(if arch == Arch::Glm4Moe { 8 } else { num_heads }),
         };
         if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(ModelError::Config {
@@ -456,7 +467,7 @@ impl ModelSpec {
             });
         }
         let rotary_dim = rotary_dim(arch, f, head_dim)?;
-        let max_position_embeddings = f.opt_count("max_position_embeddings")?.unwrap_or(4096);
+        let max_position_embeddings = f.opt_count("max_position_embeddings")?.unwrap_or(default_max_positions(arch));
         // transformers 5 writes `num_local_experts` for every family; 4.x Qwen/OLMoE `num_experts`.
         let num_experts = match (&deepseek, f.opt_count("num_local_experts")?) {
             (Some(d), _) => d.num_experts,
@@ -538,6 +549,13 @@ impl ModelSpec {
             _ => None,
         };
         let rope = rope_spec(arch, f)?;
+        // Dynamic NTK grows its base by a power of d / (d - 2).
+        if matches!(rope.scaling, RopeScaling::Dynamic { .. }) && rotary_dim <= 2 {
+            return Err(ModelError::Config {
+                field: "rope_scaling",
+                problem: format!("dynamic RoPE needs more than 2 rotated values per head, got {rotary_dim}"),
+            });
+        }
         let quantization = quantization(f)?;
         if quantization == Some(Quantization::Mxfp4) && arch != Arch::GptOss {
             return Err(ModelError::Config {
@@ -560,7 +578,11 @@ impl ModelSpec {
             num_kv_heads,
             head_dim,
             rotary_dim,
-            rms_norm_eps: f.opt_positive_f32("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps: f.opt_positive_f32("rms_norm_eps")?.unwrap_or(if arch == Arch::Glm4Moe {
+                1e-5
+            } else {
+                1e-6
+            }),
             max_position_embeddings,
             max_context,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
@@ -670,19 +692,32 @@ fn layer_mlps(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<Vec<Layer
     })
 }
 
+/// `max_position_embeddings` where a config leaves it out.
+fn default_max_positions(arch: Arch) -> usize {
+    if arch == Arch::Glm4Moe { 131072 } else { 4096 }
+}
+
 /// How many of each head's `head_dim` values RoPE rotates: all, or GLM-4.5's
-/// `partial_rotary_factor` of them (in `rope_parameters` or at the top level; 0.5 where
-/// absent, as transformers).
+/// `partial_rotary_factor` of them (read as transformers does: from the RoPE parameters, else
+/// the top level, else 0.5), truncated like Python's `int(head_dim * factor)`. Another
+/// architecture's factor other than 1 is refused: nothing would honour it.
 fn rotary_dim(arch: Arch, f: &Fields<'_>, head_dim: usize) -> Result<usize> {
-    if arch != Arch::Glm4Moe {
-        return Ok(head_dim);
-    }
-    let params = f.get("rope_parameters").and_then(Value::as_object).map(Fields);
-    let factor = match params.as_ref().map(|p| p.opt_positive_f32("partial_rotary_factor")).transpose()?.flatten() {
-        Some(factor) => factor,
-        None => f.opt_positive_f32("partial_rotary_factor")?.unwrap_or(0.5),
+    let params = f.get("rope_scaling").or_else(|| f.get("rope_parameters")).and_then(Value::as_object).map(Fields);
+    let factor = match params.as_ref().map(|p| p.opt_positive_f64("partial_rotary_factor")).transpose()?.flatten() {
+        Some(factor) => Some(factor),
+        None => f.opt_positive_f64("partial_rotary_factor")?,
     };
-    let dim = (head_dim as f32 * factor) as usize;
+    if arch != Arch::Glm4Moe {
+        return match factor {
+            Some(factor) if factor != 1.0 => Err(ModelError::Config {
+                field: "partial_rotary_factor",
+                problem: format!("{factor} is not supported for {} (it rotates whole heads)", arch.model_type()),
+            }),
+            _ => Ok(head_dim),
+        };
+    }
+    let factor = factor.unwrap_or(0.5);
+    let dim = (head_dim as f64 * factor) as usize;
     if factor > 1.0 || dim == 0 || !dim.is_multiple_of(2) {
         return Err(ModelError::Config {
             field: "partial_rotary_factor",
@@ -727,7 +762,7 @@ fn rope_spec(arch: Arch, f: &Fields<'_>) -> Result<RopeSpec> {
         "dynamic" => RopeScaling::Dynamic { factor: factor()? },
         "yarn" => {
             let original = p.opt_count("original_max_position_embeddings")?;
-            let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
+            let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(default_max_positions(arch));
             let original_max_position_embeddings = original.unwrap_or(max_pos);
             let factor = match p.opt_positive_f32("factor")? {
                 Some(factor) => factor,
