@@ -266,19 +266,23 @@ fn group_limited(logits: &[f32], experts: usize, routing: Routing, bias: Option<
         return Err(ModelError::InvalidRequest(format!("a choice bias for other than {experts} experts")));
     }
     let mut out = TopK { k, ids: Vec::with_capacity(logits.len() / experts * k), weights: Vec::new() };
+    let group_score = match scoring {
+        GroupScoring::Sigmoid => GroupScore::TopTwoSum,
+        GroupScoring::Softmax => GroupScore::Max,
+    };
+    let (mut scores, mut choice) = (vec![0.0f32; experts], vec![0.0f32; experts]);
     for row in logits.chunks_exact(experts) {
-        let (scores, group_score) = match scoring {
-            GroupScoring::Sigmoid => (row.iter().map(|&x| activation::sigmoid(x)).collect(), GroupScore::TopTwoSum),
+        match scoring {
+            GroupScoring::Sigmoid => scores.iter_mut().zip(row).for_each(|(s, &x)| *s = activation::sigmoid(x)),
             GroupScoring::Softmax => {
-                let mut s = row.to_vec();
-                routing::softmax(&mut s);
-                (s, GroupScore::Max)
+                scores.copy_from_slice(row);
+                routing::softmax(&mut scores);
             }
-        };
-        let choice: Vec<f32> = match bias {
-            Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
-            None => scores.clone(),
-        };
+        }
+        match bias {
+            Some(b) => choice.iter_mut().zip(scores.iter().zip(b)).for_each(|(c, (s, b))| *c = s + b),
+            None => choice.copy_from_slice(&scores),
+        }
         let picked = routing::group_limited(&choice, groups, topk_group, group_score, k);
         let sum: f32 = if renormalize { picked.iter().map(|&e| scores[e]).sum::<f32>() + 1e-20 } else { 1.0 };
         out.ids.extend(picked.iter().map(|&e| e as u32));

@@ -581,19 +581,27 @@ pub(crate) mod check {
         Ok(())
     }
 
+    /// The cache holds MLA's latent rows (not keys and values per head).
+    fn latent(op: &'static str, l: &KvLayout) -> Result<()> {
+        if !l.is_latent() {
+            return Err(KernelError::Unsupported { op, message: "a per-head key and value cache".into() });
+        }
+        Ok(())
+    }
+
     pub fn mla_write(batch: &KvBatch, layer: usize, latent: &Tensor, k_rope: &Tensor) -> Result<()> {
         let op = "mla_write";
         let l = &batch.layout;
-        if !l.is_latent() || layer >= l.layers || latent.cols() + k_rope.cols() != l.head_dim {
+        self::latent(op, l)?;
+        if layer >= l.layers || latent.cols() + k_rope.cols() != l.head_dim {
             return Err(KernelError::Unsupported {
                 op,
                 message: format!(
-                    "layer {layer}: rows of {} + {} values in a cache of {} layers of {}-value {}",
+                    "layer {layer}: rows of {} + {} values in a cache of {} layers of {}-value latent rows",
                     latent.cols(),
                     k_rope.cols(),
                     l.layers,
                     l.head_dim,
-                    if l.is_latent() { "latent rows" } else { "per-head keys and values" }
                 ),
             });
         }
@@ -604,17 +612,13 @@ pub(crate) mod check {
     pub fn mla(q_nope: &Tensor, q_rope: &Tensor, batch: &KvBatch, p: &Mla<'_>) -> Result<()> {
         let op = "mla_attention";
         let l = &batch.layout;
-        if !l.is_latent() || p.layer >= l.layers || p.rank + p.rope != l.head_dim || p.heads == 0 {
+        latent(op, l)?;
+        if p.layer >= l.layers || p.rank + p.rope != l.head_dim || p.heads == 0 {
             return Err(KernelError::Unsupported {
                 op,
                 message: format!(
-                    "layer {} of rank {} + rope {} over a cache of {} layers of {}-value rows{}",
-                    p.layer,
-                    p.rank,
-                    p.rope,
-                    l.layers,
-                    l.head_dim,
-                    if l.is_latent() { "" } else { " (per-head keys and values, not latent rows)" }
+                    "layer {} of {} heads, rank {} + rope {} over a cache of {} layers of {}-value rows",
+                    p.layer, p.heads, p.rank, p.rope, l.layers, l.head_dim
                 ),
             });
         }

@@ -123,6 +123,37 @@ fn head_of(x: &[f32], heads: usize, w: usize, head: usize) -> Vec<f32> {
     x.chunks_exact(heads * w).flat_map(|row| &row[head * w..(head + 1) * w]).copied().collect()
 }
 
+/// The inverse of [`head_of`]: `rows` (`w` each) into those columns of `out`.
+fn put_head(out: &mut [f32], heads: usize, w: usize, head: usize, rows: &[f32]) {
+    for (dst, src) in out.chunks_exact_mut(heads * w).zip(rows.chunks_exact(w)) {
+        dst[head * w..(head + 1) * w].copy_from_slice(src);
+    }
+}
+
+/// Causal attention of query rows `q` over `keys` (rows of `width`, as the queries; `total`
+/// of them), a tile of query rows at a time: each row's softmax-weighted sum of the value rows
+/// (`width` values every `stride` of `values`) into `out`. Query row `i` sits at `pos(i)`.
+fn attend(
+    q: &[f32],
+    (keys, width): (&[f32], usize),
+    (values, stride, v_width): (&[f32], usize, usize),
+    total: usize,
+    (pos, scale): (impl Fn(usize) -> usize, f32),
+    out: &mut [f32],
+) {
+    let tile = tile_rows(total).min(q.len() / width);
+    let mut scores = vec![0.0f32; tile * total];
+    for (k, (qs, os)) in q.chunks(tile * width).zip(out.chunks_mut(tile * v_width)).enumerate() {
+        let rows = qs.len() / width;
+        let scores = &mut scores[..rows * total];
+        linear(qs, Weights::F32(&keys[..total * width]), None, scores, rows, total, width);
+        for (i, row) in scores.chunks_exact_mut(total).enumerate() {
+            causal_softmax(row, pos(k * tile + i), scale);
+        }
+        weighted_sum(scores, total, values, stride, v_width, os);
+    }
+}
+
 /// The absorbed form. `uk_t[h]` is head `h`'s key up-projection transposed (`[rank, nope]`),
 /// `uv[h]` its value up-projection (`[v, rank]`); `latent` holds the sequence's cache rows
 /// (`rank + rope` values each) for positions `0 .. first_pos + n_tokens`; `out` is
@@ -149,25 +180,14 @@ pub fn absorbed(
         }
     }
     // Every row of a tile against every position in one product: the cache is read once per
-    // tile for all heads.
+    // tile for all heads. The latent rows are the keys, and their first `rank` values the values.
     let mut o_latent = vec![0.0f32; n * h * r];
-    let tile = tile_rows(total).min(n * h);
-    let mut scores = vec![0.0f32; tile * total];
-    for (k, (qs, os)) in q.chunks(tile * w).zip(o_latent.chunks_mut(tile * r)).enumerate() {
-        let rows = qs.len() / w;
-        let scores = &mut scores[..rows * total];
-        linear(qs, Weights::F32(&latent[..total * w]), None, scores, rows, total, w);
-        for (i, row) in scores.chunks_exact_mut(total).enumerate() {
-            causal_softmax(row, p.first_pos + (k * tile + i) / h, p.scale);
-        }
-        weighted_sum(scores, total, latent, w, r, os);
-    }
-    for head in 0..h {
+    let pos = |i: usize| p.first_pos + i / h;
+    attend(&q, (latent, w), (latent, w, r), total, (pos, p.scale), &mut o_latent);
+    for (head, &uv) in uv.iter().enumerate().take(h) {
         let mut o = vec![0.0f32; n * p.v];
-        linear(&head_of(&o_latent, h, r, head), uv[head], None, &mut o, n, p.v, r);
-        for t in 0..n {
-            out[(t * h + head) * p.v..(t * h + head + 1) * p.v].copy_from_slice(&o[t * p.v..(t + 1) * p.v]);
-        }
+        linear(&head_of(&o_latent, h, r, head), uv, None, &mut o, n, p.v, r);
+        put_head(out, h, p.v, head, &o);
     }
 }
 
@@ -205,24 +225,13 @@ pub fn expanded(
             .copied()
             .collect();
         let mut o = vec![0.0f32; n * p.v];
-        let tile = tile_rows(total).min(n);
-        let mut scores = vec![0.0f32; tile * total];
-        for (k, (qs, os)) in q.chunks(tile * (dn + dr)).zip(o.chunks_mut(tile * p.v)).enumerate() {
-            let rows = qs.len() / (dn + dr);
-            let scores = &mut scores[..rows * total];
-            linear(qs, Weights::F32(&keys), None, scores, rows, total, dn + dr);
-            for (t, row) in scores.chunks_exact_mut(total).enumerate() {
-                causal_softmax(row, p.first_pos + k * tile + t, p.scale);
-            }
-            weighted_sum(scores, total, &v, p.v, p.v, os);
-        }
+        let pos = |t: usize| p.first_pos + t;
+        attend(&q, (&keys, dn + dr), (&v, p.v, p.v), total, (pos, p.scale), &mut o);
         o
     };
     let heads: Vec<Vec<f32>> = (0..h).into_par_iter().map(head).collect();
-    for (i, o) in heads.iter().enumerate() {
-        for t in 0..n {
-            out[(t * h + i) * p.v..(t * h + i + 1) * p.v].copy_from_slice(&o[t * p.v..(t + 1) * p.v]);
-        }
+    for (head, o) in heads.iter().enumerate() {
+        put_head(out, h, p.v, head, o);
     }
 }
 
