@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=target/test-venv
-if ! "$venv/bin/python" -c "import openai, pytest, nvidia, yaml, schemathesis, lm_eval, transformers, langchain_openai, litellm" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import openai, pytest, nvidia, yaml, schemathesis, lm_eval, transformers, langchain_openai, litellm, jsonschema" >/dev/null 2>&1; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet -r tests/openai/requirements.txt -r kernels/requirements-nvrtc.txt
 fi

@@ -128,6 +128,9 @@ pub fn run(args: Args) -> Result<()> {
                 tracing::info!("writing random benchmark checkpoint to {}", dir.display());
                 write_random_checkpoint(&dir, &shape, format, 0, &mut |d, t| p.update(d, t))?;
                 p.finish();
+            } else if !dir.join("tokenizer.json").exists() {
+                // Written by a version that made no tokenizer.
+                switchyard_model::random::write_random_tokenizer(&dir, &shape.config_json(format))?;
             }
             dir
         }

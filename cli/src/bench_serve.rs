@@ -3,7 +3,9 @@
 //! (p50/p99), and each concurrency's output throughput against one request at a time.
 //! With `--shared-prefix-tokens N` it then measures what prefix caching saves: the time to
 //! first token of prompts that share N leading tokens with one sent before, against prompts
-//! of the same length that share nothing, one request at a time.
+//! of the same length that share nothing, one request at a time. With `--structured` it
+//! measures what constrained decoding costs: each concurrency again with a JSON schema
+//! (`guided_json`), its inter-token latency and throughput against the unconstrained run.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,29 @@ pub struct Args {
     /// prompts as long that share nothing.
     #[arg(long)]
     shared_prefix_tokens: Option<usize>,
+    /// Also measure each concurrency with its output constrained to a JSON schema (a list of
+    /// `{"name", "score", "tags"}` objects), against the same requests unconstrained.
+    #[arg(long)]
+    structured: bool,
+}
+
+/// The schema of `--structured`: long enough output that requests run to `max_tokens`.
+fn bench_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {"results": {"type": "array", "items": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "score": {"type": "number"},
+                "tags": {"type": "array", "items": {"enum": ["fast", "slow", "new", "old"]}},
+            },
+            "required": ["name", "score", "tags"],
+            "additionalProperties": false,
+        }}},
+        "required": ["results"],
+        "additionalProperties": false,
+    })
 }
 
 /// Ids after the shared prefix, distinct per request.
@@ -78,10 +103,18 @@ fn prompt_of(args: &Args, text: String) -> Value {
 
 /// One streaming completion; returns its timings.
 async fn one(http: &Http, args: &Args, model: &str, prompt: Value) -> Result<Sample> {
-    let body = json!({
+    one_with(http, args, model, prompt, &Value::Null).await
+}
+
+/// [`one`] with `extra` fields in the request body.
+async fn one_with(http: &Http, args: &Args, model: &str, prompt: Value, extra: &Value) -> Result<Sample> {
+    let mut body = json!({
         "model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0,
         "stream": true, "ignore_eos": true, "logprobs": 0, "stream_options": {"include_usage": true},
     });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
     let mut req = hyper::Request::post(format!("{}/v1/completions", args.url.trim_end_matches('/')))
         .header("content-type", "application/json");
     if let Some(key) = &args.api_key {
@@ -116,7 +149,7 @@ async fn one(http: &Http, args: &Args, model: &str, prompt: Value) -> Result<Sam
     }
     let ttft = *stamps.first().context("the stream carried no token")?;
     let gaps = stamps.windows(2).map(|w| w[1] - w[0]).collect();
-    Ok(Sample { ttft, gaps, tokens: args.max_tokens, cached })
+    Ok(Sample { ttft, gaps, tokens: stamps.len(), cached })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -161,46 +194,100 @@ pub fn run(args: Args) -> Result<()> {
         );
         let mut base = None;
         for &c in &args.concurrency {
-            let start = Instant::now();
-            let mut clients = tokio::task::JoinSet::new();
-            for i in 0..c {
-                let (http, args2, model) = (http.clone(), args.clone(), model.clone());
-                clients.spawn(async move {
-                    let mut out = Vec::new();
-                    for r in 0..args2.requests_per_client {
-                        let prompt = prompt_of(&args2, format!("{} # {i}.{r}", args2.prompt));
-                        out.push(one(&http, &args2, &model, prompt).await?);
-                    }
-                    Ok::<_, anyhow::Error>(out)
-                });
-            }
-            let mut samples = Vec::new();
-            while let Some(done) = clients.join_next().await {
-                samples.extend(done??);
-            }
-            let secs = start.elapsed().as_secs_f64();
-            let tokens: usize = samples.iter().map(|s| s.tokens).sum();
-            let mut ttft: Vec<Duration> = samples.iter().map(|s| s.ttft).collect();
-            let mut itl: Vec<Duration> = samples.iter().flat_map(|s| s.gaps.iter().copied()).collect();
-            ttft.sort();
-            itl.sort();
-            let tps = tokens as f64 / secs;
-            let base = *base.get_or_insert(tps);
+            let run = concurrent(&http, &args, &model, c, &Value::Null).await?;
+            let base = *base.get_or_insert(run.tps);
             println!(
-                "| {c:>11} | {:>10.2} | {tps:>15.1} | {:>13.1}x | {:>5.1} ms | {:>5.1} ms | {:>4.1} ms | {:>4.1} ms |",
-                samples.len() as f64 / secs,
-                tps / base,
-                percentile(&ttft, 0.5),
-                percentile(&ttft, 0.99),
-                percentile(&itl, 0.5),
-                percentile(&itl, 0.99),
+                "| {c:>11} | {:>10.2} | {:>15.1} | {:>13.1}x | {:>5.1} ms | {:>5.1} ms | {:>4.1} ms | {:>4.1} ms |",
+                run.requests_per_s,
+                run.tps,
+                run.tps / base,
+                percentile(&run.ttft, 0.5),
+                percentile(&run.ttft, 0.99),
+                percentile(&run.itl, 0.5),
+                percentile(&run.itl, 0.99),
             );
+        }
+        if args.structured {
+            structured(&http, &args, &model).await?;
         }
         if let Some(n) = args.shared_prefix_tokens {
             shared_prefix(&http, &args, &model, n).await?;
         }
         Ok(())
     })
+}
+
+/// What one concurrency level measured.
+struct Run {
+    requests_per_s: f64,
+    tps: f64,
+    ttft: Vec<Duration>,
+    itl: Vec<Duration>,
+}
+
+/// `c` clients, each sending `requests_per_client` requests one after another (with `extra`
+/// in each body).
+async fn concurrent(http: &Http, args: &Args, model: &str, c: usize, extra: &Value) -> Result<Run> {
+    let start = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..c {
+        let (http, args2, model, extra) = (http.clone(), args.clone(), model.to_string(), extra.clone());
+        clients.spawn(async move {
+            let mut out = Vec::new();
+            for r in 0..args2.requests_per_client {
+                let prompt = prompt_of(&args2, format!("{} # {i}.{r}", args2.prompt));
+                out.push(one_with(&http, &args2, &model, prompt, &extra).await?);
+            }
+            Ok::<_, anyhow::Error>(out)
+        });
+    }
+    let mut samples = Vec::new();
+    while let Some(done) = clients.join_next().await {
+        samples.extend(done??);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+    let mut ttft: Vec<Duration> = samples.iter().map(|s| s.ttft).collect();
+    let mut itl: Vec<Duration> = samples.iter().flat_map(|s| s.gaps.iter().copied()).collect();
+    ttft.sort();
+    itl.sort();
+    Ok(Run { requests_per_s: samples.len() as f64 / secs, tps: tokens as f64 / secs, ttft, itl })
+}
+
+/// Each concurrency again, unconstrained and with the output constrained to [`bench_schema`],
+/// in alternating rounds (so that drift on a busy machine falls on both alike).
+async fn structured(http: &Http, args: &Args, model: &str) -> Result<()> {
+    const ROUNDS: usize = 2;
+    let schema = json!({"guided_json": bench_schema()});
+    println!();
+    println!("structured output: the same requests with a JSON schema (`guided_json`), {ROUNDS} alternating rounds");
+    println!();
+    println!(
+        "| concurrency | tokens/s free | tokens/s schema | schema vs free | ITL p50 free | ITL p50 schema | ITL ratio |"
+    );
+    println!(
+        "|------------:|--------------:|----------------:|---------------:|-------------:|---------------:|----------:|"
+    );
+    for &c in &args.concurrency {
+        let (mut free, mut constrained) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            free.push(concurrent(http, args, model, c, &Value::Null).await?);
+            constrained.push(concurrent(http, args, model, c, &schema).await?);
+        }
+        let pooled = |runs: &[Run]| {
+            let tps = runs.iter().map(|r| r.tps).sum::<f64>() / runs.len() as f64;
+            let mut itl: Vec<Duration> = runs.iter().flat_map(|r| r.itl.iter().copied()).collect();
+            itl.sort();
+            (tps, percentile(&itl, 0.5))
+        };
+        let ((tps_free, itl_free), (tps_schema, itl_schema)) = (pooled(&free), pooled(&constrained));
+        println!(
+            "| {c:>11} | {tps_free:>13.1} | {tps_schema:>15.1} | {:>13.2}x | {itl_free:>9.2} ms | {itl_schema:>11.2} ms | {:>8.2}x |",
+            tps_schema / tps_free.max(1e-9),
+            itl_schema / itl_free.max(1e-9),
+        );
+    }
+    Ok(())
 }
 
 /// The shared-prefix workload: `requests_per_client` prompts of `n` shared ids and

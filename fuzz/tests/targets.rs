@@ -198,3 +198,55 @@ fn openai_request_bodies() {
         completion || chat
     });
 }
+
+/// Structured output: JSON schemas, regular expressions, choices and Lark grammars as clients
+/// send them, compiled against a real vocabulary and followed for a few tokens. A grammar may
+/// be refused; none may panic or hang the engine.
+#[test]
+fn structured_output_grammars() {
+    use switchyard_model::grammar::{Grammar, Grammars};
+    let dir = fixtures().join("qwen3_moe");
+    let tokenizer = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
+    let grammars = Grammars::from_tokenizer_json(&tokenizer, 512, &[1]).unwrap();
+    let corpus: Vec<Vec<u8>> = [
+        r#"j{"type": "object", "properties": {"a": {"type": "string", "maxLength": 5}, "b": {"enum": [1, "x", null]}}, "required": ["a"], "additionalProperties": false}"#,
+        r#"j{"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 500}, "minItems": 1, "maxItems": 3}"#,
+        r##"j{"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^[a-z]+$"}], "$defs": {"x": {"$ref": "#/$defs/x"}}}"##,
+        r"r[A-Z]{2,3}-[0-9]{1,4}(\.[a-f]+)?",
+        r#"c["yes", "no", "maybe not"]"#,
+        r#"lstart: "a" b+ | %json {"type": "boolean"}
+b: /[0-9]{1,3}/"#,
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    run("grammar", &corpus, iterations(1500), |bytes| {
+        let Some((&kind, rest)) = bytes.split_first() else { return false };
+        let Ok(text) = std::str::from_utf8(rest) else { return false };
+        let grammar = match kind {
+            b'j' => match serde_json::from_str(text) {
+                Ok(schema) => Grammar::JsonSchema(schema),
+                Err(_) => return false,
+            },
+            b'r' => Grammar::Regex(text.into()),
+            b'c' => match serde_json::from_str(text) {
+                Ok(options) => Grammar::Choice(options),
+                Err(_) => return false,
+            },
+            b'l' => Grammar::Lark(text.into()),
+            _ => return false,
+        };
+        let Ok(mut constraint) = grammars.compile(&grammar) else { return false };
+        for step in 0..8u32 {
+            let mut logits: Vec<f32> = (0..512).map(|i| ((i * 37 + step * 11) % 97) as f32).collect();
+            if constraint.apply(&mut logits).is_err() {
+                break;
+            }
+            let best = (0..512).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+            if constraint.commit(best as u32).is_err() || constraint.is_complete() {
+                break;
+            }
+        }
+        true
+    });
+}

@@ -45,8 +45,20 @@ pub struct TextPart {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The template's text, to tell which variables it reads.
+    source: String,
     bos_token: String,
     eos_token: String,
+}
+
+/// What a chat request passes to the template beside its messages, as transformers passes
+/// `apply_chat_template`'s keyword arguments.
+#[derive(Clone, Debug, Default)]
+pub struct RenderOptions {
+    /// The request's `tools` (OpenAI's function definitions), as sent.
+    pub tools: Option<Value>,
+    /// `reasoning_effort` (gpt-oss templates read it).
+    pub reasoning_effort: Option<String>,
 }
 
 const NAME: &str = "chat";
@@ -102,18 +114,48 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |format: String| strftime_now(&format));
-        env.add_template_owned(NAME, source).map_err(|e| ModelError::Tokenizer(format!("chat template: {e:#}")))?;
-        Ok(ChatTemplate { env, bos_token, eos_token })
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(NAME, source.clone())
+            .map_err(|e| ModelError::Tokenizer(format!("chat template: {e:#}")))?;
+        Ok(ChatTemplate { env, source, bos_token, eos_token })
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the template reads the variable `name` (so passing it changes the prompt).
+    pub fn reads(&self, name: &str) -> bool {
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        self.source.match_indices(name).any(|(at, _)| {
+            let before = self.source[..at].chars().next_back();
+            let after = self.source[at + name.len()..].chars().next();
+            !before.is_some_and(ident) && !after.is_some_and(ident)
+        })
     }
 
     /// Renders `messages` into a prompt; `add_generation_prompt` opens the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &RenderOptions::default())
+    }
+
+    /// [`ChatTemplate::render`] with the request's tools and reasoning effort.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        options: &RenderOptions,
+    ) -> Result<String> {
         let template = self.env.get_template(NAME).expect("added in new");
+        let messages: Vec<ChatMessage> = messages.iter().map(arguments_as_objects).collect();
         let ctx = minijinja::context! {
-            messages => Jinja::from(minijinja::value::Serde(messages)),
+            messages => Jinja::from(minijinja::value::Serde(&messages)),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
+            tools => options.tools.as_ref().map(|t| Jinja::from(minijinja::value::Serde(t))),
+            reasoning_effort => options.reasoning_effort.as_deref(),
         };
         template.render(ctx).map_err(|e| {
             // raise_exception's message is the template author's words for the user.
@@ -125,6 +167,76 @@ impl ChatTemplate {
             ModelError::InvalidRequest(format!("chat template: {detail}"))
         })
     }
+}
+
+/// `message` with each tool call's `arguments` as the object its JSON text holds: OpenAI's
+/// clients send the text, chat templates (as transformers documents them) expect the object.
+/// Text that is not a JSON object stays as it is.
+fn arguments_as_objects(message: &ChatMessage) -> ChatMessage {
+    let mut m = message.clone();
+    if let Some(Value::Array(calls)) = m.extra.get_mut("tool_calls") {
+        for call in calls {
+            if let Some(args) = call.pointer_mut("/function/arguments")
+                && let Some(parsed) = args.as_str().and_then(|t| serde_json::from_str::<Value>(t).ok())
+                && parsed.is_object()
+            {
+                *args = parsed;
+            }
+        }
+    }
+    m
+}
+
+/// `tojson` as transformers defines it for chat templates: Python's `json.dumps` (`", "` and
+/// `": "` between items, keys in their order, non-ASCII text as it is, no HTML escaping),
+/// with `indent` where given. minijinja's own filter escapes `<`, `>`, `&` and `'`, which
+/// would change the prompt a template renders from what the model was trained on.
+fn tojson(value: Jinja, indent: Option<usize>, kwargs: minijinja::value::Kwargs) -> std::result::Result<Jinja, Error> {
+    let indent = match kwargs.get::<Option<usize>>("indent")? {
+        Some(n) => Some(n),
+        None => indent,
+    };
+    kwargs.assert_all_used()?;
+    let json =
+        serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    python_json(&json, indent, 0, &mut out);
+    Ok(Jinja::from_safe_string(out))
+}
+
+fn python_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    let (open, close, items): (char, char, Vec<(Option<&String>, &Value)>) = match v {
+        Value::Array(a) => ('[', ']', a.iter().map(|x| (None, x)).collect()),
+        Value::Object(o) => ('{', '}', o.iter().map(|(k, x)| (Some(k), x)).collect()),
+        scalar => {
+            out.push_str(&serde_json::to_string(scalar).expect("JSON values serialize"));
+            return;
+        }
+    };
+    out.push(open);
+    if items.is_empty() {
+        out.push(close);
+        return;
+    }
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    for (i, (key, item)) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str(if indent.is_some() { "," } else { ", " });
+        }
+        newline(out, depth + 1);
+        if let Some(k) = key {
+            out.push_str(&serde_json::to_string(k).expect("strings serialize"));
+            out.push_str(": ");
+        }
+        python_json(item, indent, depth + 1, out);
+    }
+    newline(out, depth);
+    out.push(close);
 }
 
 /// `strftime_now(format)`: the current UTC date and time, for the `%Y %m %d %H %M %S %B %b`
@@ -186,6 +298,27 @@ fn strftime_now(format: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let t = ChatTemplate::new(
+            "{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ [] | tojson }}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        let env = &t.env;
+        let x = serde_json::json!({"b": "it's <ok> & \"é\"\n", "a": [1, 2.5, true, null], "c": {}});
+        let out = env
+            .get_template(NAME)
+            .unwrap()
+            .render(minijinja::context! { x => Jinja::from(minijinja::value::Serde(&x)) })
+            .unwrap();
+        assert_eq!(
+            out,
+            "{\"b\": \"it's <ok> & \\\"é\\\"\\n\", \"a\": [1, 2.5, true, null], \"c\": {}}|{\n  \"b\": \"it's <ok> & \\\"é\\\"\\n\",\n  \"a\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"c\": {}\n}|[]"
+        );
+    }
 
     #[test]
     fn strftime_now_formats_today() {

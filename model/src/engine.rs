@@ -13,6 +13,7 @@ use switchyard_kernels::cpu::routing::{log_softmax, top_k};
 
 use crate::controls::{Processor, SamplingControls};
 use crate::error::{ModelError, Result};
+use crate::grammar::Constraint;
 use crate::kv_cache::{KvPool, SeqCache, blocks_for};
 use crate::model::{Chunk, Model};
 use crate::moe::Experts;
@@ -106,6 +107,10 @@ pub struct Sequence {
     cache: SeqCache,
     sampler: Sampler,
     processor: Processor,
+    /// The grammar its tokens follow (structured output), if any.
+    constraint: Option<Constraint>,
+    /// Why it stopped early: its grammar could not continue (it is also finished).
+    pub failure: Option<String>,
     /// Prompt tokens fed so far.
     fed: usize,
     /// Log-probabilities of the prompt tokens fed so far, from the second on (where asked).
@@ -128,6 +133,17 @@ impl Sequence {
 
     pub fn controls(&self) -> &SamplingControls {
         self.processor.controls()
+    }
+
+    /// Makes its tokens follow `constraint` from the next one picked on. The sequence ends
+    /// once the grammar is complete, and fails ([`Sequence::failure`]) if it cannot continue.
+    pub fn constrain(&mut self, constraint: Constraint) {
+        self.constraint = Some(constraint);
+    }
+
+    /// Whether the next pass over `range` of this sequence's input picks a token.
+    fn picks_after(&self, range: &std::ops::Range<usize>) -> bool {
+        (self.is_decoding() || range.end == self.request.prompt_ids.len()) && self.request.max_tokens > 0
     }
 
     /// Whether the prompt has been fed whole.
@@ -317,6 +333,8 @@ impl Engine {
             cache,
             sampler: Sampler::new(req.sampling.clone()).with_min_p(controls.min_p),
             processor: Processor::new(controls, &req.prompt_ids, &self.eos_token_ids, req.ignore_eos),
+            constraint: None,
+            failure: None,
             fed: hit,
             prompt_logprobs: Vec::new(),
             prompt_logprobs_taken: false,
@@ -407,14 +425,22 @@ impl Engine {
                 || (s.request.sampling.is_greedy()
                     && s.request.top_logprobs == 0
                     && !s.processor.changes_greedy()
+                    && s.constraint.is_none()
                     && (s.is_decoding() || s.request.prompt_logprobs.is_none()))
         });
         let mut chunks = Vec::new();
         let mut every_position = Vec::new();
+        // The grammars of the sequences that pick a token after this pass: their masks are
+        // computed while the pass runs.
+        let mut masks: Vec<&mut Constraint> = Vec::new();
         for (feed, s) in feeds.iter().zip(seqs.iter_mut()) {
             let Some(range) = feed.clone() else { continue };
             every_position.push(!s.is_decoding() && s.request.prompt_logprobs.is_some());
-            let Sequence { request, cache, tokens, fed, .. } = &mut **s;
+            let picks = s.picks_after(&range);
+            let Sequence { request, cache, tokens, fed, constraint, .. } = &mut **s;
+            if let Some(c) = constraint.as_mut().filter(|_| picks) {
+                masks.push(c);
+            }
             let tokens: &[u32] = if *fed == request.prompt_ids.len() {
                 std::slice::from_ref(&tokens.last().expect("a decoding sequence has sampled").id)
             } else {
@@ -423,10 +449,24 @@ impl Engine {
             chunks.push(Chunk { tokens, cache });
         }
         let experts = self.experts.as_deref();
-        let (picks, logits) = if greedy {
-            (Some(self.model.greedy(&mut chunks, experts)?.into_iter()), Vec::new())
+        let mut forward = || {
+            Ok(if greedy {
+                (Some(self.model.greedy(&mut chunks, experts)?.into_iter()), Vec::new())
+            } else {
+                (None, self.model.logits_with(&mut chunks, experts, &every_position)?)
+            })
+        };
+        let (picks, logits) = if masks.is_empty() {
+            forward()?
         } else {
-            (None, self.model.logits_with(&mut chunks, experts, &every_position)?)
+            std::thread::scope(|scope| {
+                let masking = scope.spawn(move || masks.into_iter().for_each(Constraint::prepare));
+                let out: Result<_> = forward();
+                if let Err(panic) = masking.join() {
+                    std::panic::resume_unwind(panic);
+                }
+                out
+            })?
         };
         drop(chunks);
         // The blocks this pass filled are ready for other sequences to reuse.
@@ -464,13 +504,28 @@ impl Engine {
                 }
             }
             let tok = match scores {
-                Scores::Logits(logits) => Self::pick(logits, s),
+                Scores::Logits(logits) => match Self::pick(logits, s) {
+                    Ok(tok) => tok,
+                    Err(failure) => {
+                        s.failure = Some(failure);
+                        s.finish_reason = Some(FinishReason::Stop);
+                        continue;
+                    }
+                },
                 Scores::Picked((id, logprob)) => GeneratedToken { id, logprob, top_logprobs: Vec::new() },
             };
             s.tokens.push(tok.clone());
             s.processor.push(tok.id);
             let eos = !s.request.ignore_eos && self.eos_token_ids.contains(&tok.id);
-            if eos || s.processor.is_stop_token(tok.id) {
+            let complete = match s.constraint.as_mut().map(|c| c.commit(tok.id).map(|()| c.is_complete())) {
+                Some(Err(failure)) => {
+                    s.failure = Some(failure);
+                    false
+                }
+                Some(Ok(complete)) => complete,
+                None => false,
+            };
+            if eos || complete || s.failure.is_some() || s.processor.is_stop_token(tok.id) {
                 s.finish_reason = Some(FinishReason::Stop);
             } else if s.tokens.len() >= s.request.max_tokens {
                 s.finish_reason = Some(FinishReason::Length);
@@ -501,13 +556,17 @@ impl Engine {
     }
 
     /// Picks `s`'s next token from the model's `logits`: log-probabilities come from them as
-    /// they are, the pick from them after the sequence's controls.
-    fn pick(mut logits: Vec<f32>, s: &mut Sequence) -> GeneratedToken {
+    /// they are, the pick from them after the sequence's controls and grammar. Fails when its
+    /// grammar allows no token.
+    fn pick(mut logits: Vec<f32>, s: &mut Sequence) -> std::result::Result<GeneratedToken, String> {
         let lp = log_softmax(&logits);
         s.processor.apply(&mut logits);
+        if let Some(c) = &mut s.constraint {
+            c.apply(&mut logits)?;
+        }
         let id = s.sampler.sample(&logits);
         let n_top = s.request.top_logprobs;
         let top_logprobs = top_k(&lp, n_top).into_iter().map(|i| TopLogprob { id: i as u32, logprob: lp[i] }).collect();
-        GeneratedToken { id, logprob: lp[id as usize], top_logprobs }
+        Ok(GeneratedToken { id, logprob: lp[id as usize], top_logprobs })
     }
 }

@@ -35,6 +35,7 @@ pub mod config;
 pub mod controls;
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;

@@ -417,12 +417,119 @@ pub fn write_random_checkpoint(
             .map_err(|source| ModelError::Io { path, source })
     };
     write_json("model.safetensors.index.json", &index)?;
-    write_json("config.json", &shape.config_json(format))
+    let config = shape.config_json(format);
+    write_json("config.json", &config)?;
+    write_random_tokenizer(dir, &config)
+}
+
+/// Writes a byte-level BPE `tokenizer.json` for the random checkpoint whose `config.json` is
+/// `config`: the 256 bytes, then every pair and triple of printable ASCII characters (space
+/// included) until the vocabulary is full, and the config's BOS and EOS as special tokens.
+/// Text prompts, structured output and converters that need a tokenizer then work on it.
+pub fn write_random_tokenizer(dir: &Path, config: &serde_json::Value) -> Result<()> {
+    let vocab_size = config["vocab_size"].as_u64().unwrap_or(0) as usize;
+    let special: Vec<(usize, &str)> = [("bos_token_id", "<|bos|>"), ("eos_token_id", "<|eos|>")]
+        .iter()
+        .filter_map(|(key, name)| Some((config[*key].as_u64()? as usize, *name)))
+        .filter(|(id, _)| *id < vocab_size)
+        .collect();
+    // GPT-2's map from bytes to printable characters.
+    let mut byte_char = Vec::with_capacity(256);
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        byte_char.push(if printable {
+            b as char
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("below the surrogates")
+        });
+    }
+    let letters: Vec<String> = (b' '..=b'~').map(|b| byte_char[b as usize].to_string()).collect();
+    let mut vocab = serde_json::Map::new();
+    let mut merges = Vec::new();
+    let mut id = 0usize;
+    let mut add = |token: String, merge: Option<(String, String)>| -> bool {
+        while special.iter().any(|(s, _)| *s == id) {
+            id += 1;
+        }
+        if id >= vocab_size {
+            return false;
+        }
+        vocab.insert(token, serde_json::json!(id));
+        if let Some((a, b)) = merge {
+            merges.push(serde_json::json!([a, b]));
+        }
+        id += 1;
+        true
+    };
+    let full = 'fill: {
+        for c in &byte_char {
+            if !add(c.to_string(), None) {
+                break 'fill true;
+            }
+        }
+        for a in &letters {
+            for b in &letters {
+                if !add(format!("{a}{b}"), Some((a.clone(), b.clone()))) {
+                    break 'fill true;
+                }
+            }
+        }
+        for a in &letters {
+            for b in &letters {
+                for c in &letters {
+                    if !add(format!("{a}{b}{c}"), Some((format!("{a}{b}"), c.clone()))) {
+                        break 'fill true;
+                    }
+                }
+            }
+        }
+        false
+    };
+    if !full {
+        return Err(ModelError::InvalidRequest(format!(
+            "a random tokenizer holds at most ~860k tokens, not {vocab_size}"
+        )));
+    }
+    let added: Vec<serde_json::Value> = special
+        .iter()
+        .map(|(id, name)| {
+            serde_json::json!({"id": id, "content": name, "single_word": false, "lstrip": false, "rstrip": false,
+                               "normalized": false, "special": true})
+        })
+        .collect();
+    let byte_level =
+        serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, tokenizer.to_string()).map_err(|source| ModelError::Io { path, source })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_tokenizers_round_trip_text_and_fill_the_vocabulary() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({"vocab_size": 20_000, "bos_token_id": 0, "eos_token_id": 19_999});
+        write_random_tokenizer(dir.path(), &config).unwrap();
+        let tk = crate::tokenizer::Tokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(tk.vocab_size(), 20_000);
+        let text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)  # ünï";
+        let ids = tk.encode_raw(text).unwrap();
+        assert!(ids.len() < text.len() * 2 / 3, "pairs merge: {} ids", ids.len());
+        assert!(ids.iter().all(|&i| i < 20_000 && i != 0 && i != 19_999));
+        assert_eq!(tk.decode(&ids).unwrap(), text);
+        assert_eq!(tk.token_id("<|eos|>"), Some(19_999));
+    }
 
     #[test]
     fn random_checkpoints_load_in_every_format() {

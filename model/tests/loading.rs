@@ -110,6 +110,37 @@ fn chat_templates_render_as_transformers_renders_them() {
     assert!(err.contains("Conversation roles must alternate"), "{err}");
 }
 
+/// Tools, tool calls (their arguments sent as OpenAI's clients send them: JSON text) and tool
+/// results, through the Hermes-style template of the qwen3_moe fixture and the harmony template
+/// of the gpt-oss one, render as transformers renders the same conversation with `tools=` and
+/// the arguments as objects.
+#[test]
+fn tools_and_tool_calls_render_as_transformers_renders_them() {
+    use switchyard_model::chat::{ChatMessage, ChatTemplate, RenderOptions};
+    use switchyard_model::tokenizer::Tokenizer;
+    for (arch, file) in [("qwen3_moe", "tools_expected.json"), ("gpt_oss_harmony", "harmony_expected.json")] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(arch);
+        let template = ChatTemplate::from_dir(&dir).unwrap().expect("the fixture has a chat template");
+        assert!(template.reads("tools"), "{arch}");
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
+        let cases = expected["cases"].as_array().unwrap();
+        assert!(cases.len() >= 3);
+        for (i, case) in cases.iter().enumerate() {
+            let messages: Vec<ChatMessage> = serde_json::from_value(case["messages_openai"].clone()).unwrap();
+            let options = RenderOptions {
+                tools: Some(case["tools"].clone()).filter(|t| !t.is_null()),
+                reasoning_effort: case["reasoning_effort"].as_str().map(String::from),
+            };
+            let prompt = template.render_with(&messages, true, &options).unwrap();
+            assert_eq!(prompt, case["text"].as_str().unwrap(), "{arch} case {i}");
+            let ids = tokenizer.encode_raw(&prompt).unwrap();
+            assert_eq!(serde_json::json!(ids), case["ids"], "{arch} case {i}");
+        }
+    }
+}
+
 #[test]
 fn the_embedded_code_model_renders_a_chat_as_comments_above_code() {
     use switchyard_model::chat::{ChatMessage, ChatTemplate};

@@ -17,7 +17,9 @@ impl From<ServeError> for tonic::Status {
     fn from(e: ServeError) -> Self {
         let message = e.to_string();
         match e {
-            ServeError::Invalid(_) | ServeError::KvCacheTooSmall { .. } => tonic::Status::invalid_argument(message),
+            ServeError::Invalid(_) | ServeError::KvCacheTooSmall { .. } | ServeError::GrammarFailed(_) => {
+                tonic::Status::invalid_argument(message)
+            }
             ServeError::QueueFull { .. } => tonic::Status::resource_exhausted(message),
             ServeError::ShuttingDown | ServeError::ExpertsUnavailable(_) | ServeError::EngineFailed { .. } => {
                 tonic::Status::unavailable(message)
@@ -77,6 +79,10 @@ pub fn sampling(r: &v1::GenerateRequest) -> Result<crate::http::openai::Sampling
         ("stop_token_ids", (!r.stop_token_ids.is_empty()).then(|| json!(r.stop_token_ids))),
         ("bad_words", (!r.bad_words.is_empty()).then(|| json!(r.bad_words))),
         ("cache_salt", (!r.cache_salt.is_empty()).then(|| json!(r.cache_salt))),
+        ("guided_json", (!r.guided_json.is_empty()).then(|| json!(r.guided_json))),
+        ("guided_regex", (!r.guided_regex.is_empty()).then(|| json!(r.guided_regex))),
+        ("guided_choice", (!r.guided_choice.is_empty()).then(|| json!(r.guided_choice))),
+        ("guided_grammar", (!r.guided_grammar.is_empty()).then(|| json!(r.guided_grammar))),
     ];
     for (k, v) in more {
         if let Some(v) = v {

@@ -42,6 +42,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use switchyard_model::chat::ChatTemplate;
+use switchyard_model::grammar::Grammars;
 use switchyard_model::{Engine, EngineOptions, ModelSpec};
 use switchyard_proto::v1::router_server::RouterServer;
 use tokio::net::TcpListener;
@@ -223,12 +224,21 @@ impl Router {
         let threads = config
             .tokenizer_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
-        let tokenizing = Arc::new(tokenize::Tokenizing::new(
-            tokenizer.clone(),
-            ChatTemplate::from_dir(&config.model)?,
-            threads,
-            config.max_prompt_bytes,
-        ));
+        let template = ChatTemplate::from_dir(&config.model)?;
+        let output_format =
+            http::message::OutputFormat::detect(tokenizer.as_deref(), template.as_ref().map(ChatTemplate::source));
+        let grammars = match std::fs::read_to_string(config.model.join("tokenizer.json")) {
+            Ok(text) => Grammars::from_tokenizer_json(&text, spec.vocab_size, &engine.eos_token_ids),
+            Err(e) => Err(format!("tokenizer.json: {e}")),
+        };
+        match &grammars {
+            Ok(_) => tracing::info!(?output_format, "structured output and tool calling ready"),
+            Err(why) => tracing::warn!("structured output unavailable: {why}"),
+        }
+        let tokenizing = Arc::new(
+            tokenize::Tokenizing::new(tokenizer.clone(), template, threads, config.max_prompt_bytes)
+                .with_grammars(grammars),
+        );
         let max_context = engine.model.spec.max_context;
         let faults = EngineFaults { panic_at_step: config.fault_engine_panic_at_step };
         let scheduler = Scheduler::start(engine, config.max_batch, config.max_queue, faults)?;
@@ -243,6 +253,7 @@ impl Router {
             metrics: metrics_recorder(),
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             tenants: tenants.clone(),
+            output_format,
         });
         let service = RouterService { scheduler, tokenizing, cluster, tenants, model_type: spec.arch.model_type() };
         Ok(Router { service, http, limits: config.limits, drain_timeout })

@@ -16,6 +16,7 @@ use std::time::Instant;
 use metrics::{counter, gauge, histogram};
 
 use switchyard_model::engine::{GeneratedToken, PromptLogprob};
+use switchyard_model::grammar::Constraint;
 use switchyard_model::kv_cache::{BLOCK_TOKENS, blocks_for};
 use switchyard_model::{Engine, FinishReason, GenerateRequest, ModelError, SamplingControls, Sequence};
 use switchyard_proto::MAX_DISPATCH_TOKENS;
@@ -69,6 +70,10 @@ pub enum ServeError {
     /// A forward pass failed (a dispatch or device error, or NaN or infinite activations).
     #[error("generation failed: {0}")]
     StepFailed(Arc<ModelError>),
+    /// The request's grammar (structured output) could not continue: the reason, after
+    /// whatever tokens it generated.
+    #[error("{0}")]
+    GrammarFailed(String),
     /// The engine and a front end disagree (a bug in the router).
     #[error("internal error: {0}")]
     Internal(String),
@@ -115,6 +120,8 @@ pub struct Submission {
     pub request: GenerateRequest,
     /// Penalties, logit bias, banned words, min-p, min-tokens and stop token ids.
     pub controls: SamplingControls,
+    /// The grammar its output follows (structured output), if any.
+    pub constraint: Option<Constraint>,
     pub events: Events,
     /// Whose request it is (for fair sharing between tenants); `None` when the API is open.
     pub tenant: Option<String>,
@@ -319,7 +326,10 @@ impl EngineLoop {
         self.load.queued.fetch_sub(1, Ordering::Relaxed);
         histogram!(names::QUEUE_TIME).record(submitted.elapsed().as_secs_f64());
         match self.engine.start_with(s.request, s.controls) {
-            Ok(seq) => {
+            Ok(mut seq) => {
+                if let Some(c) = s.constraint {
+                    seq.constrain(c);
+                }
                 let cached_tokens = seq.cached_tokens();
                 let started = Event::Started { prompt_ids: seq.request.prompt_ids.clone(), cached_tokens };
                 counter!(names::PROMPT_TOKENS).increment(seq.request.prompt_ids.len() as u64);
@@ -371,7 +381,10 @@ impl EngineLoop {
                         r.last_token = Some(now);
                         let _ = r.events.send(Ok(Event::Token(t)));
                     }
-                    if let Some(reason) = r.seq.finish_reason {
+                    if let Some(failure) = &r.seq.failure {
+                        counter!(names::REQUESTS, "finished_reason" => "abort").increment(1);
+                        let _ = r.events.send(Err(ServeError::GrammarFailed(failure.clone())));
+                    } else if let Some(reason) = r.seq.finish_reason {
                         histogram!(names::E2E_LATENCY).record((now - r.submitted).as_secs_f64());
                         counter!(names::REQUESTS, "finished_reason" => reason.as_str()).increment(1);
                         let _ = r.events.send(Ok(Event::Finished(reason)));

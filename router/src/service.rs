@@ -79,6 +79,9 @@ impl Router for RouterService {
             crate::http::generate::params(&sampling, max_tokens, 16, logprobs, self.scheduler.vocab_size, false)?;
         let prompt_logprobs = crate::http::generate::vllm_prompt_logprobs_asked(r.prompt_logprobs.map(u64::from))?;
         (params.prompt_logprobs, params.vllm_prompt_logprobs) = (prompt_logprobs, prompt_logprobs);
+        if let Some((grammar, field)) = crate::http::structured::requested(&sampling)? {
+            params.constraint = Some(crate::http::structured::compile(&self.tokenizing, grammar, field).await?);
+        }
         crate::http::generate::tokenize_bad_words(&self.tokenizing, &mut params).await?;
         let tokenizer = self.tokenizing.tokenizer.clone();
         let prompt_ids = match prompt {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
-use switchyard_model::chat::{ChatMessage, ChatTemplate};
+use switchyard_model::chat::{ChatMessage, ChatTemplate, RenderOptions};
+use switchyard_model::grammar::Grammars;
 use switchyard_model::tokenizer::{Fim, Tokenizer};
 use tokio::sync::Semaphore;
 
@@ -40,6 +41,8 @@ impl TokenizeError {
 pub struct Tokenizing {
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub template: Option<Arc<ChatTemplate>>,
+    /// The vocabulary for structured output, or why this model has none.
+    pub grammars: Result<Arc<Grammars>, String>,
     /// One permit per tokenization allowed to run at once.
     permits: Arc<Semaphore>,
     pub max_prompt_bytes: usize,
@@ -55,6 +58,7 @@ impl Tokenizing {
         Tokenizing {
             tokenizer,
             template: template.map(Arc::new),
+            grammars: Err("the model has no tokenizer".into()),
             permits: Arc::new(Semaphore::new(threads.max(1))),
             max_prompt_bytes,
         }
@@ -91,16 +95,24 @@ impl Tokenizing {
         self.tokenizer.as_ref()?.fim()
     }
 
+    /// Sets the vocabulary structured output compiles grammars against.
+    pub fn with_grammars(mut self, grammars: Result<Grammars, String>) -> Self {
+        self.grammars = grammars.map(Arc::new);
+        self
+    }
+
     /// Token ids of a chat, rendered through the checkpoint's template (with the generation
-    /// prompt); the messages' text must be within the size limit.
-    pub async fn chat(&self, messages: Vec<ChatMessage>) -> Result<Vec<u32>, TokenizeError> {
-        self.check_size("messages", messages.iter().map(message_bytes).sum())?;
+    /// prompt, the tools and reasoning effort of `options`); the messages' text and the tools
+    /// must be within the size limit.
+    pub async fn chat(&self, messages: Vec<ChatMessage>, options: RenderOptions) -> Result<Vec<u32>, TokenizeError> {
+        let tool_bytes = options.tools.as_ref().map_or(0, |t| t.to_string().len());
+        self.check_size("messages", messages.iter().map(message_bytes).sum::<usize>() + tool_bytes)?;
         let template = self.template.clone().ok_or(TokenizeError::NoTemplate)?;
         let tk = self.tokenizer.clone().ok_or(TokenizeError::NoTokenizer)?;
         self.off_runtime(move || {
             let failed =
                 |e: switchyard_model::ModelError| TokenizeError::Failed { field: "messages", message: e.to_string() };
-            let text = template.render(&messages, true).map_err(failed)?;
+            let text = template.render_with(&messages, true, &options).map_err(failed)?;
             tk.encode_raw(&text).map_err(failed)
         })
         .await

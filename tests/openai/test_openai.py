@@ -141,7 +141,7 @@ def test_errors_have_openai_shape_and_status(qwen):
         c.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=3)
     assert "temperature" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
-        c.completions.create(model=MODEL, prompt="x " * 400, max_tokens=1)
+        c.completions.create(model=MODEL, prompt="x " * 1200, max_tokens=1)
     assert "context" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model=MODEL, prompt="x y z", max_tokens=2**64 - 1)
@@ -445,6 +445,6 @@ def test_fields_are_honoured_or_refused_by_name(qwen):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
-            response_format={"type": "json_object"},
+            response_format={"type": "yaml"},
         )
-    assert "`response_format`" in e.value.message
+    assert "`response_format.type`" in e.value.message and e.value.param == "response_format"

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::message::ToolCallDelta;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::{OpenApi, ToSchema};
@@ -128,7 +129,15 @@ pub struct ChatChoice {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: &'static str,
-    pub content: String,
+    /// The answer; `null` when the message is tool calls alone.
+    pub content: Option<String>,
+    /// What the model reasoned before answering, where its format separates it (gpt-oss's
+    /// analysis channel), as vLLM reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// The functions the model calls, arguments as JSON text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// An event of a streamed chat (`usage` only in the last one, with
@@ -153,13 +162,18 @@ pub struct ChatChunkChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-/// What a chat event adds: the role (first event), then text.
+/// What a chat event adds: the role (first event), then text, reasoning and pieces of tool
+/// calls (the first piece of a call has its `id` and name, later ones more of its arguments).
 #[derive(Serialize, ToSchema, Debug, Default)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -220,6 +234,10 @@ pub enum GenerateRefusals {
     /// The body is over the size limit.
     #[response(status = 413)]
     TooLarge(ErrorResponse),
+    /// The output's grammar (structured output, tool calls) could not continue: every token it
+    /// allows is banned by another control, or it hit a limit of the grammar engine.
+    #[response(status = 422)]
+    GrammarFailed(ErrorResponse),
     /// The tenant is over a limit, or the queue is full.
     #[response(status = 429)]
     OverLimit(ErrorResponse),

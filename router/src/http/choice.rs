@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use switchyard_model::engine::{GeneratedToken, PromptLogprob};
+use switchyard_model::grammar::Constraint;
 use switchyard_model::tokenizer::Tokenizer;
 use switchyard_model::{FinishReason, GenerateRequest, SamplingControls, SamplingParams};
 use tokio::sync::mpsc;
@@ -38,6 +39,9 @@ pub struct Params {
     pub tokens_as_ids: bool,
     /// `cache_salt` as sent.
     pub cache_salt: Option<String>,
+    /// The grammar the output follows (structured output, tool calls); each choice follows
+    /// its own copy.
+    pub constraint: Option<Constraint>,
 }
 
 /// What a choice produced since the last call.
@@ -113,6 +117,7 @@ impl Choice {
         scheduler.submit(Submission {
             request,
             controls: params.controls.clone(),
+            constraint: params.constraint.clone(),
             events,
             priority: tenant.as_ref().map_or(0, |t| t.1),
             tenant: tenant.map(|t| t.0),

@@ -95,6 +95,7 @@ impl From<ServeError> for ApiError {
             | ServeError::ShuttingDown
             | ServeError::ExpertsUnavailable(_)
             | ServeError::EngineFailed { .. } => (StatusCode::SERVICE_UNAVAILABLE, None),
+            ServeError::GrammarFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, None),
             ServeError::StepFailed(_) | ServeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
         ApiError { status, message: e.to_string(), param: param.map(Cow::Borrowed), code: None }

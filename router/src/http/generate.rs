@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::api::{
-    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, Completion, CompletionChoice,
+    ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, Completion, CompletionChoice,
     CompletionLogprobs, GenerateRefusals, PromptLogprobs, Usage,
 };
 use super::choice::{
@@ -26,8 +26,10 @@ use super::choice::{
     vllm_prompt_logprobs,
 };
 use super::error::ApiError;
+use super::message::{MessageParser, Parts};
 use super::openai::{ChatRequest, CompletionRequest, Controls, Prompt, Sampling, prompts, stops};
-use super::{ApiJson, Caller, HttpState};
+use super::structured::{self, Tools};
+use super::{ApiJson, Caller, HttpState, chat};
 use crate::tokenize::{TokenizeError, Tokenizing};
 
 /// Most choices one request may ask for (`n` times the prompts).
@@ -128,6 +130,7 @@ pub(crate) fn params(
         stop: stops(s.stop.as_ref())?,
         tokens_as_ids: s.return_tokens_as_token_ids,
         cache_salt: cache_salt(s)?,
+        constraint: None,
     })
 }
 
@@ -302,6 +305,9 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
     };
     // Refused cheaply, before the prompt is tokenized, when over a limit now.
     state.precheck(&caller)?;
+    if let Some((grammar, field)) = structured::requested(&r.sampling)? {
+        params.constraint = Some(structured::compile(&state.tokenizing, grammar, field).await?);
+    }
     tokenize_bad_words(&state.tokenizing, &mut params).await?;
     let prompts = prompts(&r.prompt)?;
     let mut texts: Vec<String> = prompts
@@ -324,7 +330,7 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
         .collect();
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, ids, n, &params).await?;
-    respond(state, Api::Completions, choices, n, params, &r.sampling, r.echo).await
+    respond(state, Api::Completions, choices, n, params, &r.sampling, r.echo, None).await
 }
 
 /// vLLM's `prompt_logprobs` as asked: at most [`MAX_LOGPROBS`] alternatives.
@@ -405,7 +411,25 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
     }
     // Refused cheaply, before the chat is rendered and tokenized, when over a limit now.
     state.precheck(&caller)?;
-    let ids = state.tokenizing.chat(r.messages).await?;
+    let tools = structured::tools(r.tools.as_ref(), r.tool_choice.as_ref(), r.parallel_tool_calls)?;
+    let options = chat::render_options(&state, &r, tools.as_ref())?;
+    let grammar =
+        match (structured::requested(&r.sampling)?, tools.as_ref().and_then(|t| chat::tool_grammar(&state, t))) {
+            (Some((_, field)), Some(_)) => {
+                return Err(ApiError::invalid(
+                    format!("`{field}` and a `tool_choice` that requires a call both constrain the output; send one"),
+                    Some(field),
+                ));
+            }
+            (Some((grammar, field)), None) => Some((chat::output_grammar(&state, grammar), field)),
+            (None, Some(grammar)) => Some((grammar, "tool_choice")),
+            (None, None) => None,
+        };
+    let constraint = match grammar {
+        Some((grammar, field)) => Some(structured::compile(&state.tokenizing, grammar, field).await?),
+        None => None,
+    };
+    let ids = state.tokenizing.chat(r.messages, options).await?;
     let logprobs = if r.logprobs { Some(r.top_logprobs.unwrap_or(0)) } else { None };
     let max_tokens = r.max_completion_tokens.or(r.sampling.max_tokens);
     let mut default_max = state.max_context.saturating_sub(ids.len()).clamp(1, DEFAULT_CHAT_MAX_TOKENS);
@@ -420,12 +444,14 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
     let mut params = params(&r.sampling, max_tokens, default_max, logprobs, state.scheduler.vocab_size, false)?;
     params.vllm_prompt_logprobs = prompt_logprobs;
     params.prompt_logprobs = prompt_logprobs;
+    params.constraint = constraint;
     tokenize_bad_words(&state.tokenizing, &mut params).await?;
     let n = choices_per_prompt(&r.sampling)?;
     let choices = start(&state, caller, vec![ids], n, &params).await?;
-    respond(state, Api::Chat, choices, n, params, &r.sampling, false).await
+    respond(state, Api::Chat, choices, n, params, &r.sampling, false, tools).await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn respond(
     state: Arc<HttpState>,
     api: Api,
@@ -434,13 +460,14 @@ async fn respond(
     params: Params,
     s: &Sampling,
     echo: bool,
+    tools: Option<Tools>,
 ) -> Result<Response, ApiError> {
     let id = request_id(api);
     let include_usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let head = Head { id, created: now(), model: state.model_name.clone(), api };
     if s.stream {
         let (tx, rx) = mpsc::channel(64);
-        let task = stream(state, head, choices, n, params, include_usage, echo, tx);
+        let task = stream(state, head, choices, n, params, include_usage, echo, tools, tx);
         tokio::spawn(task.instrument(tracing::Span::current()));
         return Ok(SseBody::new(ReceiverStream::new(rx)).into_response());
     }
@@ -489,11 +516,14 @@ async fn respond(
         Api::Chat => {
             let choices = done
                 .iter()
-                .map(|c| ChatChoice {
-                    index: c.index,
-                    message: AssistantMessage { role: "assistant", content: c.text.clone() },
-                    logprobs: params.logprobs.map(|_| chat_logprobs(&c.tokens, tk, params.tokens_as_ids)),
-                    finish_reason: c.finish,
+                .map(|c| {
+                    let (message, finish_reason) = chat::assistant_message(&state, tools.as_ref(), c, tk);
+                    ChatChoice {
+                        index: c.index,
+                        message,
+                        logprobs: params.logprobs.map(|_| chat_logprobs(&c.tokens, tk, params.tokens_as_ids)),
+                        finish_reason,
+                    }
                 })
                 .collect();
             // Every choice has the same prompt: its log-probabilities are the response's.
@@ -592,9 +622,12 @@ async fn stream(
     params: Params,
     include_usage: bool,
     echo: bool,
+    tools: Option<Tools>,
     tx: mpsc::Sender<Result<Sse, Infallible>>,
 ) {
     let tk = state.tokenizer.as_deref();
+    let mut parsers: Vec<MessageParser> =
+        choices.iter().map(|_| MessageParser::new(state.output_format, tools.as_ref())).collect();
     let (prompt_tokens, cached_tokens) = prompt_tokens(&choices, n);
     // Opening chunks: the assistant role (chat) or the echoed prompt (completions), with the
     // prompt's log-probabilities where asked.
@@ -606,7 +639,7 @@ async fn stream(
         let first = match head.api {
             Api::Chat => Some(StreamChoice::Chat(Some(ChatChunkChoice {
                 index: c.index,
-                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() },
                 logprobs: None,
                 finish_reason: None,
             }))),
@@ -629,7 +662,8 @@ async fn stream(
     }
     // Round-robin over the unfinished choices; each waits for its next token.
     while choices.iter().any(|c| !c.is_finished()) {
-        for (c, &prefix_len) in choices.iter_mut().zip(&prefix_lens).filter(|(c, _)| !c.is_finished()) {
+        let unfinished = choices.iter_mut().zip(&prefix_lens).zip(&mut parsers).filter(|((c, _), _)| !c.is_finished());
+        for ((c, &prefix_len), parser) in unfinished {
             let mut delta = match c.next(tk).await {
                 Ok(Some(d)) => d,
                 Ok(None) => continue,
@@ -641,12 +675,26 @@ async fn stream(
                     return;
                 }
             };
-            if delta.text.is_empty() && delta.finish.is_none() && params.logprobs.is_none() {
+            let parts = match head.api {
+                Api::Chat => {
+                    let ids: Vec<u32> = delta.tokens.iter().map(|t| t.id).collect();
+                    let mut parts = parser.push(&delta.text, &ids, tk);
+                    if let Some(finish) = delta.finish {
+                        parts.extend(parser.finish(tk));
+                        delta.finish = Some(chat::finish_reason(parser, finish));
+                    }
+                    Some(parts)
+                }
+                Api::Completions => None,
+            };
+            let nothing = parts.as_ref().map_or(delta.text.is_empty(), Parts::is_empty);
+            if nothing && delta.finish.is_none() && params.logprobs.is_none() {
                 continue;
             }
             // Offsets count from the start of the text, which begins with the echoed prompt.
             delta.offsets.iter_mut().for_each(|o| *o += prefix_len);
-            if tx.send(Ok(head.event(stream_choice(head.api, c.index, delta, &params, tk), None))).await.is_err() {
+            let event = stream_choice(head.api, c.index, delta, parts, &params, tk);
+            if tx.send(Ok(head.event(event, None))).await.is_err() {
                 return; // the client left: dropping the choices cancels them
             }
         }
@@ -667,6 +715,7 @@ fn stream_choice(
     api: Api,
     index: usize,
     d: Delta,
+    parts: Option<Parts>,
     params: &Params,
     tk: Option<&switchyard_model::tokenizer::Tokenizer>,
 ) -> StreamChoice {
@@ -679,10 +728,17 @@ fn stream_choice(
             prompt_logprobs: None,
         })),
         Api::Chat => {
-            let content = (!(d.text.is_empty() && d.finish.is_some())).then_some(d.text);
+            let parts = parts.unwrap_or_default();
+            let only_text = parts.reasoning.is_empty() && parts.calls.is_empty() && d.finish.is_none();
+            let content = (!parts.content.is_empty() || only_text).then_some(parts.content);
             StreamChoice::Chat(Some(ChatChunkChoice {
                 index,
-                delta: ChatDelta { role: None, content },
+                delta: ChatDelta {
+                    role: None,
+                    content,
+                    reasoning_content: Some(parts.reasoning).filter(|r| !r.is_empty()),
+                    tool_calls: Some(parts.calls).filter(|c| !c.is_empty()),
+                },
                 logprobs: params.logprobs.map(|_| chat_logprobs(&d.tokens, tk, params.tokens_as_ids)),
                 finish_reason: d.finish,
             }))

@@ -11,14 +11,21 @@
 //! - [`generate`]: the completions and chat handlers, streaming (server-sent events) or not.
 //! - [`choice`]: one generated sequence: detokenizing, stop strings, logprob objects.
 //! - [`openai`]: request bodies as clients send them.
+//! - [`structured`]: the grammar a request's output follows (`response_format`, vLLM's
+//!   `guided_*`, `tools` with `tool_choice`).
+//! - [`message`]: a chat choice's output as content, reasoning and tool calls.
+//! - [`chat`]: a chat request's tools, reasoning effort and grammar for the served model.
 //! - [`api`]: response bodies, and the OpenAPI document generated from both.
 //! - [`error`]: errors in OpenAI's shape, and the status of each.
 
 pub mod api;
+pub mod chat;
 pub mod choice;
 pub mod error;
 pub mod generate;
+pub mod message;
 pub mod openai;
+pub mod structured;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -91,6 +98,8 @@ pub struct HttpState {
     pub created: u64,
     /// API keys and limits (none: the API is open).
     pub tenants: Arc<TenantList>,
+    /// How the model writes tool calls and reasoning.
+    pub output_format: message::OutputFormat,
 }
 
 /// The tenant calling, from `Authorization: Bearer KEY`; `None` when the API is open.
@@ -382,6 +391,10 @@ struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<ChatMessage>>,
+    /// With `messages`: the tools rendered into the chat template, as `/v1/chat/completions`
+    /// renders them.
+    #[schema(value_type = Option<Vec<Object>>)]
+    tools: Option<serde_json::Value>,
     /// With `prompt`: add the tokenizer's special tokens (BOS) as generation does.
     #[serde(default = "yes")]
     #[schema(default = true)]
@@ -406,9 +419,15 @@ async fn tokenize(
         s.check_model(m)?;
     }
     s.precheck(&caller)?;
+    if r.tools.is_some() && r.messages.is_none() {
+        return Err(ApiError::invalid("`tools` goes with `messages` (a chat), not with `prompt`", Some("tools")));
+    }
     let ids = match (r.prompt, r.messages) {
         (Some(p), None) => s.tokenizing.encode(vec![p], r.add_special_tokens).await?.pop().unwrap_or_default(),
-        (None, Some(messages)) => s.tokenizing.chat(messages).await?,
+        (None, Some(messages)) => {
+            let options = switchyard_model::chat::RenderOptions { tools: r.tools, ..Default::default() };
+            s.tokenizing.chat(messages, options).await?
+        }
         _ => return Err(ApiError::invalid("send exactly one of `prompt` and `messages`", None)),
     };
     Ok(Json(Tokenized { count: ids.len(), max_model_len: s.max_context, tokens: ids }))

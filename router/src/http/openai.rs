@@ -84,6 +84,28 @@ pub struct Sampling {
     /// prefixes. A non-empty string.
     #[schema(min_length = 1, max_length = 256)]
     pub cache_salt: Option<String>,
+    // Structured output, read by [`structured::requested`](super::structured::requested):
+    // at most one of these may be set.
+    /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
+    /// {"name": …, "schema": {…}, "strict": true}}`: the output is JSON valid under the schema.
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
+    /// vLLM's extension: one of `json` (a JSON schema), `regex`, `choice` (a list of strings),
+    /// `grammar` (llguidance's Lark syntax) or `json_object: true`.
+    #[schema(value_type = Option<Object>)]
+    pub structured_outputs: Option<Value>,
+    /// vLLM's extension: a JSON schema (object or text) the output is valid under.
+    #[schema(value_type = Option<Object>)]
+    pub guided_json: Option<Value>,
+    /// vLLM's extension: a regular expression the whole output matches.
+    #[schema(value_type = Option<String>)]
+    pub guided_regex: Option<Value>,
+    /// vLLM's extension: the output is exactly one of these strings.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub guided_choice: Option<Value>,
+    /// vLLM's extension: a grammar in llguidance's Lark syntax the output follows.
+    #[schema(value_type = Option<String>)]
+    pub guided_grammar: Option<Value>,
 }
 
 /// What a request's controls say, before its bad words are tokenized.
@@ -226,6 +248,19 @@ pub struct ChatRequest {
     // Read by [`ChatRequest::prompt_logprobs`].
     #[schema(value_type = Option<u32>, maximum = 20)]
     pub prompt_logprobs: Option<Value>,
+    /// Functions the model may call: `{"type": "function", "function": {"name", "description",
+    /// "parameters"}}`, rendered into the chat template as transformers passes them.
+    // Read by [`structured::tools`](super::structured::tools).
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Value>,
+    /// `none`, `auto` (the default with tools), `required`, or `{"type": "function", "function":
+    /// {"name": …}}`; `required` and a named function are constrained to the tools' schemas.
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<Value>,
+    /// Whether a message may hold several tool calls (default true).
+    pub parallel_tool_calls: Option<bool>,
+    /// `low`, `medium` or `high`, passed to chat templates that read it (gpt-oss).
+    pub reasoning_effort: Option<String>,
 }
 
 impl ChatRequest {
@@ -255,6 +290,10 @@ pub struct ChatFields {
     logprobs: bool,
     top_logprobs: Option<u32>,
     prompt_logprobs: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    reasoning_effort: Option<String>,
 }
 
 /// A request as sent: the shared fields, the endpoint's own, and everything else, which
@@ -299,6 +338,10 @@ impl TryFrom<Checked<ChatFields>> for ChatRequest {
             logprobs: f.logprobs,
             top_logprobs: f.top_logprobs,
             prompt_logprobs: f.prompt_logprobs,
+            tools: f.tools,
+            tool_choice: f.tool_choice,
+            parallel_tool_calls: f.parallel_tool_calls,
+            reasoning_effort: f.reasoning_effort,
         })
     }
 }
@@ -312,11 +355,7 @@ fn neutral(field: &str, v: &Value) -> Option<bool> {
         || v.is_null() || v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty());
     Some(match field {
         "tools" | "functions" => empty(),
-        "response_format" | "tool_choice" | "function_call" => {
-            v.is_null()
-                || v.as_str().is_some_and(|s| s.is_empty() || s == "none")
-                || v.get("type").and_then(Value::as_str) == Some("text")
-        }
+        "tool_choice" | "function_call" => v.is_null() || v.as_str().is_some_and(|s| s.is_empty() || s == "none"),
         _ => return None,
     })
 }
@@ -434,12 +473,11 @@ mod tests {
             serde_json::from_str(r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "tools": [], "tool_choice": "none"}"#)
                 .unwrap();
         assert_eq!(chat.max_completion_tokens, Some(4));
-        let err = serde_json::from_str::<ChatRequest>(
-            r#"{"model": "m", "messages": [], "response_format": {"type": "json_object"}}"#,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("`response_format` is not supported"), "{err}");
+        // Tools are the chat's; on completions only "none" is accepted.
+        let err = completion(r#"{"model": "m", "prompt": "x", "tools": [{"type": "function"}]}"#).unwrap_err();
+        assert!(err.contains("`tools` is not supported"), "{err}");
+        let err = completion(r#"{"model": "m", "prompt": "x", "functions": [{"name": "f"}]}"#).unwrap_err();
+        assert!(err.contains("`functions` is not supported"), "{err}");
     }
 
     #[test]
