@@ -187,56 +187,154 @@ fn arguments_as_objects(message: &ChatMessage) -> ChatMessage {
     m
 }
 
-/// `tojson` as transformers defines it for chat templates: Python's `json.dumps` (`", "` and
-/// `": "` between items, keys in their order, non-ASCII text as it is, no HTML escaping),
-/// with `indent` where given. minijinja's own filter escapes `<`, `>`, `&` and `'`, which
-/// would change the prompt a template renders from what the model was trained on.
-fn tojson(value: Jinja, indent: Option<usize>, kwargs: minijinja::value::Kwargs) -> std::result::Result<Jinja, Error> {
-    let indent = match kwargs.get::<Option<usize>>("indent")? {
-        Some(n) => Some(n),
-        None => indent,
+/// `tojson` as transformers defines it for chat templates: Python's `json.dumps` with its
+/// `indent`, `separators`, `sort_keys` and `ensure_ascii` (which transformers turns off by
+/// default): `", "` and `": "` between items, keys in their order, non-ASCII text as it is,
+/// floats as Python prints them, no HTML escaping. minijinja's own filter escapes `<`, `>`,
+/// `&` and `'`, which would change the prompt a template renders from what the model was
+/// trained on.
+fn tojson(
+    value: Jinja,
+    ensure_ascii: Option<Jinja>,
+    indent: Option<usize>,
+    separators: Option<Vec<String>>,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<Jinja, Error> {
+    let invalid = |message: String| Error::new(ErrorKind::InvalidOperation, format!("tojson: {message}"));
+    // transformers' order of arguments: `tojson(x, ensure_ascii, indent, separators, sort_keys)`
+    // (`sort_keys` by name only here).
+    let ensure_ascii = kwargs.get::<Option<Jinja>>("ensure_ascii")?.or(ensure_ascii).is_some_and(|v| v.is_true());
+    let indent = kwargs.get::<Option<usize>>("indent")?.or(indent);
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    let separators = match kwargs.get::<Option<Vec<String>>>("separators")?.or(separators) {
+        None => None,
+        Some(pair) => match <[String; 2]>::try_from(pair) {
+            Ok([item, key]) => Some((item, key)),
+            Err(pair) => return Err(invalid(format!("`separators` must be two strings, got {}", pair.len()))),
+        },
+    };
+    let style = PyJson {
+        indent,
+        // Python's defaults: no space before a newline.
+        separators: separators.unwrap_or_else(|| ((if indent.is_some() { "," } else { ", " }).into(), ": ".into())),
+        sort_keys,
+        ensure_ascii,
     };
     kwargs.assert_all_used()?;
-    let json =
-        serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let json = serde_json::to_value(&value).map_err(|e| invalid(e.to_string()))?;
     let mut out = String::new();
-    python_json(&json, indent, 0, &mut out);
+    style.write(&json, 0, &mut out);
     Ok(Jinja::from_safe_string(out))
 }
 
-fn python_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String) {
-    let (open, close, items): (char, char, Vec<(Option<&String>, &Value)>) = match v {
-        Value::Array(a) => ('[', ']', a.iter().map(|x| (None, x)).collect()),
-        Value::Object(o) => ('{', '}', o.iter().map(|(k, x)| (Some(k), x)).collect()),
-        scalar => {
-            out.push_str(&serde_json::to_string(scalar).expect("JSON values serialize"));
+/// How Python's `json.dumps` lays JSON out.
+struct PyJson {
+    indent: Option<usize>,
+    /// Between items, and between a key and its value.
+    separators: (String, String),
+    sort_keys: bool,
+    /// Non-ASCII characters as `\uXXXX` escapes (UTF-16, as Python writes them).
+    ensure_ascii: bool,
+}
+
+impl PyJson {
+    fn write(&self, v: &Value, depth: usize, out: &mut String) {
+        let (open, close, mut items): (char, char, Vec<(Option<&String>, &Value)>) = match v {
+            Value::Array(a) => ('[', ']', a.iter().map(|x| (None, x)).collect()),
+            Value::Object(o) => ('{', '}', o.iter().map(|(k, x)| (Some(k), x)).collect()),
+            Value::String(s) => return self.string(s, out),
+            Value::Number(n) if n.is_f64() => return python_float(n.as_f64().expect("an f64"), out),
+            scalar => return out.push_str(&scalar.to_string()),
+        };
+        if self.sort_keys {
+            items.sort_by_key(|(k, _)| *k);
+        }
+        out.push(open);
+        if items.is_empty() {
+            out.push(close);
             return;
         }
-    };
-    out.push(open);
-    if items.is_empty() {
+        let newline = |out: &mut String, depth: usize| {
+            if let Some(n) = self.indent {
+                out.push('\n');
+                out.push_str(&" ".repeat(n * depth));
+            }
+        };
+        for (i, (key, item)) in items.into_iter().enumerate() {
+            if i > 0 {
+                out.push_str(&self.separators.0);
+            }
+            newline(out, depth + 1);
+            if let Some(k) = key {
+                self.string(k, out);
+                out.push_str(&self.separators.1);
+            }
+            self.write(item, depth + 1, out);
+        }
+        newline(out, depth);
         out.push(close);
-        return;
     }
-    let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = indent {
-            out.push('\n');
-            out.push_str(&" ".repeat(n * depth));
+
+    fn string(&self, s: &str, out: &mut String) {
+        let quoted = serde_json::to_string(s).expect("strings serialize");
+        if !self.ensure_ascii || !quoted.bytes().any(|b| b >= 0x7f) {
+            return out.push_str(&quoted);
         }
-    };
-    for (i, (key, item)) in items.into_iter().enumerate() {
-        if i > 0 {
-            out.push_str(if indent.is_some() { "," } else { ", " });
+        for c in quoted.chars() {
+            // Python escapes DEL too.
+            if c.is_ascii() && c != '\x7f' {
+                out.push(c);
+            } else {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
         }
-        newline(out, depth + 1);
-        if let Some(k) = key {
-            out.push_str(&serde_json::to_string(k).expect("strings serialize"));
-            out.push_str(": ");
-        }
-        python_json(item, indent, depth + 1, out);
     }
-    newline(out, depth);
-    out.push(close);
+}
+
+/// `x` as Python's `repr` writes a float: the shortest digits that read back as `x`, in
+/// positional notation for decimal exponents from -4 to 15 (`123.0`, `0.0001`), else in
+/// scientific notation with a signed exponent of at least two digits (`1e+16`, `1.5e-07`).
+fn python_float(x: f64, out: &mut String) {
+    // serde_json writes the shortest digits too, in another layout: read them back from it.
+    let text = serde_json::Number::from_f64(x).map_or_else(|| "NaN".to_string(), |n| n.to_string());
+    let (sign, text) = text.strip_prefix('-').map_or(("", text.as_str()), |t| ("-", t));
+    let (mantissa, exponent) = text.split_once(['e', 'E']).unwrap_or((text, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all = format!("{int}{frac}");
+    let lead = all.len() - all.trim_start_matches('0').len();
+    let digits = all.trim_matches('0');
+    if digits.is_empty() {
+        out.push_str(sign);
+        return out.push_str("0.0");
+    }
+    // The value is 0.DIGITS × 10^(point), DIGITS without leading zeros.
+    let point = int.len() as i32 - lead as i32 + exponent;
+    let sci = point - 1;
+    out.push_str(sign);
+    if (-4..16).contains(&sci) {
+        if point <= 0 {
+            out.push_str("0.");
+            out.push_str(&"0".repeat(point.unsigned_abs() as usize));
+            out.push_str(digits);
+        } else {
+            let point = point as usize;
+            let whole: String = digits.chars().chain(std::iter::repeat('0')).take(point.max(digits.len())).collect();
+            let (int, frac) = whole.split_at(point);
+            out.push_str(int);
+            out.push('.');
+            out.push_str(if frac.is_empty() { "0" } else { frac });
+        }
+    } else {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        out.push_str(&format!("e{}{:02}", if sci < 0 { '-' } else { '+' }, sci.abs()));
+    }
 }
 
 /// `strftime_now(format)`: the current UTC date and time, for the `%Y %m %d %H %M %S %B %b`
@@ -299,25 +397,101 @@ fn strftime_now(format: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Each against what Python's `json.dumps` writes with the same arguments.
     #[test]
     fn tojson_writes_what_python_json_dumps_writes() {
+        let cases = [
+            (
+                "x | tojson",
+                r#"{"b": "it's <ok> & \"é\"\n😀", "a": [1, 2.5, true, null, 1e+20, 1.5e-07, 0.0001, 1e-05, 123.0, 1e+16, 1000000000000000.0, -0.5], "c": {}, "A": {"z": 1, "y": [2]}}"#,
+            ),
+            (
+                "x | tojson(ensure_ascii=true)",
+                r#"{"b": "it's <ok> & \"\u00e9\"\n\ud83d\ude00", "a": [1, 2.5, true, null, 1e+20, 1.5e-07, 0.0001, 1e-05, 123.0, 1e+16, 1000000000000000.0, -0.5], "c": {}, "A": {"z": 1, "y": [2]}}"#,
+            ),
+            (
+                "x | tojson(separators=(',', ':'), sort_keys=true, ensure_ascii=true)",
+                r#"{"A":{"y":[2],"z":1},"a":[1,2.5,true,null,1e+20,1.5e-07,0.0001,1e-05,123.0,1e+16,1000000000000000.0,-0.5],"b":"it's <ok> & \"\u00e9\"\n\ud83d\ude00","c":{}}"#,
+            ),
+            (
+                "x | tojson(indent=2, sort_keys=true, ensure_ascii=true)",
+                r#"{
+  "A": {
+    "y": [
+      2
+    ],
+    "z": 1
+  },
+  "a": [
+    1,
+    2.5,
+    true,
+    null,
+    1e+20,
+    1.5e-07,
+    0.0001,
+    1e-05,
+    123.0,
+    1e+16,
+    1000000000000000.0,
+    -0.5
+  ],
+  "b": "it's <ok> & \"\u00e9\"\n\ud83d\ude00",
+  "c": {}
+}"#,
+            ),
+            (
+                "x | tojson(indent=1, separators=[';', '='])",
+                r#"{
+ "b"="it's <ok> & \"é\"\n😀";
+ "a"=[
+  1;
+  2.5;
+  true;
+  null;
+  1e+20;
+  1.5e-07;
+  0.0001;
+  1e-05;
+  123.0;
+  1e+16;
+  1000000000000000.0;
+  -0.5
+ ];
+ "c"={};
+ "A"={
+  "z"=1;
+  "y"=[
+   2
+  ]
+ }
+}"#,
+            ),
+        ];
+        let x = serde_json::json!({"b": "it's <ok> & \"é\"\n😀",
+            "a": [1, 2.5, true, null, 1e20, 1.5e-7, 0.0001, 1e-5, 123.0, 1e16, 1e15, -0.5], "c": {}, "A": {"z": 1, "y": [2]}});
+        for (expr, expected) in cases {
+            let t = ChatTemplate::new(format!("{{{{ {expr} }}}}"), String::new(), String::new()).unwrap();
+            let out = t
+                .env
+                .get_template(NAME)
+                .unwrap()
+                .render(minijinja::context! { x => Jinja::from(minijinja::value::Serde(&x)) })
+                .unwrap();
+            assert_eq!(out, expected, "{expr}");
+        }
+        // transformers' positional order (`ensure_ascii` first); Python escapes DEL too.
         let t = ChatTemplate::new(
-            "{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ [] | tojson }}".into(),
+            "{{ y | tojson(true) }}|{{ y | tojson }}|{{ y | tojson(false, 2) }}".into(),
             String::new(),
             String::new(),
         )
         .unwrap();
-        let env = &t.env;
-        let x = serde_json::json!({"b": "it's <ok> & \"é\"\n", "a": [1, 2.5, true, null], "c": {}});
-        let out = env
-            .get_template(NAME)
-            .unwrap()
-            .render(minijinja::context! { x => Jinja::from(minijinja::value::Serde(&x)) })
-            .unwrap();
-        assert_eq!(
-            out,
-            "{\"b\": \"it's <ok> & \\\"é\\\"\\n\", \"a\": [1, 2.5, true, null], \"c\": {}}|{\n  \"b\": \"it's <ok> & \\\"é\\\"\\n\",\n  \"a\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"c\": {}\n}|[]"
-        );
+        let out = t.env.get_template(NAME).unwrap().render(minijinja::context! { y => "é\x7f" }).unwrap();
+        assert_eq!(out, "\"\\u00e9\\u007f\"|\"é\x7f\"|\"é\x7f\"");
+        let t = ChatTemplate::new("{{ x | tojson(separators=[',']) }}".into(), String::new(), String::new()).unwrap();
+        let err = t.env.get_template(NAME).unwrap().render(minijinja::context! { x => 1 }).unwrap_err();
+        assert!(format!("{err:#}").contains("`separators` must be two strings"), "{err:#}");
     }
 
     #[test]

@@ -199,6 +199,23 @@ pub struct Engine {
     pub experts: Option<Box<dyn Experts>>,
     /// The KV blocks sequences share, on the model's device.
     pub kv_pool: Arc<KvPool>,
+    /// Threads that compute grammar masks while the forward pass runs; built the first time
+    /// a constrained sequence steps (`None` inside: they could not be started, and masks are
+    /// computed after the pass instead).
+    mask_threads: std::sync::OnceLock<Option<rayon::ThreadPool>>,
+}
+
+/// Threads for grammar masks: half the cores, at least one and at most eight. A mask
+/// costs tens of microseconds to a few milliseconds (llguidance bounds each step's work),
+/// and the masks of a batch are independent of each other.
+fn mask_threads() -> Option<rayon::ThreadPool> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(cores.div_ceil(2).clamp(1, 8))
+        .thread_name(|i| format!("grammar-mask-{i}"))
+        .build()
+        .inspect_err(|e| tracing::warn!("grammar masks are computed after each forward pass: {e}"))
+        .ok()
 }
 
 impl Engine {
@@ -231,7 +248,7 @@ impl Engine {
         let eos_token_ids = tokenizer::eos_token_ids(dir, tokenizer.as_ref(), &model.spec.eos_token_ids)?;
         let kv_pool = Self::pool(&model, options.kv_bytes)?;
         kv_pool.set_prefix_caching(options.prefix_caching);
-        Ok(Engine { model, tokenizer, eos_token_ids, experts, kv_pool })
+        Ok(Engine { model, tokenizer, eos_token_ids, experts, kv_pool, mask_threads: std::sync::OnceLock::new() })
     }
 
     fn pool(model: &Model, kv_bytes: Option<usize>) -> Result<Arc<KvPool>> {
@@ -449,24 +466,24 @@ impl Engine {
             chunks.push(Chunk { tokens, cache });
         }
         let experts = self.experts.as_deref();
-        let mut forward = || {
+        let mut forward = || -> Result<_> {
             Ok(if greedy {
                 (Some(self.model.greedy(&mut chunks, experts)?.into_iter()), Vec::new())
             } else {
                 (None, self.model.logits_with(&mut chunks, experts, &every_position)?)
             })
         };
-        let (picks, logits) = if masks.is_empty() {
-            forward()?
-        } else {
-            std::thread::scope(|scope| {
-                let masking = scope.spawn(move || masks.into_iter().for_each(Constraint::prepare));
-                let out: Result<_> = forward();
-                if let Err(panic) = masking.join() {
-                    std::panic::resume_unwind(panic);
+        let pool = if masks.is_empty() { None } else { self.mask_threads.get_or_init(mask_threads).as_ref() };
+        let (picks, logits) = match pool {
+            // Each mask on the first free mask thread; the scope ends when the pass and every
+            // mask are done. Without mask threads, `pick` computes each mask after the pass.
+            Some(pool) => pool.in_place_scope(|scope| {
+                for c in masks {
+                    scope.spawn(move |_| c.prepare());
                 }
-                out
-            })?
+                forward()
+            })?,
+            None => forward()?,
         };
         drop(chunks);
         // The blocks this pass filled are ready for other sequences to reuse.

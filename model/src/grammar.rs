@@ -5,9 +5,14 @@
 //! [`Grammars`] is built once per tokenizer (the token trie); [`Grammars::compile`] turns a
 //! request's [`Grammar`] into a [`Constraint`], which a [`Sequence`](crate::Sequence) carries.
 //! The engine asks a constraint for its next mask while the forward pass that produces the
-//! logits runs ([`Constraint::prepare`], on another thread), applies it to the logits before
-//! sampling and commits each picked token. A constraint whose grammar is complete ends its
-//! sequence; one that can no longer continue fails it with the reason.
+//! logits runs ([`Constraint::prepare`], on the engine's mask threads), applies it to the
+//! logits before sampling and commits each picked token. A constraint whose grammar is
+//! complete ends its sequence; one that can no longer continue fails it with the reason.
+//!
+//! What one mask may cost is bounded by llguidance's default limits (lexer fuel and Earley
+//! items per token, grammar size), so a hostile grammar fails its own request with an error
+//! rather than stalling the batch; and the grammar's text counts against the prompt size
+//! limit.
 
 use std::sync::Arc;
 
@@ -43,38 +48,53 @@ fn short(e: impl std::fmt::Display) -> String {
     line[..end].to_string()
 }
 
-/// `rx` (Rust `regex` syntax) as the body of a Lark `/…/` literal.
-pub fn regex_to_lark(rx: &str) -> String {
-    llguidance::regex_to_lark(rx, "")
-}
-
-/// How JSON is laid out under [`Grammar::JsonSchema`] and [`Grammar::JsonObject`]: no
+/// `schema` laid out compactly where it does not say otherwise (in its `x-guidance`): no
 /// whitespace between tokens (`,` and `:` alone), so a model cannot pad its answer with
 /// whitespace forever.
-fn json_options() -> Value {
-    json!({"whitespace_flexible": false, "item_separator": ",", "key_separator": ":"})
+fn compact(mut schema: Value) -> Value {
+    if let Value::Object(o) = &mut schema {
+        o.entry("x-guidance")
+            .or_insert_with(|| json!({"whitespace_flexible": false, "item_separator": ",", "key_separator": ":"}));
+    }
+    schema
 }
 
 impl Grammar {
-    fn to_llguidance(&self) -> TopLevelGrammar {
-        let with_options = |mut schema: Value| {
-            if let Value::Object(o) = &mut schema {
-                o.entry("x-guidance").or_insert_with(json_options);
-            }
-            TopLevelGrammar::from_json_schema(schema)
-        };
+    /// The size of the grammar as sent: what compiling it costs grows with it.
+    pub fn source_bytes(&self) -> usize {
         match self {
-            Grammar::JsonSchema(schema) => with_options(schema.clone()),
-            Grammar::JsonObject => with_options(json!({"type": "object"})),
-            Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Grammar::JsonSchema(schema) => schema.to_string().len(),
+            Grammar::JsonObject => 0,
+            Grammar::Regex(text) | Grammar::Lark(text) => text.len(),
+            Grammar::Choice(options) => options.iter().map(String::len).sum(),
+        }
+    }
+
+    /// The grammar as the body of one Lark rule, to embed in a larger grammar; `None` for a
+    /// Lark grammar (it has its own `start`).
+    pub fn lark_body(&self) -> Option<String> {
+        Some(match self {
+            Grammar::JsonSchema(schema) => format!("%json {}", compact(schema.clone())),
+            Grammar::JsonObject => format!("%json {}", compact(json!({"type": "object"}))),
+            Grammar::Regex(rx) => format!("/{}/", llguidance::regex_to_lark(rx, "")),
             Grammar::Choice(options) => {
-                let alternatives: Vec<String> =
+                let quoted: Vec<String> =
                     options.iter().map(|o| serde_json::to_string(o).expect("strings serialize")).collect();
-                TopLevelGrammar::from_grammar(GrammarWithLexer::from_lark(format!(
-                    "start: {}",
-                    alternatives.join(" | ")
-                )))
+                quoted.join(" | ")
             }
+            Grammar::Lark(_) => return None,
+        })
+    }
+
+    fn to_llguidance(&self) -> TopLevelGrammar {
+        match self {
+            Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(compact(schema.clone())),
+            Grammar::JsonObject => TopLevelGrammar::from_json_schema(compact(json!({"type": "object"}))),
+            Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Grammar::Choice(_) => TopLevelGrammar::from_grammar(GrammarWithLexer::from_lark(format!(
+                "start: {}",
+                self.lark_body().expect("a choice has a body")
+            ))),
             Grammar::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
         }
     }

@@ -471,6 +471,27 @@ impl Cluster {
         check_shape(&first, spec)?;
         cluster.apply(&first, spec).await;
         cluster.check_coverage(spec)?;
+        // A placement restored from the coordinators' raft log may name nodes that are gone
+        // (a cluster resumed after a crash) until the new ones register: wait, within the
+        // bound, for an epoch whose every expert is reachable before serving.
+        // Links come up on their own (each node's supervisor), epochs through the watch.
+        while let Some(why) = cluster.unserved_expert() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("starting with experts unreachable: {why}");
+                break;
+            }
+            tokio::select! {
+                changed = placements.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if let Some(p) = placements.borrow_and_update().clone() {
+                        cluster.apply(&p, spec).await;
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
         let weak = Arc::downgrade(&cluster);
         let spec_owned = spec.clone();
         tokio::spawn(async move {

@@ -80,7 +80,8 @@ impl Router for RouterService {
         let prompt_logprobs = crate::http::generate::vllm_prompt_logprobs_asked(r.prompt_logprobs.map(u64::from))?;
         (params.prompt_logprobs, params.vllm_prompt_logprobs) = (prompt_logprobs, prompt_logprobs);
         if let Some((grammar, field)) = crate::http::structured::requested(&sampling)? {
-            params.constraint = Some(crate::http::structured::compile(&self.tokenizing, grammar, field).await?);
+            params.constraint =
+                Some(self.tokenizing.compile(grammar, field).await.map_err(crate::http::error::ApiError::from)?);
         }
         crate::http::generate::tokenize_bad_words(&self.tokenizing, &mut params).await?;
         let tokenizer = self.tokenizing.tokenizer.clone();

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 use switchyard_model::chat::{ChatMessage, ChatTemplate, RenderOptions};
-use switchyard_model::grammar::Grammars;
+use switchyard_model::grammar::{Constraint, Grammar, Grammars};
 use switchyard_model::tokenizer::{Fim, Tokenizer};
 use tokio::sync::Semaphore;
 
@@ -123,6 +123,21 @@ impl Tokenizing {
         let tk = self.tokenizer.clone().ok_or(TokenizeError::NoTokenizer)?;
         self.off_runtime(move || {
             tk.decode(&ids).map_err(|e| TokenizeError::Failed { field: "tokens", message: e.to_string() })
+        })
+        .await
+    }
+
+    /// `grammar` (sent in `field`) compiled against the vocabulary, on the same bounded
+    /// threads as tokenizing: a large JSON schema or Lark grammar costs milliseconds to
+    /// compile, and its text counts against the prompt size limit.
+    pub async fn compile(&self, grammar: Grammar, field: &'static str) -> Result<Constraint, TokenizeError> {
+        self.check_size(field, grammar.source_bytes())?;
+        let grammars = self.grammars.clone().map_err(|why| TokenizeError::Failed {
+            field,
+            message: format!("structured output is unavailable for this model: {why}"),
+        })?;
+        self.off_runtime(move || {
+            grammars.compile(&grammar).map_err(|e| TokenizeError::Failed { field, message: format!("`{field}`: {e}") })
         })
         .await
     }

@@ -246,6 +246,8 @@ def test_unsupported_schemas_and_conflicts_are_refused_by_name(qwen):
          "tool_choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
         ({"reasoning_effort": "high"}, "reasoning_effort", "chat template"),
+        ({"response_format": {"type": "json_object"}, "extra_body": {"min_tokens": 3}}, "min_tokens", "grammar"),
+        ({"extra_body": {"guided_json": False}}, "guided_json", "`false`"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             chat(c, messages=ASK, max_tokens=5, **kw)
@@ -310,6 +312,21 @@ def test_harmony_channels_are_separated_streamed_and_not(harmony):
             streamed["content"] += ch.delta.content or ""
             streamed["reasoning_content"] += (ch.delta.model_extra or {}).get("reasoning_content") or ""
     assert streamed == {"reasoning_content": reasoning, "content": m.content}
+
+    # A stop string cuts the message where it cuts the text: the channels after it never come.
+    fixed = ('start: <|channel|> "analysis" <|message|> "thinking hard" <|end|> <|start|> "assistant" '
+             '<|channel|> "final" <|message|> "done" <|return|>')
+    kw = dict(model="gpt_oss_harmony", messages=ASK, max_tokens=60, stop=["hard"],
+              extra_body={"guided_grammar": fixed})
+    r = chat(c, **kw)
+    m = r.choices[0].message
+    assert (m.model_extra["reasoning_content"], m.content, r.choices[0].finish_reason) == ("thinking ", None, "stop")
+    streamed = {"reasoning_content": "", "content": ""}
+    for chunk in chat(c, stream=True, **kw):
+        for ch in chunk.choices:
+            streamed["content"] += ch.delta.content or ""
+            streamed["reasoning_content"] += (ch.delta.model_extra or {}).get("reasoning_content") or ""
+    assert streamed == {"reasoning_content": "thinking ", "content": ""}
 
 
 def test_harmony_tool_calls_and_reasoning_effort(harmony):

@@ -40,6 +40,9 @@ pub fn argmax(x: &[f32]) -> u32 {
 
 /// Indices of the `k` largest values, largest first; ties go to the lower index.
 pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
+    if k == 0 {
+        return Vec::new();
+    }
     let mut idx: Vec<usize> = (0..x.len()).collect();
     let k = k.min(x.len());
     let cmp = |a: &usize, b: &usize| x[*b].total_cmp(&x[*a]).then(a.cmp(b));

@@ -4,7 +4,6 @@
 
 use switchyard_model::chat::RenderOptions;
 use switchyard_model::grammar::Grammar;
-use switchyard_model::tokenizer::Tokenizer;
 
 use super::HttpState;
 use super::api::AssistantMessage;
@@ -47,6 +46,18 @@ pub fn render_options(state: &HttpState, r: &ChatRequest, tools: Option<&Tools>)
             Some("tool_choice"),
         ));
     }
+    // With `tool_choice` `none`, tools only change what the model reads.
+    if let Some(t) = tools
+        && t.choice == ToolChoice::None
+        && !t.tools.is_empty()
+        && !reads("tools")
+    {
+        return Err(ApiError::invalid(
+            "`tools` are not rendered by this model's chat template, so with `tool_choice` `none` they would \
+             change nothing",
+            Some("tools"),
+        ));
+    }
     let tools = tools.filter(|_| reads("tools")).map(|_| r.tools.clone().unwrap_or_default());
     Ok(RenderOptions { tools, reasoning_effort })
 }
@@ -71,18 +82,16 @@ pub fn output_grammar(state: &HttpState, grammar: Grammar) -> Grammar {
 
 /// A whole chat choice as the assistant's message (content, reasoning, tool calls) and its
 /// finish reason (`tool_calls` where the model chose to call).
-pub fn assistant_message(
-    state: &HttpState,
-    tools: Option<&Tools>,
-    c: &Collected,
-    tk: Option<&Tokenizer>,
-) -> (AssistantMessage, &'static str) {
+pub fn assistant_message(state: &HttpState, tools: Option<&Tools>, c: &Collected) -> (AssistantMessage, &'static str) {
     let mut parser = MessageParser::new(state.output_format, tools);
     let ids: Vec<u32> = c.tokens.iter().map(|t| t.id).collect();
-    let mut parts = parser.push(&c.text, &ids, tk);
-    parts.extend(parser.finish(tk));
+    let mut parts = parser.push(&c.text, &ids, &c.offsets);
+    parts.extend(parser.finish());
     let calls = Parts::merged_calls(parts.calls);
-    let content = (calls.is_empty() || !parts.content.trim().is_empty()).then_some(parts.content);
+    // No content beside calls or reasoning is `null` (the parser leaves out whitespace-only
+    // content beside calls).
+    let content =
+        (!parts.content.is_empty() || (calls.is_empty() && parts.reasoning.is_empty())).then_some(parts.content);
     let message = AssistantMessage {
         role: "assistant",
         content,

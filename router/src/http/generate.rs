@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -47,11 +46,7 @@ enum Api {
 }
 
 fn request_id(api: Api) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
-    format!("{prefix}-{t:x}{n:04x}")
+    super::unique_id(if api == Api::Chat { "chatcmpl-" } else { "cmpl-" })
 }
 
 fn now() -> u64 {
@@ -306,7 +301,7 @@ async fn completions_in(state: Arc<HttpState>, caller: Caller, r: CompletionRequ
     // Refused cheaply, before the prompt is tokenized, when over a limit now.
     state.precheck(&caller)?;
     if let Some((grammar, field)) = structured::requested(&r.sampling)? {
-        params.constraint = Some(structured::compile(&state.tokenizing, grammar, field).await?);
+        params.constraint = Some(state.tokenizing.compile(grammar, field).await?);
     }
     tokenize_bad_words(&state.tokenizing, &mut params).await?;
     let prompts = prompts(&r.prompt)?;
@@ -422,11 +417,14 @@ async fn chat_in(state: Arc<HttpState>, caller: Caller, r: ChatRequest) -> Resul
                 ));
             }
             (Some((grammar, field)), None) => Some((chat::output_grammar(&state, grammar), field)),
-            (None, Some(grammar)) => Some((grammar, "tool_choice")),
+            (None, Some(grammar)) => {
+                structured::without_min_tokens(&r.sampling, "tool_choice")?;
+                Some((grammar, "tool_choice"))
+            }
             (None, None) => None,
         };
     let constraint = match grammar {
-        Some((grammar, field)) => Some(structured::compile(&state.tokenizing, grammar, field).await?),
+        Some((grammar, field)) => Some(state.tokenizing.compile(grammar, field).await?),
         None => None,
     };
     let ids = state.tokenizing.chat(r.messages, options).await?;
@@ -517,7 +515,7 @@ async fn respond(
             let choices = done
                 .iter()
                 .map(|c| {
-                    let (message, finish_reason) = chat::assistant_message(&state, tools.as_ref(), c, tk);
+                    let (message, finish_reason) = chat::assistant_message(&state, tools.as_ref(), c);
                     ChatChoice {
                         index: c.index,
                         message,
@@ -678,9 +676,9 @@ async fn stream(
             let parts = match head.api {
                 Api::Chat => {
                     let ids: Vec<u32> = delta.tokens.iter().map(|t| t.id).collect();
-                    let mut parts = parser.push(&delta.text, &ids, tk);
+                    let mut parts = parser.push(&delta.text, &ids, &delta.offsets);
                     if let Some(finish) = delta.finish {
-                        parts.extend(parser.finish(tk));
+                        parts.extend(parser.finish());
                         delta.finish = Some(chat::finish_reason(parser, finish));
                     }
                     Some(parts)

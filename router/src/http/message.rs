@@ -8,8 +8,6 @@
 //! `required` or named `tool_choice` on the other families is decoded as plain JSON (the
 //! grammar of [`Tools::json_grammar`](super::structured::Tools::json_grammar)).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use serde::Serialize;
 use serde_json::Value;
 use switchyard_model::tokenizer::Tokenizer;
@@ -58,7 +56,7 @@ impl OutputFormat {
                 return OutputFormat::Harmony(Harmony { start, end, message, channel, constrain, return_, call });
             }
         }
-        if template_source.is_some_and(|s| s.contains("<tool_call>")) {
+        if template_source.is_some_and(writes_json_tool_calls) {
             return OutputFormat::Hermes;
         }
         OutputFormat::Plain
@@ -69,6 +67,21 @@ impl OutputFormat {
     pub fn parses_calls(&self) -> bool {
         !matches!(self, OutputFormat::Plain)
     }
+}
+
+/// Whether a chat template writes tool calls as `<tool_call>` blocks of JSON (Qwen2.5, Qwen3,
+/// Hermes), and not in the forms other templates put inside the same tags, which this server
+/// does not parse (Qwen3-Coder's `<function=…><parameter=…>`, GLM-4.5's `<arg_key>`).
+fn writes_json_tool_calls(template: &str) -> bool {
+    // Quotes inside the template's string literals may be escaped.
+    let text = template.replace('\\', "");
+    if text.contains("<function=") || text.contains("<arg_key>") {
+        return false;
+    }
+    text.match_indices(OPEN).any(|(at, _)| {
+        let after: String = text[at + OPEN.len()..].chars().take(64).collect();
+        after.contains("{\"name\"") || after.contains("{\"arguments\"")
+    })
 }
 
 /// A tool call as the API shows it, or a piece of one in a stream.
@@ -127,18 +140,11 @@ impl Parts {
     }
 }
 
-fn call_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    format!("call_{:x}{n:04x}", t & 0xffff_ffff_ffff)
-}
-
 /// The opening piece of call `index`: its id, type and name.
 fn call_start(index: usize, name: &str, arguments: String) -> ToolCallDelta {
     ToolCallDelta {
         index,
-        id: Some(call_id()),
+        id: Some(super::unique_id("call_")),
         kind: Some("function"),
         function: FunctionDelta { name: Some(name.to_string()), arguments },
     }
@@ -148,42 +154,6 @@ fn call_start(index: usize, name: &str, arguments: String) -> ToolCallDelta {
 /// start of the marker).
 fn partial_suffix(text: &str, marker: &str) -> usize {
     (1..marker.len()).rev().find(|&n| text.ends_with(&marker[..n])).unwrap_or(0)
-}
-
-/// Decodes a growing list of token ids into text incrementally, a few ids of context per
-/// token, holding back an unfinished character.
-#[derive(Default)]
-struct Incremental {
-    ids: Vec<u32>,
-    prefix: usize,
-    read: usize,
-}
-
-impl Incremental {
-    fn push(&mut self, id: u32, tk: &Tokenizer) -> String {
-        self.ids.push(id);
-        let before = tk.decode(&self.ids[self.prefix..self.read]).unwrap_or_default();
-        let full = tk.decode(&self.ids[self.prefix..]).unwrap_or_default();
-        if full.len() > before.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(before.len()) {
-            self.prefix = self.read;
-            self.read = self.ids.len();
-            return full[before.len()..].to_string();
-        }
-        String::new()
-    }
-
-    /// What is still held back, as it is.
-    fn flush(&mut self, tk: &Tokenizer) -> String {
-        let before = tk.decode(&self.ids[self.prefix..self.read]).unwrap_or_default();
-        let full = tk.decode(&self.ids[self.prefix..]).unwrap_or_default();
-        self.prefix = self.ids.len();
-        self.read = self.ids.len();
-        if full.len() > before.len() && full.is_char_boundary(before.len()) {
-            full[before.len()..].to_string()
-        } else {
-            String::new()
-        }
-    }
 }
 
 /// Where a harmony message's body goes.
@@ -200,29 +170,31 @@ enum Body {
 enum HarmonyState {
     /// Reading a message header (role, channel, recipient, content type) up to `<|message|>`.
     Header(String),
-    Body(Body, Incremental),
+    Body(Body),
 }
 
 enum Mode {
     /// Everything is content.
     Plain,
     /// Everything is the arguments of one call of this tool.
-    Named {
-        name: String,
-        started: bool,
-    },
+    Named { name: String, started: bool },
     /// A JSON list of `{"name", "parameters"}` calls, reported once whole.
-    Required {
-        text: String,
-    },
+    Required { text: String },
     /// Content with `<tool_call>` blocks; `call` holds the text of the open block.
-    Hermes {
-        pending: String,
-        call: Option<String>,
-    },
+    Hermes { pending: String, call: Option<String> },
     Harmony {
         tokens: Harmony,
         state: HarmonyState,
+        /// The harmony tokens seen but not yet reached in the text: where each stands (in
+        /// characters of the choice's text, which leaves special tokens out) and which it is.
+        marks: std::collections::VecDeque<(usize, u32)>,
+        /// Characters of the text read so far.
+        read: usize,
+        /// Whether any harmony token was reached: output without one (a user's grammar that
+        /// writes none) is all content.
+        seen: bool,
+        /// The arguments of the call being written, to tell a whole call from one cut short.
+        args: String,
     },
 }
 
@@ -236,6 +208,14 @@ pub struct MessageParser {
     /// choice).
     named: bool,
     calls: usize,
+    /// Whether the output ended inside a call's arguments that are not whole JSON (cut by a
+    /// stop string or `max_tokens`): the model did not finish calling.
+    cut_call: bool,
+    /// Content held back while all of it is whitespace and a call may still come: a message
+    /// with tool calls and only whitespace besides has no content, streamed or not.
+    blank: String,
+    /// Whether content other than whitespace has gone out.
+    spoke: bool,
 }
 
 const OPEN: &str = "<tool_call>";
@@ -245,7 +225,14 @@ impl MessageParser {
     pub fn new(format: OutputFormat, tools: Option<&Tools>) -> Self {
         let choice = tools.map_or(&ToolChoice::None, |t| &t.choice);
         let mode = match (format, choice) {
-            (OutputFormat::Harmony(tokens), _) => Mode::Harmony { tokens, state: HarmonyState::Header(String::new()) },
+            (OutputFormat::Harmony(tokens), _) => Mode::Harmony {
+                tokens,
+                state: HarmonyState::Header(String::new()),
+                marks: Default::default(),
+                read: 0,
+                seen: false,
+                args: String::new(),
+            },
             (_, ToolChoice::Named(name)) => Mode::Named { name: name.clone(), started: false },
             (_, ToolChoice::Required) => Mode::Required { text: String::new() },
             (OutputFormat::Hermes, ToolChoice::Auto) => Mode::Hermes { pending: String::new(), call: None },
@@ -257,17 +244,23 @@ impl MessageParser {
             parallel: tools.is_none_or(|t| t.parallel),
             named: matches!(choice, ToolChoice::Named(_)),
             calls: 0,
+            cut_call: false,
+            blank: String::new(),
+            spoke: false,
         }
     }
 
     /// Whether the message holds a tool call the model chose (`finish_reason` `tool_calls`;
     /// a named `tool_choice` finishes with `stop`, as OpenAI reports it).
     pub fn called(&self) -> bool {
-        self.calls > 0 && !self.named
+        self.calls > 0 && !self.named && !self.cut_call
     }
 
-    /// The parts of newly released `text` (special tokens left out) and the `ids` it came from.
-    pub fn push(&mut self, text: &str, ids: &[u32], tk: Option<&Tokenizer>) -> Parts {
+    /// The parts of newly released `text` (the choice's text: special tokens left out, cut
+    /// at a stop string) and of the `ids` generated with it, each at its place in the text
+    /// (`offsets`, in characters). The text is the message; the ids only tell where
+    /// harmony's special tokens stand in it.
+    pub fn push(&mut self, text: &str, ids: &[u32], offsets: &[usize]) -> Parts {
         let mut out = Parts::default();
         match &mut self.mode {
             Mode::Plain => out.content.push_str(text),
@@ -286,19 +279,14 @@ impl MessageParser {
             }
             Mode::Required { text: all } => all.push_str(text),
             Mode::Hermes { .. } => out = self.hermes(text, false),
-            Mode::Harmony { .. } => {
-                if let Some(tk) = tk {
-                    for &id in ids {
-                        out.extend(self.harmony(id, tk));
-                    }
-                }
-            }
+            Mode::Harmony { .. } => out = self.harmony(text, ids, offsets),
         }
+        self.settle(&mut out, false);
         out
     }
 
     /// What is left once the output has ended.
-    pub fn finish(&mut self, tk: Option<&Tokenizer>) -> Parts {
+    pub fn finish(&mut self) -> Parts {
         let mut out = Parts::default();
         match &mut self.mode {
             Mode::Plain | Mode::Named { .. } => {}
@@ -320,27 +308,49 @@ impl MessageParser {
                 }
             }
             Mode::Hermes { .. } => out = self.hermes("", true),
-            Mode::Harmony { state, .. } => match std::mem::replace(state, HarmonyState::Header(String::new())) {
-                HarmonyState::Header(text) => out.content.push_str(&text),
-                HarmonyState::Body(body, mut dec) => {
-                    let rest = tk.map(|tk| dec.flush(tk)).unwrap_or_default();
-                    self.route(&body, rest, &mut out);
+            // A header the output ended in (cut short by `max_tokens` or a stop) is no part
+            // of any message, unless the output has no harmony at all; the marks past the end
+            // of the text were never reached.
+            Mode::Harmony { state, marks, seen, args, .. } => {
+                marks.clear();
+                match std::mem::replace(state, HarmonyState::Header(String::new())) {
+                    HarmonyState::Header(text) if !*seen => out.content = text,
+                    HarmonyState::Body(Body::Call(_)) => {
+                        self.cut_call = serde_json::from_str::<serde::de::IgnoredAny>(args).is_err();
+                    }
+                    _ => {}
                 }
-            },
+            }
         }
+        self.settle(&mut out, true);
         out
     }
 
-    fn route(&self, body: &Body, text: String, out: &mut Parts) {
+    /// Holds back content while all of it is whitespace and tool calls are possible; it goes
+    /// out with the first other character, or at the end where no call came.
+    fn settle(&mut self, out: &mut Parts, end: bool) {
+        if !self.calls_allowed || self.spoke {
+            return;
+        }
+        self.blank.push_str(&std::mem::take(&mut out.content));
+        if !self.blank.trim().is_empty() {
+            self.spoke = true;
+            out.content = std::mem::take(&mut self.blank);
+        } else if end && self.calls == 0 {
+            out.content = std::mem::take(&mut self.blank);
+        }
+    }
+
+    fn route(&self, body: &Body, text: &str, out: &mut Parts) {
         if text.is_empty() {
             return;
         }
         match body {
-            Body::Reasoning => out.reasoning.push_str(&text),
-            Body::Content => out.content.push_str(&text),
+            Body::Reasoning => out.reasoning.push_str(text),
+            Body::Content => out.content.push_str(text),
             Body::Call(index) => out.calls.push(ToolCallDelta {
                 index: *index,
-                function: FunctionDelta { name: None, arguments: text },
+                function: FunctionDelta { name: None, arguments: text.to_string() },
                 ..Default::default()
             }),
             Body::Skipped => {}
@@ -375,7 +385,7 @@ impl MessageParser {
                         pending.drain(..at + CLOSE.len());
                         let block = std::mem::take(body);
                         *call = None;
-                        Self::hermes_call(&block, self.calls, &mut out);
+                        Self::hermes_call(&block, true, self.calls, &mut out);
                     }
                     None => {
                         let keep = if end { 0 } else { partial_suffix(pending, CLOSE) };
@@ -385,7 +395,7 @@ impl MessageParser {
                         if end {
                             let block = std::mem::take(body);
                             *call = None;
-                            Self::hermes_call(&block, self.calls, &mut out);
+                            Self::hermes_call(&block, false, self.calls, &mut out);
                         }
                         break;
                     }
@@ -404,9 +414,9 @@ impl MessageParser {
         out
     }
 
-    /// One `<tool_call>` block: a call where it is `{"name", "arguments"}` JSON, else content
-    /// as written.
-    fn hermes_call(block: &str, index: usize, out: &mut Parts) {
+    /// One `<tool_call>` block (`closed` by its tag, or by the end of the output): a call
+    /// where it is `{"name", "arguments"}` JSON, else content as written.
+    fn hermes_call(block: &str, closed: bool, index: usize, out: &mut Parts) {
         let parsed: Option<(String, String)> = serde_json::from_str::<Value>(block.trim()).ok().and_then(|v| {
             let name = v.get("name")?.as_str()?.to_string();
             let args = v
@@ -425,58 +435,103 @@ impl MessageParser {
             None => {
                 out.content.push_str(OPEN);
                 out.content.push_str(block);
+                if closed {
+                    out.content.push_str(CLOSE);
+                }
             }
         }
     }
 
-    /// One token of harmony output.
-    fn harmony(&mut self, id: u32, tk: &Tokenizer) -> Parts {
+    /// Harmony output: the text between two of its special tokens is a header or a body,
+    /// the tokens' places in the text (`ids` at `offsets`) say which. A token whose place the
+    /// released text has not reached yet waits for it.
+    fn harmony(&mut self, text: &str, ids: &[u32], offsets: &[usize]) -> Parts {
         let mut out = Parts::default();
-        let Mode::Harmony { tokens: t, state } = &mut self.mode else { unreachable!() };
-        let t = *t;
-        match state {
-            HarmonyState::Header(header) => {
-                if id == t.message {
-                    let body = Self::harmony_body(header);
-                    let body = match body {
-                        Some(name) if self.calls_allowed && (self.parallel || self.calls == 0) => {
-                            let index = self.calls;
-                            self.calls += 1;
-                            out.calls.push(call_start(index, &name, String::new()));
-                            Body::Call(index)
-                        }
-                        // A call `tool_choice: "none"` does not take is text like any other;
-                        // one past the first without parallel calls is left out of the message.
-                        Some(_) if !self.calls_allowed => Body::Content,
-                        Some(_) => Body::Skipped,
-                        None if header.contains("<|channel|>analysis") => Body::Reasoning,
-                        None => Body::Content,
-                    };
-                    *state = HarmonyState::Body(body, Incremental::default());
-                } else if id == t.channel {
-                    header.push_str("<|channel|>");
-                } else if id == t.constrain {
-                    header.push_str(" <|constrain|>");
-                } else if id == t.start {
-                    header.clear();
-                } else if ![t.end, t.return_, t.call].contains(&id) {
-                    header.push_str(&tk.token_text(id));
+        let Mode::Harmony { tokens: t, marks, .. } = &mut self.mode else { unreachable!() };
+        let structural = [t.start, t.end, t.message, t.channel, t.constrain, t.return_, t.call];
+        marks.extend(ids.iter().zip(offsets).filter(|(id, _)| structural.contains(id)).map(|(&id, &at)| (at, id)));
+        let mut rest = text;
+        let mut left = rest.chars().count();
+        loop {
+            let Mode::Harmony { marks, read, .. } = &mut self.mode else { unreachable!() };
+            match marks.front().copied() {
+                Some((at, id)) if at <= *read + left => {
+                    marks.pop_front();
+                    let n = at.saturating_sub(*read);
+                    let split = rest.char_indices().nth(n).map_or(rest.len(), |(b, _)| b);
+                    let (before, after) = rest.split_at(split);
+                    *read += n;
+                    left -= n;
+                    rest = after;
+                    self.harmony_text(before, &mut out);
+                    self.harmony_token(id, &mut out);
                 }
-            }
-            HarmonyState::Body(body, dec) => {
-                if [t.end, t.return_, t.call, t.start].contains(&id) {
-                    let rest = dec.flush(tk);
-                    let body = body.clone();
-                    *state = HarmonyState::Header(String::new());
-                    self.route(&body, rest, &mut out);
-                } else {
-                    let text = dec.push(id, tk);
-                    let body = body.clone();
-                    self.route(&body, text, &mut out);
+                _ => {
+                    *read += left;
+                    self.harmony_text(rest, &mut out);
+                    return out;
                 }
             }
         }
-        out
+    }
+
+    /// Text of a harmony header or body.
+    fn harmony_text(&mut self, text: &str, out: &mut Parts) {
+        let Mode::Harmony { state, args, .. } = &mut self.mode else { unreachable!() };
+        match state {
+            HarmonyState::Header(header) => header.push_str(text),
+            HarmonyState::Body(body) => {
+                if matches!(body, Body::Call(_)) {
+                    args.push_str(text);
+                }
+                let body = body.clone();
+                self.route(&body, text, out);
+            }
+        }
+    }
+
+    /// One of harmony's special tokens, at its place in the text.
+    fn harmony_token(&mut self, id: u32, out: &mut Parts) {
+        let Mode::Harmony { tokens: t, state, seen, .. } = &mut self.mode else { unreachable!() };
+        let t = *t;
+        *seen = true;
+        let header = match state {
+            HarmonyState::Body(_) => {
+                if [t.end, t.return_, t.call, t.start].contains(&id) {
+                    *state = HarmonyState::Header(String::new());
+                }
+                return;
+            }
+            HarmonyState::Header(header) => header,
+        };
+        if id == t.channel {
+            header.push_str("<|channel|>");
+        } else if id == t.constrain {
+            header.push_str(" <|constrain|>");
+        } else if id == t.start {
+            header.clear();
+        }
+        if id != t.message {
+            return;
+        }
+        let header = std::mem::take(header);
+        let body = match Self::harmony_body(&header) {
+            Some(name) if self.calls_allowed && (self.parallel || self.calls == 0) => {
+                let index = self.calls;
+                self.calls += 1;
+                out.calls.push(call_start(index, &name, String::new()));
+                Body::Call(index)
+            }
+            // A call `tool_choice: "none"` does not take is text like any other; one past
+            // the first without parallel calls is left out of the message.
+            Some(_) if !self.calls_allowed => Body::Content,
+            Some(_) => Body::Skipped,
+            None if header.contains("<|channel|>analysis") => Body::Reasoning,
+            None => Body::Content,
+        };
+        let Mode::Harmony { state, args, .. } = &mut self.mode else { unreachable!() };
+        args.clear();
+        *state = HarmonyState::Body(body);
     }
 
     /// The function a harmony header addresses (`to=functions.NAME`), if any.
@@ -511,9 +566,9 @@ mod tests {
             let mut all = Parts::default();
             let chars: Vec<char> = text.chars().collect();
             for piece in chars.chunks(cut) {
-                all.extend(p.push(&piece.iter().collect::<String>(), &[], None));
+                all.extend(p.push(&piece.iter().collect::<String>(), &[], &[]));
             }
-            all.extend(p.finish(None));
+            all.extend(p.finish());
             assert_eq!(all.content, "Sure.\n\n", "cut {cut}");
             let calls = Parts::merged_calls(all.calls);
             assert_eq!(calls.len(), 2);
@@ -526,34 +581,75 @@ mod tests {
         }
         // One call per message without parallel calls; none at all with tool_choice none.
         let mut p = MessageParser::new(OutputFormat::Hermes, Some(&tools(ToolChoice::Auto, false)));
-        let mut all = p.push(text, &[], None);
-        all.extend(p.finish(None));
+        let mut all = p.push(text, &[], &[]);
+        all.extend(p.finish());
         assert_eq!(all.calls.len(), 1);
         let mut p = MessageParser::new(OutputFormat::Hermes, None);
-        assert_eq!(p.push(text, &[], None).content, text);
+        assert_eq!(p.push(text, &[], &[]).content, text);
+    }
+
+    #[test]
+    fn hermes_whitespace_beside_calls_is_no_content_and_bad_blocks_stay_text() {
+        let tools = tools(ToolChoice::Auto, true);
+        let text = "\n<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>\n";
+        for cut in [1, text.len()] {
+            let mut p = MessageParser::new(OutputFormat::Hermes, Some(&tools));
+            let mut all = Parts::default();
+            for piece in text.as_bytes().chunks(cut) {
+                all.extend(p.push(std::str::from_utf8(piece).unwrap(), &[], &[]));
+            }
+            all.extend(p.finish());
+            assert_eq!((all.content.as_str(), all.calls.len()), ("", 1), "cut {cut}");
+        }
+        // Whitespace alone with no call is the content.
+        let mut p = MessageParser::new(OutputFormat::Hermes, Some(&tools));
+        assert!(p.push("\n ", &[], &[]).is_empty());
+        assert_eq!(p.finish().content, "\n ");
+        // A block that is not a call is text as written, its tags included.
+        let mut p = MessageParser::new(OutputFormat::Hermes, Some(&tools));
+        let mut all = p.push("<tool_call>not json</tool_call> ok", &[], &[]);
+        all.extend(p.finish());
+        assert_eq!((all.content.as_str(), all.calls.len()), ("<tool_call>not json</tool_call> ok", 0));
+    }
+
+    #[test]
+    fn only_templates_that_write_json_calls_are_read_as_hermes() {
+        let qwen3 = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3_moe/chat_template.jinja"),
+        )
+        .unwrap();
+        assert_eq!(OutputFormat::detect(None, Some(&qwen3)), OutputFormat::Hermes);
+        let hermes = r#"<tool_call>\n{\"arguments\": <args-dict>, \"name\": <function-name>}\n</tool_call>"#;
+        assert_eq!(OutputFormat::detect(None, Some(hermes)), OutputFormat::Hermes);
+        // Qwen3-Coder and GLM-4.5 write other forms inside the same tags.
+        let coder = "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}";
+        let glm = "<tool_call>{{ tc.name }}\n<arg_key>{{ k }}</arg_key>\n<arg_value>{{ v }}</arg_value>\n</tool_call>";
+        assert_eq!(OutputFormat::detect(None, Some(coder)), OutputFormat::Plain);
+        assert_eq!(OutputFormat::detect(None, Some(glm)), OutputFormat::Plain);
+        assert_eq!(OutputFormat::detect(None, Some("{{ messages }}")), OutputFormat::Plain);
     }
 
     #[test]
     fn required_and_named_calls_come_from_json() {
         let mut p = MessageParser::new(OutputFormat::Plain, Some(&tools(ToolChoice::Required, true)));
-        assert!(p.push("[{\"name\":\"f\",\"parameters\":{\"a\":[1]}}", &[], None).is_empty());
-        let parts = p.push("]", &[], None);
+        assert!(p.push("[{\"name\":\"f\",\"parameters\":{\"a\":[1]}}", &[], &[]).is_empty());
+        let parts = p.push("]", &[], &[]);
         assert!(parts.is_empty());
-        let done = p.finish(None);
+        let done = p.finish();
         assert_eq!(done.calls[0].function.arguments, "{\"a\":[1]}");
         assert!(p.called());
         // Cut short: content, no call.
         let mut p = MessageParser::new(OutputFormat::Plain, Some(&tools(ToolChoice::Required, true)));
-        p.push("[{\"name\":", &[], None);
-        assert_eq!(p.finish(None).content, "[{\"name\":");
+        p.push("[{\"name\":", &[], &[]);
+        assert_eq!(p.finish().content, "[{\"name\":");
 
         let mut p = MessageParser::new(OutputFormat::Plain, Some(&tools(ToolChoice::Named("f".into()), true)));
-        let first = p.push("{\"a\"", &[], None);
+        let first = p.push("{\"a\"", &[], &[]);
         assert_eq!(
             (first.calls[0].function.name.as_deref(), first.calls[0].function.arguments.as_str()),
             (Some("f"), "{\"a\"")
         );
-        assert_eq!(p.push(":1}", &[], None).calls[0].function.arguments, ":1}");
+        assert_eq!(p.push(":1}", &[], &[]).calls[0].function.arguments, ":1}");
         assert!(!p.called(), "a named tool_choice finishes with `stop`");
     }
 
@@ -591,29 +687,44 @@ mod tests {
                 c.commit(id).unwrap();
             }
             assert!(c.is_complete(), "{text:?}");
-            let mut p = MessageParser::new(format, tools);
-            let mut parts = p.push("", &ids, Some(&tk));
-            parts.extend(p.finish(Some(&tk)));
-            (parts, p.called())
+            let whole = parse(format, tools, &tk, &ids, None, false);
+            assert_eq!(parse(format, tools, &tk, &ids, None, true), whole, "streamed as whole: {text:?}");
+            whole
         };
         let call = "<|channel|>analysis<|message|>The user wants Paris.<|end|><|start|>assistant<|channel|>commentary \
                     to=functions.get_weather <|constrain|>json<|message|>{\"location\":\"Paris\"}";
         let (parts, called) = run(&harmony_call(&named).unwrap(), Some(&named), call);
         assert_eq!(parts.reasoning, "The user wants Paris.");
         assert_eq!(parts.content, "");
-        let calls = Parts::merged_calls(parts.calls);
-        assert_eq!(calls.len(), 1);
-        assert_eq!(calls[0].function.name.as_deref(), Some("get_weather"));
-        assert_eq!(calls[0].function.arguments, "{\"location\":\"Paris\"}");
+        assert_eq!(parts.calls, vec![(Some("get_weather".to_string()), "{\"location\":\"Paris\"}".to_string())]);
         assert!(!called, "a named tool_choice finishes with `stop`");
         // With `tool_choice: "none"`, a call the model writes anyway is text like any other.
-        let mut p = MessageParser::new(format, None);
-        let mut parts = p.push("", &tk.encode_raw(call).unwrap(), Some(&tk));
-        parts.extend(p.finish(Some(&tk)));
+        let ids = tk.encode_raw(call).unwrap();
+        let (parts, _) = parse(format, None, &tk, &ids, None, false);
         assert_eq!((parts.content.as_str(), parts.calls.len()), ("{\"location\":\"Paris\"}", 0));
         let required = Tools { choice: ToolChoice::Required, ..named.clone() };
         let (_, called) = run(&harmony_call(&required).unwrap(), Some(&required), call);
         assert!(called);
+        // A stop string cuts the text: the special tokens after the cut are never reached.
+        let cut = tk.decode(&ids).unwrap().find("Paris").unwrap();
+        for streamed in [false, true] {
+            let (parts, called) = parse(format, Some(&required), &tk, &ids, Some(cut), streamed);
+            assert_eq!((parts.reasoning.as_str(), parts.content.as_str()), ("The user wants ", ""));
+            assert!(parts.calls.is_empty() && !called);
+        }
+        // A stop string inside a call's arguments: the call is reported as far as it got, but
+        // the model did not finish calling.
+        let cut = tk.decode(&ids).unwrap().find("Paris\"}").unwrap();
+        let (parts, called) = parse(format, Some(&required), &tk, &ids, Some(cut), false);
+        assert_eq!(parts.calls, vec![(Some("get_weather".to_string()), "{\"location\":\"".to_string())]);
+        assert!(!called);
+        // Output without any harmony token (a user's grammar that writes none) is content.
+        let ids = tk.encode_raw("yes").unwrap();
+        assert_eq!(parse(format, None, &tk, &ids, None, true).0.content, "yes");
+        // Output cut short in a header leaves the header out of the message.
+        let ids = tk.encode_raw("<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>fin").unwrap();
+        let (parts, _) = parse(format, None, &tk, &ids, None, true);
+        assert_eq!((parts.reasoning.as_str(), parts.content.as_str()), ("Hm.", ""));
 
         // A JSON answer goes on the final channel, reasoning or not.
         let answer = "<|channel|>final<|message|>{\"ok\":true}";
@@ -626,6 +737,45 @@ mod tests {
             "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>final<|message|>no",
         );
         assert_eq!((parts.content.as_str(), parts.reasoning.as_str()), ("no", "Hm."));
+    }
+
+    /// A message's parts: calls as their name and arguments.
+    #[derive(Debug, PartialEq)]
+    struct Message {
+        content: String,
+        reasoning: String,
+        calls: Vec<(Option<String>, String)>,
+    }
+
+    /// The message `ids` make as a choice releases them: their text (special tokens left
+    /// out, cut to `keep` characters where a stop string cuts it), whole or a token at a
+    /// time; and whether the model called.
+    fn parse(
+        format: OutputFormat,
+        tools: Option<&Tools>,
+        tk: &Tokenizer,
+        ids: &[u32],
+        keep: Option<usize>,
+        streamed: bool,
+    ) -> (Message, bool) {
+        let offsets = super::super::choice::text_offsets(ids, Some(tk));
+        let text: Vec<char> = tk.decode(ids).unwrap().chars().take(keep.unwrap_or(usize::MAX)).collect();
+        let mut p = MessageParser::new(format, tools);
+        let mut parts = Parts::default();
+        if streamed {
+            // Each token with its text: up to where the next one's starts.
+            for (i, &id) in ids.iter().enumerate() {
+                let from = offsets[i].min(text.len());
+                let to = offsets.get(i + 1).map_or(text.len(), |&o| o.min(text.len()));
+                let piece: String = text[from..to].iter().collect();
+                parts.extend(p.push(&piece, &[id], &offsets[i..=i]));
+            }
+        } else {
+            parts.extend(p.push(&text.iter().collect::<String>(), ids, &offsets));
+        }
+        parts.extend(p.finish());
+        let calls = Parts::merged_calls(parts.calls).into_iter().map(|c| (c.function.name, c.function.arguments));
+        (Message { content: parts.content, reasoning: parts.reasoning, calls: calls.collect() }, p.called())
     }
 
     #[test]

@@ -422,6 +422,13 @@ async fn tokenize(
     if r.tools.is_some() && r.messages.is_none() {
         return Err(ApiError::invalid("`tools` goes with `messages` (a chat), not with `prompt`", Some("tools")));
     }
+    let some_tools = r.tools.as_ref().is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()));
+    if some_tools && s.tokenizing.template.as_ref().is_some_and(|t| !t.reads("tools")) {
+        return Err(ApiError::invalid(
+            "`tools` are not rendered by this model's chat template, so they would change nothing",
+            Some("tools"),
+        ));
+    }
     let ids = match (r.prompt, r.messages) {
         (Some(p), None) => s.tokenizing.encode(vec![p], r.add_special_tokens).await?.pop().unwrap_or_default(),
         (None, Some(messages)) => {
@@ -431,6 +438,15 @@ async fn tokenize(
         _ => return Err(ApiError::invalid("send exactly one of `prompt` and `messages`", None)),
     };
     Ok(Json(Tokenized { count: ids.len(), max_model_len: s.max_context, tokens: ids }))
+}
+
+/// An id no other response of this process has: `prefix`, the time in nanoseconds and a
+/// counter, in hex.
+pub(crate) fn unique_id(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    format!("{prefix}{t:x}{n:04x}")
 }
 
 #[derive(serde::Deserialize, utoipa::ToSchema)]

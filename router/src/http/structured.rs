@@ -5,11 +5,10 @@
 //! a schema feature it does not implement is a 400 naming the field.
 
 use serde_json::{Value, json};
-use switchyard_model::grammar::{Constraint, Grammar};
+use switchyard_model::grammar::Grammar;
 
 use super::error::ApiError;
 use super::openai::Sampling;
-use crate::tokenize::Tokenizing;
 
 /// A function the model may call, as the request defined it.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,10 +57,15 @@ fn schema_of(field: &'static str, v: &Value) -> Result<Value, ApiError> {
         }
         v => v.clone(),
     };
-    if !(schema.is_object() || schema.is_boolean()) {
-        return Err(invalid(field, format!("`{field}` must be a JSON schema (an object), got {schema}")));
+    match schema {
+        Value::Object(_) => Ok(schema),
+        // The schema `true` allows any value.
+        Value::Bool(true) => Ok(json!({})),
+        Value::Bool(false) => {
+            Err(invalid(field, format!("`{field}` is the schema `false`, which no output satisfies")))
+        }
+        _ => Err(invalid(field, format!("`{field}` must be a JSON schema (an object), got {schema}"))),
     }
-    Ok(schema)
 }
 
 fn choice_of(field: &'static str, v: &Value) -> Result<Grammar, ApiError> {
@@ -183,7 +187,22 @@ pub fn requested(s: &Sampling) -> Result<Option<(Grammar, &'static str)>, ApiErr
         let fields: Vec<String> = asked.iter().map(|(_, f)| format!("`{f}`")).collect();
         return Err(invalid(asked[1].1, format!("{} each constrain the output; send one", fields.join(" and "))));
     }
+    if let Some((_, field)) = asked.first() {
+        without_min_tokens(s, field)?;
+    }
     Ok(asked.pop())
+}
+
+/// Refuses `min_tokens` beside a grammar (sent in `field`): the grammar decides where the
+/// output ends, so the output could not honour both.
+pub fn without_min_tokens(s: &Sampling, field: &str) -> Result<(), ApiError> {
+    if s.min_tokens.as_ref().is_some_and(|n| !n.is_null() && n.as_u64() != Some(0)) {
+        return Err(invalid(
+            "min_tokens",
+            format!("`min_tokens` cannot be combined with `{field}`: the grammar decides where the output ends"),
+        ));
+    }
+    Ok(())
 }
 
 /// Function names OpenAI allows: letters, digits, `_`, `-` and `.`, at most 64.
@@ -309,33 +328,6 @@ impl Tools {
     }
 }
 
-/// The Lark text of `grammar` as one rule's body (a user's Lark grammar has its own `start`
-/// and is returned as `None`).
-fn lark_body(grammar: &Grammar) -> Option<String> {
-    let json = |schema: &Value| {
-        let mut schema = schema.clone();
-        if let Value::Object(o) = &mut schema {
-            o.entry("x-guidance")
-                .or_insert_with(|| json!({"whitespace_flexible": false, "item_separator": ",", "key_separator": ":"}));
-        }
-        format!("%json {schema}")
-    };
-    Some(match grammar {
-        Grammar::JsonSchema(schema) => json(schema),
-        Grammar::JsonObject => json(&json!({"type": "object"})),
-        Grammar::Regex(rx) => format!("/{}/", llguidance_regex(rx)),
-        Grammar::Choice(options) => {
-            options.iter().map(|o| serde_json::to_string(o).expect("strings serialize")).collect::<Vec<_>>().join(" | ")
-        }
-        Grammar::Lark(_) => return None,
-    })
-}
-
-/// A regular expression as a Lark `/…/` literal holds it.
-fn llguidance_regex(rx: &str) -> String {
-    switchyard_model::grammar::regex_to_lark(rx)
-}
-
 /// gpt-oss's optional reasoning before its answer: an analysis message, then the next
 /// assistant message's header.
 const HARMONY_ANALYSIS: &str = "analysis: <|channel|> \"analysis\" <|message|> REASONING <|end|> <|start|> \"assistant\"\nREASONING: /[\\s\\S]*/\n";
@@ -343,7 +335,7 @@ const HARMONY_ANALYSIS: &str = "analysis: <|channel|> \"analysis\" <|message|> R
 /// For gpt-oss: the request's grammar applies to the final channel, after any reasoning. A
 /// user's Lark grammar is taken as written (it spells the channels itself).
 pub fn harmony_final(grammar: &Grammar) -> Grammar {
-    match lark_body(grammar) {
+    match grammar.lark_body() {
         Some(body) => Grammar::Lark(format!(
             "start: analysis? <|channel|> \"final\" <|message|> answer\nanswer: {body}\n{HARMONY_ANALYSIS}"
         )),
@@ -366,7 +358,7 @@ pub fn harmony_call(tools: &Tools) -> Option<Grammar> {
     for (i, t) in names.iter().enumerate() {
         let header = serde_json::to_string(&format!("commentary to=functions.{} ", t.name)).expect("strings serialize");
         calls.push(format!("<|channel|> {header} <|constrain|> \"json\" <|message|> args{i}"));
-        let body = lark_body(&Grammar::JsonSchema(t.parameters.clone())).expect("a schema has a body");
+        let body = Grammar::JsonSchema(t.parameters.clone()).lark_body().expect("a schema has a body");
         bodies.push_str(&format!("args{i}: {body}\n"));
     }
     rules.push_str(&calls.join(" | "));
@@ -374,19 +366,6 @@ pub fn harmony_call(tools: &Tools) -> Option<Grammar> {
     rules.push_str(&bodies);
     rules.push_str(HARMONY_ANALYSIS);
     Some(Grammar::Lark(rules))
-}
-
-/// Compiles `grammar` (asked for by `field`) for one request against the model's vocabulary,
-/// off the runtime (a large schema takes milliseconds). A grammar llguidance refuses is a 400
-/// naming the field.
-pub async fn compile(tokenizing: &Tokenizing, grammar: Grammar, field: &'static str) -> Result<Constraint, ApiError> {
-    let grammars = tokenizing.grammars.clone();
-    let compiled = tokio::task::spawn_blocking(move || {
-        let grammars = grammars
-            .map_err(|why| invalid(field, format!("structured output is unavailable for this model: {why}")))?;
-        grammars.compile(&grammar).map_err(|e| invalid(field, format!("`{field}`: {e}")))
-    });
-    compiled.await.map_err(|e| ApiError::from(crate::scheduler::ServeError::Internal(e.to_string())))?
 }
 
 #[cfg(test)]
