@@ -32,8 +32,12 @@ pub fn from_rows(x: &[f32], hidden: usize, rows: &[u32]) -> Tensor {
 
 fn pack<'a>(rows: impl Iterator<Item = &'a [f32]>, n: usize, hidden: usize) -> Tensor {
     let mut data = Vec::with_capacity(n * hidden * 4);
-    for v in rows.flatten() {
-        data.extend_from_slice(&v.to_le_bytes());
+    for row in rows {
+        // The wire is little-endian, as the machines are: a row's bytes go as they lie.
+        #[cfg(target_endian = "little")]
+        data.extend_from_slice(bytemuck::cast_slice(row));
+        #[cfg(target_endian = "big")]
+        row.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
     }
     Tensor { dtype: Dtype::F32 as i32, shape: vec![n as u64, hidden as u64], data: Bytes::from(data) }
 }
@@ -56,7 +60,14 @@ pub fn to_f32(t: Option<&Tensor>, name: &'static str, hidden: usize) -> Result<(
     if t.data.len() != expected {
         return Err(TensorError::Length { name, shape: t.shape.clone(), bytes: t.data.len(), expected });
     }
-    let values = t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let mut values = vec![0.0f32; expected / 4];
+    // One copy (the message's bytes need not be aligned for f32).
+    #[cfg(target_endian = "little")]
+    bytemuck::cast_slice_mut::<f32, u8>(&mut values).copy_from_slice(&t.data);
+    #[cfg(target_endian = "big")]
+    for (v, b) in values.iter_mut().zip(t.data.chunks_exact(4)) {
+        *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
     Ok((values, rows as usize))
 }
 

@@ -70,6 +70,8 @@ pub struct Node {
     checks_passed: AtomicU64,
     /// A canary check of it is under way (one at a time).
     pub checking: AtomicBool,
+    /// Its dispatch round trips, as a metric (registered once, not per dispatch).
+    pub latency: metrics::Histogram,
 }
 
 /// How far the router trusts a node's answers.
@@ -114,6 +116,7 @@ impl Node {
             trust: AtomicU8::new(if proven { Trust::Proven } else { Trust::OnProbation } as u8),
             checks_passed: AtomicU64::new(0),
             checking: AtomicBool::new(false),
+            latency: metrics::histogram!(crate::metric_names::DISPATCH_LATENCY, "node" => address.to_string()),
         }
     }
 
@@ -297,8 +300,8 @@ pub struct Cluster {
     /// How connections to the nodes are secured.
     security: Security,
     /// The model's MoE layers and experts per layer: what must be served.
-    moe_layers: Vec<u32>,
-    num_experts: usize,
+    pub(crate) moe_layers: Vec<u32>,
+    pub(crate) num_experts: usize,
 }
 
 /// How often a coordinated router reports its load to the coordinators.

@@ -11,10 +11,11 @@
 //! prove it; one disagreement refuses it for good.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use switchyard_kernels::Tensor;
 use switchyard_model::layers::Exec;
 use switchyard_model::moe::{Assignment, Experts};
@@ -22,7 +23,6 @@ use switchyard_model::{ModelError, Result};
 use switchyard_proto::tensor;
 use switchyard_proto::v1::{DispatchRequest, dispatch_response};
 use tokio::runtime::Handle;
-use tokio::task::JoinSet;
 use tonic::Code;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -79,6 +79,9 @@ pub struct RemoteExperts {
     runtime: Handle,
     timeout: Duration,
     pub stats: Arc<DispatchStats>,
+    /// The routed-tokens counter of each layer and expert (`layer * experts + expert`),
+    /// registered the first time it counts.
+    routed: Vec<OnceLock<::metrics::Counter>>,
 }
 
 /// One node's share of a layer: its rows (global token indices, ascending) and routes.
@@ -90,7 +93,9 @@ struct Share {
 impl RemoteExperts {
     /// Dispatches from any non-runtime thread through `runtime`.
     pub fn new(cluster: Arc<Cluster>, runtime: Handle, timeout: Duration) -> Self {
-        RemoteExperts { cluster, runtime, timeout, stats: Arc::default() }
+        let layers = cluster.moe_layers.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
+        let routed = (0..layers * cluster.num_experts).map(|_| OnceLock::new()).collect();
+        RemoteExperts { cluster, runtime, timeout, stats: Arc::default(), routed }
     }
 
     /// Chooses a node for every expert in `todo`: a reachable replica not in `excluded`,
@@ -235,7 +240,7 @@ impl RemoteExperts {
         let start = Instant::now();
         let mut nodes = self.cluster.nodes();
         let mut epoch = self.cluster.epoch();
-        count_routed(&self.cluster, layer, &todo);
+        self.count_routed(layer, &todo);
         if self.cluster.canary_checks > 0 {
             self.check_probation(&nodes, layer, x, hidden, &todo, epoch);
         }
@@ -257,7 +262,8 @@ impl RemoteExperts {
                 Err(e) => return Err(e),
             };
             todo.clear();
-            let mut calls = JoinSet::new();
+            // Driven together on this thread: no task per node.
+            let mut calls = FuturesUnordered::new();
             for (n, routes) in plan {
                 let share = share(routes);
                 let mut req = request(x, hidden, &share, epoch, layer);
@@ -272,20 +278,17 @@ impl RemoteExperts {
                 );
                 let cx = span.context();
                 opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut req.trace_context));
-                calls.spawn(
+                calls.push(
                     async move {
                         let sent = Instant::now();
                         let (stream, answer) = node.dispatch(req, timeout).await;
-                        ::metrics::histogram!(crate::metric_names::DISPATCH_LATENCY, "node" => node.address.clone())
-                            .record(sent.elapsed().as_secs_f64());
+                        node.latency.record(sent.elapsed().as_secs_f64());
                         (n, share, stream, answer)
                     }
                     .instrument(span),
                 );
             }
-            while let Some(joined) = calls.join_next().await {
-                let (n, share, stream, answer) =
-                    joined.map_err(|e| ModelError::Dispatch { layer, reason: e.to_string() })?;
+            while let Some((n, share, stream, answer)) = calls.next().await {
                 let node = &nodes[n];
                 let failure = match answer {
                     Ok(resp) => match resp.result {
@@ -346,18 +349,24 @@ impl RemoteExperts {
     }
 }
 
-/// Tokens routed to each expert of `layer` (for the balancer), counted once per layer pass.
-fn count_routed(cluster: &Cluster, layer: usize, routes: &[Assignment]) {
-    let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
-    for a in routes {
-        *counts.entry(a.expert).or_default() += 1;
-    }
-    if cluster.coordinated {
-        cluster.load.expert_tokens(layer as u32, &counts);
-    }
-    for (expert, n) in counts {
-        ::metrics::counter!(crate::metric_names::ROUTED_TOKENS, "layer" => layer.to_string(), "expert" => expert.to_string())
-            .increment(n);
+impl RemoteExperts {
+    /// Tokens routed to each expert of `layer` (for the balancer and the metrics), counted
+    /// once per layer pass.
+    fn count_routed(&self, layer: usize, routes: &[Assignment]) {
+        let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
+        for a in routes {
+            *counts.entry(a.expert).or_default() += 1;
+        }
+        if self.cluster.coordinated {
+            self.cluster.load.expert_tokens(layer as u32, &counts);
+        }
+        for (expert, n) in counts {
+            let counter = || ::metrics::counter!(crate::metric_names::ROUTED_TOKENS, "layer" => layer.to_string(), "expert" => expert.to_string());
+            match self.routed.get(layer * self.cluster.num_experts + expert as usize) {
+                Some(slot) => slot.get_or_init(counter).increment(n),
+                None => counter().increment(n),
+            }
+        }
     }
 }
 
